@@ -1,0 +1,162 @@
+"""CatalogService: transport only. Validates requests, converts protobuf, calls the store."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import re
+
+import grpc
+from llorch.catalog.v1 import catalog_pb2, catalog_pb2_grpc
+
+from catalog.store import CatalogStore, ConflictError, ModelRecord, ModelState, ReplicaRecord
+from mesh.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
+from mesh.ids import check_name
+from mesh.server import ServiceBinding
+
+SERVICE_NAME = catalog_pb2.DESCRIPTOR.services_by_name["CatalogService"].full_name
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_DEFAULT_PAGE = 100
+_MAX_PAGE = 1000
+
+_STATE_TO_PB = {
+    ModelState.ACTIVE: catalog_pb2.MODEL_STATE_ACTIVE,
+    ModelState.RETIRED: catalog_pb2.MODEL_STATE_RETIRED,
+}
+_STATE_FROM_PB = {v: k for k, v in _STATE_TO_PB.items()}
+
+
+class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
+    """gRPC face of the catalog store."""
+
+    def __init__(self, store: CatalogStore) -> None:
+        self._store = store
+
+    def binding(self) -> ServiceBinding:
+        """How the bootstrap adds this servicer."""
+        return ServiceBinding(
+            SERVICE_NAME, lambda s: catalog_pb2_grpc.add_CatalogServiceServicer_to_server(self, s)
+        )
+
+    async def RegisterModel(
+        self, request: catalog_pb2.RegisterModelRequest, context: grpc.aio.ServicerContext
+    ) -> catalog_pb2.RegisterModelResponse:
+        record = _record_from_pb(request.model)
+        replicas = []
+        for i, loc in enumerate(request.locations):
+            check_name(loc.node_id, f"locations[{i}].node_id")
+            if not loc.path.startswith("/"):
+                raise InvalidArgumentError(f"locations[{i}].path", "must be an absolute path")
+            replicas.append(ReplicaRecord(record.model_id, loc.node_id, loc.path, loc.size_bytes))
+        try:
+            stored = await asyncio.to_thread(self._store.register, record, replicas)
+        except ConflictError as exc:
+            raise AlreadyExistsError(str(exc), reason="MODEL_EXISTS") from None
+        return catalog_pb2.RegisterModelResponse(model=model_to_pb(stored))
+
+    async def GetModel(
+        self, request: catalog_pb2.GetModelRequest, context: grpc.aio.ServicerContext
+    ) -> catalog_pb2.GetModelResponse:
+        model_id = check_name(request.model_id, "model_id")
+        record = await asyncio.to_thread(self._store.get, model_id)
+        if record is None:
+            raise NotFoundError(f"model {model_id} is not in the catalog", reason="MODEL_NOT_FOUND")
+        return catalog_pb2.GetModelResponse(model=model_to_pb(record))
+
+    async def ListModels(
+        self, request: catalog_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> catalog_pb2.ListModelsResponse:
+        if request.page_size < 0 or request.page_size > _MAX_PAGE:
+            raise InvalidArgumentError("page_size", f"must be between 0 and {_MAX_PAGE}")
+        size = request.page_size or _DEFAULT_PAGE
+        after = _decode_page_token(request.page_token)
+        records = await asyncio.to_thread(self._store.list_models, after, size + 1)
+        next_token = ""
+        if len(records) > size:
+            records = records[:size]
+            next_token = base64.urlsafe_b64encode(records[-1].model_id.encode()).decode()
+        return catalog_pb2.ListModelsResponse(
+            models=[model_to_pb(r) for r in records], next_page_token=next_token
+        )
+
+    async def LocateModel(
+        self, request: catalog_pb2.LocateModelRequest, context: grpc.aio.ServicerContext
+    ) -> catalog_pb2.LocateModelResponse:
+        model_id = check_name(request.model_id, "model_id")
+        if request.node_id:
+            check_name(request.node_id, "node_id")
+        if await asyncio.to_thread(self._store.get, model_id) is None:
+            raise NotFoundError(f"model {model_id} is not in the catalog", reason="MODEL_NOT_FOUND")
+        replicas = await asyncio.to_thread(self._store.locate, model_id, request.node_id)
+        return catalog_pb2.LocateModelResponse(
+            locations=[
+                catalog_pb2.ModelLocation(node_id=r.node_id, path=r.path, size_bytes=r.size_bytes)
+                for r in replicas
+            ]
+        )
+
+
+def model_to_pb(record: ModelRecord) -> catalog_pb2.Model:
+    """Converts a stored model to its protobuf."""
+    return catalog_pb2.Model(
+        model_id=record.model_id,
+        source_ref=record.source_ref,
+        sha256=record.sha256,
+        size_bytes=record.size_bytes,
+        facts=catalog_pb2.ModelFacts(
+            architecture=record.architecture,
+            parameter_count=record.parameter_count,
+            file_type=record.file_type,
+            context_length=record.context_length,
+            block_count=record.block_count,
+            embedding_length=record.embedding_length,
+        ),
+        state=_STATE_TO_PB[record.state],
+        pinned=record.pinned,
+        created_unix_ms=record.created_unix_ms,
+        last_used_unix_ms=record.last_used_unix_ms,
+    )
+
+
+def _record_from_pb(model: catalog_pb2.Model) -> ModelRecord:
+    model_id = check_name(model.model_id, "model.model_id")
+    if not _SHA256_RE.fullmatch(model.sha256):
+        raise InvalidArgumentError("model.sha256", "must be 64 lowercase hex digits")
+    if model.size_bytes == 0:
+        raise InvalidArgumentError("model.size_bytes", "must be > 0")
+    if not model.source_ref:
+        raise InvalidArgumentError("model.source_ref", "is required")
+    if not model.facts.architecture:
+        raise InvalidArgumentError("model.facts.architecture", "is required")
+    if model.facts.context_length == 0:
+        raise InvalidArgumentError("model.facts.context_length", "must be > 0")
+    if model.state == catalog_pb2.MODEL_STATE_UNSPECIFIED:
+        state = ModelState.ACTIVE
+    elif model.state in _STATE_FROM_PB:
+        state = _STATE_FROM_PB[model.state]
+    else:
+        raise InvalidArgumentError("model.state", "unknown state")
+    return ModelRecord(
+        model_id=model_id,
+        source_ref=model.source_ref,
+        sha256=model.sha256,
+        size_bytes=model.size_bytes,
+        architecture=model.facts.architecture,
+        parameter_count=model.facts.parameter_count,
+        file_type=model.facts.file_type,
+        context_length=model.facts.context_length,
+        block_count=model.facts.block_count,
+        embedding_length=model.facts.embedding_length,
+        state=state,
+        pinned=model.pinned,
+    )
+
+
+def _decode_page_token(token: str) -> str:
+    if not token:
+        return ""
+    try:
+        return base64.urlsafe_b64decode(token.encode()).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise InvalidArgumentError("page_token", "is not a token this server issued") from None

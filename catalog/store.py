@@ -1,0 +1,212 @@
+"""SQLite storage of the catalog (WAL mode; one file under the data dir).
+
+Synchronous and small: the servicer calls it through ``asyncio.to_thread`` so a slow disk never
+stalls the event loop. All writes of one call happen in one transaction.
+"""
+
+from __future__ import annotations
+
+import enum
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS models (
+    model_id TEXT PRIMARY KEY,
+    source_ref TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    architecture TEXT NOT NULL,
+    parameter_count INTEGER NOT NULL,
+    file_type TEXT NOT NULL,
+    context_length INTEGER NOT NULL,
+    block_count INTEGER NOT NULL,
+    embedding_length INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    pinned INTEGER NOT NULL DEFAULT 0,
+    created_unix_ms INTEGER NOT NULL,
+    last_used_unix_ms INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS replicas (
+    model_id TEXT NOT NULL REFERENCES models(model_id) ON DELETE CASCADE,
+    node_id TEXT NOT NULL,
+    path TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    last_used_unix_ms INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (model_id, node_id, path)
+);
+"""
+
+
+class ModelState(enum.Enum):
+    """Whether new tasks may use a model."""
+
+    ACTIVE = "active"
+    RETIRED = "retired"
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """A model row."""
+
+    model_id: str
+    source_ref: str
+    sha256: str
+    size_bytes: int
+    architecture: str
+    parameter_count: int
+    file_type: str
+    context_length: int
+    block_count: int
+    embedding_length: int
+    state: ModelState = ModelState.ACTIVE
+    pinned: bool = False
+    created_unix_ms: int = 0
+    last_used_unix_ms: int = 0
+
+
+@dataclass(frozen=True)
+class ReplicaRecord:
+    """One copy of a model's file on a node."""
+
+    model_id: str
+    node_id: str
+    path: str
+    size_bytes: int
+    last_used_unix_ms: int = field(default=0)
+
+
+class ConflictError(Exception):
+    """A model with that id exists with a different file."""
+
+
+class CatalogStore:
+    """The catalog's tables."""
+
+    def __init__(self, db_path: Path) -> None:
+        db_path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
+        self._conn.row_factory = sqlite3.Row
+        self._lock = threading.Lock()
+        with self._lock:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA foreign_keys=ON")
+            self._conn.execute("PRAGMA busy_timeout=5000")
+            self._conn.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        """Closes the database."""
+        with self._lock:
+            self._conn.close()
+
+    def register(self, model: ModelRecord, replicas: list[ReplicaRecord]) -> ModelRecord:
+        """Inserts the model (or keeps the identical existing one) and adds the replicas.
+
+        Raises:
+            ConflictError: the id is taken by a file with another sha256.
+        """
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                existing = self._get(model.model_id)
+                if existing is not None and existing.sha256 != model.sha256:
+                    raise ConflictError(
+                        f"model {model.model_id} is registered with sha256 {existing.sha256}"
+                    )
+                if existing is None:
+                    self._conn.execute(
+                        "INSERT INTO models VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                        (
+                            model.model_id,
+                            model.source_ref,
+                            model.sha256,
+                            model.size_bytes,
+                            model.architecture,
+                            model.parameter_count,
+                            model.file_type,
+                            model.context_length,
+                            model.block_count,
+                            model.embedding_length,
+                            model.state.value,
+                            int(model.pinned),
+                            model.created_unix_ms or _now_ms(),
+                            0,
+                        ),
+                    )
+                for rep in replicas:
+                    self._conn.execute(
+                        "INSERT INTO replicas (model_id, node_id, path, size_bytes) "
+                        "VALUES (?,?,?,?) ON CONFLICT DO UPDATE SET size_bytes=excluded.size_bytes",
+                        (model.model_id, rep.node_id, rep.path, rep.size_bytes),
+                    )
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            stored = self._get(model.model_id)
+        assert stored is not None
+        return stored
+
+    def get(self, model_id: str) -> ModelRecord | None:
+        """The model, or None."""
+        with self._lock:
+            return self._get(model_id)
+
+    def list_models(self, after_id: str, limit: int) -> list[ModelRecord]:
+        """Up to ``limit`` models with ids greater than ``after_id``, in id order."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT * FROM models WHERE model_id > ? ORDER BY model_id LIMIT ?",
+                (after_id, limit),
+            ).fetchall()
+        return [_model(row) for row in rows]
+
+    def locate(self, model_id: str, node_id: str = "") -> list[ReplicaRecord]:
+        """Replicas of a model, optionally on one node only."""
+        query = "SELECT * FROM replicas WHERE model_id = ?"
+        args: tuple[str, ...] = (model_id,)
+        if node_id:
+            query += " AND node_id = ?"
+            args += (node_id,)
+        with self._lock:
+            rows = self._conn.execute(query + " ORDER BY node_id, path", args).fetchall()
+        return [
+            ReplicaRecord(
+                model_id=row["model_id"],
+                node_id=row["node_id"],
+                path=row["path"],
+                size_bytes=row["size_bytes"],
+                last_used_unix_ms=row["last_used_unix_ms"],
+            )
+            for row in rows
+        ]
+
+    def _get(self, model_id: str) -> ModelRecord | None:
+        row = self._conn.execute("SELECT * FROM models WHERE model_id = ?", (model_id,)).fetchone()
+        return None if row is None else _model(row)
+
+
+def _model(row: sqlite3.Row) -> ModelRecord:
+    return ModelRecord(
+        model_id=row["model_id"],
+        source_ref=row["source_ref"],
+        sha256=row["sha256"],
+        size_bytes=row["size_bytes"],
+        architecture=row["architecture"],
+        parameter_count=row["parameter_count"],
+        file_type=row["file_type"],
+        context_length=row["context_length"],
+        block_count=row["block_count"],
+        embedding_length=row["embedding_length"],
+        state=ModelState(row["state"]),
+        pinned=bool(row["pinned"]),
+        created_unix_ms=row["created_unix_ms"],
+        last_used_unix_ms=row["last_used_unix_ms"],
+    )
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

@@ -1,0 +1,122 @@
+from google.api import annotations_pb2 as _annotations_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ModelState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MODEL_STATE_UNSPECIFIED: _ClassVar[ModelState]
+    MODEL_STATE_ACTIVE: _ClassVar[ModelState]
+    MODEL_STATE_RETIRED: _ClassVar[ModelState]
+MODEL_STATE_UNSPECIFIED: ModelState
+MODEL_STATE_ACTIVE: ModelState
+MODEL_STATE_RETIRED: ModelState
+
+class Model(_message.Message):
+    __slots__ = ("model_id", "source_ref", "sha256", "size_bytes", "facts", "state", "pinned", "created_unix_ms", "last_used_unix_ms")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_REF_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FACTS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    LAST_USED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    source_ref: str
+    sha256: str
+    size_bytes: int
+    facts: ModelFacts
+    state: ModelState
+    pinned: bool
+    created_unix_ms: int
+    last_used_unix_ms: int
+    def __init__(self, model_id: _Optional[str] = ..., source_ref: _Optional[str] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., facts: _Optional[_Union[ModelFacts, _Mapping]] = ..., state: _Optional[_Union[ModelState, str]] = ..., pinned: _Optional[bool] = ..., created_unix_ms: _Optional[int] = ..., last_used_unix_ms: _Optional[int] = ...) -> None: ...
+
+class ModelFacts(_message.Message):
+    __slots__ = ("architecture", "parameter_count", "file_type", "context_length", "block_count", "embedding_length")
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    PARAMETER_COUNT_FIELD_NUMBER: _ClassVar[int]
+    FILE_TYPE_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_COUNT_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    architecture: str
+    parameter_count: int
+    file_type: str
+    context_length: int
+    block_count: int
+    embedding_length: int
+    def __init__(self, architecture: _Optional[str] = ..., parameter_count: _Optional[int] = ..., file_type: _Optional[str] = ..., context_length: _Optional[int] = ..., block_count: _Optional[int] = ..., embedding_length: _Optional[int] = ...) -> None: ...
+
+class ModelLocation(_message.Message):
+    __slots__ = ("node_id", "path", "size_bytes")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    path: str
+    size_bytes: int
+    def __init__(self, node_id: _Optional[str] = ..., path: _Optional[str] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+
+class RegisterModelRequest(_message.Message):
+    __slots__ = ("model", "locations")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    LOCATIONS_FIELD_NUMBER: _ClassVar[int]
+    model: Model
+    locations: _containers.RepeatedCompositeFieldContainer[ModelLocation]
+    def __init__(self, model: _Optional[_Union[Model, _Mapping]] = ..., locations: _Optional[_Iterable[_Union[ModelLocation, _Mapping]]] = ...) -> None: ...
+
+class RegisterModelResponse(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: Model
+    def __init__(self, model: _Optional[_Union[Model, _Mapping]] = ...) -> None: ...
+
+class GetModelRequest(_message.Message):
+    __slots__ = ("model_id",)
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    def __init__(self, model_id: _Optional[str] = ...) -> None: ...
+
+class GetModelResponse(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: Model
+    def __init__(self, model: _Optional[_Union[Model, _Mapping]] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models", "next_page_token")
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[Model]
+    next_page_token: str
+    def __init__(self, models: _Optional[_Iterable[_Union[Model, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class LocateModelRequest(_message.Message):
+    __slots__ = ("model_id", "node_id")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    node_id: str
+    def __init__(self, model_id: _Optional[str] = ..., node_id: _Optional[str] = ...) -> None: ...
+
+class LocateModelResponse(_message.Message):
+    __slots__ = ("locations",)
+    LOCATIONS_FIELD_NUMBER: _ClassVar[int]
+    locations: _containers.RepeatedCompositeFieldContainer[ModelLocation]
+    def __init__(self, locations: _Optional[_Iterable[_Union[ModelLocation, _Mapping]]] = ...) -> None: ...

@@ -1,0 +1,186 @@
+from google.api import annotations_pb2 as _annotations_pb2
+from llorch.common.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class TaskState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TASK_STATE_UNSPECIFIED: _ClassVar[TaskState]
+    TASK_STATE_QUEUED: _ClassVar[TaskState]
+    TASK_STATE_RUNNING: _ClassVar[TaskState]
+    TASK_STATE_SUCCEEDED: _ClassVar[TaskState]
+    TASK_STATE_FAILED: _ClassVar[TaskState]
+    TASK_STATE_CANCELLED: _ClassVar[TaskState]
+TASK_STATE_UNSPECIFIED: TaskState
+TASK_STATE_QUEUED: TaskState
+TASK_STATE_RUNNING: TaskState
+TASK_STATE_SUCCEEDED: TaskState
+TASK_STATE_FAILED: TaskState
+TASK_STATE_CANCELLED: TaskState
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("model_id", "prompt", "sampling", "priority")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    prompt: str
+    sampling: _common_pb2.SamplingParams
+    priority: _common_pb2.Priority
+    def __init__(self, model_id: _Optional[str] = ..., prompt: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., priority: _Optional[_Union[_common_pb2.Priority, str]] = ...) -> None: ...
+
+class GenerateResponse(_message.Message):
+    __slots__ = ("event",)
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    event: TaskEvent
+    def __init__(self, event: _Optional[_Union[TaskEvent, _Mapping]] = ...) -> None: ...
+
+class SubmitTaskRequest(_message.Message):
+    __slots__ = ("model_id", "prompt", "sampling", "priority", "request_id")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    prompt: str
+    sampling: _common_pb2.SamplingParams
+    priority: _common_pb2.Priority
+    request_id: str
+    def __init__(self, model_id: _Optional[str] = ..., prompt: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., priority: _Optional[_Union[_common_pb2.Priority, str]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class SubmitTaskResponse(_message.Message):
+    __slots__ = ("task_id", "queue_position", "predicted_start_ms")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_START_MS_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    queue_position: int
+    predicted_start_ms: int
+    def __init__(self, task_id: _Optional[str] = ..., queue_position: _Optional[int] = ..., predicted_start_ms: _Optional[int] = ...) -> None: ...
+
+class StreamTaskRequest(_message.Message):
+    __slots__ = ("task_id", "from_index")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_INDEX_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    from_index: int
+    def __init__(self, task_id: _Optional[str] = ..., from_index: _Optional[int] = ...) -> None: ...
+
+class StreamTaskResponse(_message.Message):
+    __slots__ = ("event",)
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    event: TaskEvent
+    def __init__(self, event: _Optional[_Union[TaskEvent, _Mapping]] = ...) -> None: ...
+
+class TaskEvent(_message.Message):
+    __slots__ = ("task_id", "queued", "started", "token", "metrics", "finished")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    STARTED_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    queued: Queued
+    started: Started
+    token: _common_pb2.Token
+    metrics: Metrics
+    finished: _common_pb2.Finished
+    def __init__(self, task_id: _Optional[str] = ..., queued: _Optional[_Union[Queued, _Mapping]] = ..., started: _Optional[_Union[Started, _Mapping]] = ..., token: _Optional[_Union[_common_pb2.Token, _Mapping]] = ..., metrics: _Optional[_Union[Metrics, _Mapping]] = ..., finished: _Optional[_Union[_common_pb2.Finished, _Mapping]] = ...) -> None: ...
+
+class Queued(_message.Message):
+    __slots__ = ("position", "predicted_start_ms")
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_START_MS_FIELD_NUMBER: _ClassVar[int]
+    position: int
+    predicted_start_ms: int
+    def __init__(self, position: _Optional[int] = ..., predicted_start_ms: _Optional[int] = ...) -> None: ...
+
+class Started(_message.Message):
+    __slots__ = ("pool_id", "node_id", "model_id", "engine_version", "queue_ms")
+    POOL_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    pool_id: str
+    node_id: str
+    model_id: str
+    engine_version: str
+    queue_ms: float
+    def __init__(self, pool_id: _Optional[str] = ..., node_id: _Optional[str] = ..., model_id: _Optional[str] = ..., engine_version: _Optional[str] = ..., queue_ms: _Optional[float] = ...) -> None: ...
+
+class Metrics(_message.Message):
+    __slots__ = ("decode_tokens_per_second", "total_ms")
+    DECODE_TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    decode_tokens_per_second: float
+    total_ms: float
+    def __init__(self, decode_tokens_per_second: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
+
+class CancelTaskRequest(_message.Message):
+    __slots__ = ("task_id",)
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    def __init__(self, task_id: _Optional[str] = ...) -> None: ...
+
+class CancelTaskResponse(_message.Message):
+    __slots__ = ("state",)
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    state: TaskState
+    def __init__(self, state: _Optional[_Union[TaskState, str]] = ...) -> None: ...
+
+class GetTaskRequest(_message.Message):
+    __slots__ = ("task_id",)
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    def __init__(self, task_id: _Optional[str] = ...) -> None: ...
+
+class GetTaskResponse(_message.Message):
+    __slots__ = ("task",)
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    task: Task
+    def __init__(self, task: _Optional[_Union[Task, _Mapping]] = ...) -> None: ...
+
+class Task(_message.Message):
+    __slots__ = ("task_id", "model_id", "state", "priority", "queue_position", "pool_id", "tokens_out", "finished", "error", "correlation_id")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
+    POOL_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_OUT_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    CORRELATION_ID_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    model_id: str
+    state: TaskState
+    priority: _common_pb2.Priority
+    queue_position: int
+    pool_id: str
+    tokens_out: int
+    finished: _common_pb2.Finished
+    error: TaskError
+    correlation_id: str
+    def __init__(self, task_id: _Optional[str] = ..., model_id: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., priority: _Optional[_Union[_common_pb2.Priority, str]] = ..., queue_position: _Optional[int] = ..., pool_id: _Optional[str] = ..., tokens_out: _Optional[int] = ..., finished: _Optional[_Union[_common_pb2.Finished, _Mapping]] = ..., error: _Optional[_Union[TaskError, _Mapping]] = ..., correlation_id: _Optional[str] = ...) -> None: ...
+
+class TaskError(_message.Message):
+    __slots__ = ("code", "reason", "message", "retriable")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RETRIABLE_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    reason: str
+    message: str
+    retriable: bool
+    def __init__(self, code: _Optional[str] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., retriable: _Optional[bool] = ...) -> None: ...

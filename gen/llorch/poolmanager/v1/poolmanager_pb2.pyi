@@ -1,0 +1,110 @@
+from llorch.common.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class PoolState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    POOL_STATE_UNSPECIFIED: _ClassVar[PoolState]
+    POOL_STATE_UNLOADED: _ClassVar[PoolState]
+    POOL_STATE_LOADING: _ClassVar[PoolState]
+    POOL_STATE_READY: _ClassVar[PoolState]
+    POOL_STATE_DRAINING: _ClassVar[PoolState]
+    POOL_STATE_FAILED: _ClassVar[PoolState]
+POOL_STATE_UNSPECIFIED: PoolState
+POOL_STATE_UNLOADED: PoolState
+POOL_STATE_LOADING: PoolState
+POOL_STATE_READY: PoolState
+POOL_STATE_DRAINING: PoolState
+POOL_STATE_FAILED: PoolState
+
+class GetNodeRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetNodeResponse(_message.Message):
+    __slots__ = ("node",)
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    node: Node
+    def __init__(self, node: _Optional[_Union[Node, _Mapping]] = ...) -> None: ...
+
+class Node(_message.Message):
+    __slots__ = ("node_id", "pools")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    POOLS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    pools: _containers.RepeatedCompositeFieldContainer[Pool]
+    def __init__(self, node_id: _Optional[str] = ..., pools: _Optional[_Iterable[_Union[Pool, _Mapping]]] = ...) -> None: ...
+
+class Pool(_message.Message):
+    __slots__ = ("pool_id", "state", "model_id", "engine_version", "devices", "slots_total", "slots_free", "n_ctx", "last_error")
+    POOL_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FREE_FIELD_NUMBER: _ClassVar[int]
+    N_CTX_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    pool_id: str
+    state: PoolState
+    model_id: str
+    engine_version: str
+    devices: _containers.RepeatedScalarFieldContainer[str]
+    slots_total: int
+    slots_free: int
+    n_ctx: int
+    last_error: str
+    def __init__(self, pool_id: _Optional[str] = ..., state: _Optional[_Union[PoolState, str]] = ..., model_id: _Optional[str] = ..., engine_version: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., slots_total: _Optional[int] = ..., slots_free: _Optional[int] = ..., n_ctx: _Optional[int] = ..., last_error: _Optional[str] = ...) -> None: ...
+
+class ExecuteRequest(_message.Message):
+    __slots__ = ("execution_id", "task_id", "pool_id", "model_id", "prompt", "sampling")
+    EXECUTION_ID_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    POOL_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    execution_id: str
+    task_id: str
+    pool_id: str
+    model_id: str
+    prompt: str
+    sampling: _common_pb2.SamplingParams
+    def __init__(self, execution_id: _Optional[str] = ..., task_id: _Optional[str] = ..., pool_id: _Optional[str] = ..., model_id: _Optional[str] = ..., prompt: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
+
+class ExecuteResponse(_message.Message):
+    __slots__ = ("started", "token", "finished")
+    STARTED_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    started: ExecutionStarted
+    token: _common_pb2.Token
+    finished: _common_pb2.Finished
+    def __init__(self, started: _Optional[_Union[ExecutionStarted, _Mapping]] = ..., token: _Optional[_Union[_common_pb2.Token, _Mapping]] = ..., finished: _Optional[_Union[_common_pb2.Finished, _Mapping]] = ...) -> None: ...
+
+class ExecutionStarted(_message.Message):
+    __slots__ = ("engine_version", "tokens_in")
+    ENGINE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_IN_FIELD_NUMBER: _ClassVar[int]
+    engine_version: str
+    tokens_in: int
+    def __init__(self, engine_version: _Optional[str] = ..., tokens_in: _Optional[int] = ...) -> None: ...
+
+class CancelExecutionRequest(_message.Message):
+    __slots__ = ("execution_id",)
+    EXECUTION_ID_FIELD_NUMBER: _ClassVar[int]
+    execution_id: str
+    def __init__(self, execution_id: _Optional[str] = ...) -> None: ...
+
+class CancelExecutionResponse(_message.Message):
+    __slots__ = ("cancelled",)
+    CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    cancelled: bool
+    def __init__(self, cancelled: _Optional[bool] = ...) -> None: ...

@@ -1,0 +1,249 @@
+"""The ``llorch`` command.
+
+llorch up                              run the home profile in the foreground
+llorch generate --model M "prompt"     stream tokens from the orchestrator
+llorch models list | add NAME PATH     the catalog
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from mesh.settings import ClientSettings, ConfigError, load_settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.run(args))
+    except ConfigError as exc:
+        print(f"llorch: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llorch", description="llama-orch: LLM inference mesh")
+    sub = parser.add_subparsers(title="commands")
+
+    up = sub.add_parser("up", help="run the home profile (catalog, pool manager, orchestrator)")
+    up.add_argument("--listen", help="orchestrator address (LLORCH_LISTEN; 127.0.0.1:50051)")
+    up.add_argument("--data-dir", type=Path, help="data directory (LLORCH_DATA_DIR)")
+    up.add_argument("--config", type=Path, help="TOML settings file (LLORCH_CONFIG)")
+    up.add_argument("--log-format", choices=["json", "text"], help="log format (LLORCH_LOG_FORMAT)")
+    up.set_defaults(run=_cmd_up)
+
+    gen = sub.add_parser("generate", help="generate text and print tokens as they arrive")
+    gen.add_argument("prompt")
+    gen.add_argument("--model", required=True, help="catalog id of the model")
+    gen.add_argument("--orchestrator", help="orchestrator address (LLORCH_ORCHESTRATOR)")
+    gen.add_argument("--max-tokens", type=int)
+    gen.add_argument("--temperature", type=float)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
+    gen.add_argument("--priority", choices=["interactive", "batch"], default="interactive")
+    gen.add_argument("--timeout", type=float, help="deadline in seconds")
+    gen.add_argument("--json", action="store_true", help="print every event as a JSON line")
+    gen.set_defaults(run=_cmd_generate)
+
+    models = sub.add_parser("models", help="the model catalog")
+    models_sub = models.add_subparsers(title="models commands")
+    mlist = models_sub.add_parser("list", help="list models")
+    mlist.add_argument("--catalog", help="catalog address (LLORCH_CATALOG)")
+    mlist.add_argument("--data-dir", type=Path, help="home profile data dir (LLORCH_DATA_DIR)")
+    mlist.add_argument("--json", action="store_true", help="print JSON")
+    mlist.set_defaults(run=_cmd_models_list)
+    madd = models_sub.add_parser("add", help="register a GGUF file on this node")
+    madd.add_argument("name")
+    madd.add_argument("path", type=Path)
+    madd.add_argument("--node-id", default="local", help="node holding the file (local)")
+    madd.add_argument("--catalog", help="catalog address (LLORCH_CATALOG)")
+    madd.add_argument("--data-dir", type=Path, help="home profile data dir (LLORCH_DATA_DIR)")
+    madd.set_defaults(run=_cmd_models_add)
+    return parser
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from mesh.home import main_up
+    from mesh.logs import configure_logging
+
+    config = args.config or (
+        Path(os.environ["LLORCH_CONFIG"]) if "LLORCH_CONFIG" in os.environ else None
+    )
+    settings = load_settings(
+        config, listen=args.listen, data_dir=args.data_dir, log_format=args.log_format
+    )
+    configure_logging(settings.log_level, settings.log_format)
+    return main_up(settings, dict(os.environ))
+
+
+def _rpc_failed(err: grpc.aio.AioRpcError) -> int:
+    print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
+    return 1
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from llorch.common.v1 import common_pb2
+    from llorch.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+
+    client = ClientSettings()
+    address = args.orchestrator or client.orchestrator
+    sampling = common_pb2.SamplingParams(stop=args.stop)
+    for field in ("max_tokens", "temperature", "top_p", "top_k", "seed"):
+        value = getattr(args, field)
+        if value is not None:
+            setattr(sampling, field, value)
+    request = orchestrator_pb2.GenerateRequest(
+        model_id=args.model,
+        prompt=args.prompt,
+        sampling=sampling,
+        priority=common_pb2.PRIORITY_BATCH
+        if args.priority == "batch"
+        else common_pb2.PRIORITY_INTERACTIVE,
+    )
+
+    async def run() -> int:
+        from google.protobuf import json_format
+
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+            started = time.perf_counter()
+            try:
+                async for response in stub.Generate(request, timeout=args.timeout):
+                    event = response.event
+                    if args.json:
+                        print(json_format.MessageToJson(event, indent=None), flush=True)
+                        continue
+                    kind = event.WhichOneof("kind")
+                    if kind == "token":
+                        sys.stdout.write(event.token.text)
+                        sys.stdout.flush()
+                    elif kind == "finished":
+                        f = event.finished
+                        print()
+                        print(
+                            f"[{f.tokens_out} tokens, ttft {f.ttft_ms:.1f} ms, "
+                            f"total {(time.perf_counter() - started) * 1000:.0f} ms]",
+                            file=sys.stderr,
+                        )
+            except grpc.aio.AioRpcError as err:
+                if not args.json:
+                    print()
+                return _rpc_failed(err)
+        return 0
+
+    return asyncio.run(run())
+
+
+def _catalog_address(args: argparse.Namespace) -> str:
+    client = ClientSettings()
+    if args.catalog or client.catalog:
+        return str(args.catalog or client.catalog)
+    from mesh.home import endpoints_path
+
+    path = endpoints_path(args.data_dir or client.data_dir)
+    try:
+        return str(json.loads(path.read_text())["catalog"])
+    except (OSError, ValueError, KeyError):
+        raise ConfigError(
+            f"no catalog address: pass --catalog, set LLORCH_CATALOG, or run `llorch up` "
+            f"(which records it in {path})"
+        ) from None
+
+
+def _cmd_models_list(args: argparse.Namespace) -> int:
+    from llorch.catalog.v1 import catalog_pb2, catalog_pb2_grpc
+
+    address = _catalog_address(args)
+
+    async def run() -> int:
+        rows: list[dict[str, Any]] = []
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = catalog_pb2_grpc.CatalogServiceStub(channel)
+            token = ""
+            try:
+                while True:
+                    page = await stub.ListModels(
+                        catalog_pb2.ListModelsRequest(page_token=token), timeout=10
+                    )
+                    for m in page.models:
+                        rows.append(
+                            {
+                                "model_id": m.model_id,
+                                "state": catalog_pb2.ModelState.Name(m.state)
+                                .removeprefix("MODEL_STATE_")
+                                .lower(),
+                                "architecture": m.facts.architecture,
+                                "file_type": m.facts.file_type,
+                                "context_length": m.facts.context_length,
+                                "size_bytes": m.size_bytes,
+                                "source_ref": m.source_ref,
+                            }
+                        )
+                    token = page.next_page_token
+                    if not token:
+                        break
+            except grpc.aio.AioRpcError as err:
+                return _rpc_failed(err)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            _print_table(
+                rows,
+                ["model_id", "state", "architecture", "file_type", "context_length", "size_bytes"],
+            )
+        return 0
+
+    return asyncio.run(run())
+
+
+def _cmd_models_add(args: argparse.Namespace) -> int:
+    from llorch.catalog.v1 import catalog_pb2_grpc
+
+    from mesh.errors import LlorchError
+    from provisioners.models import register_local_file
+
+    address = _catalog_address(args)
+
+    async def run() -> int:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = catalog_pb2_grpc.CatalogServiceStub(channel)
+            try:
+                model = await register_local_file(stub, args.name, args.path, args.node_id)
+            except LlorchError as err:
+                print(f"error: {err.code.name}: {err.message}", file=sys.stderr)
+                return 1
+        print(
+            f"registered {model.model_id} ({model.size_bytes} bytes, sha256 {model.sha256[:12]}…)"
+        )
+        return 0
+
+    return asyncio.run(run())
+
+
+def _print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    widths = {c: max([len(c)] + [len(str(r[c])) for r in rows]) for c in columns}
+    print("  ".join(c.upper().ljust(widths[c]) for c in columns).rstrip())
+    for row in rows:
+        print("  ".join(str(row[c]).ljust(widths[c]) for c in columns).rstrip())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""The home profile: catalog, one pool manager and the orchestrator in one process, on loopback.
+
+Each service still runs its own gRPC server (built by the one bootstrap) and they talk to each
+other over gRPC exactly as on separate machines; only the process is shared. The pool manager's
+workers are child processes and are stopped before this returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+from llorch.catalog.v1 import catalog_pb2_grpc
+
+from catalog.app import start_catalog
+from mesh import logs
+from mesh.errors import LlorchError
+from mesh.server import open_channel
+from mesh.settings import PoolSettings, Settings
+from orchestrator.app import start_orchestrator
+from poolmanager.app import start_pool_manager
+from provisioners.models import ensure_default_model
+from provisioners.tiny_model import DEFAULT_MODEL_ID
+
+_log = logs.get_logger("home")
+
+ENDPOINTS_FILE = Path("run") / "endpoints.json"
+
+
+def endpoints_path(data_dir: Path) -> Path:
+    """Where ``llorch up`` records the addresses of its services."""
+    return data_dir / ENDPOINTS_FILE
+
+
+async def run_home(settings: Settings, base_env: Mapping[str, str], stop: asyncio.Event) -> None:
+    """Runs the home profile until ``stop`` is set."""
+    data_dir = settings.data_dir
+    data_dir.mkdir(parents=True, exist_ok=True)
+    catalog = await start_catalog(settings)
+    stack = [catalog.stop]
+    try:
+        channel = open_channel(catalog.address)
+        stack.append(channel.close)
+        node_id = settings.pool_manager.node_id
+        await ensure_default_model(
+            catalog_pb2_grpc.CatalogServiceStub(channel), data_dir / "models", node_id
+        )
+        pm_settings = settings.pool_manager.model_copy(update={"catalog": catalog.address})
+        if not pm_settings.pools:
+            pm_settings.pools = [PoolSettings(pool_id="cpu-0", model_id=DEFAULT_MODEL_ID)]
+        pool_manager = await start_pool_manager(pm_settings, base_env)
+        stack.append(pool_manager.stop)
+        timeout = pm_settings.worker_start_timeout_s
+        if not await pool_manager.manager.wait_ready(timeout):
+            errors = "; ".join(
+                f"{p.settings.pool_id}: {p.last_error or p.state.value}"
+                for p in pool_manager.manager.pools.values()
+            )
+            raise RuntimeError(f"pools did not become ready: {errors}")
+        orch_settings = settings.orchestrator_service.model_copy(
+            update={"catalog": catalog.address, "pool_managers": [pool_manager.address]}
+        )
+        orchestrator = await start_orchestrator(orch_settings, settings.listen)
+        stack.append(orchestrator.stop)
+        host = settings.listen.rsplit(":", 1)[0]
+        endpoints = {
+            "orchestrator": f"{host}:{orchestrator.port}",
+            "catalog": catalog.address,
+            "pool_manager": pool_manager.address,
+            "pid": os.getpid(),
+        }
+        path = endpoints_path(data_dir)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(endpoints))
+        models = ", ".join(sorted({p.model_id for p in pm_settings.pools}))
+        print(
+            f"llorch ready: orchestrator {endpoints['orchestrator']} serving {models} "
+            f"(catalog {catalog.address}, pool manager {pool_manager.address})",
+            flush=True,
+        )
+        await stop.wait()
+        _log.info("stopping")
+        path.unlink(missing_ok=True)
+    finally:
+        for close in reversed(stack):
+            await close()
+
+
+def main_up(settings: Settings, base_env: Mapping[str, str]) -> int:
+    """``llorch up``: runs the home profile in the foreground until Ctrl-C or SIGTERM."""
+
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await run_home(settings, base_env, stop)
+
+    try:
+        asyncio.run(runner())
+    except (RuntimeError, OSError, ValueError, LlorchError) as exc:
+        print(f"llorch up: {exc}", file=sys.stderr)
+        return 1
+    return 0

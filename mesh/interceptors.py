@@ -1,0 +1,131 @@
+"""gRPC interceptors every server and channel of the mesh gets from the bootstrap.
+
+Server side: a correlation id for every call (taken from ``x-correlation-id`` metadata or made up,
+echoed in the initial metadata, and set in the logging context), and the mapping of
+:class:`~mesh.errors.LlorchError` to a status with google.rpc details. Anything else that escapes
+a handler is a bug: it is logged with its traceback and sent as INTERNAL without one.
+
+Client side: the correlation id of the current context travels on every outgoing call.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+from grpc_interceptor import AsyncServerInterceptor
+
+from mesh import logs
+from mesh.errors import LlorchError
+
+CORRELATION_HEADER = "x-correlation-id"
+_CORRELATION_RE = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+_log = logs.get_logger("rpc")
+
+
+def new_correlation_id() -> str:
+    """A fresh correlation id."""
+    return uuid.uuid4().hex
+
+
+def correlation_from_metadata(metadata: Any) -> str:
+    """The caller's correlation id if it is well-formed, else a new one."""
+    for key, value in metadata or ():
+        if (
+            key == CORRELATION_HEADER
+            and isinstance(value, str)
+            and _CORRELATION_RE.fullmatch(value)
+        ):
+            return value
+    return new_correlation_id()
+
+
+class MeshServerInterceptor(AsyncServerInterceptor):
+    """Correlation ids and error mapping for every RPC of a server."""
+
+    async def intercept(
+        self,
+        method: Callable[[Any, grpc.aio.ServicerContext], Any],
+        request_or_iterator: Any,
+        context: grpc.aio.ServicerContext,
+        method_name: str,
+    ) -> Any:
+        cid = correlation_from_metadata(context.invocation_metadata())
+        logs.correlation_id.set(cid)
+        await context.send_initial_metadata(((CORRELATION_HEADER, cid),))
+        try:
+            response = method(request_or_iterator, context)
+            if hasattr(response, "__aiter__"):
+                return self._stream(response, context, method_name)
+            return await response
+        except LlorchError as err:
+            await _abort(context, err, method_name)
+        except grpc.aio.AbortError:
+            raise  # the handler aborted on purpose
+        except Exception:
+            await _abort_internal(context, method_name)
+
+    async def _stream(
+        self, responses: AsyncIterator[Any], context: grpc.aio.ServicerContext, method_name: str
+    ) -> AsyncIterator[Any]:
+        try:
+            async for response in responses:
+                yield response
+        except LlorchError as err:
+            await _abort(context, err, method_name)
+        except grpc.aio.AbortError:
+            raise  # the handler aborted on purpose
+        except Exception:
+            await _abort_internal(context, method_name)
+
+
+async def _abort(context: grpc.aio.ServicerContext, err: LlorchError, method_name: str) -> None:
+    _log.info(
+        "rpc failed",
+        extra={
+            "method": method_name,
+            "code": err.code.name,
+            "reason": err.reason,
+            "error": err.message,
+        },
+    )
+    await context.abort_with_status(err.to_grpc_status())
+
+
+async def _abort_internal(context: grpc.aio.ServicerContext, method_name: str) -> None:
+    _log.exception("unhandled error", extra={"method": method_name})
+    await context.abort(
+        grpc.StatusCode.INTERNAL,
+        f"internal error; correlation id {logs.correlation_id.get()}",
+    )
+
+
+def _with_correlation(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+    cid = logs.correlation_id.get()
+    if not cid:
+        return details
+    metadata = grpc.aio.Metadata(*(details.metadata or ()))
+    if CORRELATION_HEADER not in metadata:
+        metadata.add(CORRELATION_HEADER, cid)
+    return grpc.aio.ClientCallDetails(
+        details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+    )
+
+
+# grpc.aio files each interceptor under one call type only, hence one class per type.
+class _CorrelationUnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(_with_correlation(details), request)
+
+
+class _CorrelationUnaryStream(grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(_with_correlation(details), request)
+
+
+def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
+    """Interceptors every mesh channel carries: the correlation id on outgoing calls."""
+    return [_CorrelationUnaryUnary(), _CorrelationUnaryStream()]

@@ -1,0 +1,177 @@
+"""The one settings object of a process: defaults, bounds and a docstring for every field.
+
+Values come from (highest first) explicit overrides (command-line flags), ``LLORCH_*``
+environment variables (nested fields with ``__``, e.g.
+``LLORCH_ORCHESTRATOR_SERVICE__QUEUE_CAPACITY``),
+an optional TOML file, and the defaults below. Built once in ``main`` and passed down; nothing else
+reads the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import platformdirs
+from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from mesh.ids import NAME_PATTERN
+
+
+class ConfigError(Exception):
+    """Settings failed validation; the message names every offending field."""
+
+
+def _default_data_dir() -> Path:
+    return platformdirs.user_data_path("llorch")
+
+
+class CatalogSettings(BaseModel):
+    """Catalog service."""
+
+    listen: str = "127.0.0.1:0"
+    """Address the catalog listens on; port 0 picks a free port (home profile)."""
+    db_path: Path | None = None
+    """SQLite file; default ``<data_dir>/catalog.db``."""
+
+
+class PoolSettings(BaseModel):
+    """One pool: a llama.cpp worker bound to some devices, serving one model."""
+
+    pool_id: str = Field(pattern=f"^{NAME_PATTERN}$")
+    """Id of the pool, unique on its node."""
+    model_id: str = Field(pattern=f"^{NAME_PATTERN}$")
+    """Catalog id of the model the pool loads at start."""
+    devices: list[str] = Field(default_factory=lambda: ["cpu"], min_length=1)
+    """GPU indexes (``"0"``, ``"1"``) or ``["cpu"]`` for a development pool."""
+    n_ctx: int = Field(default=0, ge=0, le=1_048_576)
+    """Context window in tokens; 0 takes the model's trained context length."""
+    slots: int = Field(default=1, ge=1, le=1)
+    """Sequences decoded at once. One for now; parallel slots are on the roadmap."""
+    n_threads: int = Field(default=0, ge=0, le=512)
+    """CPU threads for decoding; 0 lets llama.cpp choose."""
+
+    @field_validator("devices")
+    @classmethod
+    def _devices_valid(cls, devices: list[str]) -> list[str]:
+        if devices == ["cpu"]:
+            return devices
+        if "cpu" in devices or not all(d.isdigit() for d in devices):
+            raise ValueError('either ["cpu"] or a list of GPU indexes such as ["0", "1"]')
+        if len(set(devices)) != len(devices):
+            raise ValueError("a device is listed twice")
+        return devices
+
+
+class PoolManagerSettings(BaseModel):
+    """Pool manager (one per machine)."""
+
+    listen: str = "127.0.0.1:0"
+    """Address the pool manager listens on."""
+    node_id: str = Field(default="local", pattern=f"^{NAME_PATTERN}$")
+    """Id of this machine in the mesh."""
+    catalog: str = ""
+    """Catalog address; the home profile fills it in."""
+    pools: list[PoolSettings] = Field(default_factory=list)
+    """Pools to run. The home profile adds one CPU pool for the default model when empty."""
+    worker_start_timeout_s: float = Field(default=120.0, gt=0, le=3600)
+    """How long a worker may take to load its model before it counts as failed."""
+    stop_grace_s: float = Field(default=5.0, ge=0, le=300)
+    """How long a worker gets to exit after being asked before it is killed."""
+
+
+class OrchestratorSettings(BaseModel):
+    """Orchestrator."""
+
+    catalog: str = ""
+    """Catalog address; the home profile fills it in."""
+    pool_managers: list[str] = Field(default_factory=list)
+    """Pool manager addresses; the home profile fills it in."""
+    queue_capacity: int = Field(default=1024, ge=1, le=1_000_000)
+    """Most tasks waiting at once; more are refused with RESOURCE_EXHAUSTED."""
+    max_prompt_bytes: int = Field(default=65_536, ge=1, le=16 * 1024 * 1024)
+    """Largest prompt accepted, in UTF-8 bytes."""
+    default_max_tokens: int = Field(default=128, ge=1, le=1_048_576)
+    """max_tokens of a request that leaves it unset (capped by the model's context)."""
+    node_refresh_s: float = Field(default=0.5, gt=0, le=60)
+    """How often pool state is re-read from each pool manager."""
+    finished_task_ttl_s: float = Field(default=3600.0, ge=0, le=7 * 86400)
+    """How long a finished task stays readable with GetTask and StreamTask."""
+
+
+class Settings(BaseSettings):
+    """Settings of one llama-orch process."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="LLORCH_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    """Where the catalog, the model store and the default model live."""
+    listen: str = "127.0.0.1:50051"
+    """Address the orchestrator (the client entry point) listens on."""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Lowest level logged."""
+    log_format: Literal["json", "text"] = "json"
+    """JSON lines (for collectors) or text (for people)."""
+    # Section names differ from the client variables LLORCH_ORCHESTRATOR / LLORCH_CATALOG, which
+    # hold addresses for the client commands.
+    catalog_service: CatalogSettings = Field(default_factory=CatalogSettings)
+    """Catalog service."""
+    pool_manager: PoolManagerSettings = Field(default_factory=PoolManagerSettings)
+    """Pool manager."""
+    orchestrator_service: OrchestratorSettings = Field(default_factory=OrchestratorSettings)
+    """Orchestrator."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_file = _CONFIG_FILE.get("path")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+
+_CONFIG_FILE: dict[str, Path | None] = {"path": None}
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Builds and validates the settings; raises ConfigError naming each bad field."""
+    if config_file is not None and not config_file.is_file():
+        raise ConfigError(f"config file {config_file} does not exist")
+    _CONFIG_FILE["path"] = config_file
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid settings: {problems}") from None
+    finally:
+        _CONFIG_FILE["path"] = None
+
+
+class ClientSettings(BaseSettings):
+    """Settings of the ``llorch`` client commands (generate, models)."""
+
+    model_config = SettingsConfigDict(env_prefix="LLORCH_", extra="ignore")
+
+    orchestrator: str = "127.0.0.1:50051"
+    """Orchestrator address the client commands call."""
+    catalog: str = ""
+    """Catalog address for model commands; empty reads the one ``llorch up`` recorded."""
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    """Data dir of the home profile, where ``llorch up`` records its service addresses."""

@@ -1,0 +1,47 @@
+"""Starts the orchestrator: Orchestrator + OrchestratorService on the mesh bootstrap."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+
+from catalog.client import CatalogClient
+from mesh.server import MeshServer, create_server, open_channel
+from mesh.settings import OrchestratorSettings
+from orchestrator.pools import PoolRegistry
+from orchestrator.service import Orchestrator
+from orchestrator.servicer import OrchestratorServicer
+
+
+@dataclass
+class OrchestratorApp:
+    """A running orchestrator."""
+
+    server: MeshServer
+    orchestrator: Orchestrator
+    catalog_channel: grpc.aio.Channel
+
+    @property
+    def port(self) -> int:
+        """Port the server listens on."""
+        return self.server.port
+
+    async def stop(self) -> None:
+        """Stops taking calls, ends open tasks (UNAVAILABLE), closes channels."""
+        await self.orchestrator.stop()
+        await self.server.stop(grace_s=1.0)
+        await self.catalog_channel.close()
+
+
+async def start_orchestrator(settings: OrchestratorSettings, listen: str) -> OrchestratorApp:
+    """Connects to the catalog and pool managers and starts serving on ``listen``."""
+    if not settings.catalog:
+        raise ValueError("orchestrator_service.catalog: the catalog address is required")
+    channel = open_channel(settings.catalog)
+    registry = PoolRegistry(settings.pool_managers, settings.node_refresh_s, open_channel)
+    orchestrator = Orchestrator(settings, CatalogClient(channel), registry)
+    await orchestrator.start()
+    servicer = OrchestratorServicer(orchestrator, settings)
+    server = await create_server(listen, [servicer.binding()])
+    return OrchestratorApp(server, orchestrator, channel)

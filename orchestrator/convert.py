@@ -1,0 +1,200 @@
+"""Protobuf ↔ orchestrator domain types, with validation that names the offending field."""
+
+from __future__ import annotations
+
+import math
+import secrets
+from typing import Protocol
+
+from llorch.common.v1 import common_pb2
+from llorch.orchestrator.v1 import orchestrator_pb2
+
+from mesh.errors import InvalidArgumentError, LlorchError
+from mesh.ids import check_name
+from orchestrator.tasks import (
+    Finished,
+    Metrics,
+    Priority,
+    Queued,
+    Sampling,
+    Started,
+    Task,
+    TaskEvent,
+    TaskSpec,
+    TaskState,
+    Tokens,
+)
+
+DEFAULT_TEMPERATURE = 0.8
+DEFAULT_TOP_P = 0.95
+DEFAULT_TOP_K = 40
+MAX_STOP_SEQUENCES = 8
+MAX_STOP_BYTES = 256
+MAX_REQUEST_ID_BYTES = 128
+
+_PRIORITY_FROM_PB = {
+    common_pb2.PRIORITY_UNSPECIFIED: Priority.INTERACTIVE,
+    common_pb2.PRIORITY_INTERACTIVE: Priority.INTERACTIVE,
+    common_pb2.PRIORITY_BATCH: Priority.BATCH,
+}
+_PRIORITY_TO_PB = {
+    Priority.INTERACTIVE: common_pb2.PRIORITY_INTERACTIVE,
+    Priority.BATCH: common_pb2.PRIORITY_BATCH,
+}
+_STATE_TO_PB = {
+    TaskState.QUEUED: orchestrator_pb2.TASK_STATE_QUEUED,
+    TaskState.RUNNING: orchestrator_pb2.TASK_STATE_RUNNING,
+    TaskState.SUCCEEDED: orchestrator_pb2.TASK_STATE_SUCCEEDED,
+    TaskState.FAILED: orchestrator_pb2.TASK_STATE_FAILED,
+    TaskState.CANCELLED: orchestrator_pb2.TASK_STATE_CANCELLED,
+}
+_FINISH_TO_PB = {
+    "stop": common_pb2.FINISH_REASON_STOP,
+    "stop_sequence": common_pb2.FINISH_REASON_STOP_SEQUENCE,
+    "length": common_pb2.FINISH_REASON_LENGTH,
+}
+
+
+class TaskRequest(Protocol):
+    """GenerateRequest and SubmitTaskRequest share these fields."""
+
+    model_id: str
+    prompt: str
+    sampling: common_pb2.SamplingParams
+    priority: int
+
+
+def spec_from_pb(
+    request: TaskRequest, *, request_id: str, max_prompt_bytes: int, default_max_tokens: int
+) -> tuple[TaskSpec, bool]:
+    """Validates a request; returns the spec and whether max_tokens took the default."""
+    model_id = check_name(request.model_id, "model_id")
+    if not request.prompt:
+        raise InvalidArgumentError("prompt", "is required")
+    prompt_bytes = len(request.prompt.encode("utf-8"))
+    if prompt_bytes > max_prompt_bytes:
+        raise InvalidArgumentError(
+            "prompt", f"is {prompt_bytes} bytes; the limit is {max_prompt_bytes} bytes"
+        )
+    if request.priority not in _PRIORITY_FROM_PB:
+        raise InvalidArgumentError("priority", f"unknown value {request.priority}")
+    if len(request_id.encode()) > MAX_REQUEST_ID_BYTES:
+        raise InvalidArgumentError("request_id", f"is longer than {MAX_REQUEST_ID_BYTES} bytes")
+    s = request.sampling
+    defaulted = not s.HasField("max_tokens")
+    max_tokens = default_max_tokens if defaulted else s.max_tokens
+    if max_tokens <= 0:
+        raise InvalidArgumentError("sampling.max_tokens", "must be > 0")
+    temperature = s.temperature if s.HasField("temperature") else DEFAULT_TEMPERATURE
+    if not math.isfinite(temperature) or temperature < 0:
+        raise InvalidArgumentError("sampling.temperature", "must be >= 0")
+    top_p = s.top_p if s.HasField("top_p") else DEFAULT_TOP_P
+    if not (math.isfinite(top_p) and 0 < top_p <= 1):
+        raise InvalidArgumentError("sampling.top_p", "must be in (0, 1]")
+    top_k = s.top_k if s.HasField("top_k") else DEFAULT_TOP_K
+    if top_k < 0:
+        raise InvalidArgumentError("sampling.top_k", "must be >= 0")
+    if len(s.stop) > MAX_STOP_SEQUENCES:
+        raise InvalidArgumentError("sampling.stop", f"at most {MAX_STOP_SEQUENCES} sequences")
+    for i, stop in enumerate(s.stop):
+        if not 0 < len(stop.encode()) <= MAX_STOP_BYTES:
+            raise InvalidArgumentError(f"sampling.stop[{i}]", f"must be 1-{MAX_STOP_BYTES} bytes")
+    seed = s.seed if s.HasField("seed") else secrets.randbits(32)
+    spec = TaskSpec(
+        model_id=model_id,
+        prompt=request.prompt,
+        sampling=Sampling(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=tuple(s.stop),
+            ignore_eos=s.ignore_eos,
+        ),
+        priority=_PRIORITY_FROM_PB[request.priority],
+        request_id=request_id,
+    )
+    return spec, defaulted
+
+
+def event_to_pb(task_id: str, event: TaskEvent) -> orchestrator_pb2.TaskEvent:
+    """A domain event as protobuf. Failed events are not sent; they become the call's status."""
+    if isinstance(event, Tokens):
+        return orchestrator_pb2.TaskEvent(
+            task_id=task_id,
+            token=common_pb2.Token(index=event.index, text=event.text, token_ids=event.token_ids),
+        )
+    if isinstance(event, Queued):
+        return orchestrator_pb2.TaskEvent(
+            task_id=task_id,
+            queued=orchestrator_pb2.Queued(
+                position=event.position, predicted_start_ms=event.predicted_start_ms
+            ),
+        )
+    if isinstance(event, Started):
+        return orchestrator_pb2.TaskEvent(
+            task_id=task_id,
+            started=orchestrator_pb2.Started(
+                pool_id=event.pool_id,
+                node_id=event.node_id,
+                model_id=event.model_id,
+                engine_version=event.engine_version,
+                queue_ms=event.queue_ms,
+            ),
+        )
+    if isinstance(event, Metrics):
+        return orchestrator_pb2.TaskEvent(
+            task_id=task_id,
+            metrics=orchestrator_pb2.Metrics(
+                decode_tokens_per_second=event.decode_tokens_per_second, total_ms=event.total_ms
+            ),
+        )
+    if isinstance(event, Finished):
+        return orchestrator_pb2.TaskEvent(task_id=task_id, finished=finished_to_pb(event))
+    raise TypeError(f"{type(event).__name__} is not sent as an event")
+
+
+def finished_to_pb(event: Finished) -> common_pb2.Finished:
+    """The Finished summary as protobuf."""
+    return common_pb2.Finished(
+        finish_reason=_FINISH_TO_PB.get(event.reason, common_pb2.FINISH_REASON_UNSPECIFIED),
+        tokens_in=event.tokens_in,
+        tokens_out=event.tokens_out,
+        ttft_ms=event.ttft_ms,
+        decode_ms=event.decode_ms,
+    )
+
+
+def task_to_pb(task: Task) -> orchestrator_pb2.Task:
+    """A task's state as protobuf."""
+    out = orchestrator_pb2.Task(
+        task_id=task.task_id,
+        model_id=task.spec.model_id,
+        state=_STATE_TO_PB[task.state],
+        priority=_PRIORITY_TO_PB[task.spec.priority],
+        queue_position=task.queue_position if task.state is TaskState.QUEUED else 0,
+        pool_id=task.pool_id,
+        tokens_out=task.tokens_out,
+        correlation_id=task.correlation_id,
+    )
+    if task.finished is not None:
+        out.finished.CopyFrom(finished_to_pb(task.finished))
+    if task.error is not None:
+        out.error.CopyFrom(error_to_pb(task.error))
+    return out
+
+
+def error_to_pb(error: LlorchError) -> orchestrator_pb2.TaskError:
+    """A task's terminal error as protobuf."""
+    return orchestrator_pb2.TaskError(
+        code=error.code.name,
+        reason=error.reason,
+        message=error.message,
+        retriable=error.retriable,
+    )
+
+
+def state_to_pb(state: TaskState) -> int:
+    """Task state enum value."""
+    return int(_STATE_TO_PB[state])

@@ -1,0 +1,134 @@
+"""The orchestrator's view of the pool managers and their pools.
+
+Each pool manager's state is re-read on a short interval with GetNode (a push stream,
+WatchNode, replaces the polling later). A node that does not answer is marked unreachable and its
+pools get no work. Slots in flight are counted here, by the orchestrator itself, so placement
+never waits for a pool manager to report its own load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+from llorch.poolmanager.v1 import poolmanager_pb2, poolmanager_pb2_grpc
+
+from mesh import logs
+from orchestrator.placement import PoolView
+
+_log = logs.get_logger("orchestrator.pools")
+
+
+@dataclass
+class _Node:
+    address: str
+    channel: grpc.aio.Channel
+    stub: poolmanager_pb2_grpc.PoolManagerServiceStub
+    node_id: str = ""
+    pools: tuple[poolmanager_pb2.Pool, ...] = ()
+    reachable: bool = False
+    poller: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+class PoolRegistry:
+    """Pool managers, their pools, and the slots this orchestrator has filled."""
+
+    def __init__(
+        self,
+        addresses: list[str],
+        refresh_s: float,
+        open_channel: Callable[[str], grpc.aio.Channel],
+    ) -> None:
+        self._refresh_s = refresh_s
+        self._nodes: list[_Node] = []
+        for address in addresses:
+            channel = open_channel(address)
+            stub = poolmanager_pb2_grpc.PoolManagerServiceStub(channel)
+            self._nodes.append(_Node(address, channel, stub))
+        self._in_flight: dict[str, int] = {}
+        self._on_change: Callable[[], None] = lambda: None
+
+    async def start(self, on_change: Callable[[], None]) -> None:
+        """Reads every node once, then keeps them current in the background."""
+        self._on_change = on_change
+        await asyncio.gather(*(self._refresh(node) for node in self._nodes))
+        for node in self._nodes:
+            node.poller = asyncio.create_task(self._poll(node), name=f"poll-{node.address}")
+
+    async def stop(self) -> None:
+        """Stops polling and closes the channels."""
+        for node in self._nodes:
+            if node.poller is not None:
+                node.poller.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await node.poller
+            await node.channel.close()
+
+    def views(self) -> tuple[PoolView, ...]:
+        """Every known pool, as placement sees it."""
+        out: list[PoolView] = []
+        for node in self._nodes:
+            for pool in node.pools:
+                key = f"{node.node_id}/{pool.pool_id}"
+                out.append(
+                    PoolView(
+                        node_id=node.node_id,
+                        pool_id=pool.pool_id,
+                        model_id=pool.model_id,
+                        ready=pool.state == poolmanager_pb2.POOL_STATE_READY,
+                        reachable=node.reachable,
+                        slots_total=pool.slots_total,
+                        in_flight=self._in_flight.get(key, 0),
+                        n_ctx=pool.n_ctx,
+                        engine_version=pool.engine_version,
+                    )
+                )
+        return tuple(out)
+
+    def acquire(self, pool: PoolView) -> None:
+        """Counts a slot of ``pool`` as filled."""
+        self._in_flight[pool.key] = self._in_flight.get(pool.key, 0) + 1
+
+    def release(self, pool: PoolView) -> None:
+        """Frees a slot filled by ``acquire``."""
+        self._in_flight[pool.key] = max(0, self._in_flight.get(pool.key, 0) - 1)
+
+    def stub(self, node_id: str) -> poolmanager_pb2_grpc.PoolManagerServiceStub:
+        """The stub of a node's pool manager."""
+        for node in self._nodes:
+            if node.node_id == node_id:
+                return node.stub
+        raise KeyError(node_id)
+
+    async def refresh_all(self) -> None:
+        """Re-reads every node now (after a failure, say)."""
+        await asyncio.gather(*(self._refresh(node) for node in self._nodes))
+
+    async def _poll(self, node: _Node) -> None:
+        while True:
+            await asyncio.sleep(self._refresh_s)
+            await self._refresh(node)
+
+    async def _refresh(self, node: _Node) -> None:
+        try:
+            response = await node.stub.GetNode(
+                poolmanager_pb2.GetNodeRequest(), timeout=max(1.0, 2 * self._refresh_s)
+            )
+        except grpc.aio.AioRpcError as err:
+            if node.reachable:
+                _log.warning("pool manager %s unreachable: %s", node.address, err.code().name)
+                node.reachable = False
+                self._on_change()
+            return
+        pools = tuple(response.node.pools)
+        changed = (
+            (not node.reachable) or pools != node.pools or node.node_id != response.node.node_id
+        )
+        node.node_id = response.node.node_id
+        node.pools = pools
+        node.reachable = True
+        if changed:
+            self._on_change()

@@ -1,0 +1,402 @@
+"""Orchestrator: admits tasks, queues them, places them on pools and relays their tokens.
+
+A plain asyncio class; the servicer converts protobuf and calls it. One dispatcher loop owns the
+queue: it wakes on every change (a task admitted, cancelled or finished, a pool's state changed),
+places what it can, and publishes fresh queue positions. Each running task has one relay
+coroutine that calls the pool manager's Execute and appends events to the task's log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import replace
+
+import grpc
+from llorch.common.v1 import common_pb2
+from llorch.poolmanager.v1 import poolmanager_pb2
+
+from catalog.client import CatalogClient
+from mesh import logs
+from mesh.errors import CancelledError as TaskCancelledError
+from mesh.errors import (
+    DeadlineExceededError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    LlorchError,
+    NotFoundError,
+    ResourceExhaustedError,
+    UnavailableError,
+    from_rpc_error,
+)
+from mesh.settings import OrchestratorSettings
+from orchestrator.admission import AdmissionQueue, QueueFullError
+from orchestrator.placement import Outcome, PlacementInput, PoolView, decide
+from orchestrator.pools import PoolRegistry
+from orchestrator.tasks import Finished, Metrics, Started, Task, TaskSpec, Tokens
+
+_log = logs.get_logger("orchestrator")
+
+_FINISH_REASONS = {
+    common_pb2.FINISH_REASON_STOP: "stop",
+    common_pb2.FINISH_REASON_STOP_SEQUENCE: "stop_sequence",
+    common_pb2.FINISH_REASON_LENGTH: "length",
+}
+# Until a model has measured service times, predictions assume this much per task.
+_DEFAULT_SERVICE_MS = 1000.0
+_EWMA_WEIGHT = 0.3
+
+
+class Orchestrator:
+    """The control plane of the mesh."""
+
+    def __init__(
+        self,
+        settings: OrchestratorSettings,
+        catalog: CatalogClient,
+        registry: PoolRegistry,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._settings = settings
+        self._catalog = catalog
+        self._registry = registry
+        self._clock = clock
+        self._queue = AdmissionQueue(settings.queue_capacity)
+        self._tasks: dict[str, Task] = {}
+        self._by_request_id: dict[str, str] = {}
+        self._relays: dict[str, asyncio.Task[None]] = {}
+        self._service_ms: dict[str, float] = {}
+        self._wake = asyncio.Event()
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._last_sweep = 0.0
+
+    async def start(self) -> None:
+        """Connects to the pool managers and starts dispatching."""
+        await self._registry.start(self._wake.set)
+        self._dispatcher = asyncio.create_task(self._dispatch_loop(), name="dispatcher")
+
+    async def stop(self) -> None:
+        """Stops dispatching; queued and running tasks end UNAVAILABLE (retriable)."""
+        if self._dispatcher is not None:
+            self._dispatcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._dispatcher
+        shutdown = UnavailableError(
+            "the orchestrator is shutting down", reason="SHUTDOWN", retry_delay_s=1.0
+        )
+        for task in list(self._tasks.values()):
+            self._end(task, shutdown)
+        relays = list(self._relays.values())
+        for relay in relays:
+            relay.cancel()
+        await asyncio.gather(*relays, return_exceptions=True)
+        await self._registry.stop()
+
+    # --- client operations -------------------------------------------------------------------
+
+    async def submit(
+        self,
+        spec: TaskSpec,
+        *,
+        correlation_id: str,
+        timeout_s: float | None,
+        default_max_tokens: bool,
+    ) -> Task:
+        """Admits a task: checks it against the model and the queue, then enqueues it.
+
+        Raises:
+            NotFoundError: the model is not in the catalog.
+            FailedPreconditionError: the model is retired, or no pool serves it.
+            InvalidArgumentError: max_tokens exceeds the model's context.
+            ResourceExhaustedError: the queue is full (retriable, with a delay).
+        """
+        if spec.request_id and spec.request_id in self._by_request_id:
+            existing = self._tasks.get(self._by_request_id[spec.request_id])
+            if existing is not None:
+                return existing
+        info = await self._catalog.model_info(spec.model_id)
+        if not info.active:
+            raise FailedPreconditionError(
+                f"model {spec.model_id} is retired", reason="MODEL_RETIRED"
+            )
+        if default_max_tokens:
+            spec = _with_max_tokens(spec, min(spec.sampling.max_tokens, info.context_length - 1))
+        elif spec.sampling.max_tokens >= info.context_length:
+            raise InvalidArgumentError(
+                "sampling.max_tokens",
+                f"must be below the model's context length of {info.context_length} tokens",
+            )
+        views = self._registry.views()
+        if views and not any(v.model_id == spec.model_id for v in views):
+            raise FailedPreconditionError(
+                f"no pool serves model {spec.model_id}", reason="NO_POOL_FOR_MODEL"
+            )
+        now = self._clock()
+        task = Task(
+            uuid.uuid4().hex,
+            spec,
+            correlation_id=correlation_id,
+            created=now,
+            deadline=None if timeout_s is None else now + timeout_s,
+        )
+        try:
+            position = self._queue.push(task)
+        except QueueFullError:
+            raise ResourceExhaustedError(
+                f"the queue is full ({self._queue.capacity} tasks)",
+                reason="QUEUE_FULL",
+                retry_delay_s=self._predict_ms(spec.model_id, 0) / 1000,
+            ) from None
+        self._tasks[task.task_id] = task
+        if spec.request_id:
+            self._by_request_id[spec.request_id] = task.task_id
+        task.set_queued(position, self._predict_ms(spec.model_id, position))
+        _log.info(
+            "task admitted",
+            extra={
+                "task_id": task.task_id,
+                "model_id": spec.model_id,
+                "priority": spec.priority.name,
+                "position": position,
+            },
+        )
+        self._wake.set()
+        return task
+
+    def get(self, task_id: str) -> Task:
+        """A task by id; NotFoundError when unknown or expired."""
+        task = self._tasks.get(task_id)
+        if task is None:
+            raise NotFoundError(f"task {task_id} does not exist", reason="TASK_NOT_FOUND")
+        return task
+
+    def cancel(self, task_id: str) -> Task:
+        """Cancels a task. After this returns no token of it reaches any reader."""
+        task = self.get(task_id)
+        if not task.terminal:
+            self._end(
+                task, TaskCancelledError(f"task {task_id} was cancelled", reason="TASK_CANCELLED")
+            )
+            _log.info("task cancelled", extra={"task_id": task_id})
+        return task
+
+    def queue_depth(self) -> int:
+        """Tasks waiting."""
+        return len(self._queue)
+
+    # --- dispatch ------------------------------------------------------------------------------
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            self._dispatch_once()
+
+    def _dispatch_once(self) -> None:
+        now = self._clock()
+        views = list(self._registry.views())
+        for task in list(self._queue):
+            if task.deadline is not None and now >= task.deadline:
+                self._end(
+                    task,
+                    DeadlineExceededError(
+                        f"task {task.task_id} could not start before its deadline",
+                        reason="DEADLINE_BEFORE_START",
+                    ),
+                )
+                continue
+            decision = decide(
+                PlacementInput(
+                    model_id=task.spec.model_id,
+                    tokens_needed=task.spec.sampling.max_tokens + 1,
+                    pools=tuple(views),
+                )
+            )
+            if decision.outcome is Outcome.REJECT and views:
+                self._end(
+                    task, FailedPreconditionError(decision.reason, reason="NO_POOL_FOR_MODEL")
+                )
+            elif decision.outcome is Outcome.ASSIGN and decision.pool is not None:
+                pool = decision.pool
+                self._queue.remove(task)
+                self._registry.acquire(pool)
+                views = [
+                    PoolView(**{**v.__dict__, "in_flight": v.in_flight + 1})
+                    if v.key == pool.key
+                    else v
+                    for v in views
+                ]
+                task.start(
+                    Started(
+                        pool.pool_id,
+                        pool.node_id,
+                        pool.model_id,
+                        pool.engine_version,
+                        (now - task.created) * 1000,
+                    ),
+                    now,
+                )
+                self._relays[task.task_id] = asyncio.create_task(
+                    self._relay(task, pool), name=f"relay-{task.task_id}"
+                )
+        self._publish_positions()
+        self._sweep(now)
+        self._arm_deadline_timer(now)
+
+    def _publish_positions(self) -> None:
+        ahead_by_model: dict[str, int] = {}
+        for position, task in enumerate(self._queue):
+            model = task.spec.model_id
+            same_model_ahead = ahead_by_model.get(model, 0)
+            ahead_by_model[model] = same_model_ahead + 1
+            task.set_queued(position, self._predict_ms(model, same_model_ahead))
+
+    def _predict_ms(self, model_id: str, same_model_ahead: int) -> int:
+        """Predicted wait: the work ahead spread over the slots serving the model."""
+        pools = [v for v in self._registry.views() if v.model_id == model_id and v.ready]
+        slots = sum(v.slots_total for v in pools) or 1
+        free = sum(v.slots_free for v in pools)
+        if same_model_ahead < free:
+            return 0
+        service_ms = self._service_ms.get(model_id, _DEFAULT_SERVICE_MS)
+        rounds = math.floor((same_model_ahead - free) / slots) + 1
+        return round(rounds * service_ms)
+
+    def _arm_deadline_timer(self, now: float) -> None:
+        deadlines = [t.deadline for t in self._queue if t.deadline is not None]
+        if deadlines:
+            delay = max(0.0, min(deadlines) - now)
+            asyncio.get_running_loop().call_later(delay + 0.001, self._wake.set)
+
+    def _sweep(self, now: float) -> None:
+        if now - self._last_sweep < 10:
+            return
+        self._last_sweep = now
+        ttl = self._settings.finished_task_ttl_s
+        for task_id, task in list(self._tasks.items()):
+            if task.terminal and task.ended_at is not None and now - task.ended_at > ttl:
+                del self._tasks[task_id]
+                if task.spec.request_id:
+                    self._by_request_id.pop(task.spec.request_id, None)
+
+    def _end(self, task: Task, error: LlorchError) -> None:
+        """Ends a task with an error wherever it is (queue or relay)."""
+        if task.terminal:
+            return
+        self._queue.remove(task)
+        task.fail(error, self._clock())
+        relay = self._relays.get(task.task_id)
+        if relay is not None:
+            relay.cancel()
+        self._wake.set()
+
+    # --- relay ---------------------------------------------------------------------------------
+
+    async def _relay(self, task: Task, pool: PoolView) -> None:
+        logs.correlation_id.set(task.correlation_id)
+        logs.task_id.set(task.task_id)
+        logs.pool_id.set(pool.pool_id)
+        logs.node_id.set(pool.node_id)
+        spec = task.spec
+        s = spec.sampling
+        request = poolmanager_pb2.ExecuteRequest(
+            execution_id=uuid.uuid4().hex,
+            task_id=task.task_id,
+            pool_id=pool.pool_id,
+            model_id=spec.model_id,
+            prompt=spec.prompt,
+            sampling=common_pb2.SamplingParams(
+                max_tokens=s.max_tokens,
+                temperature=s.temperature,
+                top_p=s.top_p,
+                top_k=s.top_k,
+                seed=s.seed,
+                stop=list(s.stop),
+                ignore_eos=s.ignore_eos,
+            ),
+        )
+        timeout = None if task.deadline is None else max(0.001, task.deadline - self._clock())
+        _log.info("task dispatched", extra={"execution_id": request.execution_id})
+        call = None
+        try:
+            call = self._registry.stub(pool.node_id).Execute(request, timeout=timeout)
+            async for response in call:
+                kind = response.WhichOneof("kind")
+                if kind == "token":
+                    t = response.token
+                    task.add_tokens(Tokens(t.index, tuple(t.token_ids), t.text))
+                elif kind == "finished":
+                    f = response.finished
+                    now = self._clock()
+                    self._record_service_ms(spec.model_id, (now - (task.started_at or now)) * 1000)
+                    tps = (f.tokens_out - 1) / (f.decode_ms / 1000) if f.decode_ms > 0 else 0.0
+                    task.succeed(
+                        Finished(
+                            _FINISH_REASONS.get(f.finish_reason, "stop"),
+                            f.tokens_in,
+                            f.tokens_out,
+                            f.ttft_ms,
+                            f.decode_ms,
+                        ),
+                        Metrics(tps, (now - task.created) * 1000),
+                        now,
+                    )
+            if not task.terminal:
+                task.fail(
+                    UnavailableError(
+                        "the pool ended the execution without finishing it",
+                        reason="EXECUTION_TRUNCATED",
+                        retry_delay_s=1.0,
+                    ),
+                    self._clock(),
+                )
+        except grpc.aio.AioRpcError as err:
+            if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                error: LlorchError = DeadlineExceededError(
+                    "the task's deadline passed while it ran", reason="DEADLINE_WHILE_RUNNING"
+                )
+            elif err.code() == grpc.StatusCode.UNAVAILABLE and not _has_details(err):
+                error = UnavailableError(
+                    f"pool manager of {pool.key} is unreachable",
+                    reason="NODE_UNREACHABLE",
+                    retry_delay_s=1.0,
+                )
+            else:
+                error = from_rpc_error(err)
+            _log.warning("execution failed: %s", error.message, extra={"reason": error.reason})
+            task.fail(error, self._clock())
+        except ValueError as exc:  # non-contiguous token indexes from the pool: never relay them
+            task.fail(
+                UnavailableError(
+                    f"pool {pool.key} broke the token order: {exc}",
+                    reason="EXECUTION_CORRUPT",
+                    retry_delay_s=1.0,
+                ),
+                self._clock(),
+            )
+        finally:
+            if call is not None:
+                call.cancel()
+            self._registry.release(pool)
+            self._relays.pop(task.task_id, None)
+            self._wake.set()
+            if task.terminal:
+                _log.info(
+                    "task ended", extra={"state": task.state.value, "tokens_out": task.tokens_out}
+                )
+
+    def _record_service_ms(self, model_id: str, ms: float) -> None:
+        old = self._service_ms.get(model_id)
+        self._service_ms[model_id] = ms if old is None else old + _EWMA_WEIGHT * (ms - old)
+
+
+def _with_max_tokens(spec: TaskSpec, max_tokens: int) -> TaskSpec:
+    return replace(spec, sampling=replace(spec.sampling, max_tokens=max(1, max_tokens)))
+
+
+def _has_details(err: grpc.aio.AioRpcError) -> bool:
+    return any(k == "grpc-status-details-bin" for k, _ in (err.trailing_metadata() or ()))

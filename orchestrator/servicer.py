@@ -1,0 +1,108 @@
+"""OrchestratorService: transport only. Converts protobuf and hands off to the Orchestrator."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+from llorch.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+
+from mesh import logs
+from mesh.errors import InvalidArgumentError
+from mesh.server import ServiceBinding
+from mesh.settings import OrchestratorSettings
+from orchestrator import convert
+from orchestrator.service import Orchestrator
+from orchestrator.tasks import Failed, Task
+
+SERVICE_NAME = orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"].full_name
+
+
+class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
+    """gRPC face of the Orchestrator."""
+
+    def __init__(self, orchestrator: Orchestrator, settings: OrchestratorSettings) -> None:
+        self._orch = orchestrator
+        self._settings = settings
+
+    def binding(self) -> ServiceBinding:
+        """How the bootstrap adds this servicer."""
+        return ServiceBinding(
+            SERVICE_NAME,
+            lambda s: orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(self, s),
+        )
+
+    async def Generate(
+        self, request: orchestrator_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[orchestrator_pb2.GenerateResponse]:
+        task = await self._submit(request, "", context)
+        try:
+            async for event in _events(task, 0):
+                yield orchestrator_pb2.GenerateResponse(event=event)
+        finally:
+            # The client went away or its deadline passed: the task goes with the call.
+            if not task.terminal:
+                self._orch.cancel(task.task_id)
+
+    async def SubmitTask(
+        self, request: orchestrator_pb2.SubmitTaskRequest, context: grpc.aio.ServicerContext
+    ) -> orchestrator_pb2.SubmitTaskResponse:
+        task = await self._submit(request, request.request_id, context)
+        return orchestrator_pb2.SubmitTaskResponse(
+            task_id=task.task_id,
+            queue_position=task.queue_position,
+            predicted_start_ms=task.predicted_start_ms,
+        )
+
+    async def StreamTask(
+        self, request: orchestrator_pb2.StreamTaskRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[orchestrator_pb2.StreamTaskResponse]:
+        task = self._orch.get(_task_id(request.task_id))
+        logs.task_id.set(task.task_id)
+        async for event in _events(task, request.from_index):
+            yield orchestrator_pb2.StreamTaskResponse(event=event)
+
+    async def CancelTask(
+        self, request: orchestrator_pb2.CancelTaskRequest, context: grpc.aio.ServicerContext
+    ) -> orchestrator_pb2.CancelTaskResponse:
+        task = self._orch.cancel(_task_id(request.task_id))
+        return orchestrator_pb2.CancelTaskResponse(state=convert.state_to_pb(task.state))
+
+    async def GetTask(
+        self, request: orchestrator_pb2.GetTaskRequest, context: grpc.aio.ServicerContext
+    ) -> orchestrator_pb2.GetTaskResponse:
+        task = self._orch.get(_task_id(request.task_id))
+        return orchestrator_pb2.GetTaskResponse(task=convert.task_to_pb(task))
+
+    async def _submit(
+        self, request: convert.TaskRequest, request_id: str, context: grpc.aio.ServicerContext
+    ) -> Task:
+        spec, defaulted = convert.spec_from_pb(
+            request,
+            request_id=request_id,
+            max_prompt_bytes=self._settings.max_prompt_bytes,
+            default_max_tokens=self._settings.default_max_tokens,
+        )
+        task = await self._orch.submit(
+            spec,
+            correlation_id=logs.correlation_id.get(),
+            timeout_s=context.time_remaining(),
+            default_max_tokens=defaulted,
+        )
+        logs.task_id.set(task.task_id)
+        return task
+
+
+async def _events(task: Task, from_index: int) -> AsyncIterator[orchestrator_pb2.TaskEvent]:
+    async for event in task.follow(from_index):
+        if isinstance(event, Failed):
+            raise event.error
+        yield convert.event_to_pb(task.task_id, event)
+
+
+def _task_id(value: str) -> str:
+    if not value:
+        raise InvalidArgumentError("task_id", "is required")
+    if len(value) > 64:
+        raise InvalidArgumentError("task_id", "is not a task id")
+    return value

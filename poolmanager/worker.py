@@ -1,0 +1,313 @@
+"""The worker process of one pool: loads a model with llama-cpp-python and generates.
+
+Started by the pool manager as ``python -m poolmanager.worker --model PATH ...`` with
+``CUDA_VISIBLE_DEVICES`` already set to the pool's devices. It speaks JSON lines: commands on
+stdin, events on the original stdout. Native code that prints to stdout cannot corrupt the event
+stream because fd 1 is pointed at stderr at start and events go to a private copy of the pipe.
+
+Commands (one JSON object a line):
+  {"op": "exec", "id", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed",
+   "stop": [...], "ignore_eos", "cid"}
+  {"op": "cancel", "id"}
+EOF on stdin means the pool manager is gone: the worker exits.
+
+Events:
+  {"ev": "ready", "engine_version", "n_ctx", "n_vocab", "load_ms", "gpu_offload"}
+  {"ev": "load_failed", "message"}
+  {"ev": "started", "id", "tokens_in"}
+  {"ev": "tok", "id", "i", "ids": [...], "text"}     one or more tokens, index of the first
+  {"ev": "done", "id", "reason": "stop"|"stop_sequence"|"length", "tokens_in", "tokens_out",
+   "ttft_ms", "decode_ms"}
+  {"ev": "cancelled", "id"}
+  {"ev": "error", "id", "code": "INVALID_ARGUMENT"|"INTERNAL", "field", "message"}
+
+Decoding loops ``Llama.generate`` and decodes each token incrementally (never
+``create_completion(stream=True)``, which re-detokenizes the whole text on every token).
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import json
+import os
+import queue
+import sys
+import threading
+import time
+from typing import IO, Any
+
+
+class _Out:
+    """Serialized writes of events to the pool manager."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self._stream = stream
+        self._lock = threading.Lock()
+
+    def send(self, event: dict[str, Any]) -> None:
+        line = json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+        with self._lock:
+            self._stream.write(line)
+            self._stream.flush()
+
+
+def _log(level: str, msg: str, **fields: Any) -> None:
+    entry = {
+        "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "level": level,
+        "logger": "llorch.worker",
+        "msg": msg,
+        **{k: v for k, v in fields.items() if v},
+    }
+    print(json.dumps(entry), file=sys.stderr, flush=True)
+
+
+class StopMatcher:
+    """Holds back text that may be the start of a stop sequence.
+
+    ``push`` returns the text that is safe to emit; once a stop sequence appears, ``stopped`` is
+    set and the text before it is returned.
+    """
+
+    def __init__(self, stops: list[str]) -> None:
+        self._stops = [s for s in stops if s]
+        self._held = ""
+        self.stopped = False
+
+    def push(self, text: str) -> str:
+        if not self._stops:
+            return text
+        self._held += text
+        cut = min((i for i in (self._held.find(s) for s in self._stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            out, self._held = self._held[:cut], ""
+            return out
+        keep = 0
+        for stop in self._stops:
+            for n in range(min(len(stop) - 1, len(self._held)), 0, -1):
+                if self._held.endswith(stop[:n]):
+                    keep = max(keep, n)
+                    break
+        out = self._held[: len(self._held) - keep]
+        self._held = self._held[len(self._held) - keep :]
+        return out
+
+    @property
+    def holding(self) -> bool:
+        """Whether some text is held back."""
+        return bool(self._held)
+
+    def flush(self) -> str:
+        out, self._held = self._held, ""
+        return out
+
+
+class Worker:
+    """Runs executions one at a time on one llama.cpp context."""
+
+    def __init__(self, llm: Any, out: _Out) -> None:
+        self._llm = llm
+        self._out = out
+        self._jobs: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._cancelled: set[str] = set()
+        self._lock = threading.Lock()
+
+    def read_commands(self, stream: IO[bytes]) -> None:
+        """Reader thread: queues executions, records cancels; EOF stops the worker."""
+        for raw in stream:
+            try:
+                cmd = json.loads(raw)
+            except json.JSONDecodeError:
+                _log("ERROR", "bad command line from pool manager")
+                continue
+            if cmd.get("op") == "exec":
+                self._jobs.put(cmd)
+            elif cmd.get("op") == "cancel":
+                with self._lock:
+                    self._cancelled.add(str(cmd.get("id")))
+        self._jobs.put(None)
+
+    def _is_cancelled(self, exec_id: str) -> bool:
+        with self._lock:
+            return exec_id in self._cancelled
+
+    def serve(self) -> None:
+        """Main loop: one execution after another until stdin closes."""
+        while (job := self._jobs.get()) is not None:
+            exec_id = str(job["id"])
+            if self._is_cancelled(exec_id):
+                self._out.send({"ev": "cancelled", "id": exec_id})
+            else:
+                try:
+                    self._execute(job)
+                except Exception as exc:  # a bug or an engine failure: report, keep serving
+                    _log("ERROR", f"execution failed: {exc!r}", correlation_id=job.get("cid"))
+                    self._out.send(
+                        {
+                            "ev": "error",
+                            "id": exec_id,
+                            "code": "INTERNAL",
+                            "message": f"engine error: {exc}",
+                        }
+                    )
+            with self._lock:
+                self._cancelled.discard(exec_id)
+
+    def _execute(self, job: dict[str, Any]) -> None:
+        llm = self._llm
+        exec_id = str(job["id"])
+        max_tokens = int(job["max_tokens"])
+        prompt_tokens = llm.tokenize(job["prompt"].encode("utf-8"), add_bos=True, special=False)
+        tokens_in = len(prompt_tokens)
+        n_ctx = llm.n_ctx()
+        if tokens_in + max_tokens > n_ctx:
+            # llama.cpp fails one step past n_ctx; refuse before decoding anything.
+            self._out.send(
+                {
+                    "ev": "error",
+                    "id": exec_id,
+                    "code": "INVALID_ARGUMENT",
+                    "field": "sampling.max_tokens",
+                    "message": f"prompt ({tokens_in} tokens) + max_tokens ({max_tokens}) "
+                    f"exceeds the pool's context of {n_ctx} tokens",
+                }
+            )
+            return
+        self._out.send({"ev": "started", "id": exec_id, "tokens_in": tokens_in})
+        _log(
+            "INFO",
+            "execution started",
+            correlation_id=job.get("cid"),
+            execution_id=exec_id,
+            tokens_in=tokens_in,
+        )
+        llm.set_seed(int(job["seed"]))
+        eos = llm.token_eos()
+        ignore_eos = bool(job.get("ignore_eos"))
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        stops = StopMatcher(list(job.get("stop") or []))
+        held_ids: list[int] = []
+        pending_text = ""
+        index = 0
+        reason = "length"
+        start = time.perf_counter()
+        first = 0.0
+        produced = 0
+        for token in llm.generate(
+            prompt_tokens,
+            top_k=int(job["top_k"]),
+            top_p=float(job["top_p"]),
+            min_p=0.0,
+            temp=float(job["temperature"]),
+            repeat_penalty=1.0,
+            reset=True,
+        ):
+            if self._is_cancelled(exec_id):
+                self._out.send({"ev": "cancelled", "id": exec_id})
+                return
+            if produced == 0:
+                first = time.perf_counter()
+            if token == eos and not ignore_eos:
+                reason = "stop"
+                break
+            produced += 1
+            held_ids.append(token)
+            pending_text += stops.push(decoder.decode(llm.detokenize([token])))
+            if stops.stopped:
+                reason = "stop_sequence"
+                break
+            # Ids travel with their text: a token whose bytes end mid-character, or whose text
+            # may begin a stop sequence, waits for the tokens that complete it.
+            if pending_text and not stops.holding:
+                self._send_tokens(exec_id, index, held_ids, pending_text)
+                index += len(held_ids)
+                held_ids, pending_text = [], ""
+            if produced >= max_tokens:
+                break
+        if not stops.stopped:
+            pending_text += stops.flush() + decoder.decode(b"", final=True)
+        if held_ids:
+            self._send_tokens(exec_id, index, held_ids, pending_text)
+            index += len(held_ids)
+        end = time.perf_counter()
+        self._out.send(
+            {
+                "ev": "done",
+                "id": exec_id,
+                "reason": reason,
+                "tokens_in": tokens_in,
+                "tokens_out": index,
+                "ttft_ms": ((first or end) - start) * 1000,
+                "decode_ms": (end - (first or end)) * 1000,
+            }
+        )
+        _log(
+            "INFO",
+            "execution finished",
+            correlation_id=job.get("cid"),
+            execution_id=exec_id,
+            tokens_out=index,
+            reason=reason,
+        )
+
+    def _send_tokens(self, exec_id: str, index: int, ids: list[int], text: str) -> None:
+        self._out.send({"ev": "tok", "id": exec_id, "i": index, "ids": list(ids), "text": text})
+
+
+def engine_version() -> str:
+    """Engine name and version, e.g. ``llama-cpp-python/0.3.36``."""
+    import llama_cpp
+
+    return f"llama-cpp-python/{llama_cpp.__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="poolmanager.worker")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--n-ctx", type=int, default=0)
+    parser.add_argument("--n-threads", type=int, default=0)
+    parser.add_argument("--gpu", action="store_true", help="offload every layer to the GPU")
+    args = parser.parse_args(argv)
+
+    # Events get a private copy of the stdout pipe; fd 1 now goes to stderr.
+    out = _Out(os.fdopen(os.dup(1), "wb", buffering=0))
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+
+    started = time.perf_counter()
+    try:
+        import llama_cpp
+
+        llm = llama_cpp.Llama(
+            model_path=args.model,
+            n_ctx=args.n_ctx,
+            n_threads=args.n_threads or None,
+            n_gpu_layers=-1 if args.gpu else 0,
+            verbose=False,
+        )
+    except (ValueError, RuntimeError, OSError) as exc:
+        out.send({"ev": "load_failed", "message": f"cannot load {args.model}: {exc}"})
+        return 3
+    out.send(
+        {
+            "ev": "ready",
+            "engine_version": engine_version(),
+            "n_ctx": llm.n_ctx(),
+            "n_vocab": llm.n_vocab(),
+            "load_ms": (time.perf_counter() - started) * 1000,
+            "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
+        }
+    )
+    worker = Worker(llm, out)
+    reader = threading.Thread(
+        target=worker.read_commands, args=(sys.stdin.buffer,), name="commands", daemon=True
+    )
+    reader.start()
+    worker.serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""The pool manager's side of one worker process: spawn, route events, cancel, stop.
+
+The worker speaks JSON lines (see ``poolmanager.worker``). Each execution gets an asyncio queue
+of events; when the worker exits unexpectedly every open execution receives a ``WorkerExited``
+marker at once, so no caller waits on a dead process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from mesh import logs
+
+_log = logs.get_logger("poolmanager.worker")
+_LINE_LIMIT = 4 * 1024 * 1024
+
+
+class WorkerStartError(Exception):
+    """The worker could not load its model or did not become ready in time."""
+
+
+@dataclass(frozen=True)
+class WorkerReady:
+    """What the worker reported once its model was loaded."""
+
+    engine_version: str
+    n_ctx: int
+    load_ms: float
+    gpu_offload: bool
+
+
+@dataclass(frozen=True)
+class WorkerExited:
+    """Marker put on every open execution's queue when the process ends."""
+
+    returncode: int | None
+
+
+class WorkerProcess:
+    """One running worker."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, ready: WorkerReady) -> None:
+        self._proc = proc
+        self.ready = ready
+        self._executions: dict[str, asyncio.Queue[dict[str, Any] | WorkerExited]] = {}
+        self._reader = asyncio.get_running_loop().create_task(self._read_events())
+        self.exited = asyncio.Event()
+
+    @property
+    def pid(self) -> int:
+        """Process id."""
+        return self._proc.pid
+
+    @classmethod
+    async def spawn(
+        cls,
+        model_path: str,
+        *,
+        n_ctx: int,
+        n_threads: int,
+        gpu_devices: list[str],
+        env: Mapping[str, str],
+        start_timeout_s: float,
+    ) -> WorkerProcess:
+        """Starts a worker and waits until its model is loaded.
+
+        Raises:
+            WorkerStartError: the model failed to load, the process died, or it took too long.
+        """
+        child_env = dict(env)
+        # The pool's devices and nothing else; an empty value hides every GPU from a CPU pool.
+        child_env["CUDA_VISIBLE_DEVICES"] = ",".join(gpu_devices)
+        args = [
+            sys.executable,
+            "-m",
+            "poolmanager.worker",
+            "--model",
+            model_path,
+            "--n-ctx",
+            str(n_ctx),
+            "--n-threads",
+            str(n_threads),
+        ]
+        if gpu_devices:
+            args.append("--gpu")
+        proc = await asyncio.create_subprocess_exec(
+            *args,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            env=child_env,
+            limit=_LINE_LIMIT,
+        )
+        assert proc.stdout is not None
+        try:
+            line = await asyncio.wait_for(proc.stdout.readline(), start_timeout_s)
+        except TimeoutError:
+            await _kill(proc)
+            raise WorkerStartError(
+                f"worker did not load {model_path} within {start_timeout_s}s"
+            ) from None
+        if not line:
+            code = await proc.wait()
+            raise WorkerStartError(f"worker exited with code {code} while loading {model_path}")
+        event = json.loads(line)
+        if event.get("ev") != "ready":
+            await proc.wait()
+            raise WorkerStartError(str(event.get("message") or f"unexpected event {event}"))
+        ready = WorkerReady(
+            engine_version=str(event["engine_version"]),
+            n_ctx=int(event["n_ctx"]),
+            load_ms=float(event["load_ms"]),
+            gpu_offload=bool(event["gpu_offload"]),
+        )
+        return cls(proc, ready)
+
+    def submit(
+        self, exec_id: str, job: dict[str, Any]
+    ) -> asyncio.Queue[dict[str, Any] | WorkerExited]:
+        """Sends an execution; its events arrive on the returned queue."""
+        events: asyncio.Queue[dict[str, Any] | WorkerExited] = asyncio.Queue()
+        if self.exited.is_set():
+            events.put_nowait(WorkerExited(self._proc.returncode))
+            return events
+        self._executions[exec_id] = events
+        self._send({"op": "exec", "id": exec_id, **job})
+        return events
+
+    def cancel(self, exec_id: str) -> None:
+        """Asks the worker to stop an execution after its current token."""
+        if exec_id in self._executions:
+            self._send({"op": "cancel", "id": exec_id})
+
+    def forget(self, exec_id: str) -> None:
+        """Drops the event queue of an execution the caller no longer reads."""
+        self._executions.pop(exec_id, None)
+
+    async def stop(self, grace_s: float) -> None:
+        """Closes the worker's input (it exits), then kills it after ``grace_s``."""
+        stdin = self._proc.stdin
+        if stdin is not None and not stdin.is_closing():
+            stdin.close()
+        try:
+            await asyncio.wait_for(self._proc.wait(), grace_s)
+        except TimeoutError:
+            await _kill(self._proc)
+        await self._reader
+
+    def kill(self) -> None:
+        """SIGKILL (tests and crash handling)."""
+        with contextlib.suppress(ProcessLookupError):
+            self._proc.send_signal(signal.SIGKILL)
+
+    def _send(self, command: dict[str, Any]) -> None:
+        stdin = self._proc.stdin
+        if stdin is None or stdin.is_closing():
+            return
+        stdin.write(json.dumps(command, separators=(",", ":")).encode() + b"\n")
+
+    async def _read_events(self) -> None:
+        assert self._proc.stdout is not None
+        stdout = self._proc.stdout
+        try:
+            while line := await stdout.readline():
+                event = json.loads(line)
+                queue = self._executions.get(str(event.get("id")))
+                if queue is not None:
+                    queue.put_nowait(event)
+                    if event.get("ev") in ("done", "cancelled", "error"):
+                        self._executions.pop(str(event["id"]), None)
+        except (ValueError, asyncio.LimitOverrunError) as exc:
+            _log.error("worker %s sent a malformed event: %s", self._proc.pid, exc)
+            await _kill(self._proc)
+        code = await self._proc.wait()
+        self.exited.set()
+        marker = WorkerExited(code)
+        for queue in self._executions.values():
+            queue.put_nowait(marker)
+        self._executions.clear()
+
+
+async def _kill(proc: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+    await proc.wait()

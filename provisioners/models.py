@@ -1,0 +1,65 @@
+"""Model provisioner: turns a GGUF file on this node into a catalog entry with a replica."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+from llorch.catalog.v1 import catalog_pb2, catalog_pb2_grpc
+
+from mesh.errors import InvalidArgumentError, from_rpc_error
+from mesh.ids import check_name
+from provisioners.gguf_facts import NotAGgufError, read_gguf_facts, sha256_file
+from provisioners.tiny_model import DEFAULT_MODEL_ID, TinyModelSpec, write_tiny_model
+
+
+async def register_local_file(
+    stub: catalog_pb2_grpc.CatalogServiceStub, model_id: str, path: Path, node_id: str
+) -> catalog_pb2.Model:
+    """Reads the file's GGUF facts and sha256 and registers it with a replica on ``node_id``.
+
+    Raises:
+        InvalidArgumentError: the id is invalid, or the file is missing or not a GGUF.
+        LlorchError: what the catalog answered otherwise (e.g. ALREADY_EXISTS).
+    """
+    check_name(model_id, "model_id")
+    path = await asyncio.to_thread(path.resolve)
+    try:
+        facts = await asyncio.to_thread(read_gguf_facts, path)
+    except NotAGgufError as exc:
+        raise InvalidArgumentError("path", str(exc)) from None
+    digest = await asyncio.to_thread(sha256_file, path)
+    size = (await asyncio.to_thread(path.stat)).st_size
+    request = catalog_pb2.RegisterModelRequest(
+        model=catalog_pb2.Model(
+            model_id=model_id,
+            source_ref=f"file:{path}",
+            sha256=digest,
+            size_bytes=size,
+            facts=catalog_pb2.ModelFacts(
+                architecture=facts.architecture,
+                parameter_count=facts.parameter_count,
+                file_type=facts.file_type,
+                context_length=facts.context_length,
+                block_count=facts.block_count,
+                embedding_length=facts.embedding_length,
+            ),
+        ),
+        locations=[catalog_pb2.ModelLocation(node_id=node_id, path=str(path), size_bytes=size)],
+    )
+    try:
+        response = await stub.RegisterModel(request, timeout=30)
+    except grpc.aio.AioRpcError as err:
+        raise from_rpc_error(err) from None
+    return response.model
+
+
+async def ensure_default_model(
+    stub: catalog_pb2_grpc.CatalogServiceStub, model_dir: Path, node_id: str
+) -> catalog_pb2.Model:
+    """Creates the embedded default model on first use and registers it as ``tiny-llama``."""
+    path = model_dir / f"{DEFAULT_MODEL_ID}.gguf"
+    if not path.is_file():
+        await asyncio.to_thread(write_tiny_model, path, TinyModelSpec())
+    return await register_local_file(stub, DEFAULT_MODEL_ID, path, node_id)

@@ -1,0 +1,162 @@
+"""The embedded default model: a tiny llama-architecture GGUF with random weights.
+
+Generated from a fixed seed with the ``gguf`` package, so the same spec always gives a
+byte-identical file. It is a real llama.cpp model (SPM vocabulary with the 256 byte tokens that
+byte fallback needs), just untrained: it produces fluent-looking word salad at thousands of
+tokens per second, which is what tests and the relay benchmark need. ``TinyModelSpec.bench()``
+gives a ~170 MiB F16 variant that decodes at a realistic engine speed.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import gguf
+import numpy as np
+
+DEFAULT_MODEL_ID = "tiny-llama"
+
+# Word pieces after the byte tokens, so sampled text reads as words rather than raw bytes.
+_WORDS = (
+    "the of and to in is that it for on was with as be at by this had not are but from or have "
+    "an they which one you were all we her she there would their will when who him been has more "
+    "if no out so said what up its about than into them can only other new some could time these "
+    "two may then do first any my now such like our over man me even most made after also did "
+    "many before must through back years where much your way well down should because each just "
+    "those people how too little state good very make world still own see men work long get here "
+    "between both life being under never day same another know while last might us great old year "
+    "off come since against go came right used take three llama model token stream pool queue "
+    "orchestrator worker engine fast slow light dark river mountain cloud signal silver quiet"
+).split()
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+_PUNCT = [".", ",", "!", "?", ";", ":", "'", "-", "(", ")"]
+
+
+@dataclass(frozen=True)
+class TinyModelSpec:
+    """Shape and seed of a generated model."""
+
+    n_layers: int = 2
+    n_embd: int = 64
+    n_ff: int = 128
+    n_head: int = 4
+    n_head_kv: int = 4
+    context_length: int = 2048
+    dtype: Literal["F32", "F16"] = "F32"
+    seed: int = 0
+    name: str = DEFAULT_MODEL_ID
+
+    @classmethod
+    def bench(cls) -> TinyModelSpec:
+        """~170 MiB F16 model with a realistic decode speed (tens of tokens/s on a CPU core)."""
+        return cls(
+            n_layers=8,
+            n_embd=1024,
+            n_ff=2304,
+            n_head=16,
+            n_head_kv=16,
+            dtype="F16",
+            seed=1,
+            name="bench-170m",
+        )
+
+
+def vocabulary() -> tuple[list[bytes], list[float], list[int]]:
+    """Tokens, scores and token types of the SPM vocabulary."""
+    tokens: list[bytes] = [b"<unk>", b"<s>", b"</s>"]
+    types = [
+        int(gguf.TokenType.UNKNOWN),
+        int(gguf.TokenType.CONTROL),
+        int(gguf.TokenType.CONTROL),
+    ]
+    tokens += [f"<0x{b:02X}>".encode() for b in range(256)]
+    types += [int(gguf.TokenType.BYTE)] * 256
+    pieces = ["\u2581"] + [f"\u2581{w}" for w in _WORDS] + list(_LETTERS)
+    pieces += [f"\u2581{c}" for c in _LETTERS] + _PUNCT + [f"\u2581{p}" for p in _PUNCT]
+    seen: set[str] = set()
+    for piece in pieces:
+        if piece not in seen:
+            seen.add(piece)
+            tokens.append(piece.encode())
+            types.append(int(gguf.TokenType.NORMAL))
+    # Longer pieces score higher so the SPM tokenizer prefers whole words.
+    scores = [0.0] * 259 + [float(len(t)) - 100.0 for t in tokens[259:]]
+    return tokens, scores, types
+
+
+def write_tiny_model(path: Path, spec: TinyModelSpec | None = None) -> Path:
+    """Writes the model to ``path`` atomically (temp file, fsync, rename) and returns ``path``."""
+    spec = spec or TinyModelSpec()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tokens, scores, types = vocabulary()
+    n_vocab = len(tokens)
+    rng = np.random.default_rng(spec.seed)
+    dtype = np.float32 if spec.dtype == "F32" else np.float16
+    head_dim = spec.n_embd // spec.n_head
+    n_embd_kv = head_dim * spec.n_head_kv
+
+    def dense(rows: int, cols: int, scale: float) -> np.ndarray:
+        return (rng.standard_normal((rows, cols), dtype=np.float32) * scale).astype(dtype)
+
+    def norm() -> np.ndarray:
+        return np.ones(spec.n_embd, dtype=np.float32)  # 1-D norms must be F32
+
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        writer = gguf.GGUFWriter(tmp_name, "llama")
+        writer.add_name(spec.name)
+        writer.add_context_length(spec.context_length)
+        writer.add_embedding_length(spec.n_embd)
+        writer.add_block_count(spec.n_layers)
+        writer.add_feed_forward_length(spec.n_ff)
+        writer.add_head_count(spec.n_head)
+        writer.add_head_count_kv(spec.n_head_kv)
+        writer.add_rope_dimension_count(head_dim)
+        writer.add_layer_norm_rms_eps(1e-5)
+        writer.add_file_type(
+            gguf.LlamaFileType.ALL_F32 if spec.dtype == "F32" else gguf.LlamaFileType.MOSTLY_F16
+        )
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(tokens)
+        writer.add_token_scores(scores)
+        writer.add_token_types(types)
+        writer.add_bos_token_id(1)
+        writer.add_eos_token_id(2)
+        writer.add_unk_token_id(0)
+        writer.add_add_bos_token(True)
+        writer.add_add_eos_token(False)
+
+        scale = 1.0 / np.sqrt(spec.n_embd)
+        writer.add_tensor("token_embd.weight", dense(n_vocab, spec.n_embd, 1.0))
+        for i in range(spec.n_layers):
+            writer.add_tensor(f"blk.{i}.attn_norm.weight", norm())
+            writer.add_tensor(f"blk.{i}.attn_q.weight", dense(spec.n_embd, spec.n_embd, scale))
+            writer.add_tensor(f"blk.{i}.attn_k.weight", dense(n_embd_kv, spec.n_embd, scale))
+            writer.add_tensor(f"blk.{i}.attn_v.weight", dense(n_embd_kv, spec.n_embd, scale))
+            writer.add_tensor(f"blk.{i}.attn_output.weight", dense(spec.n_embd, spec.n_embd, scale))
+            writer.add_tensor(f"blk.{i}.ffn_norm.weight", norm())
+            writer.add_tensor(f"blk.{i}.ffn_gate.weight", dense(spec.n_ff, spec.n_embd, scale))
+            writer.add_tensor(f"blk.{i}.ffn_up.weight", dense(spec.n_ff, spec.n_embd, scale))
+            writer.add_tensor(
+                f"blk.{i}.ffn_down.weight", dense(spec.n_embd, spec.n_ff, 1.0 / np.sqrt(spec.n_ff))
+            )
+        writer.add_tensor("output_norm.weight", norm())
+        # A larger output scale makes the next-token distribution peaked, like a trained model's.
+        writer.add_tensor("output.weight", dense(n_vocab, spec.n_embd, 4.0 * scale))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        with open(tmp_name, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path

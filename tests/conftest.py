@@ -1,0 +1,99 @@
+"""Shared fixtures: the generated tiny model and a real mesh started on ephemeral ports."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from llorch.catalog.v1 import catalog_pb2_grpc
+from llorch.orchestrator.v1 import orchestrator_pb2_grpc
+
+from catalog.app import CatalogApp, start_catalog
+from mesh.server import open_channel
+from mesh.settings import OrchestratorSettings, PoolManagerSettings, PoolSettings, Settings
+from orchestrator.app import OrchestratorApp, start_orchestrator
+from poolmanager.app import PoolManagerApp, start_pool_manager
+from provisioners.models import register_local_file
+from provisioners.tiny_model import DEFAULT_MODEL_ID, write_tiny_model
+
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded default model, generated once per test session."""
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama.gguf")
+
+
+@dataclass
+class Mesh:
+    """A running catalog, pool manager (one CPU pool) and orchestrator."""
+
+    catalog: CatalogApp
+    pool_manager: PoolManagerApp
+    orchestrator: OrchestratorApp
+    channel: grpc.aio.Channel
+    stub: orchestrator_pb2_grpc.OrchestratorServiceStub
+
+    @property
+    def address(self) -> str:
+        """Orchestrator address."""
+        return f"127.0.0.1:{self.orchestrator.port}"
+
+    def worker_pid(self, pool_id: str = "cpu-0") -> int:
+        """Pid of a pool's current worker."""
+        worker = self.pool_manager.manager.pools[pool_id].worker
+        assert worker is not None
+        return worker.pid
+
+
+async def start_mesh(data_dir: Path, model_path: Path, **orchestrator_overrides: object) -> Mesh:
+    """Starts the three services in this event loop, each on its own ephemeral port."""
+    settings = Settings(data_dir=data_dir, listen="127.0.0.1:0")
+    catalog = await start_catalog(settings)
+    channel = open_channel(catalog.address)
+    await register_local_file(
+        catalog_pb2_grpc.CatalogServiceStub(channel), DEFAULT_MODEL_ID, model_path, "local"
+    )
+    await channel.close()
+    pm = await start_pool_manager(
+        PoolManagerSettings(
+            catalog=catalog.address,
+            pools=[PoolSettings(pool_id="cpu-0", model_id=DEFAULT_MODEL_ID, n_threads=1)],
+        ),
+        dict(os.environ),
+    )
+    assert await pm.manager.wait_ready(60), pm.manager.pools["cpu-0"].last_error
+    orch = await start_orchestrator(
+        OrchestratorSettings(
+            catalog=catalog.address,
+            pool_managers=[pm.address],
+            node_refresh_s=0.1,
+            **orchestrator_overrides,  # type: ignore[arg-type]
+        ),
+        "127.0.0.1:0",
+    )
+    client = grpc.aio.insecure_channel(f"127.0.0.1:{orch.port}")
+    return Mesh(catalog, pm, orch, client, orchestrator_pb2_grpc.OrchestratorServiceStub(client))
+
+
+async def stop_mesh(mesh: Mesh) -> None:
+    """Stops everything start_mesh started."""
+    await mesh.channel.close()
+    await mesh.orchestrator.stop()
+    await mesh.pool_manager.stop()
+    await mesh.catalog.stop()
+
+
+@pytest.fixture
+async def mesh(tmp_path: Path, tiny_model: Path) -> AsyncIterator[Mesh]:
+    """A fresh mesh for one test."""
+    running = await start_mesh(tmp_path, tiny_model)
+    try:
+        yield running
+    finally:
+        await stop_mesh(running)

@@ -1,0 +1,83 @@
+"""Helpers for end-to-end tests: build requests, collect streams, read error details."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+from llorch.common.v1 import common_pb2
+from llorch.orchestrator.v1 import orchestrator_pb2
+
+
+def generate_request(
+    prompt: str = "Hello there", model_id: str = "tiny-llama", **sampling: Any
+) -> orchestrator_pb2.GenerateRequest:
+    """A GenerateRequest; keyword arguments go into SamplingParams."""
+    return orchestrator_pb2.GenerateRequest(
+        model_id=model_id, prompt=prompt, sampling=common_pb2.SamplingParams(**sampling)
+    )
+
+
+@dataclass
+class Collected:
+    """What a stream delivered."""
+
+    kinds: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    indexes: list[tuple[int, int]] = field(default_factory=list)
+    events: list[orchestrator_pb2.TaskEvent] = field(default_factory=list)
+
+    def add(self, event: orchestrator_pb2.TaskEvent) -> None:
+        kind = event.WhichOneof("kind")
+        self.kinds.append(kind)
+        self.events.append(event)
+        if kind == "token":
+            self.indexes.append((event.token.index, len(event.token.token_ids)))
+            self.token_ids.extend(event.token.token_ids)
+            self.text += event.token.text
+
+    def assert_contiguous(self, start: int = 0) -> None:
+        expected = start
+        for index, count in self.indexes:
+            assert index == expected, f"token index {index}, expected {expected}"
+            assert count > 0
+            expected += count
+
+    @property
+    def finished(self) -> common_pb2.Finished:
+        return self.events[-1].finished
+
+
+async def collect(call: Any) -> Collected:
+    """Reads a Generate or StreamTask call to its end."""
+    out = Collected()
+    async for response in call:
+        out.add(response.event)
+    return out
+
+
+def error_details(err: grpc.aio.AioRpcError) -> dict[str, Any]:
+    """ErrorInfo reason/retriable, RetryInfo delay and BadRequest fields of a failed call."""
+    found: dict[str, Any] = {"fields": []}
+    for key, value in err.trailing_metadata() or ():
+        if key != "grpc-status-details-bin":
+            continue
+        status = status_pb2.Status.FromString(value)
+        for detail in status.details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                found["reason"] = info.reason
+                found["retriable"] = info.metadata["retriable"] == "true"
+            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                retry = error_details_pb2.RetryInfo()
+                detail.Unpack(retry)
+                found["retry_delay_ms"] = retry.retry_delay.ToMilliseconds()
+            elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad = error_details_pb2.BadRequest()
+                detail.Unpack(bad)
+                found["fields"] = [v.field for v in bad.field_violations]
+    return found
