@@ -24,7 +24,7 @@ from mesh.server import open_channel
 from mesh.settings import PoolSettings, Settings
 from orchestrator.app import start_orchestrator
 from poolmanager.app import start_pool_manager
-from provisioners.models import ensure_default_model
+from provisioners.models import ensure_default_model, register_local_file
 from provisioners.tiny_model import DEFAULT_MODEL_ID
 
 _log = logs.get_logger("home")
@@ -47,13 +47,14 @@ async def run_home(settings: Settings, base_env: Mapping[str, str], stop: asynci
         channel = open_channel(catalog.address)
         stack.append(channel.close)
         node_id = settings.pool_manager.node_id
-        await ensure_default_model(
-            catalog_pb2_grpc.CatalogServiceStub(channel), data_dir / "models", node_id
-        )
+        catalog_stub = catalog_pb2_grpc.CatalogServiceStub(channel)
+        await ensure_default_model(catalog_stub, data_dir / "models", node_id)
+        for model_id, path in settings.models.items():
+            await register_local_file(catalog_stub, model_id, path, node_id)
         pm_settings = settings.pool_manager.model_copy(update={"catalog": catalog.address})
         if not pm_settings.pools:
             pm_settings.pools = [PoolSettings(pool_id="cpu-0", model_id=DEFAULT_MODEL_ID)]
-        pool_manager = await start_pool_manager(pm_settings, base_env)
+        pool_manager = await start_pool_manager(pm_settings, base_env, settings.log_level)
         stack.append(pool_manager.stop)
         timeout = pm_settings.worker_start_timeout_s
         if not await pool_manager.manager.wait_ready(timeout):

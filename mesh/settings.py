@@ -21,7 +21,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from mesh.ids import NAME_PATTERN
+from mesh.ids import NAME_PATTERN, is_valid_name
 
 
 class ConfigError(Exception):
@@ -120,6 +120,17 @@ class Settings(BaseSettings):
     """Lowest level logged."""
     log_format: Literal["json", "text"] = "json"
     """JSON lines (for collectors) or text (for people)."""
+    models: dict[str, Path] = Field(default_factory=dict)
+    """Home profile: GGUF files to register at start, model id → path (besides tiny-llama)."""
+
+    @field_validator("models")
+    @classmethod
+    def _model_ids_valid(cls, models: dict[str, Path]) -> dict[str, Path]:
+        for model_id in models:
+            if not is_valid_name(model_id):
+                raise ValueError(f"{model_id!r} is not a valid model id")
+        return models
+
     # Section names differ from the client variables LLORCH_ORCHESTRATOR / LLORCH_CATALOG, which
     # hold addresses for the client commands.
     catalog_service: CatalogSettings = Field(default_factory=CatalogSettings)

@@ -155,6 +155,9 @@ class Orchestrator:
         if spec.request_id:
             self._by_request_id[spec.request_id] = task.task_id
         task.set_queued(position, self._predict_ms(spec.model_id, position))
+        # Place it now rather than on the dispatcher's next turn: one loop iteration less before
+        # the first token when a slot is free.
+        self._dispatch_once()
         _log.info(
             "task admitted",
             extra={
@@ -164,7 +167,6 @@ class Orchestrator:
                 "position": position,
             },
         )
-        self._wake.set()
         return task
 
     def get(self, task_id: str) -> Task:

@@ -35,7 +35,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     async def Generate(
         self, request: orchestrator_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[orchestrator_pb2.GenerateResponse]:
-        task = await self._submit(request, "", context)
+        # The call's deadline is the task's: a task that cannot start in time fails early.
+        task = await self._submit(request, "", context.time_remaining())
         try:
             async for event in _events(task, 0):
                 yield orchestrator_pb2.GenerateResponse(event=event)
@@ -47,7 +48,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     async def SubmitTask(
         self, request: orchestrator_pb2.SubmitTaskRequest, context: grpc.aio.ServicerContext
     ) -> orchestrator_pb2.SubmitTaskResponse:
-        task = await self._submit(request, request.request_id, context)
+        # The task outlives this call, so the call's deadline is not the task's.
+        task = await self._submit(request, request.request_id, None)
         return orchestrator_pb2.SubmitTaskResponse(
             task_id=task.task_id,
             queue_position=task.queue_position,
@@ -75,7 +77,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         return orchestrator_pb2.GetTaskResponse(task=convert.task_to_pb(task))
 
     async def _submit(
-        self, request: convert.TaskRequest, request_id: str, context: grpc.aio.ServicerContext
+        self, request: convert.TaskRequest, request_id: str, timeout_s: float | None
     ) -> Task:
         spec, defaulted = convert.spec_from_pb(
             request,
@@ -86,7 +88,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         task = await self._orch.submit(
             spec,
             correlation_id=logs.correlation_id.get(),
-            timeout_s=context.time_remaining(),
+            timeout_s=timeout_s,
             default_max_tokens=defaulted,
         )
         logs.task_id.set(task.task_id)

@@ -231,9 +231,10 @@ class Task:
     async def follow(self, from_index: int = 0) -> AsyncIterator[TaskEvent]:
         """Events for a reader, from the start of the log.
 
-        Stale Queued events are skipped, tokens before ``from_index`` are skipped (a coalesced
-        message that straddles it is sent whole; its index says where it starts), and tokens that
-        piled up since the last read come as one Tokens event. Ends after the terminal event.
+        Queued events superseded by a later one are skipped, tokens before ``from_index`` are
+        skipped (a coalesced message that straddles it is sent whole; its index says where it
+        starts), and tokens that piled up since the last read come as one Tokens event. Ends after
+        the terminal event.
         """
         cursor = 0
         while True:
@@ -245,14 +246,12 @@ class Task:
                 continue
             batch = self.log[cursor:]
             cursor = len(self.log)
-            started = self.started_at is not None
+            last_queued = max((i for i, e in enumerate(batch) if isinstance(e, Queued)), default=-1)
             pending: Tokens | None = None
             out: list[TaskEvent] = []
             for i, event in enumerate(batch):
-                if isinstance(event, Queued):
-                    later = any(isinstance(e, Queued) for e in batch[i + 1 :])
-                    if started or later:
-                        continue
+                if isinstance(event, Queued) and i != last_queued:
+                    continue  # superseded by a later position
                 if isinstance(event, Tokens):
                     if event.end <= from_index:
                         continue

@@ -35,7 +35,7 @@ class PoolManagerApp:
 
 
 async def start_pool_manager(
-    settings: PoolManagerSettings, base_env: Mapping[str, str]
+    settings: PoolManagerSettings, base_env: Mapping[str, str], log_level: str = "INFO"
 ) -> PoolManagerApp:
     """Starts serving (NOT_SERVING until every pool is ready) and starts the pools' workers."""
     if not settings.catalog:
@@ -52,7 +52,7 @@ async def start_pool_manager(
         if server_box:
             await server_box[0].set_ready(SERVICE_NAME, manager.all_ready())
 
-    manager = PoolManager(settings, locate, base_env, on_change)
+    manager = PoolManager(settings, locate, base_env, on_change, log_level)
     servicer = PoolManagerServicer(manager)
     server = await create_server(settings.listen, [servicer.binding()], ready=False)
     server_box.append(server)

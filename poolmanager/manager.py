@@ -126,12 +126,14 @@ class PoolManager:
         locate_model: ModelLocator,
         base_env: Mapping[str, str],
         on_change: Callable[[], Awaitable[None]] | None = None,
+        log_level: str = "INFO",
     ) -> None:
         self.node_id = settings.node_id
         self._settings = settings
         self._locate_model = locate_model
         self._base_env = dict(base_env)
         self._on_change = on_change
+        self._log_level = log_level
         self.pools: dict[str, Pool] = {p.pool_id: Pool(p) for p in settings.pools}
         self._supervisors: list[asyncio.Task[None]] = []
         self._exec_pool: dict[str, Pool] = {}
@@ -266,6 +268,7 @@ class PoolManager:
                     gpu_devices=gpus,
                     env=self._base_env,
                     start_timeout_s=self._settings.worker_start_timeout_s,
+                    log_level=self._log_level,
                 )
             except (WorkerStartError, UnavailableError, NotFoundError, OSError) as exc:
                 failures += 1

@@ -39,20 +39,104 @@ from typing import IO, Any
 
 
 class _Out:
-    """Serialized writes of events to the pool manager."""
+    """Events to the pool manager, written by a thread of their own.
 
-    def __init__(self, stream: IO[bytes]) -> None:
+    The decode loop only appends to a list; the writer sends what has piled up in one write. Token
+    events of an execution are sent at most once per ``window_s`` (consecutive ones are merged),
+    except its first token, which goes at once: a fast engine then costs every hop of the mesh a
+    message per millisecond instead of one per token, and a slow one (a token every few ms) is
+    not delayed at all.
+    """
+
+    def __init__(self, stream: IO[bytes], window_s: float = 0.001) -> None:
         self._stream = stream
-        self._lock = threading.Lock()
+        self._window_s = window_s
+        self._pending: list[dict[str, Any]] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self._holding = False
+        self._last_token_write: dict[str, float] = {}
+        self._thread = threading.Thread(target=self._run, name="events", daemon=True)
+        self._thread.start()
 
     def send(self, event: dict[str, Any]) -> None:
-        line = json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
-        with self._lock:
-            self._stream.write(line)
-            self._stream.flush()
+        with self._cond:
+            self._pending.append(event)
+            # While the writer holds a batch of tokens it will wake by itself; waking it for
+            # every token would cost the decode loop a GIL hand-off per token.
+            if not self._holding or event["ev"] != "tok":
+                self._cond.notify()
+
+    def close(self) -> None:
+        """Writes what is pending and stops the writer."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                if not self._pending:
+                    return
+                hold = self._hold_s()
+                if hold > 0 and not self._closed:
+                    self._holding = True
+                    self._cond.wait(hold)
+                    self._holding = False
+                batch, self._pending = self._pending, []
+            self._write(batch)
+
+    def _hold_s(self) -> float:
+        """How long to wait for more tokens before writing (0 when something is urgent)."""
+        now = time.perf_counter()
+        wait = 0.0
+        for event in self._pending:
+            if event["ev"] != "tok":
+                return 0.0  # started, done, errors: never held
+            last = self._last_token_write.get(event["id"])
+            if last is None:
+                return 0.0  # the first token of an execution: never held
+            wait = max(wait, last + self._window_s - now)
+        return wait
+
+    def _write(self, batch: list[dict[str, Any]]) -> None:
+        merged: list[dict[str, Any]] = []
+        for event in batch:
+            prev = merged[-1] if merged else None
+            if (
+                prev is not None
+                and event["ev"] == "tok"
+                and prev["ev"] == "tok"
+                and prev["id"] == event["id"]
+            ):
+                prev["ids"] = prev["ids"] + event["ids"]
+                prev["text"] += event["text"]
+            else:
+                merged.append(dict(event))
+        now = time.perf_counter()
+        for event in merged:
+            if event["ev"] == "tok":
+                self._last_token_write[event["id"]] = now
+            elif event["ev"] in ("done", "cancelled", "error"):
+                self._last_token_write.pop(event["id"], None)
+        data = b"".join(
+            json.dumps(e, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+            for e in merged
+        )
+        self._stream.write(data)
+        self._stream.flush()
+
+
+_LEVELS = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "ERROR": 40}
+_min_level = {"value": 20}
 
 
 def _log(level: str, msg: str, **fields: Any) -> None:
+    if _LEVELS[level] < _min_level["value"]:
+        return
     entry = {
         "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "level": level,
@@ -79,9 +163,12 @@ class StopMatcher:
         if not self._stops:
             return text
         self._held += text
-        cut = min((i for i in (self._held.find(s) for s in self._stops) if i >= 0), default=-1)
-        if cut >= 0:
+        # The stop that completes first in the stream wins (earliest end), as it would have token
+        # by token; among those ending together, the earliest start.
+        matches = [(i + len(s), i) for s in self._stops if (i := self._held.find(s)) >= 0]
+        if matches:
             self.stopped = True
+            cut = min(matches)[1]
             out, self._held = self._held[:cut], ""
             return out
         keep = 0
@@ -269,7 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-ctx", type=int, default=0)
     parser.add_argument("--n-threads", type=int, default=0)
     parser.add_argument("--gpu", action="store_true", help="offload every layer to the GPU")
+    parser.add_argument("--log-level", choices=list(_LEVELS), default="INFO")
     args = parser.parse_args(argv)
+    _min_level["value"] = _LEVELS[args.log_level]
 
     # Events get a private copy of the stdout pipe; fd 1 now goes to stderr.
     out = _Out(os.fdopen(os.dup(1), "wb", buffering=0))
@@ -289,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (ValueError, RuntimeError, OSError) as exc:
         out.send({"ev": "load_failed", "message": f"cannot load {args.model}: {exc}"})
+        out.close()
         return 3
     out.send(
         {
@@ -306,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     reader.start()
     worker.serve()
+    out.close()
     return 0
 
 

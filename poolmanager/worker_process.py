@@ -68,6 +68,7 @@ class WorkerProcess:
         gpu_devices: list[str],
         env: Mapping[str, str],
         start_timeout_s: float,
+        log_level: str = "INFO",
     ) -> WorkerProcess:
         """Starts a worker and waits until its model is loaded.
 
@@ -87,6 +88,8 @@ class WorkerProcess:
             str(n_ctx),
             "--n-threads",
             str(n_threads),
+            "--log-level",
+            log_level,
         ]
         if gpu_devices:
             args.append("--gpu")

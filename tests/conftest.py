@@ -97,3 +97,24 @@ async def mesh(tmp_path: Path, tiny_model: Path) -> AsyncIterator[Mesh]:
         yield running
     finally:
         await stop_mesh(running)
+
+
+@pytest.fixture(scope="session")
+def long_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with a 32k context: long generations for cancel and crash tests."""
+    from provisioners.tiny_model import TinyModelSpec
+
+    return write_tiny_model(
+        tmp_path_factory.mktemp("models") / "tiny-llama-32k.gguf",
+        TinyModelSpec(context_length=32768),
+    )
+
+
+@pytest.fixture
+async def long_mesh(tmp_path: Path, long_model: Path) -> AsyncIterator[Mesh]:
+    """A mesh serving the 32k-context tiny model as tiny-llama."""
+    running = await start_mesh(tmp_path, long_model)
+    try:
+        yield running
+    finally:
+        await stop_mesh(running)

@@ -1,0 +1,230 @@
+"""Relay benchmark: the same generations run directly with llama-cpp-python and through the mesh.
+
+Direct: a ``Llama`` in this process, looping ``generate()`` with incremental detokenization.
+Mesh: ``llorch up`` in its own process (orchestrator → pool manager → worker process), called
+over gRPC from this process. Both use the same model file, prompt, sampling, seeds and engine
+threads, one after the other (never at once). Prints TTFT p50/p99 and decode tokens/s for both
+paths and their ratios, then one line of JSON with the figures.
+
+  .venv/bin/python bench/relay.py                      # tiny-llama and the ~170 MiB F16 model
+  .venv/bin/python bench/relay.py --models tiny --runs 5 --tokens 64   # quick
+
+Targets: TTFT added by the mesh <= 5 ms p50; mesh tokens/s >= 0.97x direct on the 170 MiB model
+and >= 0.8x on tiny-llama (where the engine outruns a Python hop, so this measures the relay).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import codecs
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from llorch.common.v1 import common_pb2
+from llorch.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+
+from provisioners.tiny_model import TinyModelSpec, write_tiny_model
+
+PROMPT = "The orchestrator places every task on the least loaded pool and streams"
+SAMPLING = {"temperature": 0.8, "top_p": 0.95, "top_k": 40}
+
+
+@dataclass
+class Run:
+    """One generation seen from the caller."""
+
+    ttft_ms: float
+    tokens: int
+    decode_s: float  # first token arrival to last token arrival
+
+
+@dataclass
+class Case:
+    """A model to benchmark."""
+
+    key: str
+    model_id: str
+    spec: TinyModelSpec
+    runs: int
+    tokens: int
+
+
+def direct_runs(path: Path, case: Case, threads: int, seeds: list[int]) -> list[Run]:
+    """Generations with llama-cpp-python in this process."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=0, n_threads=threads, verbose=False)
+    runs = []
+    for seed in seeds:
+        start = time.perf_counter()
+        prompt = llm.tokenize(PROMPT.encode(), add_bos=True, special=False)
+        llm.set_seed(seed)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        first = last = 0.0
+        count = 0
+        for token in llm.generate(
+            prompt,
+            top_k=SAMPLING["top_k"],
+            top_p=SAMPLING["top_p"],
+            min_p=0.0,
+            temp=SAMPLING["temperature"],
+            repeat_penalty=1.0,
+            reset=True,
+        ):
+            decoder.decode(llm.detokenize([token]))
+            count += 1
+            last = time.perf_counter()
+            if count == 1:
+                first = last
+            if count >= case.tokens:
+                break
+        runs.append(Run((first - start) * 1000, count, last - first))
+    del llm
+    gc.collect()
+    return runs
+
+
+async def mesh_runs(address: str, case: Case, seeds: list[int]) -> list[Run]:
+    """Generations through the mesh, over gRPC."""
+    runs = []
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+        for seed in seeds:
+            request = orchestrator_pb2.GenerateRequest(
+                model_id=case.model_id,
+                prompt=PROMPT,
+                sampling=common_pb2.SamplingParams(
+                    max_tokens=case.tokens, seed=seed, ignore_eos=True, **SAMPLING
+                ),
+            )
+            start = time.perf_counter()
+            first = last = 0.0
+            count = 0
+            async for response in stub.Generate(request, timeout=600):
+                event = response.event
+                if event.WhichOneof("kind") != "token":
+                    continue
+                last = time.perf_counter()
+                if count == 0:
+                    first = last
+                count += len(event.token.token_ids)
+            runs.append(Run((first - start) * 1000, count, last - first))
+    return runs
+
+
+def summarize(runs: list[Run]) -> dict[str, float]:
+    """p50/p99 TTFT and decode tokens/s over the runs."""
+    ttfts = sorted(r.ttft_ms for r in runs)
+    p99_index = min(len(ttfts) - 1, round(0.99 * (len(ttfts) - 1)))
+    tokens = sum(r.tokens - 1 for r in runs)
+    seconds = sum(r.decode_s for r in runs)
+    return {
+        "ttft_p50_ms": round(statistics.median(ttfts), 3),
+        "ttft_p99_ms": round(ttfts[p99_index], 3),
+        "tokens_per_s": round(tokens / seconds, 1) if seconds else 0.0,
+        "runs": len(runs),
+        "tokens_per_run": runs[0].tokens if runs else 0,
+    }
+
+
+def start_mesh(
+    data_dir: Path, models: dict[str, Path], threads: int
+) -> tuple[subprocess.Popen[str], str]:
+    """``llorch up`` with one pool per model; returns the process and orchestrator address."""
+    pools = [
+        {"pool_id": f"bench-{i}", "model_id": model_id, "n_threads": threads}
+        for i, model_id in enumerate(models)
+    ]
+    env = {
+        **os.environ,
+        "LLORCH_DATA_DIR": str(data_dir),
+        "LLORCH_LISTEN": "127.0.0.1:0",
+        "LLORCH_LOG_LEVEL": "WARNING",
+        "LLORCH_MODELS": json.dumps({k: str(v) for k, v in models.items() if k != "tiny-llama"}),
+        "LLORCH_POOL_MANAGER__POOLS": json.dumps(pools),
+        "GRPC_VERBOSITY": "ERROR",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mesh.cli", "up"], stdout=subprocess.PIPE, text=True, env=env
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith("llorch ready"):
+        proc.kill()
+        raise SystemExit(f"llorch up failed: {line!r}")
+    return proc, line.split()[3]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="tiny,170m", help="comma list of: tiny, 170m")
+    parser.add_argument("--runs", type=int, default=0, help="runs per path (default per model)")
+    parser.add_argument("--tokens", type=int, default=0, help="tokens per run (default per model)")
+    parser.add_argument("--threads", type=int, default=1, help="engine threads on both paths")
+    args = parser.parse_args()
+
+    all_cases = {
+        "tiny": Case("tiny", "tiny-llama", TinyModelSpec(), 40, 512),
+        "170m": Case("170m", "bench-170m", TinyModelSpec.bench(), 8, 64),
+    }
+    cases = [all_cases[k] for k in args.models.split(",")]
+    for case in cases:
+        case.runs = args.runs or case.runs
+        case.tokens = args.tokens or case.tokens
+
+    with tempfile.TemporaryDirectory(prefix="llorch-bench-") as tmp:
+        tmp_path = Path(tmp)
+        paths = {
+            c.model_id: write_tiny_model(tmp_path / f"{c.model_id}.gguf", c.spec) for c in cases
+        }
+        results: dict[str, dict[str, object]] = {}
+        direct: dict[str, list[Run]] = {}
+        for case in cases:
+            seeds = list(range(1, case.runs + 3))  # two warm-up runs, then the measured ones
+            direct[case.key] = direct_runs(paths[case.model_id], case, args.threads, seeds)[2:]
+        proc, address = start_mesh(tmp_path / "data", paths, args.threads)
+        try:
+            for case in cases:
+                seeds = list(range(1, case.runs + 3))
+                mesh = asyncio.run(mesh_runs(address, case, seeds))[2:]
+                d, m = summarize(direct[case.key]), summarize(mesh)
+                results[case.model_id] = {
+                    "direct": d,
+                    "mesh": m,
+                    "ttft_added_p50_ms": round(m["ttft_p50_ms"] - d["ttft_p50_ms"], 3),
+                    "tokens_per_s_ratio": round(m["tokens_per_s"] / d["tokens_per_s"], 3)
+                    if d["tokens_per_s"]
+                    else 0.0,
+                }
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+    print(f"{'model':<12} {'path':<7} {'TTFT p50 ms':>12} {'TTFT p99 ms':>12} {'tokens/s':>10}")
+    for model_id, r in results.items():
+        for path in ("direct", "mesh"):
+            f = r[path]
+            assert isinstance(f, dict)
+            print(
+                f"{model_id:<12} {path:<7} {f['ttft_p50_ms']:>12.2f} {f['ttft_p99_ms']:>12.2f} "
+                f"{f['tokens_per_s']:>10.1f}"
+            )
+        print(
+            f"{model_id:<12} ratio   TTFT added p50 {r['ttft_added_p50_ms']:+.2f} ms, "
+            f"tokens/s mesh/direct {r['tokens_per_s_ratio']:.3f}x"
+        )
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,271 @@
+"""CatalogService against a real server on an ephemeral port with its SQLite store."""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from llorch.catalog.v1 import catalog_pb2, catalog_pb2_grpc
+
+from catalog.app import CatalogApp, start_catalog
+from mesh.errors import AlreadyExistsError, InvalidArgumentError
+from mesh.settings import Settings
+from provisioners.models import register_local_file
+from provisioners.tiny_model import TinyModelSpec, write_tiny_model
+
+
+@dataclass
+class Catalog:
+    app: CatalogApp
+    stub: catalog_pb2_grpc.CatalogServiceStub
+    data_dir: Path
+
+
+@pytest.fixture
+def tiny_file(tiny_model: Path) -> tuple[str, int]:
+    """Resolved path and size of the tiny model, as the catalog records them."""
+    return str(tiny_model.resolve()), tiny_model.stat().st_size
+
+
+@pytest.fixture
+async def catalog(tmp_path: Path) -> AsyncIterator[Catalog]:
+    app = await start_catalog(Settings(data_dir=tmp_path))
+    channel = grpc.aio.insecure_channel(app.address)
+    try:
+        yield Catalog(app, catalog_pb2_grpc.CatalogServiceStub(channel), tmp_path)
+    finally:
+        await channel.close()
+        await app.stop()
+
+
+async def test_register_then_get_returns_the_gguf_facts(
+    catalog: Catalog, tiny_model: Path, tiny_file: tuple[str, int]
+) -> None:
+    registered = await register_local_file(catalog.stub, "tiny-llama", tiny_model, "local")
+    response = await catalog.stub.GetModel(catalog_pb2.GetModelRequest(model_id="tiny-llama"))
+    model = response.model
+    assert model == registered
+    assert model.model_id == "tiny-llama"
+    assert model.facts.architecture == "llama"
+    assert model.facts.context_length == 2048
+    assert model.facts.file_type == "F32"
+    assert model.facts.block_count == 2
+    assert model.facts.embedding_length == 64
+    assert model.facts.parameter_count > 0
+    assert re.fullmatch(r"[0-9a-f]{64}", model.sha256)
+    assert model.size_bytes == tiny_file[1]
+    assert model.source_ref == f"file:{tiny_file[0]}"
+    assert model.state == catalog_pb2.MODEL_STATE_ACTIVE
+    assert model.created_unix_ms > 0
+
+
+async def test_registering_the_same_file_again_is_idempotent(
+    catalog: Catalog, tiny_model: Path
+) -> None:
+    first = await register_local_file(catalog.stub, "tiny-llama", tiny_model, "local")
+    second = await register_local_file(catalog.stub, "tiny-llama", tiny_model, "local")
+    assert second == first
+    listed = await catalog.stub.ListModels(catalog_pb2.ListModelsRequest())
+    assert [m.model_id for m in listed.models] == ["tiny-llama"]
+    located = await catalog.stub.LocateModel(catalog_pb2.LocateModelRequest(model_id="tiny-llama"))
+    assert len(located.locations) == 1
+
+
+async def test_same_id_with_another_file_is_already_exists(
+    catalog: Catalog, tiny_model: Path, tiny_file: tuple[str, int], tmp_path: Path
+) -> None:
+    await register_local_file(catalog.stub, "tiny-llama", tiny_model, "local")
+    other = write_tiny_model(tmp_path / "other.gguf", TinyModelSpec(seed=7))
+    with pytest.raises(AlreadyExistsError) as info:
+        await register_local_file(catalog.stub, "tiny-llama", other, "local")
+    assert info.value.code == grpc.StatusCode.ALREADY_EXISTS
+    assert info.value.reason == "MODEL_EXISTS"
+    # The original stays registered, and the rejected file got no replica.
+    located = await catalog.stub.LocateModel(catalog_pb2.LocateModelRequest(model_id="tiny-llama"))
+    assert [loc.path for loc in located.locations] == [tiny_file[0]]
+
+
+async def test_list_models_pages_in_id_order(catalog: Catalog, tiny_model: Path) -> None:
+    ids = ["m-e", "m-a", "m-d", "m-b", "m-c"]
+    for model_id in ids:
+        await register_local_file(catalog.stub, model_id, tiny_model, "local")
+    seen: list[str] = []
+    pages = 0
+    token = ""
+    while True:
+        page = await catalog.stub.ListModels(
+            catalog_pb2.ListModelsRequest(page_size=2, page_token=token)
+        )
+        pages += 1
+        assert len(page.models) <= 2
+        seen += [m.model_id for m in page.models]
+        token = page.next_page_token
+        if not token:
+            break
+        assert pages < 10, "paging does not end"
+    assert seen == sorted(ids)
+    assert pages == 3
+    # Default page size returns everything at once, with no token.
+    everything = await catalog.stub.ListModels(catalog_pb2.ListModelsRequest())
+    assert [m.model_id for m in everything.models] == sorted(ids)
+    assert everything.next_page_token == ""
+
+
+async def test_list_models_exact_multiple_of_the_page_size(
+    catalog: Catalog, tiny_model: Path
+) -> None:
+    for model_id in ("a1", "a2"):
+        await register_local_file(catalog.stub, model_id, tiny_model, "local")
+    page = await catalog.stub.ListModels(catalog_pb2.ListModelsRequest(page_size=2))
+    assert [m.model_id for m in page.models] == ["a1", "a2"]
+    assert page.next_page_token == ""
+
+
+async def test_list_models_of_an_empty_catalog(catalog: Catalog) -> None:
+    page = await catalog.stub.ListModels(catalog_pb2.ListModelsRequest(page_size=2))
+    assert list(page.models) == []
+    assert page.next_page_token == ""
+
+
+async def test_bad_page_token_is_invalid_argument(catalog: Catalog) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await catalog.stub.ListModels(catalog_pb2.ListModelsRequest(page_token="%%%not-base64"))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "page_token" in (info.value.details() or "")
+
+
+async def test_garbage_page_token_is_invalid_argument(catalog: Catalog, tiny_model: Path) -> None:
+    await register_local_file(catalog.stub, "tiny-llama", tiny_model, "local")
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await catalog.stub.ListModels(catalog_pb2.ListModelsRequest(page_token="????"))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("page_size", [-1, 1001])
+async def test_page_size_out_of_range_is_invalid_argument(catalog: Catalog, page_size: int) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await catalog.stub.ListModels(catalog_pb2.ListModelsRequest(page_size=page_size))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "page_size" in (info.value.details() or "")
+
+
+async def test_get_unknown_model_is_not_found(catalog: Catalog) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await catalog.stub.GetModel(catalog_pb2.GetModelRequest(model_id="nope"))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await catalog.stub.LocateModel(catalog_pb2.LocateModelRequest(model_id="nope"))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize("model_id", ["", "UPPER", "../x", "a" * 200, "a/b", "a..b"])
+async def test_invalid_ids_are_invalid_argument(
+    catalog: Catalog, tiny_model: Path, model_id: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await catalog.stub.GetModel(catalog_pb2.GetModelRequest(model_id=model_id))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "model_id" in (info.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await catalog.stub.LocateModel(catalog_pb2.LocateModelRequest(model_id=model_id))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # The server checks the id itself, not just the client helper.
+    registered = await register_local_file(catalog.stub, "valid", tiny_model, "local")
+    bad = catalog_pb2.Model()
+    bad.CopyFrom(registered)
+    bad.model_id = model_id
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await catalog.stub.RegisterModel(catalog_pb2.RegisterModelRequest(model=bad))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "model.model_id" in (info.value.details() or "")
+    # And the client helper refuses it before calling.
+    with pytest.raises(InvalidArgumentError):
+        await register_local_file(catalog.stub, model_id, tiny_model, "local")
+
+
+async def test_register_validates_the_model_fields(catalog: Catalog, tiny_model: Path) -> None:
+    good = await register_local_file(catalog.stub, "valid", tiny_model, "local")
+
+    async def code_of(model: catalog_pb2.Model, **request: object) -> grpc.StatusCode:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await catalog.stub.RegisterModel(
+                catalog_pb2.RegisterModelRequest(model=model, **request)
+            )
+        return info.value.code()
+
+    for field, value in (("sha256", "ABC"), ("size_bytes", 0), ("source_ref", "")):
+        bad = catalog_pb2.Model()
+        bad.CopyFrom(good)
+        bad.model_id = "other"
+        setattr(bad, field, value)
+        assert await code_of(bad) == grpc.StatusCode.INVALID_ARGUMENT, field
+    relative = catalog_pb2.ModelLocation(node_id="local", path="relative/x.gguf", size_bytes=1)
+    bad = catalog_pb2.Model()
+    bad.CopyFrom(good)
+    bad.model_id = "other"
+    assert await code_of(bad, locations=[relative]) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_locate_model_by_node(
+    catalog: Catalog, tiny_model: Path, tiny_file: tuple[str, int]
+) -> None:
+    await register_local_file(catalog.stub, "tiny-llama", tiny_model, "local")
+    here = await catalog.stub.LocateModel(
+        catalog_pb2.LocateModelRequest(model_id="tiny-llama", node_id="local")
+    )
+    assert len(here.locations) == 1
+    location = here.locations[0]
+    assert location.node_id == "local"
+    assert location.path == tiny_file[0]
+    assert location.size_bytes == tiny_file[1]
+    elsewhere = await catalog.stub.LocateModel(
+        catalog_pb2.LocateModelRequest(model_id="tiny-llama", node_id="gpu-box")
+    )
+    assert list(elsewhere.locations) == []
+    # A second node's replica of the same file shows up when no node is named.
+    await register_local_file(catalog.stub, "tiny-llama", tiny_model, "gpu-box")
+    everywhere = await catalog.stub.LocateModel(
+        catalog_pb2.LocateModelRequest(model_id="tiny-llama")
+    )
+    assert [loc.node_id for loc in everywhere.locations] == ["gpu-box", "local"]
+
+
+async def test_sqlite_file_uses_wal(catalog: Catalog, tiny_model: Path) -> None:
+    await register_local_file(catalog.stub, "tiny-llama", tiny_model, "local")
+    db = catalog.data_dir / "catalog.db"
+    assert db.is_file()
+    conn = sqlite3.connect(db)
+    try:
+        (mode,) = conn.execute("PRAGMA journal_mode").fetchone()
+        (count,) = conn.execute("SELECT COUNT(*) FROM models").fetchone()
+    finally:
+        conn.close()
+    assert mode == "wal"
+    assert count == 1
+
+
+async def test_models_survive_a_restart(tmp_path: Path, tiny_model: Path) -> None:
+    app = await start_catalog(Settings(data_dir=tmp_path))
+    channel = grpc.aio.insecure_channel(app.address)
+    try:
+        await register_local_file(
+            catalog_pb2_grpc.CatalogServiceStub(channel), "tiny-llama", tiny_model, "local"
+        )
+    finally:
+        await channel.close()
+        await app.stop()
+    app = await start_catalog(Settings(data_dir=tmp_path))
+    channel = grpc.aio.insecure_channel(app.address)
+    try:
+        response = await catalog_pb2_grpc.CatalogServiceStub(channel).GetModel(
+            catalog_pb2.GetModelRequest(model_id="tiny-llama")
+        )
+        assert response.model.facts.architecture == "llama"
+    finally:
+        await channel.close()
+        await app.stop()

@@ -1,0 +1,123 @@
+"""The home profile as a user starts it: `llorch up`, `llorch generate`, `llorch models list`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+LLORCH = [sys.executable, "-m", "mesh.cli"]
+
+
+def _children(pid: int) -> set[int]:
+    """Every descendant of ``pid`` (from /proc)."""
+    found: set[int] = set()
+    frontier = [pid]
+    while frontier:
+        parent = frontier.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                kids = (task / "children").read_text().split()
+            except OSError:
+                continue
+            for kid in map(int, kids):
+                if kid not in found:
+                    found.add(kid)
+                    frontier.append(kid)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str, Path]]:
+    env = {**os.environ, "LLORCH_DATA_DIR": str(tmp_path / "data"), "LLORCH_LISTEN": "127.0.0.1:0"}
+    proc = subprocess.Popen(
+        [*LLORCH, "up", "--log-format", "text"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()  # the one ready line (the process exits if it fails)
+    assert line.startswith("llorch ready: orchestrator 127.0.0.1:"), line
+    address = line.split()[3]
+    try:
+        yield proc, address, tmp_path / "data"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _run(*args: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "LLORCH_DATA_DIR": str(data_dir)}
+    return subprocess.run(
+        [*LLORCH, *args], capture_output=True, text=True, timeout=60, env=env, check=False
+    )
+
+
+def test_up_generate_models_and_clean_ctrl_c(
+    home: tuple[subprocess.Popen[str], str, Path],
+) -> None:
+    proc, address, data_dir = home
+    generated = _run(
+        "generate",
+        "--orchestrator",
+        address,
+        "--model",
+        "tiny-llama",
+        "--max-tokens",
+        "16",
+        "--seed",
+        "3",
+        "Hello",
+        data_dir=data_dir,
+    )
+    assert generated.returncode == 0, generated.stderr
+    assert generated.stdout.strip()
+    assert "16 tokens" in generated.stderr
+
+    listed = _run("models", "list", data_dir=data_dir)
+    assert listed.returncode == 0, listed.stderr
+    assert "tiny-llama" in listed.stdout
+    assert "active" in listed.stdout
+
+    unknown = _run("generate", "--orchestrator", address, "--model", "nope", "x", data_dir=data_dir)
+    assert unknown.returncode == 1
+    assert "NOT_FOUND" in unknown.stderr
+
+    workers = _children(proc.pid)
+    assert workers, "the pool manager should have started a worker process"
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=20) == 0
+    deadline = time.monotonic() + 5
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(pid) for pid in workers)
+
+
+def test_models_add_registers_a_gguf_file(
+    home: tuple[subprocess.Popen[str], str, Path], tiny_model: Path
+) -> None:
+    _, _, data_dir = home
+    added = _run("models", "add", "my-model", str(tiny_model), data_dir=data_dir)
+    assert added.returncode == 0, added.stderr
+    listed = _run("models", "list", "--json", data_dir=data_dir)
+    assert '"my-model"' in listed.stdout
+    bad = _run("models", "add", "bad-model", "/etc/hostname", data_dir=data_dir)
+    assert bad.returncode == 1
+    assert "INVALID_ARGUMENT" in bad.stderr
