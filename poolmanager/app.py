@@ -47,10 +47,13 @@ async def start_pool_manager(
         return await catalog.local_path(model_id, settings.node_id)
 
     server_box: list[MeshServer] = []
+    readiness = {"ready": False}
 
     async def on_change() -> None:
-        if server_box:
-            await server_box[0].set_ready(SERVICE_NAME, manager.all_ready())
+        ready = manager.all_ready()
+        if server_box and ready != readiness["ready"]:
+            readiness["ready"] = ready
+            await server_box[0].set_ready(SERVICE_NAME, ready)
 
     manager = PoolManager(settings, locate, base_env, on_change, log_level)
     servicer = PoolManagerServicer(manager)

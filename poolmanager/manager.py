@@ -207,17 +207,20 @@ class PoolManager:
         worker = pool.worker
         pool.active.add(spec.execution_id)
         self._exec_pool[spec.execution_id] = pool
-        await self._changed()
         events = worker.submit(spec.execution_id, _job(spec))
         finished = False
         try:
+            # Sent while the worker reads the prompt, so it is off the first token's path;
+            # the prompt's token count arrives with the end of the execution.
+            yield [ExecStarted(pool.engine_version, 0)]
+            await self._changed()
             while True:
                 batch = [await events.get()]
                 while not events.empty():
                     batch.append(events.get_nowait())
                 out: list[ExecEvent] = []
                 for raw in batch:
-                    event = _convert(raw, spec, pool)
+                    event = _convert(raw, spec)
                     if event is None:
                         continue
                     if isinstance(event, ExecTokens) and out and isinstance(out[-1], ExecTokens):
@@ -328,9 +331,7 @@ def _job(spec: ExecutionSpec) -> dict[str, Any]:
     }
 
 
-def _convert(
-    raw: dict[str, Any] | WorkerExited, spec: ExecutionSpec, pool: Pool
-) -> ExecEvent | None:
+def _convert(raw: dict[str, Any] | WorkerExited, spec: ExecutionSpec) -> ExecEvent | None:
     if isinstance(raw, WorkerExited):
         raise UnavailableError(
             f"worker of pool {spec.pool_id} exited (code {raw.returncode}) during the execution",
@@ -340,8 +341,6 @@ def _convert(
     kind = raw.get("ev")
     if kind == "tok":
         return ExecTokens(int(raw["i"]), [int(t) for t in raw["ids"]], str(raw["text"]))
-    if kind == "started":
-        return ExecStarted(pool.engine_version, int(raw["tokens_in"]))
     if kind == "done":
         return ExecFinished(
             str(raw["reason"]),

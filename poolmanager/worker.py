@@ -14,7 +14,6 @@ EOF on stdin means the pool manager is gone: the worker exits.
 Events:
   {"ev": "ready", "engine_version", "n_ctx", "n_vocab", "load_ms", "gpu_offload"}
   {"ev": "load_failed", "message"}
-  {"ev": "started", "id", "tokens_in"}
   {"ev": "tok", "id", "i", "ids": [...], "text"}     one or more tokens, index of the first
   {"ev": "done", "id", "reason": "stop"|"stop_sequence"|"length", "tokens_in", "tokens_out",
    "ttft_ms", "decode_ms"}
@@ -23,6 +22,11 @@ Events:
 
 Decoding loops ``Llama.generate`` and decodes each token incrementally (never
 ``create_completion(stream=True)``, which re-detokenizes the whole text on every token).
+
+Few thread hand-offs on the way to the first token, since each wake-up of a sleeping thread costs
+time: the main thread reads commands itself (blocking when idle, polling the pipe during a
+decode so a cancel lands within a millisecond) and writes the urgent events (first token, end of
+an execution) itself; only later tokens go through the writer thread, which merges them.
 """
 
 from __future__ import annotations
@@ -31,21 +35,22 @@ import argparse
 import codecs
 import json
 import os
-import queue
+import select
 import sys
 import threading
 import time
+from collections import deque
 from typing import IO, Any
 
 
 class _Out:
-    """Events to the pool manager, written by a thread of their own.
+    """Events to the pool manager.
 
-    The decode loop only appends to a list; the writer sends what has piled up in one write. Token
-    events of an execution are sent at most once per ``window_s`` (consecutive ones are merged),
-    except its first token, which goes at once: a fast engine then costs every hop of the mesh a
-    message per millisecond instead of one per token, and a slow one (a token every few ms) is
-    not delayed at all.
+    Urgent events (the first token of an execution, its end, load events) are written at once by
+    the caller, after whatever is pending, so the order holds. Later tokens are left to a writer
+    thread that sends them at most once per ``window_s`` per execution, merged: a fast engine then
+    costs every hop of the mesh a message per millisecond instead of one per token, and a slow
+    one (a token every few ms) is not delayed at all.
     """
 
     def __init__(self, stream: IO[bytes], window_s: float = 0.001) -> None:
@@ -59,12 +64,16 @@ class _Out:
         self._thread = threading.Thread(target=self._run, name="events", daemon=True)
         self._thread.start()
 
-    def send(self, event: dict[str, Any]) -> None:
+    def send(self, event: dict[str, Any], *, urgent: bool = True) -> None:
+        """Sends an event; a non-urgent token event may wait up to ``window_s``."""
         with self._cond:
             self._pending.append(event)
-            # While the writer holds a batch of tokens it will wake by itself; waking it for
-            # every token would cost the decode loop a GIL hand-off per token.
-            if not self._holding or event["ev"] != "tok":
+            if urgent:
+                batch, self._pending = self._pending, []
+                self._write(batch)
+            elif not self._holding:
+                # While holding, the writer wakes by itself; waking it for every token would
+                # cost the decode loop a GIL hand-off per token.
                 self._cond.notify()
 
     def close(self) -> None:
@@ -75,8 +84,8 @@ class _Out:
         self._thread.join()
 
     def _run(self) -> None:
-        while True:
-            with self._cond:
+        with self._cond:
+            while True:
                 while not self._pending and not self._closed:
                     self._cond.wait()
                 if not self._pending:
@@ -87,22 +96,19 @@ class _Out:
                     self._cond.wait(hold)
                     self._holding = False
                 batch, self._pending = self._pending, []
-            self._write(batch)
+                if batch:
+                    self._write(batch)
 
     def _hold_s(self) -> float:
-        """How long to wait for more tokens before writing (0 when something is urgent)."""
         now = time.perf_counter()
         wait = 0.0
         for event in self._pending:
-            if event["ev"] != "tok":
-                return 0.0  # started, done, errors: never held
-            last = self._last_token_write.get(event["id"])
-            if last is None:
-                return 0.0  # the first token of an execution: never held
+            last = self._last_token_write.get(event["id"], 0.0)
             wait = max(wait, last + self._window_s - now)
         return wait
 
     def _write(self, batch: list[dict[str, Any]]) -> None:
+        """Writes a batch, merging consecutive tokens of an execution (lock held)."""
         merged: list[dict[str, Any]] = []
         for event in batch:
             prev = merged[-1] if merged else None
@@ -128,6 +134,43 @@ class _Out:
         )
         self._stream.write(data)
         self._stream.flush()
+
+
+class _Commands:
+    """Command lines from the pool manager, read from fd 0 without a thread."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._buffer = b""
+        self.eof = False
+
+    def wait(self) -> list[dict[str, Any]]:
+        """Blocks until at least one command arrives (or EOF)."""
+        while not self.eof:
+            commands = self._read(block=True)
+            if commands:
+                return commands
+        return []
+
+    def poll(self) -> list[dict[str, Any]]:
+        """Commands already waiting in the pipe, without blocking."""
+        return [] if self.eof else self._read(block=False)
+
+    def _read(self, *, block: bool) -> list[dict[str, Any]]:
+        if not block and not select.select([self._fd], [], [], 0)[0]:
+            return []
+        chunk = os.read(self._fd, 1 << 16)
+        if not chunk:
+            self.eof = True
+        self._buffer += chunk
+        *lines, self._buffer = self._buffer.split(b"\n")
+        commands = []
+        for line in lines:
+            try:
+                commands.append(json.loads(line))
+            except json.JSONDecodeError:
+                _log("ERROR", "bad command line from pool manager")
+        return commands
 
 
 _LEVELS = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "ERROR": 40}
@@ -194,37 +237,43 @@ class StopMatcher:
 class Worker:
     """Runs executions one at a time on one llama.cpp context."""
 
-    def __init__(self, llm: Any, out: _Out) -> None:
+    # How often the decode loop looks for a cancel in the command pipe.
+    _POLL_INTERVAL_S = 0.001
+
+    def __init__(self, llm: Any, out: _Out, commands: _Commands) -> None:
         self._llm = llm
         self._out = out
-        self._jobs: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._commands = commands
+        self._jobs: deque[dict[str, Any]] = deque()
         self._cancelled: set[str] = set()
-        self._lock = threading.Lock()
+        self._last_poll = 0.0
 
-    def read_commands(self, stream: IO[bytes]) -> None:
-        """Reader thread: queues executions, records cancels; EOF stops the worker."""
-        for raw in stream:
-            try:
-                cmd = json.loads(raw)
-            except json.JSONDecodeError:
-                _log("ERROR", "bad command line from pool manager")
-                continue
+    def _apply(self, commands: list[dict[str, Any]]) -> None:
+        for cmd in commands:
             if cmd.get("op") == "exec":
-                self._jobs.put(cmd)
+                self._jobs.append(cmd)
             elif cmd.get("op") == "cancel":
-                with self._lock:
-                    self._cancelled.add(str(cmd.get("id")))
-        self._jobs.put(None)
+                self._cancelled.add(str(cmd.get("id")))
 
     def _is_cancelled(self, exec_id: str) -> bool:
-        with self._lock:
-            return exec_id in self._cancelled
+        """Whether the execution was cancelled (or the pool manager went away)."""
+        now = time.perf_counter()
+        if now - self._last_poll >= self._POLL_INTERVAL_S:
+            self._last_poll = now
+            self._apply(self._commands.poll())
+        return exec_id in self._cancelled or self._commands.eof
 
     def serve(self) -> None:
-        """Main loop: one execution after another until stdin closes."""
-        while (job := self._jobs.get()) is not None:
+        """Main loop: one execution after another until the command pipe closes."""
+        while True:
+            if not self._jobs:
+                self._apply(self._commands.wait())
+                if self._commands.eof and not self._jobs:
+                    return
+                continue
+            job = self._jobs.popleft()
             exec_id = str(job["id"])
-            if self._is_cancelled(exec_id):
+            if exec_id in self._cancelled or self._commands.eof:
                 self._out.send({"ev": "cancelled", "id": exec_id})
             else:
                 try:
@@ -239,8 +288,7 @@ class Worker:
                             "message": f"engine error: {exc}",
                         }
                     )
-            with self._lock:
-                self._cancelled.discard(exec_id)
+            self._cancelled.discard(exec_id)
 
     def _execute(self, job: dict[str, Any]) -> None:
         llm = self._llm
@@ -262,7 +310,6 @@ class Worker:
                 }
             )
             return
-        self._out.send({"ev": "started", "id": exec_id, "tokens_in": tokens_in})
         _log(
             "INFO",
             "execution started",
@@ -340,7 +387,10 @@ class Worker:
         )
 
     def _send_tokens(self, exec_id: str, index: int, ids: list[int], text: str) -> None:
-        self._out.send({"ev": "tok", "id": exec_id, "i": index, "ids": list(ids), "text": text})
+        self._out.send(
+            {"ev": "tok", "id": exec_id, "i": index, "ids": list(ids), "text": text},
+            urgent=index == 0,
+        )
 
 
 def engine_version() -> str:
@@ -390,11 +440,7 @@ def main(argv: list[str] | None = None) -> int:
             "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
         }
     )
-    worker = Worker(llm, out)
-    reader = threading.Thread(
-        target=worker.read_commands, args=(sys.stdin.buffer,), name="commands", daemon=True
-    )
-    reader.start()
+    worker = Worker(llm, out, _Commands(sys.stdin.fileno()))
     worker.serve()
     out.close()
     return 0
