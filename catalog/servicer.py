@@ -19,6 +19,7 @@ SERVICE_NAME = catalog_pb2.DESCRIPTOR.services_by_name["CatalogService"].full_na
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _DEFAULT_PAGE = 100
 _MAX_PAGE = 1000
+_MAX_INT64 = 2**63 - 1  # SQLite integers are signed 64-bit
 
 _STATE_TO_PB = {
     ModelState.ACTIVE: catalog_pb2.MODEL_STATE_ACTIVE,
@@ -48,6 +49,10 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
             check_name(loc.node_id, f"locations[{i}].node_id")
             if not loc.path.startswith("/"):
                 raise InvalidArgumentError(f"locations[{i}].path", "must be an absolute path")
+            if loc.size_bytes > _MAX_INT64:
+                raise InvalidArgumentError(
+                    f"locations[{i}].size_bytes", f"must be at most {_MAX_INT64}"
+                )
             replicas.append(ReplicaRecord(record.model_id, loc.node_id, loc.path, loc.size_bytes))
         try:
             stored = await asyncio.to_thread(self._store.register, record, replicas)
@@ -123,8 +128,10 @@ def _record_from_pb(model: catalog_pb2.Model) -> ModelRecord:
     model_id = check_name(model.model_id, "model.model_id")
     if not _SHA256_RE.fullmatch(model.sha256):
         raise InvalidArgumentError("model.sha256", "must be 64 lowercase hex digits")
-    if model.size_bytes == 0:
-        raise InvalidArgumentError("model.size_bytes", "must be > 0")
+    if not 0 < model.size_bytes <= _MAX_INT64:
+        raise InvalidArgumentError("model.size_bytes", f"must be between 1 and {_MAX_INT64}")
+    if model.facts.parameter_count > _MAX_INT64:
+        raise InvalidArgumentError("model.facts.parameter_count", f"must be at most {_MAX_INT64}")
     if not model.source_ref:
         raise InvalidArgumentError("model.source_ref", "is required")
     if not model.facts.architecture:

@@ -8,11 +8,12 @@ workers are child processes and are stopped before this returns.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
 from llorch.catalog.v1 import catalog_pb2_grpc
@@ -38,58 +39,76 @@ def endpoints_path(data_dir: Path) -> Path:
 
 
 async def run_home(settings: Settings, base_env: Mapping[str, str], stop: asyncio.Event) -> None:
-    """Runs the home profile until ``stop`` is set."""
+    """Runs the home profile until ``stop`` is set (also while still starting)."""
+    stack: list[Callable[[], Awaitable[None]]] = []
+    starting = asyncio.create_task(_start_home(settings, base_env, stack))
+    stopping = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if starting.done():
+            path = starting.result()
+            await stopping
+            _log.info("stopping")
+            path.unlink(missing_ok=True)
+        else:
+            _log.info("stopping while starting")
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+    finally:
+        stopping.cancel()
+        for close in reversed(stack):
+            await close()
+
+
+async def _start_home(
+    settings: Settings, base_env: Mapping[str, str], stack: list[Callable[[], Awaitable[None]]]
+) -> Path:
+    """Starts every service, pushing each one's stop onto ``stack``; returns the endpoints file."""
     data_dir = settings.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
     catalog = await start_catalog(settings)
-    stack = [catalog.stop]
-    try:
-        channel = open_channel(catalog.address)
-        stack.append(channel.close)
-        node_id = settings.pool_manager.node_id
-        catalog_stub = catalog_pb2_grpc.CatalogServiceStub(channel)
-        await ensure_default_model(catalog_stub, data_dir / "models", node_id)
-        for model_id, path in settings.models.items():
-            await register_local_file(catalog_stub, model_id, path, node_id)
-        pm_settings = settings.pool_manager.model_copy(update={"catalog": catalog.address})
-        if not pm_settings.pools:
-            pm_settings.pools = [PoolSettings(pool_id="cpu-0", model_id=DEFAULT_MODEL_ID)]
-        pool_manager = await start_pool_manager(pm_settings, base_env, settings.log_level)
-        stack.append(pool_manager.stop)
-        timeout = pm_settings.worker_start_timeout_s
-        if not await pool_manager.manager.wait_ready(timeout):
-            errors = "; ".join(
-                f"{p.settings.pool_id}: {p.last_error or p.state.value}"
-                for p in pool_manager.manager.pools.values()
-            )
-            raise RuntimeError(f"pools did not become ready: {errors}")
-        orch_settings = settings.orchestrator_service.model_copy(
-            update={"catalog": catalog.address, "pool_managers": [pool_manager.address]}
+    stack.append(catalog.stop)
+    channel = open_channel(catalog.address)
+    stack.append(channel.close)
+    node_id = settings.pool_manager.node_id
+    catalog_stub = catalog_pb2_grpc.CatalogServiceStub(channel)
+    await ensure_default_model(catalog_stub, data_dir / "models", node_id)
+    for model_id, model_path in settings.models.items():
+        await register_local_file(catalog_stub, model_id, model_path, node_id)
+    pm_settings = settings.pool_manager.model_copy(update={"catalog": catalog.address})
+    if not pm_settings.pools:
+        pm_settings.pools = [PoolSettings(pool_id="cpu-0", model_id=DEFAULT_MODEL_ID)]
+    pool_manager = await start_pool_manager(pm_settings, base_env, settings.log_level)
+    stack.append(pool_manager.stop)
+    if not await pool_manager.manager.wait_ready(pm_settings.worker_start_timeout_s):
+        errors = "; ".join(
+            f"{p.settings.pool_id}: {p.last_error or p.state.value}"
+            for p in pool_manager.manager.pools.values()
         )
-        orchestrator = await start_orchestrator(orch_settings, settings.listen)
-        stack.append(orchestrator.stop)
-        host = settings.listen.rsplit(":", 1)[0]
-        endpoints = {
-            "orchestrator": f"{host}:{orchestrator.port}",
-            "catalog": catalog.address,
-            "pool_manager": pool_manager.address,
-            "pid": os.getpid(),
-        }
-        path = endpoints_path(data_dir)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(endpoints))
-        models = ", ".join(sorted({p.model_id for p in pm_settings.pools}))
-        print(
-            f"llorch ready: orchestrator {endpoints['orchestrator']} serving {models} "
-            f"(catalog {catalog.address}, pool manager {pool_manager.address})",
-            flush=True,
-        )
-        await stop.wait()
-        _log.info("stopping")
-        path.unlink(missing_ok=True)
-    finally:
-        for close in reversed(stack):
-            await close()
+        raise RuntimeError(f"pools did not become ready: {errors}")
+    orch_settings = settings.orchestrator_service.model_copy(
+        update={"catalog": catalog.address, "pool_managers": [pool_manager.address]}
+    )
+    orchestrator = await start_orchestrator(orch_settings, settings.listen)
+    stack.append(orchestrator.stop)
+    host = settings.listen.rsplit(":", 1)[0]
+    endpoints = {
+        "orchestrator": f"{host}:{orchestrator.port}",
+        "catalog": catalog.address,
+        "pool_manager": pool_manager.address,
+        "pid": os.getpid(),
+    }
+    path = endpoints_path(data_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(endpoints))
+    models = ", ".join(sorted({p.model_id for p in pm_settings.pools}))
+    print(
+        f"llorch ready: orchestrator {endpoints['orchestrator']} serving {models} "
+        f"(catalog {catalog.address}, pool manager {pool_manager.address})",
+        flush=True,
+    )
+    return path
 
 
 def main_up(settings: Settings, base_env: Mapping[str, str]) -> int:

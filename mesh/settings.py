@@ -57,6 +57,13 @@ class PoolSettings(BaseModel):
     n_threads: int = Field(default=0, ge=0, le=512)
     """CPU threads for decoding; 0 lets llama.cpp choose."""
 
+    @field_validator("pool_id", "model_id")
+    @classmethod
+    def _name_valid(cls, value: str) -> str:
+        if not is_valid_name(value):
+            raise ValueError("must not contain '..'")
+        return value
+
     @field_validator("devices")
     @classmethod
     def _devices_valid(cls, devices: list[str]) -> list[str]:
@@ -76,6 +83,14 @@ class PoolManagerSettings(BaseModel):
     """Address the pool manager listens on."""
     node_id: str = Field(default="local", pattern=f"^{NAME_PATTERN}$")
     """Id of this machine in the mesh."""
+
+    @field_validator("node_id")
+    @classmethod
+    def _node_id_valid(cls, value: str) -> str:
+        if not is_valid_name(value):
+            raise ValueError("must not contain '..'")
+        return value
+
     catalog: str = ""
     """Catalog address; the home profile fills it in."""
     pools: list[PoolSettings] = Field(default_factory=list)

@@ -9,6 +9,7 @@ from typing import Protocol
 from llorch.common.v1 import common_pb2
 from llorch.orchestrator.v1 import orchestrator_pb2
 
+from mesh.common_types import FINISH_REASON_TO_PB
 from mesh.errors import InvalidArgumentError, LlorchError
 from mesh.ids import check_name
 from orchestrator.tasks import (
@@ -47,11 +48,6 @@ _STATE_TO_PB = {
     TaskState.SUCCEEDED: orchestrator_pb2.TASK_STATE_SUCCEEDED,
     TaskState.FAILED: orchestrator_pb2.TASK_STATE_FAILED,
     TaskState.CANCELLED: orchestrator_pb2.TASK_STATE_CANCELLED,
-}
-_FINISH_TO_PB = {
-    "stop": common_pb2.FINISH_REASON_STOP,
-    "stop_sequence": common_pb2.FINISH_REASON_STOP_SEQUENCE,
-    "length": common_pb2.FINISH_REASON_LENGTH,
 }
 
 
@@ -158,7 +154,7 @@ def event_to_pb(task_id: str, event: TaskEvent) -> orchestrator_pb2.TaskEvent:
 def finished_to_pb(event: Finished) -> common_pb2.Finished:
     """The Finished summary as protobuf."""
     return common_pb2.Finished(
-        finish_reason=_FINISH_TO_PB.get(event.reason, common_pb2.FINISH_REASON_UNSPECIFIED),
+        finish_reason=FINISH_REASON_TO_PB.get(event.reason, common_pb2.FINISH_REASON_UNSPECIFIED),
         tokens_in=event.tokens_in,
         tokens_out=event.tokens_out,
         ttft_ms=event.ttft_ms,

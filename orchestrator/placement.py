@@ -24,6 +24,8 @@ class PoolView:
     in_flight: int
     n_ctx: int
     engine_version: str = ""
+    failed: bool = False
+    """The pool gave up (its pool manager stopped restarting the worker)."""
 
     @property
     def key(self) -> str:
@@ -78,9 +80,17 @@ def decide(inp: PlacementInput) -> PlacementDecision:
         return PlacementDecision(
             Outcome.REJECT, reason=f"no pool serves model {inp.model_id}", excluded=excluded
         )
+    if all(p.failed for p in serving):
+        return PlacementDecision(
+            Outcome.REJECT,
+            reason=f"every pool serving model {inp.model_id} has failed",
+            excluded={**excluded, **{p.key: "failed" for p in serving}},
+        )
     candidates: list[PoolView] = []
     for pool in serving:
-        if not pool.reachable:
+        if pool.failed:
+            excluded[pool.key] = "failed"
+        elif not pool.reachable:
             excluded[pool.key] = "node unreachable"
         elif not pool.ready:
             excluded[pool.key] = "not ready"

@@ -30,6 +30,7 @@ class _Node:
     node_id: str = ""
     pools: tuple[poolmanager_pb2.Pool, ...] = ()
     reachable: bool = False
+    conflict: bool = False
     poller: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
@@ -84,6 +85,7 @@ class PoolRegistry:
                         in_flight=self._in_flight.get(key, 0),
                         n_ctx=pool.n_ctx,
                         engine_version=pool.engine_version,
+                        failed=pool.state == poolmanager_pb2.POOL_STATE_FAILED,
                     )
                 )
         return tuple(out)
@@ -103,10 +105,6 @@ class PoolRegistry:
                 return node.stub
         raise KeyError(node_id)
 
-    async def refresh_all(self) -> None:
-        """Re-reads every node now (after a failure, say)."""
-        await asyncio.gather(*(self._refresh(node) for node in self._nodes))
-
     async def _poll(self, node: _Node) -> None:
         while True:
             await asyncio.sleep(self._refresh_s)
@@ -123,6 +121,24 @@ class PoolRegistry:
                 node.reachable = False
                 self._on_change()
             return
+        node_id = response.node.node_id
+        twin = next((n for n in self._nodes if n is not node and n.node_id == node_id), None)
+        if twin is not None:
+            # Two pool managers with one node id would share slot counts and stubs.
+            if not node.conflict:
+                _log.error(
+                    "pool managers %s and %s both call themselves node %s; ignoring %s",
+                    twin.address,
+                    node.address,
+                    node_id,
+                    node.address,
+                )
+                node.conflict = True
+                node.reachable = False
+                node.pools = ()
+                self._on_change()
+            return
+        node.conflict = False
         pools = tuple(response.node.pools)
         changed = (
             (not node.reachable) or pools != node.pools or node.node_id != response.node.node_id

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
 import time
 import uuid
@@ -22,10 +23,12 @@ from llorch.poolmanager.v1 import poolmanager_pb2
 
 from catalog.client import CatalogClient
 from mesh import logs
+from mesh.common_types import FINISH_REASON_FROM_PB
 from mesh.errors import CancelledError as TaskCancelledError
 from mesh.errors import (
     DeadlineExceededError,
     FailedPreconditionError,
+    InternalError,
     InvalidArgumentError,
     LlorchError,
     NotFoundError,
@@ -41,11 +44,6 @@ from orchestrator.tasks import Finished, Metrics, Started, Task, TaskSpec, Token
 
 _log = logs.get_logger("orchestrator")
 
-_FINISH_REASONS = {
-    common_pb2.FINISH_REASON_STOP: "stop",
-    common_pb2.FINISH_REASON_STOP_SEQUENCE: "stop_sequence",
-    common_pb2.FINISH_REASON_LENGTH: "length",
-}
 # Until a model has measured service times, predictions assume this much per task.
 _DEFAULT_SERVICE_MS = 1000.0
 _EWMA_WEIGHT = 0.3
@@ -73,6 +71,7 @@ class Orchestrator:
         self._wake = asyncio.Event()
         self._dispatcher: asyncio.Task[None] | None = None
         self._last_sweep = 0.0
+        self._deadline_timer: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
         """Connects to the pool managers and starts dispatching."""
@@ -130,11 +129,22 @@ class Orchestrator:
                 "sampling.max_tokens",
                 f"must be below the model's context length of {info.context_length} tokens",
             )
-        views = self._registry.views()
-        if views and not any(v.model_id == spec.model_id for v in views):
+        all_views = self._registry.views()
+        views = [v for v in all_views if v.model_id == spec.model_id]
+        if all_views and not views:
             raise FailedPreconditionError(
                 f"no pool serves model {spec.model_id}", reason="NO_POOL_FOR_MODEL"
             )
+        largest_ctx = max((v.n_ctx for v in views), default=0)
+        if largest_ctx and spec.sampling.max_tokens >= largest_ctx:
+            raise InvalidArgumentError(
+                "sampling.max_tokens",
+                f"must be below the largest context of the pools serving {spec.model_id} "
+                f"({largest_ctx} tokens)",
+            )
+        if spec.request_id and spec.request_id in self._by_request_id:
+            # A submission with the same key won the race while the catalog answered.
+            return self.get(self._by_request_id[spec.request_id])
         now = self._clock()
         task = Task(
             uuid.uuid4().hex,
@@ -154,7 +164,12 @@ class Orchestrator:
         self._tasks[task.task_id] = task
         if spec.request_id:
             self._by_request_id[spec.request_id] = task.task_id
-        task.set_queued(position, self._predict_ms(spec.model_id, position))
+        same_model_ahead = 0
+        for queued in self._queue:
+            if queued is task:
+                break
+            same_model_ahead += queued.spec.model_id == spec.model_id
+        task.set_queued(position, self._predict_ms(spec.model_id, same_model_ahead))
         # Place it now rather than on the dispatcher's next turn: one loop iteration less before
         # the first token when a slot is free.
         self._dispatch_once()
@@ -242,9 +257,10 @@ class Orchestrator:
                     ),
                     now,
                 )
-                self._relays[task.task_id] = asyncio.create_task(
-                    self._relay(task, pool), name=f"relay-{task.task_id}"
-                )
+                relay = asyncio.create_task(self._relay(task, pool), name=f"relay-{task.task_id}")
+                self._relays[task.task_id] = relay
+                # A relay cancelled before its first step never runs its own finally.
+                relay.add_done_callback(functools.partial(self._relay_done, task, pool))
         self._publish_positions()
         self._sweep(now)
         self._arm_deadline_timer(now)
@@ -269,10 +285,16 @@ class Orchestrator:
         return round(rounds * service_ms)
 
     def _arm_deadline_timer(self, now: float) -> None:
+        """One timer, at the earliest deadline of a queued task."""
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+            self._deadline_timer = None
         deadlines = [t.deadline for t in self._queue if t.deadline is not None]
         if deadlines:
             delay = max(0.0, min(deadlines) - now)
-            asyncio.get_running_loop().call_later(delay + 0.001, self._wake.set)
+            self._deadline_timer = asyncio.get_running_loop().call_later(
+                delay + 0.001, self._wake.set
+            )
 
     def _sweep(self, now: float) -> None:
         if now - self._last_sweep < 10:
@@ -338,7 +360,7 @@ class Orchestrator:
                     tps = (f.tokens_out - 1) / (f.decode_ms / 1000) if f.decode_ms > 0 else 0.0
                     task.succeed(
                         Finished(
-                            _FINISH_REASONS.get(f.finish_reason, "stop"),
+                            FINISH_REASON_FROM_PB.get(f.finish_reason, "stop"),
                             f.tokens_in,
                             f.tokens_out,
                             f.ttft_ms,
@@ -380,16 +402,23 @@ class Orchestrator:
                 ),
                 self._clock(),
             )
+        except Exception:  # a bug: the task must still end, or its readers wait forever
+            _log.exception("relay failed")
+            task.fail(InternalError(f"internal error relaying task {task.task_id}"), self._clock())
         finally:
             if call is not None:
                 call.cancel()
-            self._registry.release(pool)
-            self._relays.pop(task.task_id, None)
-            self._wake.set()
-            if task.terminal:
-                _log.info(
-                    "task ended", extra={"state": task.state.value, "tokens_out": task.tokens_out}
-                )
+            _log.info(
+                "task ended", extra={"state": task.state.value, "tokens_out": task.tokens_out}
+            )
+
+    def _relay_done(self, task: Task, pool: PoolView, _: asyncio.Task[None]) -> None:
+        """Frees the relay's slot, however the relay ended (even cancelled before it ran)."""
+        self._registry.release(pool)
+        self._relays.pop(task.task_id, None)
+        if not task.terminal:  # cannot happen unless the relay was cancelled from outside
+            task.fail(UnavailableError("the relay stopped", reason="SHUTDOWN"), self._clock())
+        self._wake.set()
 
     def _record_service_ms(self, model_id: str, ms: float) -> None:
         old = self._service_ms.get(model_id)

@@ -270,7 +270,10 @@ class Task:
                 out.append(event)
             if pending is not None:
                 out.append(pending)
+            live = not self.terminal
             for event in out:
+                if live and isinstance(event, Tokens) and self.state is TaskState.CANCELLED:
+                    continue  # cancelled while an earlier event was written: no token after it
                 yield event
 
     def _append(self, event: TaskEvent) -> None:

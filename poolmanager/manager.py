@@ -260,46 +260,34 @@ class PoolManager:
         while not self._stopping:
             pool.state = PoolState.LOADING
             await self._changed()
+            started = time.monotonic()
             try:
                 path = await self._locate_model(pool.settings.model_id)
-                started = time.monotonic()
-                gpus = [] if pool.settings.devices == ["cpu"] else pool.settings.devices
-                worker = await WorkerProcess.spawn(
-                    path,
-                    n_ctx=pool.settings.n_ctx,
-                    n_threads=pool.settings.n_threads,
-                    gpu_devices=gpus,
-                    env=self._base_env,
-                    start_timeout_s=self._settings.worker_start_timeout_s,
-                    log_level=self._log_level,
-                )
-            except (WorkerStartError, UnavailableError, NotFoundError, OSError) as exc:
-                failures += 1
+            except UnavailableError as exc:
+                # The catalog is down: not the pool's fault, keep trying without counting.
                 pool.last_error = str(exc)
-                _log.error("pool failed to start: %s", exc, extra=pool_log)
+                _log.warning("cannot locate the model: %s", exc, extra=pool_log)
+                await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
+                backoff = min(backoff * 2, _BACKOFF_MAX_S)
+                continue
+            except Exception as exc:  # NOT_FOUND, a bad answer: counts as a failed start
+                failures += 1
+                pool.last_error = f"cannot locate model {pool.settings.model_id}: {exc}"
+                _log.error("%s", pool.last_error, extra=pool_log)
             else:
-                pool.worker = worker
-                pool.engine_version = worker.ready.engine_version
-                pool.n_ctx = worker.ready.n_ctx
-                pool.state = PoolState.READY
-                _log.info(
-                    "pool ready",
-                    extra={
-                        **pool_log,
-                        "pid": worker.pid,
-                        "model_id": pool.settings.model_id,
-                        "load_ms": round(worker.ready.load_ms, 1),
-                        "start_ms": round((time.monotonic() - started) * 1000, 1),
-                    },
-                )
-                await self._changed()
-                await worker.exited.wait()
-                pool.worker = None
-                if self._stopping:
-                    break
-                failures = 1 if time.monotonic() - started > 60 else failures + 1
-                pool.last_error = "worker exited unexpectedly"
-                _log.error("worker died; restarting", extra={**pool_log, "pid": worker.pid})
+                worker = await self._start_worker(pool, path, pool_log)
+                if worker is None:
+                    failures += 1
+                else:
+                    await worker.exited.wait()
+                    pool.worker = None
+                    if self._stopping:
+                        break
+                    if time.monotonic() - started > 60:  # it ran a while: a fresh start
+                        failures, backoff = 0, _BACKOFF_INITIAL_S
+                    failures += 1
+                    pool.last_error = "worker exited unexpectedly"
+                    _log.error("worker died; restarting", extra={**pool_log, "pid": worker.pid})
             if failures >= _MAX_CONSECUTIVE_FAILURES:
                 pool.state = PoolState.FAILED
                 pool.last_error = f"{failures} consecutive failures; last: {pool.last_error}"
@@ -311,6 +299,44 @@ class PoolManager:
             await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
             backoff = min(backoff * 2, _BACKOFF_MAX_S)
         pool.state = PoolState.UNLOADED
+
+    async def _start_worker(
+        self, pool: Pool, path: str, pool_log: dict[str, str]
+    ) -> WorkerProcess | None:
+        """Starts the pool's worker and marks the pool READY; None when the start failed."""
+        started = time.monotonic()
+        gpus = [] if pool.settings.devices == ["cpu"] else pool.settings.devices
+        try:
+            worker = await WorkerProcess.spawn(
+                path,
+                n_ctx=pool.settings.n_ctx,
+                n_threads=pool.settings.n_threads,
+                gpu_devices=gpus,
+                env=self._base_env,
+                start_timeout_s=self._settings.worker_start_timeout_s,
+                log_level=self._log_level,
+            )
+        except (WorkerStartError, OSError) as exc:
+            pool.last_error = str(exc)
+            _log.error("pool failed to start: %s", exc, extra=pool_log)
+            return None
+        pool.worker = worker
+        pool.engine_version = worker.ready.engine_version
+        pool.n_ctx = worker.ready.n_ctx
+        pool.last_error = ""
+        pool.state = PoolState.READY
+        _log.info(
+            "pool ready",
+            extra={
+                **pool_log,
+                "pid": worker.pid,
+                "model_id": pool.settings.model_id,
+                "load_ms": round(worker.ready.load_ms, 1),
+                "start_ms": round((time.monotonic() - started) * 1000, 1),
+            },
+        )
+        await self._changed()
+        return worker
 
     async def _changed(self) -> None:
         if self._on_change is not None:

@@ -10,6 +10,7 @@ from llorch.common.v1 import common_pb2
 from llorch.poolmanager.v1 import poolmanager_pb2, poolmanager_pb2_grpc
 
 from mesh import logs
+from mesh.common_types import FINISH_REASON_TO_PB
 from mesh.errors import InvalidArgumentError
 from mesh.ids import check_name
 from mesh.server import ServiceBinding
@@ -30,11 +31,6 @@ _STATE_TO_PB = {
     PoolState.READY: poolmanager_pb2.POOL_STATE_READY,
     PoolState.DRAINING: poolmanager_pb2.POOL_STATE_DRAINING,
     PoolState.FAILED: poolmanager_pb2.POOL_STATE_FAILED,
-}
-FINISH_REASON_TO_PB = {
-    "stop": common_pb2.FINISH_REASON_STOP,
-    "stop_sequence": common_pb2.FINISH_REASON_STOP_SEQUENCE,
-    "length": common_pb2.FINISH_REASON_LENGTH,
 }
 
 

@@ -108,10 +108,17 @@ class WorkerProcess:
             raise WorkerStartError(
                 f"worker did not load {model_path} within {start_timeout_s}s"
             ) from None
+        except BaseException:  # cancelled while loading (shutdown): leave no orphan
+            await asyncio.shield(_kill(proc))
+            raise
         if not line:
             code = await proc.wait()
             raise WorkerStartError(f"worker exited with code {code} while loading {model_path}")
-        event = json.loads(line)
+        try:
+            event = json.loads(line)
+        except ValueError:
+            await _kill(proc)
+            raise WorkerStartError(f"worker sent a malformed first line: {line[:200]!r}") from None
         if event.get("ev") != "ready":
             await proc.wait()
             raise WorkerStartError(str(event.get("message") or f"unexpected event {event}"))

@@ -269,3 +269,19 @@ async def test_models_survive_a_restart(tmp_path: Path, tiny_model: Path) -> Non
     finally:
         await channel.close()
         await app.stop()
+
+
+async def test_sizes_beyond_int64_are_invalid_not_internal(
+    catalog: Catalog, tiny_model: Path
+) -> None:
+    model = catalog_pb2.Model(
+        model_id="huge",
+        source_ref="file:/x",
+        sha256="a" * 64,
+        size_bytes=2**63,
+        facts=catalog_pb2.ModelFacts(architecture="llama", context_length=10),
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await catalog.stub.RegisterModel(catalog_pb2.RegisterModelRequest(model=model))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "model.size_bytes" in (info.value.details() or "")

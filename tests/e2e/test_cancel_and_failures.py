@@ -139,3 +139,22 @@ async def test_worker_killed_mid_stream_ends_retriable_and_pool_recovers(
         mesh.stub.Generate(generate_request(max_tokens=8, ignore_eos=True), timeout=30)
     )
     assert len(got.token_ids) == 8
+
+
+async def test_cancel_in_the_turn_a_task_is_placed_frees_its_slot(mesh: Mesh) -> None:
+    # submit() places the task and creates its relay; cancelling before the relay's first step
+    # (no await in between) used to leave the pool's slot counted as taken forever.
+    from orchestrator.tasks import Sampling, TaskSpec
+
+    orch = mesh.orchestrator.orchestrator
+    spec = TaskSpec("tiny-llama", "hi", Sampling(8, 0.0, 1.0, 0, 1, ignore_eos=True))
+    for _ in range(3):
+        task = await orch.submit(spec, correlation_id="c", timeout_s=None, default_max_tokens=False)
+        orch.cancel(task.task_id)
+    await asyncio.sleep(0.05)
+    views = mesh.orchestrator.orchestrator._registry.views()
+    assert [v.in_flight for v in views] == [0]
+    got = await collect(
+        mesh.stub.Generate(generate_request(max_tokens=4, ignore_eos=True), timeout=10)
+    )
+    assert len(got.token_ids) == 4

@@ -163,3 +163,10 @@ def test_pool_in_toml_is_read(tmp_path: Path) -> None:
 def test_pool_manager_settings_bounds() -> None:
     with pytest.raises(ValidationError):
         PoolManagerSettings(worker_start_timeout_s=0)
+
+
+@pytest.mark.parametrize("field", ["pool_id", "model_id"])
+def test_pool_names_with_double_dots_are_refused(field: str) -> None:
+    values = {"pool_id": "p0", "model_id": "m0", field: "a..b"}
+    with pytest.raises(ValidationError):
+        PoolSettings(**values)

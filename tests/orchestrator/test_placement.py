@@ -284,3 +284,22 @@ def test_decide_invariants(inp: PlacementInput) -> None:
             if p.model_id == inp.model_id and (p.n_ctx == 0 or p.n_ctx >= inp.tokens_needed)
         ]
         assert decision.outcome is (Outcome.WAIT if holds else Outcome.REJECT)
+
+
+def test_reject_when_every_pool_serving_the_model_has_failed() -> None:
+    failed = PoolView(
+        "n", "a", "m", ready=False, reachable=True, slots_total=1, in_flight=0, n_ctx=0, failed=True
+    )
+    other = PoolView(
+        "n", "b", "other", ready=True, reachable=True, slots_total=1, in_flight=0, n_ctx=0
+    )
+    decision = decide(PlacementInput("m", 10, (failed, other)))
+    assert decision.outcome is Outcome.REJECT
+    assert "failed" in decision.reason
+    assert decision.excluded["n/a"] == "failed"
+    loading = PoolView(
+        "n", "c", "m", ready=False, reachable=True, slots_total=1, in_flight=0, n_ctx=0
+    )
+    waiting = decide(PlacementInput("m", 10, (failed, loading)))
+    assert waiting.outcome is Outcome.WAIT
+    assert waiting.excluded["n/a"] == "failed"

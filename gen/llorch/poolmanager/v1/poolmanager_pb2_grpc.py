@@ -74,7 +74,8 @@ class PoolManagerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CancelExecution(self, request, context):
-        """Stops an execution; no token of it is sent after this returns.
+        """Asks the worker to stop an execution after its current token; its Execute call then ends
+        CANCELLED. Cancelling the Execute call itself does the same.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
