@@ -3,8 +3,9 @@
 Direct: a ``Llama`` in this process, looping ``generate()`` with incremental detokenization.
 Mesh: ``llorch up`` in its own process (orchestrator → pool manager → worker process), called
 over gRPC from this process. Both use the same model file, prompt, sampling, seeds and engine
-threads, one after the other (never at once). Prints TTFT p50/p99 and decode tokens/s for both
-paths and their ratios, then one line of JSON with the figures.
+threads, never at once, in blocks ordered direct, mesh, mesh, direct so that a drift of the
+machine's speed affects both alike. Prints TTFT p50/p99 and decode tokens/s for both paths and
+their ratios, then one line of JSON with the figures.
 
   .venv/bin/python bench/relay.py                      # tiny-llama and the ~170 MiB F16 model
   .venv/bin/python bench/relay.py --models tiny --runs 5 --tokens 64   # quick
@@ -59,13 +60,16 @@ class Case:
     tokens: int
 
 
-def direct_runs(path: Path, case: Case, threads: int, seeds: list[int]) -> list[Run]:
-    """Generations with llama-cpp-python in this process."""
-    import llama_cpp
+class Direct:
+    """llama-cpp-python in this process, decoding exactly as the worker does."""
 
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=0, n_threads=threads, verbose=False)
-    runs = []
-    for seed in seeds:
+    def __init__(self, path: Path, threads: int) -> None:
+        import llama_cpp
+
+        self._llm = llama_cpp.Llama(model_path=str(path), n_ctx=0, n_threads=threads, verbose=False)
+
+    def run(self, case: Case, seed: int) -> Run:
+        llm = self._llm
         start = time.perf_counter()
         prompt = llm.tokenize(PROMPT.encode(), add_bos=True, special=False)
         llm.set_seed(seed)
@@ -88,38 +92,61 @@ def direct_runs(path: Path, case: Case, threads: int, seeds: list[int]) -> list[
                 first = last
             if count >= case.tokens:
                 break
-        runs.append(Run((first - start) * 1000, count, last - first))
-    del llm
-    gc.collect()
-    return runs
+        return Run((first - start) * 1000, count, last - first)
+
+    def close(self) -> None:
+        del self._llm
+        gc.collect()
 
 
-async def mesh_runs(address: str, case: Case, seeds: list[int]) -> list[Run]:
-    """Generations through the mesh, over gRPC."""
-    runs = []
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
-        for seed in seeds:
-            request = orchestrator_pb2.GenerateRequest(
-                model_id=case.model_id,
-                prompt=PROMPT,
-                sampling=common_pb2.SamplingParams(
-                    max_tokens=case.tokens, seed=seed, ignore_eos=True, **SAMPLING
-                ),
-            )
-            start = time.perf_counter()
-            first = last = 0.0
-            count = 0
-            async for response in stub.Generate(request, timeout=600):
-                event = response.event
-                if event.WhichOneof("kind") != "token":
-                    continue
-                last = time.perf_counter()
-                if count == 0:
-                    first = last
-                count += len(event.token.token_ids)
-            runs.append(Run((first - start) * 1000, count, last - first))
-    return runs
+async def mesh_run(
+    stub: orchestrator_pb2_grpc.OrchestratorServiceStub, case: Case, seed: int
+) -> Run:
+    """One generation through the mesh, over gRPC."""
+    request = orchestrator_pb2.GenerateRequest(
+        model_id=case.model_id,
+        prompt=PROMPT,
+        sampling=common_pb2.SamplingParams(
+            max_tokens=case.tokens, seed=seed, ignore_eos=True, **SAMPLING
+        ),
+    )
+    start = time.perf_counter()
+    first = last = 0.0
+    count = 0
+    async for response in stub.Generate(request, timeout=600):
+        event = response.event
+        if event.WhichOneof("kind") != "token":
+            continue
+        last = time.perf_counter()
+        if count == 0:
+            first = last
+        count += len(event.token.token_ids)
+    return Run((first - start) * 1000, count, last - first)
+
+
+async def abba(address: str, path: Path, case: Case, threads: int) -> tuple[list[Run], list[Run]]:
+    """Blocks of runs in the order direct, mesh, mesh, direct (two warm-up runs each).
+
+    Each path runs back to back within a block (as a busy server would), and the ABBA order
+    cancels a slow drift of the machine's speed between the two paths.
+    """
+    direct = Direct(path, threads)
+    out: dict[str, list[Run]] = {"direct": [], "mesh": []}
+    half = max(1, case.runs // 2)
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+            for path_name in ("direct", "mesh", "mesh", "direct"):
+                for i, seed in enumerate(range(1, half + 3)):
+                    if path_name == "direct":
+                        run = direct.run(case, seed)
+                    else:
+                        run = await mesh_run(stub, case, seed)
+                    if i >= 2:
+                        out[path_name].append(run)
+    finally:
+        direct.close()
+    return out["direct"], out["mesh"]
 
 
 def summarize(runs: list[Run]) -> dict[str, float]:
@@ -188,16 +215,13 @@ def main() -> None:
             c.model_id: write_tiny_model(tmp_path / f"{c.model_id}.gguf", c.spec) for c in cases
         }
         results: dict[str, dict[str, object]] = {}
-        direct: dict[str, list[Run]] = {}
-        for case in cases:
-            seeds = list(range(1, case.runs + 3))  # two warm-up runs, then the measured ones
-            direct[case.key] = direct_runs(paths[case.model_id], case, args.threads, seeds)[2:]
         proc, address = start_mesh(tmp_path / "data", paths, args.threads)
         try:
             for case in cases:
-                seeds = list(range(1, case.runs + 3))
-                mesh = asyncio.run(mesh_runs(address, case, seeds))[2:]
-                d, m = summarize(direct[case.key]), summarize(mesh)
+                direct_runs, mesh_runs = asyncio.run(
+                    abba(address, paths[case.model_id], case, args.threads)
+                )
+                d, m = summarize(direct_runs), summarize(mesh_runs)
                 results[case.model_id] = {
                     "direct": d,
                     "mesh": m,
