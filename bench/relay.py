@@ -195,7 +195,9 @@ def start_mesh(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="tiny,170m", help="comma list of: tiny, 170m")
-    parser.add_argument("--runs", type=int, default=0, help="runs per path (default per model)")
+    parser.add_argument(
+        "--runs", type=int, default=0, help="runs per path, even (default per model)"
+    )
     parser.add_argument("--tokens", type=int, default=0, help="tokens per run (default per model)")
     parser.add_argument("--threads", type=int, default=1, help="engine threads on both paths")
     args = parser.parse_args()

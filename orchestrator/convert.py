@@ -62,8 +62,8 @@ class TaskRequest(Protocol):
 
 def spec_from_pb(
     request: TaskRequest, *, request_id: str, max_prompt_bytes: int, default_max_tokens: int
-) -> tuple[TaskSpec, bool]:
-    """Validates a request; returns the spec and whether max_tokens took the default."""
+) -> TaskSpec:
+    """Validates a request and resolves the defaults of its sampling parameters."""
     model_id = check_name(request.model_id, "model_id")
     if not request.prompt:
         raise InvalidArgumentError("prompt", "is required")
@@ -110,8 +110,9 @@ def spec_from_pb(
         ),
         priority=_PRIORITY_FROM_PB[request.priority],
         request_id=request_id,
+        max_tokens_defaulted=defaulted,
     )
-    return spec, defaulted
+    return spec
 
 
 def event_to_pb(task_id: str, event: TaskEvent) -> orchestrator_pb2.TaskEvent:

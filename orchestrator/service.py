@@ -97,14 +97,7 @@ class Orchestrator:
 
     # --- client operations -------------------------------------------------------------------
 
-    async def submit(
-        self,
-        spec: TaskSpec,
-        *,
-        correlation_id: str,
-        timeout_s: float | None,
-        default_max_tokens: bool,
-    ) -> Task:
+    async def submit(self, spec: TaskSpec, *, correlation_id: str, timeout_s: float | None) -> Task:
         """Admits a task: checks it against the model and the queue, then enqueues it.
 
         Raises:
@@ -122,26 +115,22 @@ class Orchestrator:
             raise FailedPreconditionError(
                 f"model {spec.model_id} is retired", reason="MODEL_RETIRED"
             )
-        if default_max_tokens:
-            spec = _with_max_tokens(spec, min(spec.sampling.max_tokens, info.context_length - 1))
-        elif spec.sampling.max_tokens >= info.context_length:
-            raise InvalidArgumentError(
-                "sampling.max_tokens",
-                f"must be below the model's context length of {info.context_length} tokens",
-            )
         all_views = self._registry.views()
         views = [v for v in all_views if v.model_id == spec.model_id]
         if all_views and not views:
             raise FailedPreconditionError(
                 f"no pool serves model {spec.model_id}", reason="NO_POOL_FOR_MODEL"
             )
-        largest_ctx = max((v.n_ctx for v in views), default=0)
-        if largest_ctx and spec.sampling.max_tokens >= largest_ctx:
-            raise InvalidArgumentError(
-                "sampling.max_tokens",
-                f"must be below the largest context of the pools serving {spec.model_id} "
-                f"({largest_ctx} tokens)",
-            )
+        # The context a task can have: the model's, or less when its pools run smaller.
+        limit = min([info.context_length, *(v.n_ctx for v in views if v.n_ctx)])
+        if spec.sampling.max_tokens >= limit:
+            if not spec.max_tokens_defaulted:
+                raise InvalidArgumentError(
+                    "sampling.max_tokens",
+                    f"must be below {limit} tokens, the context of model {spec.model_id} "
+                    "and its pools",
+                )
+            spec = replace(spec, sampling=replace(spec.sampling, max_tokens=max(1, limit - 1)))
         if spec.request_id and spec.request_id in self._by_request_id:
             # A submission with the same key won the race while the catalog answered.
             return self.get(self._by_request_id[spec.request_id])
@@ -342,6 +331,7 @@ class Orchestrator:
                 stop=list(s.stop),
                 ignore_eos=s.ignore_eos,
             ),
+            max_tokens_defaulted=spec.max_tokens_defaulted,
         )
         timeout = None if task.deadline is None else max(0.001, task.deadline - self._clock())
         _log.info("task dispatched", extra={"execution_id": request.execution_id})
@@ -423,10 +413,6 @@ class Orchestrator:
     def _record_service_ms(self, model_id: str, ms: float) -> None:
         old = self._service_ms.get(model_id)
         self._service_ms[model_id] = ms if old is None else old + _EWMA_WEIGHT * (ms - old)
-
-
-def _with_max_tokens(spec: TaskSpec, max_tokens: int) -> TaskSpec:
-    return replace(spec, sampling=replace(spec.sampling, max_tokens=max(1, max_tokens)))
 
 
 def _has_details(err: grpc.aio.AioRpcError) -> bool:

@@ -79,7 +79,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     async def _submit(
         self, request: convert.TaskRequest, request_id: str, timeout_s: float | None
     ) -> Task:
-        spec, defaulted = convert.spec_from_pb(
+        spec = convert.spec_from_pb(
             request,
             request_id=request_id,
             max_prompt_bytes=self._settings.max_prompt_bytes,
@@ -89,7 +89,6 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             spec,
             correlation_id=logs.correlation_id.get(),
             timeout_s=timeout_s,
-            default_max_tokens=defaulted,
         )
         logs.task_id.set(task.task_id)
         return task

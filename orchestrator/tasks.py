@@ -59,6 +59,8 @@ class TaskSpec:
     sampling: Sampling
     priority: Priority = Priority.INTERACTIVE
     request_id: str = ""
+    max_tokens_defaulted: bool = False
+    """The client left max_tokens unset: the pool may shorten it to fit a long prompt."""
 
 
 @dataclass(frozen=True)

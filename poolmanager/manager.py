@@ -84,6 +84,7 @@ class ExecutionSpec:
     seed: int
     stop: tuple[str, ...]
     ignore_eos: bool
+    max_tokens_defaulted: bool = False
 
 
 @dataclass(frozen=True)
@@ -353,6 +354,7 @@ def _job(spec: ExecutionSpec) -> dict[str, Any]:
         "seed": spec.seed,
         "stop": list(spec.stop),
         "ignore_eos": spec.ignore_eos,
+        "max_tokens_defaulted": spec.max_tokens_defaulted,
         "cid": logs.correlation_id.get(),
     }
 

@@ -123,6 +123,7 @@ def _spec_from_pb(request: poolmanager_pb2.ExecuteRequest) -> ExecutionSpec:
         seed=s.seed,
         stop=tuple(s.stop),
         ignore_eos=s.ignore_eos,
+        max_tokens_defaulted=request.max_tokens_defaulted,
     )
 
 

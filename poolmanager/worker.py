@@ -6,8 +6,8 @@ stdin, events on the original stdout. Native code that prints to stdout cannot c
 stream because fd 1 is pointed at stderr at start and events go to a private copy of the pipe.
 
 Commands (one JSON object a line):
-  {"op": "exec", "id", "prompt", "max_tokens", "temperature", "top_p", "top_k", "seed",
-   "stop": [...], "ignore_eos", "cid"}
+  {"op": "exec", "id", "prompt", "max_tokens", "max_tokens_defaulted", "temperature", "top_p",
+   "top_k", "seed", "stop": [...], "ignore_eos", "cid"}
   {"op": "cancel", "id"}
 EOF on stdin means the pool manager is gone: the worker exits.
 
@@ -297,16 +297,29 @@ class Worker:
         prompt_tokens = llm.tokenize(job["prompt"].encode("utf-8"), add_bos=True, special=False)
         tokens_in = len(prompt_tokens)
         n_ctx = llm.n_ctx()
-        if tokens_in + max_tokens > n_ctx:
-            # llama.cpp fails one step past n_ctx; refuse before decoding anything.
+        # llama.cpp fails one step past n_ctx: refuse, or shorten a defaulted max_tokens,
+        # before decoding anything.
+        problem = ""
+        if tokens_in >= n_ctx:
+            field = "prompt"
+            problem = f"prompt is {tokens_in} tokens; the pool's context is {n_ctx} tokens"
+        elif tokens_in + max_tokens > n_ctx:
+            if job.get("max_tokens_defaulted"):
+                max_tokens = n_ctx - tokens_in
+            else:
+                field = "sampling.max_tokens"
+                problem = (
+                    f"prompt ({tokens_in} tokens) + max_tokens ({max_tokens}) exceeds the "
+                    f"pool's context of {n_ctx} tokens"
+                )
+        if problem:
             self._out.send(
                 {
                     "ev": "error",
                     "id": exec_id,
                     "code": "INVALID_ARGUMENT",
-                    "field": "sampling.max_tokens",
-                    "message": f"prompt ({tokens_in} tokens) + max_tokens ({max_tokens}) "
-                    f"exceeds the pool's context of {n_ctx} tokens",
+                    "field": field,
+                    "message": problem,
                 }
             )
             return

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_relay_benchmark_runs_and_prints_its_json_line() -> None:
     result = subprocess.run(
-        [sys.executable, "bench/relay.py", "--models", "tiny", "--runs", "3", "--tokens", "32"],
+        [sys.executable, "bench/relay.py", "--models", "tiny", "--runs", "4", "--tokens", "32"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -23,7 +23,7 @@ def test_relay_benchmark_runs_and_prints_its_json_line() -> None:
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     tiny = figures["tiny-llama"]
     for path in ("direct", "mesh"):
-        assert tiny[path]["runs"] == 3
+        assert tiny[path]["runs"] == 4
         assert tiny[path]["tokens_per_run"] == 32
         assert tiny[path]["tokens_per_s"] > 0
     assert "ttft_added_p50_ms" in tiny

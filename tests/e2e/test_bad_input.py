@@ -36,6 +36,7 @@ CASES: list[tuple[str, dict[str, Any], grpc.StatusCode, str | None]] = [
         INVALID,
         "sampling.max_tokens",
     ),
+    ("prompt alone over n_ctx", {"prompt": "zz " * 1500}, INVALID, "prompt"),
 ]
 
 

@@ -149,7 +149,7 @@ async def test_cancel_in_the_turn_a_task_is_placed_frees_its_slot(mesh: Mesh) ->
     orch = mesh.orchestrator.orchestrator
     spec = TaskSpec("tiny-llama", "hi", Sampling(8, 0.0, 1.0, 0, 1, ignore_eos=True))
     for _ in range(3):
-        task = await orch.submit(spec, correlation_id="c", timeout_s=None, default_max_tokens=False)
+        task = await orch.submit(spec, correlation_id="c", timeout_s=None)
         orch.cancel(task.task_id)
     await asyncio.sleep(0.05)
     views = mesh.orchestrator.orchestrator._registry.views()

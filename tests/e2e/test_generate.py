@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import grpc
 from llorch.orchestrator.v1 import orchestrator_pb2
@@ -129,3 +130,22 @@ async def test_stop_sequence_ends_generation_without_the_sequence(mesh: Mesh) ->
     assert stop not in stopped.text
     assert free.text.startswith(stopped.text)
     stopped.assert_contiguous()
+
+
+async def test_defaulted_max_tokens_shrinks_to_fit_a_long_prompt(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    from tests.conftest import start_mesh, stop_mesh
+
+    # max_tokens left unset takes default_max_tokens (1000 here); the ~1600-token prompt leaves
+    # less room than that in the 2048-token context, so the pool generates to the end of it.
+    mesh = await start_mesh(tmp_path, tiny_model, default_max_tokens=1000)
+    try:
+        request = generate_request("zz " * 800, ignore_eos=True)
+        request.sampling.ClearField("max_tokens")
+        got = await collect(mesh.stub.Generate(request, timeout=60))
+        finished = got.finished
+        assert 1000 > finished.tokens_out == 2048 - finished.tokens_in
+        got.assert_contiguous()
+    finally:
+        await stop_mesh(mesh)

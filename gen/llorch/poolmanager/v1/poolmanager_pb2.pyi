@@ -64,20 +64,22 @@ class Pool(_message.Message):
     def __init__(self, pool_id: _Optional[str] = ..., state: _Optional[_Union[PoolState, str]] = ..., model_id: _Optional[str] = ..., engine_version: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., slots_total: _Optional[int] = ..., slots_free: _Optional[int] = ..., n_ctx: _Optional[int] = ..., last_error: _Optional[str] = ...) -> None: ...
 
 class ExecuteRequest(_message.Message):
-    __slots__ = ("execution_id", "task_id", "pool_id", "model_id", "prompt", "sampling")
+    __slots__ = ("execution_id", "task_id", "pool_id", "model_id", "prompt", "sampling", "max_tokens_defaulted")
     EXECUTION_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     POOL_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_DEFAULTED_FIELD_NUMBER: _ClassVar[int]
     execution_id: str
     task_id: str
     pool_id: str
     model_id: str
     prompt: str
     sampling: _common_pb2.SamplingParams
-    def __init__(self, execution_id: _Optional[str] = ..., task_id: _Optional[str] = ..., pool_id: _Optional[str] = ..., model_id: _Optional[str] = ..., prompt: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
+    max_tokens_defaulted: bool
+    def __init__(self, execution_id: _Optional[str] = ..., task_id: _Optional[str] = ..., pool_id: _Optional[str] = ..., model_id: _Optional[str] = ..., prompt: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., max_tokens_defaulted: _Optional[bool] = ...) -> None: ...
 
 class ExecuteResponse(_message.Message):
     __slots__ = ("started", "token", "finished")
