@@ -56,6 +56,11 @@ class PoolSettings(BaseModel):
     """Sequences decoded at once. One for now; parallel slots are on the roadmap."""
     n_threads: int = Field(default=0, ge=0, le=512)
     """CPU threads for decoding; 0 lets llama.cpp choose."""
+    token_batch_ms: float = Field(default=4.0, ge=0, le=100)
+    """Longest a generated token waits to travel with the ones after it (the first token of an
+    execution never waits; 0 sends every token alone). Each message costs every hop of the mesh
+    CPU, so on an engine faster than one token per ``token_batch_ms`` this caps a stream at
+    1000 / token_batch_ms messages per second; a slower engine is not delayed at all."""
 
     @field_validator("pool_id", "model_id")
     @classmethod

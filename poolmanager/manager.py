@@ -316,6 +316,7 @@ class PoolManager:
                 env=self._base_env,
                 start_timeout_s=self._settings.worker_start_timeout_s,
                 log_level=self._log_level,
+                token_batch_ms=pool.settings.token_batch_ms,
             )
         except (WorkerStartError, OSError) as exc:
             pool.last_error = str(exc)

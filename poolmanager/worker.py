@@ -49,13 +49,13 @@ class _Out:
     Urgent events (the first token of an execution, its end, load events) are written at once by
     the caller, after whatever is pending, so the order holds. Later tokens are left to a writer
     thread that sends them at most once per ``window_s`` per execution, merged: a fast engine then
-    costs every hop of the mesh a message per millisecond instead of one per token, and a slow
-    one (a token every few ms) is not delayed at all.
+    costs every hop of the mesh a message per window instead of one per token, and a slower one
+    is not delayed at all.
     """
 
-    def __init__(self, stream: IO[bytes], window_s: float = 0.001) -> None:
+    def __init__(self, stream: IO[bytes], window_s: float) -> None:
         self._stream = stream
-        self._window_s = window_s
+        self.window_s = window_s
         self._pending: list[dict[str, Any]] = []
         self._cond = threading.Condition()
         self._closed = False
@@ -104,7 +104,7 @@ class _Out:
         wait = 0.0
         for event in self._pending:
             last = self._last_token_write.get(event["id"], 0.0)
-            wait = max(wait, last + self._window_s - now)
+            wait = max(wait, last + self.window_s - now)
         return wait
 
     def _write(self, batch: list[dict[str, Any]]) -> None:
@@ -402,7 +402,7 @@ class Worker:
     def _send_tokens(self, exec_id: str, index: int, ids: list[int], text: str) -> None:
         self._out.send(
             {"ev": "tok", "id": exec_id, "i": index, "ids": list(ids), "text": text},
-            urgent=index == 0,
+            urgent=index == 0 or self._out.window_s == 0,
         )
 
 
@@ -420,11 +420,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-threads", type=int, default=0)
     parser.add_argument("--gpu", action="store_true", help="offload every layer to the GPU")
     parser.add_argument("--log-level", choices=list(_LEVELS), default="INFO")
+    parser.add_argument("--token-batch-ms", type=float, default=4.0)
     args = parser.parse_args(argv)
     _min_level["value"] = _LEVELS[args.log_level]
 
     # Events get a private copy of the stdout pipe; fd 1 now goes to stderr.
-    out = _Out(os.fdopen(os.dup(1), "wb", buffering=0))
+    out = _Out(os.fdopen(os.dup(1), "wb", buffering=0), window_s=args.token_batch_ms / 1000)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
 

@@ -69,6 +69,7 @@ class WorkerProcess:
         env: Mapping[str, str],
         start_timeout_s: float,
         log_level: str = "INFO",
+        token_batch_ms: float = 4.0,
     ) -> WorkerProcess:
         """Starts a worker and waits until its model is loaded.
 
@@ -90,6 +91,8 @@ class WorkerProcess:
             str(n_threads),
             "--log-level",
             log_level,
+            "--token-batch-ms",
+            str(token_batch_ms),
         ]
         if gpu_devices:
             args.append("--gpu")
