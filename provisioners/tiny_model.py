@@ -2,7 +2,7 @@
 
 Generated from a fixed seed with the ``gguf`` package, so the same spec always gives a
 byte-identical file. It is a real llama.cpp model (SPM vocabulary with the 256 byte tokens that
-byte fallback needs), just untrained: it produces fluent-looking word salad at thousands of
+byte fallback needs), just untrained: it produces a salad of English words at thousands of
 tokens per second, which is what tests and the relay benchmark need. ``TinyModelSpec.bench()``
 gives a ~170 MiB F16 variant that decodes at a realistic engine speed.
 """
@@ -34,6 +34,7 @@ _WORDS = (
 ).split()
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 _PUNCT = [".", ",", "!", "?", ";", ":", "'", "-", "(", ")"]
+_SUPPRESSED_TYPES = (int(gguf.TokenType.BYTE), int(gguf.TokenType.UNKNOWN))
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,13 @@ def write_tiny_model(path: Path, spec: TinyModelSpec | None = None) -> Path:
         writer.add_add_eos_token(False)
 
         scale = 1.0 / np.sqrt(spec.n_embd)
-        writer.add_tensor("token_embd.weight", dense(n_vocab, spec.n_embd, 1.0))
+        # Dimension 0 of every embedding holds a large constant, so it survives the final norm
+        # as a steady positive value; output rows with a negative weight there are never
+        # sampled. That keeps byte tokens (and <unk>, <s>) out of the generated text, which then
+        # reads as words instead of broken UTF-8. </s> stays possible, so generations still end.
+        embeddings = dense(n_vocab, spec.n_embd, 1.0)
+        embeddings[:, 0] = 8.0
+        writer.add_tensor("token_embd.weight", embeddings)
         for i in range(spec.n_layers):
             writer.add_tensor(f"blk.{i}.attn_norm.weight", norm())
             writer.add_tensor(f"blk.{i}.attn_q.weight", dense(spec.n_embd, spec.n_embd, scale))
@@ -148,7 +155,11 @@ def write_tiny_model(path: Path, spec: TinyModelSpec | None = None) -> Path:
             )
         writer.add_tensor("output_norm.weight", norm())
         # A larger output scale makes the next-token distribution peaked, like a trained model's.
-        writer.add_tensor("output.weight", dense(n_vocab, spec.n_embd, 4.0 * scale))
+        output = dense(n_vocab, spec.n_embd, 4.0 * scale)
+        output[:, 0] = 0
+        suppressed = [i for i, t in enumerate(types) if t in _SUPPRESSED_TYPES] + [1]
+        output[suppressed, 0] = -8.0
+        writer.add_tensor("output.weight", output)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
