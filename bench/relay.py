@@ -66,7 +66,14 @@ class Direct:
     def __init__(self, path: Path, threads: int) -> None:
         import llama_cpp
 
-        self._llm = llama_cpp.Llama(model_path=str(path), n_ctx=0, n_threads=threads, verbose=False)
+        # The same threads as a pool's worker: n_threads for decoding and for prompts.
+        self._llm = llama_cpp.Llama(
+            model_path=str(path),
+            n_ctx=0,
+            n_threads=threads,
+            n_threads_batch=threads,
+            verbose=False,
+        )
 
     def run(self, case: Case, seed: int) -> Run:
         llm = self._llm

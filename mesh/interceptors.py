@@ -10,6 +10,8 @@ Client side: the correlation id of the current context travels on every outgoing
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -55,31 +57,59 @@ class MeshServerInterceptor(AsyncServerInterceptor):
     ) -> Any:
         cid = correlation_from_metadata(context.invocation_metadata())
         logs.correlation_id.set(cid)
-        await context.send_initial_metadata(((CORRELATION_HEADER, cid),))
+        # The echo goes out while the handler works instead of before it starts, so it costs
+        # the first response nothing; every response and status waits for it, keeping the order.
+        echo = asyncio.ensure_future(context.send_initial_metadata(((CORRELATION_HEADER, cid),)))
+        streaming = False
         try:
             response = method(request_or_iterator, context)
             if hasattr(response, "__aiter__"):
-                return self._stream(response, context, method_name)
-            return await response
+                streaming = True
+                return self._stream(response, context, method_name, echo)
+            result = await response
+            await echo
+            return result
         except LlorchError as err:
+            await _settle(echo)
             await _abort(context, err, method_name)
         except grpc.aio.AbortError:
             raise  # the handler aborted on purpose
         except Exception:
+            await _settle(echo)
             await _abort_internal(context, method_name)
+        finally:
+            if not streaming:
+                echo.cancel()  # no-op once sent; stops it if the call was cancelled
 
     async def _stream(
-        self, responses: AsyncIterator[Any], context: grpc.aio.ServicerContext, method_name: str
+        self,
+        responses: AsyncIterator[Any],
+        context: grpc.aio.ServicerContext,
+        method_name: str,
+        echo: asyncio.Future[None],
     ) -> AsyncIterator[Any]:
         try:
             async for response in responses:
+                if not echo.done():
+                    await echo
                 yield response
+            await echo
         except LlorchError as err:
+            await _settle(echo)
             await _abort(context, err, method_name)
         except grpc.aio.AbortError:
             raise  # the handler aborted on purpose
         except Exception:
+            await _settle(echo)
             await _abort_internal(context, method_name)
+        finally:
+            echo.cancel()
+
+
+async def _settle(echo: asyncio.Future[None]) -> None:
+    """Waits for the metadata echo before a status goes out; its own failure does not matter."""
+    with contextlib.suppress(Exception):
+        await echo
 
 
 async def _abort(context: grpc.aio.ServicerContext, err: LlorchError, method_name: str) -> None:

@@ -36,6 +36,7 @@ from mesh.errors import (
     UnavailableError,
     from_rpc_error,
 )
+from mesh.interceptors import CORRELATION_HEADER
 from mesh.settings import OrchestratorSettings
 from orchestrator.admission import AdmissionQueue, QueueFullError
 from orchestrator.placement import Outcome, PlacementInput, PoolView, decide
@@ -246,7 +247,12 @@ class Orchestrator:
                     ),
                     now,
                 )
-                relay = asyncio.create_task(self._relay(task, pool), name=f"relay-{task.task_id}")
+                # The Execute call starts now, before this turn's Queued and Started messages
+                # are written to the clients: the first token's path begins here.
+                relay = asyncio.create_task(
+                    self._relay(task, pool, self._execute(task, pool)),
+                    name=f"relay-{task.task_id}",
+                )
                 self._relays[task.task_id] = relay
                 # A relay cancelled before its first step never runs its own finally.
                 relay.add_done_callback(functools.partial(self._relay_done, task, pool))
@@ -309,11 +315,8 @@ class Orchestrator:
 
     # --- relay ---------------------------------------------------------------------------------
 
-    async def _relay(self, task: Task, pool: PoolView) -> None:
-        logs.correlation_id.set(task.correlation_id)
-        logs.task_id.set(task.task_id)
-        logs.pool_id.set(pool.pool_id)
-        logs.node_id.set(pool.node_id)
+    def _execute(self, task: Task, pool: PoolView) -> grpc.aio.UnaryStreamCall:
+        """Starts the pool manager's Execute call for a task (its request goes out at once)."""
         spec = task.spec
         s = spec.sampling
         request = poolmanager_pb2.ExecuteRequest(
@@ -334,10 +337,20 @@ class Orchestrator:
             max_tokens_defaulted=spec.max_tokens_defaulted,
         )
         timeout = None if task.deadline is None else max(0.001, task.deadline - self._clock())
-        _log.info("task dispatched", extra={"execution_id": request.execution_id})
-        call = None
+        return self._registry.stub(pool.node_id).Execute(
+            request,
+            timeout=timeout,
+            metadata=((CORRELATION_HEADER, task.correlation_id),),
+        )
+
+    async def _relay(self, task: Task, pool: PoolView, call: grpc.aio.UnaryStreamCall) -> None:
+        logs.correlation_id.set(task.correlation_id)
+        logs.task_id.set(task.task_id)
+        logs.pool_id.set(pool.pool_id)
+        logs.node_id.set(pool.node_id)
+        spec = task.spec
+        _log.info("task dispatched")
         try:
-            call = self._registry.stub(pool.node_id).Execute(request, timeout=timeout)
             async for response in call:
                 kind = response.WhichOneof("kind")
                 if kind == "token":
@@ -396,8 +409,7 @@ class Orchestrator:
             _log.exception("relay failed")
             task.fail(InternalError(f"internal error relaying task {task.task_id}"), self._clock())
         finally:
-            if call is not None:
-                call.cancel()
+            call.cancel()
             _log.info(
                 "task ended", extra={"state": task.state.value, "tokens_out": task.tokens_out}
             )

@@ -437,6 +437,9 @@ def main(argv: list[str] | None = None) -> int:
             model_path=args.model,
             n_ctx=args.n_ctx,
             n_threads=args.n_threads or None,
+            # Prompts use as many threads as decoding: more would wait on cores that the rest of
+            # the machine (the pool manager, other pools) is using.
+            n_threads_batch=args.n_threads or None,
             n_gpu_layers=-1 if args.gpu else 0,
             verbose=False,
         )
