@@ -191,10 +191,6 @@ class Orchestrator:
             _log.info("task cancelled", extra={"task_id": task_id})
         return task
 
-    def queue_depth(self) -> int:
-        """Tasks waiting."""
-        return len(self._queue)
-
     # --- dispatch ------------------------------------------------------------------------------
 
     async def _dispatch_loop(self) -> None:

@@ -12,7 +12,6 @@ import contextlib
 import enum
 import random
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -385,8 +384,3 @@ def _convert(raw: dict[str, Any] | WorkerExited, spec: ExecutionSpec) -> ExecEve
             raise InvalidArgumentError(str(raw.get("field") or "prompt"), str(raw["message"]))
         raise InternalError(str(raw.get("message")))
     return None
-
-
-def new_execution_id() -> str:
-    """A fresh execution id."""
-    return uuid.uuid4().hex
