@@ -67,7 +67,7 @@ class MeshServerInterceptor(AsyncServerInterceptor):
                 streaming = True
                 return self._stream(response, context, method_name, echo)
             result = await response
-            await echo
+            await _settle(echo)
             return result
         except LlorchError as err:
             await _settle(echo)
@@ -91,9 +91,9 @@ class MeshServerInterceptor(AsyncServerInterceptor):
         try:
             async for response in responses:
                 if not echo.done():
-                    await echo
+                    await _settle(echo)
                 yield response
-            await echo
+            await _settle(echo)
         except LlorchError as err:
             await _settle(echo)
             await _abort(context, err, method_name)
@@ -107,7 +107,8 @@ class MeshServerInterceptor(AsyncServerInterceptor):
 
 
 async def _settle(echo: asyncio.Future[None]) -> None:
-    """Waits for the metadata echo before a status goes out; its own failure does not matter."""
+    """Waits for the metadata echo to be written. If writing it failed, the call is gone and the
+    next write says so; the echo's own error adds nothing."""
     with contextlib.suppress(Exception):
         await echo
 

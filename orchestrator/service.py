@@ -197,7 +197,10 @@ class Orchestrator:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            self._dispatch_once()
+            try:
+                self._dispatch_once()
+            except Exception:  # a bug must not stop dispatching for every later task
+                _log.exception("dispatch pass failed")
 
     def _dispatch_once(self) -> None:
         now = self._clock()
