@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 import secrets
 from typing import Protocol
 
 from llorch.common.v1 import common_pb2
 from llorch.orchestrator.v1 import orchestrator_pb2
 
-from mesh.common_types import FINISH_REASON_TO_PB
+from mesh.common_types import FINISH_REASON_TO_PB, check_sampling
 from mesh.errors import InvalidArgumentError, LlorchError
 from mesh.ids import check_name
 from orchestrator.tasks import (
@@ -29,8 +28,6 @@ from orchestrator.tasks import (
 DEFAULT_TEMPERATURE = 0.8
 DEFAULT_TOP_P = 0.95
 DEFAULT_TOP_K = 40
-MAX_STOP_SEQUENCES = 8
-MAX_STOP_BYTES = 256
 MAX_REQUEST_ID_BYTES = 128
 
 _PRIORITY_FROM_PB = {
@@ -82,19 +79,9 @@ def spec_from_pb(
     if max_tokens <= 0:
         raise InvalidArgumentError("sampling.max_tokens", "must be > 0")
     temperature = s.temperature if s.HasField("temperature") else DEFAULT_TEMPERATURE
-    if not math.isfinite(temperature) or temperature < 0:
-        raise InvalidArgumentError("sampling.temperature", "must be >= 0")
     top_p = s.top_p if s.HasField("top_p") else DEFAULT_TOP_P
-    if not (math.isfinite(top_p) and 0 < top_p <= 1):
-        raise InvalidArgumentError("sampling.top_p", "must be in (0, 1]")
     top_k = s.top_k if s.HasField("top_k") else DEFAULT_TOP_K
-    if top_k < 0:
-        raise InvalidArgumentError("sampling.top_k", "must be >= 0")
-    if len(s.stop) > MAX_STOP_SEQUENCES:
-        raise InvalidArgumentError("sampling.stop", f"at most {MAX_STOP_SEQUENCES} sequences")
-    for i, stop in enumerate(s.stop):
-        if not 0 < len(stop.encode()) <= MAX_STOP_BYTES:
-            raise InvalidArgumentError(f"sampling.stop[{i}]", f"must be 1-{MAX_STOP_BYTES} bytes")
+    check_sampling(temperature, top_p, top_k, s.stop)
     seed = s.seed if s.HasField("seed") else secrets.randbits(32)
     spec = TaskSpec(
         model_id=model_id,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import AsyncIterator
 
 import grpc
@@ -10,7 +9,7 @@ from llorch.common.v1 import common_pb2
 from llorch.poolmanager.v1 import poolmanager_pb2, poolmanager_pb2_grpc
 
 from mesh import logs
-from mesh.common_types import FINISH_REASON_TO_PB
+from mesh.common_types import FINISH_REASON_TO_PB, check_sampling
 from mesh.errors import InvalidArgumentError
 from mesh.ids import check_name
 from mesh.server import ServiceBinding
@@ -104,12 +103,7 @@ def _spec_from_pb(request: poolmanager_pb2.ExecuteRequest) -> ExecutionSpec:
     s = request.sampling
     if not s.HasField("max_tokens") or s.max_tokens <= 0:
         raise InvalidArgumentError("sampling.max_tokens", "must be set and > 0")
-    if not math.isfinite(s.temperature) or s.temperature < 0:
-        raise InvalidArgumentError("sampling.temperature", "must be >= 0")
-    if not 0 < s.top_p <= 1:
-        raise InvalidArgumentError("sampling.top_p", "must be in (0, 1]")
-    if s.top_k < 0:
-        raise InvalidArgumentError("sampling.top_k", "must be >= 0")
+    check_sampling(s.temperature, s.top_p, s.top_k, s.stop)
     return ExecutionSpec(
         execution_id=request.execution_id,
         task_id=request.task_id,

@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -158,3 +159,35 @@ async def test_cancel_in_the_turn_a_task_is_placed_frees_its_slot(mesh: Mesh) ->
         mesh.stub.Generate(generate_request(max_tokens=4, ignore_eos=True), timeout=10)
     )
     assert len(got.token_ids) == 4
+
+
+async def test_full_queue_is_resource_exhausted_with_retry_info(
+    tmp_path: Path, long_model: Path
+) -> None:
+    from tests.conftest import start_mesh, stop_mesh
+
+    mesh = await start_mesh(tmp_path, long_model, queue_capacity=1)
+    try:
+        hog = mesh.stub.Generate(generate_request(max_tokens=LONG, ignore_eos=True))
+        await _first_token(hog)  # the only slot is busy
+        waiting = await mesh.stub.SubmitTask(
+            orchestrator_pb2.SubmitTaskRequest(model_id="tiny-llama", prompt="next")
+        )
+        assert waiting.queue_position == 0
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await mesh.stub.SubmitTask(
+                orchestrator_pb2.SubmitTaskRequest(model_id="tiny-llama", prompt="one more")
+            )
+        assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        details = error_details(raised.value)
+        assert details["reason"] == "QUEUE_FULL"
+        assert details["retriable"] is True
+        assert details["retry_delay_ms"] > 0
+        hog.cancel()
+        # The queued task runs once the slot frees: nothing accepted was lost.
+        done = await collect(
+            mesh.stub.StreamTask(orchestrator_pb2.StreamTaskRequest(task_id=waiting.task_id))
+        )
+        assert done.kinds[-1] == "finished"
+    finally:
+        await stop_mesh(mesh)
