@@ -2,16 +2,20 @@
 
 Direct: a ``Llama`` in this process, looping ``generate()`` with incremental detokenization.
 Mesh: ``llorch up`` in its own process (orchestrator → pool manager → worker process), called
-over gRPC from this process. Both use the same model file, prompt, sampling, seeds and engine
-threads, never at once, in blocks ordered direct, mesh, mesh, direct so that a drift of the
-machine's speed affects both alike. Prints TTFT p50/p99 and decode tokens/s for both paths and
-their ratios, then one line of JSON with the figures.
+over gRPC from this process, twice: ``mesh`` is the home profile as shipped (the orchestrator
+calls its co-located pool manager in-process), ``mesh-grpc`` the same with
+``LLORCH_IN_PROCESS_LINK=false``, so orchestrator → pool manager is a loopback gRPC hop as
+between machines of a fleet. All paths use the same model file, prompt, sampling, seeds and
+engine threads, never at once, in blocks ordered direct, mesh, mesh-grpc, mesh-grpc, mesh,
+direct so that a drift of the machine's speed affects them alike. Prints TTFT p50/p99 and decode
+tokens/s for every path and the ratios against direct, then one line of JSON with the figures.
 
   .venv/bin/python bench/relay.py                      # tiny-llama and the ~170 MiB F16 model
   .venv/bin/python bench/relay.py --models tiny --runs 5 --tokens 64   # quick
 
-Targets: TTFT added by the mesh <= 5 ms p50; mesh tokens/s >= 0.97x direct on the 170 MiB model
-and >= 0.8x on tiny-llama (where the engine outruns a Python hop, so this measures the relay).
+Targets (for ``mesh``, the home profile): TTFT added by the mesh <= 5 ms p50; mesh tokens/s
+>= 0.97x direct on the 170 MiB model and >= 0.8x on tiny-llama (where the engine outruns a
+Python hop, so this measures the relay). ``mesh-grpc`` shows what one more gRPC hop costs.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from llorch.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 from provisioners.tiny_model import TinyModelSpec, write_tiny_model
 
+# Mesh variants: the home profile as shipped, and with orchestrator → pool manager over gRPC.
+MESHES = {"mesh": True, "mesh-grpc": False}
 PROMPT = "The orchestrator places every task on the least loaded pool and streams"
 SAMPLING = {"temperature": 0.8, "top_p": 0.95, "top_k": 40}
 
@@ -131,29 +137,34 @@ async def mesh_run(
     return Run((first - start) * 1000, count, last - first)
 
 
-async def abba(address: str, path: Path, case: Case, threads: int) -> tuple[list[Run], list[Run]]:
-    """Blocks of runs in the order direct, mesh, mesh, direct (two warm-up runs each).
+async def abcba(
+    addresses: dict[str, str], path: Path, case: Case, threads: int
+) -> dict[str, list[Run]]:
+    """Blocks of runs: direct, then each mesh, then the meshes reversed, then direct again.
 
-    Each path runs back to back within a block (as a busy server would), and the ABBA order
-    cancels a slow drift of the machine's speed between the two paths.
+    Each block runs back to back (as a busy server would; two warm-up runs are dropped), and the
+    mirrored order cancels a slow drift of the machine's speed between the paths.
     """
     direct = Direct(path, threads)
-    out: dict[str, list[Run]] = {"direct": [], "mesh": []}
+    out: dict[str, list[Run]] = {"direct": [], **{name: [] for name in addresses}}
+    order = ["direct", *addresses]
     half = max(1, case.runs // 2)
+    channels = {name: grpc.aio.insecure_channel(a) for name, a in addresses.items()}
     try:
-        async with grpc.aio.insecure_channel(address) as channel:
-            stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
-            for path_name in ("direct", "mesh", "mesh", "direct"):
-                for i, seed in enumerate(range(1, half + 3)):
-                    if path_name == "direct":
-                        run = direct.run(case, seed)
-                    else:
-                        run = await mesh_run(stub, case, seed)
-                    if i >= 2:
-                        out[path_name].append(run)
+        stubs = {n: orchestrator_pb2_grpc.OrchestratorServiceStub(c) for n, c in channels.items()}
+        for path_name in order + order[::-1]:
+            for i, seed in enumerate(range(1, half + 3)):
+                if path_name == "direct":
+                    run = direct.run(case, seed)
+                else:
+                    run = await mesh_run(stubs[path_name], case, seed)
+                if i >= 2:
+                    out[path_name].append(run)
     finally:
+        for channel in channels.values():
+            await channel.close()
         direct.close()
-    return out["direct"], out["mesh"]
+    return out
 
 
 def summarize(runs: list[Run]) -> dict[str, float]:
@@ -172,7 +183,7 @@ def summarize(runs: list[Run]) -> dict[str, float]:
 
 
 def start_mesh(
-    data_dir: Path, models: dict[str, Path], threads: int
+    data_dir: Path, models: dict[str, Path], threads: int, in_process_link: bool
 ) -> tuple[subprocess.Popen[str], str]:
     """``llorch up`` with one pool per model; returns the process and orchestrator address."""
     pools = [
@@ -186,6 +197,7 @@ def start_mesh(
         "LLORCH_LOG_LEVEL": "WARNING",
         "LLORCH_MODELS": json.dumps({k: str(v) for k, v in models.items() if k != "tiny-llama"}),
         "LLORCH_POOL_MANAGER__POOLS": json.dumps(pools),
+        "LLORCH_IN_PROCESS_LINK": str(in_process_link).lower(),
         "GRPC_VERBOSITY": "ERROR",
     }
     proc = subprocess.Popen(
@@ -224,38 +236,47 @@ def main() -> None:
             c.model_id: write_tiny_model(tmp_path / f"{c.model_id}.gguf", c.spec) for c in cases
         }
         results: dict[str, dict[str, object]] = {}
-        proc, address = start_mesh(tmp_path / "data", paths, args.threads)
+        procs: list[subprocess.Popen[str]] = []
         try:
+            addresses: dict[str, str] = {}
+            for name, link in MESHES.items():
+                proc, addresses[name] = start_mesh(tmp_path / name, paths, args.threads, link)
+                procs.append(proc)
             for case in cases:
-                direct_runs, mesh_runs = asyncio.run(
-                    abba(address, paths[case.model_id], case, args.threads)
-                )
-                d, m = summarize(direct_runs), summarize(mesh_runs)
-                results[case.model_id] = {
-                    "direct": d,
-                    "mesh": m,
-                    "ttft_added_p50_ms": round(m["ttft_p50_ms"] - d["ttft_p50_ms"], 3),
-                    "tokens_per_s_ratio": round(m["tokens_per_s"] / d["tokens_per_s"], 3)
-                    if d["tokens_per_s"]
-                    else 0.0,
-                }
+                runs = asyncio.run(abcba(addresses, paths[case.model_id], case, args.threads))
+                d = summarize(runs["direct"])
+                result: dict[str, object] = {"direct": d}
+                for name in MESHES:
+                    m = summarize(runs[name])
+                    result[name] = {
+                        **m,
+                        "ttft_added_p50_ms": round(m["ttft_p50_ms"] - d["ttft_p50_ms"], 3),
+                        "tokens_per_s_ratio": round(m["tokens_per_s"] / d["tokens_per_s"], 3)
+                        if d["tokens_per_s"]
+                        else 0.0,
+                    }
+                results[case.model_id] = result
         finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+            for proc in procs:
+                proc.terminate()
+                proc.wait(timeout=30)
 
-    print(f"{'model':<12} {'path':<7} {'TTFT p50 ms':>12} {'TTFT p99 ms':>12} {'tokens/s':>10}")
+    print(f"{'model':<12} {'path':<10} {'TTFT p50 ms':>12} {'TTFT p99 ms':>12} {'tokens/s':>10}")
     for model_id, r in results.items():
-        for path in ("direct", "mesh"):
+        for path in ("direct", *MESHES):
             f = r[path]
             assert isinstance(f, dict)
             print(
-                f"{model_id:<12} {path:<7} {f['ttft_p50_ms']:>12.2f} {f['ttft_p99_ms']:>12.2f} "
+                f"{model_id:<12} {path:<10} {f['ttft_p50_ms']:>12.2f} {f['ttft_p99_ms']:>12.2f} "
                 f"{f['tokens_per_s']:>10.1f}"
             )
-        print(
-            f"{model_id:<12} ratio   TTFT added p50 {r['ttft_added_p50_ms']:+.2f} ms, "
-            f"tokens/s mesh/direct {r['tokens_per_s_ratio']:.3f}x"
-        )
+        for path in MESHES:
+            f = r[path]
+            assert isinstance(f, dict)
+            print(
+                f"{model_id:<12} {path:<10} TTFT added p50 {f['ttft_added_p50_ms']:+.2f} ms, "
+                f"tokens/s vs direct {f['tokens_per_s_ratio']:.3f}x"
+            )
     print(json.dumps(results))
 
 

@@ -1,8 +1,9 @@
 """The home profile: catalog, one pool manager and the orchestrator in one process, on loopback.
 
-Each service still runs its own gRPC server (built by the one bootstrap) and they talk to each
-other over gRPC exactly as on separate machines; only the process is shared. The pool manager's
-workers are child processes and are stopped before this returns.
+Each service still runs its own gRPC server (built by the one bootstrap). Catalog traffic goes
+over gRPC exactly as on separate machines; the orchestrator calls the pool manager in-process
+(``in_process_link``, on by default) because a loopback gRPC hop costs the first token ~3 ms.
+The pool manager's workers are child processes and are stopped before this returns.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from mesh.server import open_channel
 from mesh.settings import PoolSettings, Settings
 from orchestrator.app import start_orchestrator
 from poolmanager.app import start_pool_manager
+from poolmanager.local import LocalPoolManagerStub
 from provisioners.models import ensure_default_model, register_local_file
 from provisioners.tiny_model import DEFAULT_MODEL_ID
 
@@ -90,7 +92,14 @@ async def _start_home(
     orch_settings = settings.orchestrator_service.model_copy(
         update={"catalog": catalog.address, "pool_managers": [pool_manager.address]}
     )
-    orchestrator = await start_orchestrator(orch_settings, settings.listen)
+    # The orchestrator calls this process's pool manager directly (poolmanager.local); its gRPC
+    # server still serves everyone else (and the orchestrator when in_process_link is off).
+    local = (
+        {pool_manager.address: LocalPoolManagerStub(pool_manager.servicer)}
+        if settings.in_process_link
+        else None
+    )
+    orchestrator = await start_orchestrator(orch_settings, settings.listen, local)
     stack.append(orchestrator.stop)
     host = settings.listen.rsplit(":", 1)[0]
     endpoints = {

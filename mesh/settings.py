@@ -142,6 +142,9 @@ class Settings(BaseSettings):
     """JSON lines (for collectors) or text (for people)."""
     models: dict[str, Path] = Field(default_factory=dict)
     """Home profile: GGUF files to register at start, model id → path (besides tiny-llama)."""
+    in_process_link: bool = True
+    """Home profile: the orchestrator calls its co-located pool manager in-process rather than over
+    loopback gRPC (same messages and errors, ~3 ms less to the first token). Off: the fleet path."""
 
     @field_validator("models")
     @classmethod

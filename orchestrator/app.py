@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import grpc
@@ -34,12 +35,22 @@ class OrchestratorApp:
         await self.catalog_channel.close()
 
 
-async def start_orchestrator(settings: OrchestratorSettings, listen: str) -> OrchestratorApp:
-    """Connects to the catalog and pool managers and starts serving on ``listen``."""
+async def start_orchestrator(
+    settings: OrchestratorSettings,
+    listen: str,
+    local_pool_managers: Mapping[str, object] | None = None,
+) -> OrchestratorApp:
+    """Connects to the catalog and pool managers and starts serving on ``listen``.
+
+    ``local_pool_managers`` maps addresses of pool managers in this process to their
+    in-process stubs (poolmanager.local), which the orchestrator then calls without a socket.
+    """
     if not settings.catalog:
         raise ValueError("orchestrator_service.catalog: the catalog address is required")
     channel = open_channel(settings.catalog)
-    registry = PoolRegistry(settings.pool_managers, settings.node_refresh_s, open_channel)
+    registry = PoolRegistry(
+        settings.pool_managers, settings.node_refresh_s, open_channel, local_pool_managers
+    )
     orchestrator = Orchestrator(settings, CatalogClient(channel), registry)
     await orchestrator.start()
     servicer = OrchestratorServicer(orchestrator, settings)

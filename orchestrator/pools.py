@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from llorch.poolmanager.v1 import poolmanager_pb2, poolmanager_pb2_grpc
@@ -25,8 +26,10 @@ _log = logs.get_logger("orchestrator.pools")
 @dataclass
 class _Node:
     address: str
-    channel: grpc.aio.Channel
-    stub: poolmanager_pb2_grpc.PoolManagerServiceStub
+    channel: grpc.aio.Channel | None
+    # The generated stub, or for a pool manager in this process its socket-free twin
+    # (poolmanager.local.LocalPoolManagerStub), which has the same methods.
+    stub: Any
     node_id: str = ""
     pools: tuple[poolmanager_pb2.Pool, ...] = ()
     reachable: bool = False
@@ -42,10 +45,16 @@ class PoolRegistry:
         addresses: list[str],
         refresh_s: float,
         open_channel: Callable[[str], grpc.aio.Channel],
+        local_stubs: Mapping[str, object] | None = None,
     ) -> None:
+        """Pool managers at ``addresses``; those in ``local_stubs`` are called in-process."""
         self._refresh_s = refresh_s
         self._nodes: list[_Node] = []
+        local = local_stubs or {}
         for address in addresses:
+            if address in local:
+                self._nodes.append(_Node(address, None, local[address]))
+                continue
             channel = open_channel(address)
             stub = poolmanager_pb2_grpc.PoolManagerServiceStub(channel)
             self._nodes.append(_Node(address, channel, stub))
@@ -66,7 +75,8 @@ class PoolRegistry:
                 node.poller.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await node.poller
-            await node.channel.close()
+            if node.channel is not None:
+                await node.channel.close()
 
     def views(self) -> tuple[PoolView, ...]:
         """Every known pool, as placement sees it."""
@@ -98,7 +108,7 @@ class PoolRegistry:
         """Frees a slot filled by ``acquire``."""
         self._in_flight[pool.key] = max(0, self._in_flight.get(pool.key, 0) - 1)
 
-    def stub(self, node_id: str) -> poolmanager_pb2_grpc.PoolManagerServiceStub:
+    def stub(self, node_id: str) -> Any:
         """The stub of a node's pool manager."""
         for node in self._nodes:
             if node.node_id == node_id:

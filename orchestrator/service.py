@@ -14,8 +14,9 @@ import functools
 import math
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
+from typing import Protocol
 
 import grpc
 from llorch.common.v1 import common_pb2
@@ -44,6 +45,15 @@ from orchestrator.pools import PoolRegistry
 from orchestrator.tasks import Finished, Metrics, Started, Task, TaskSpec, Tokens
 
 _log = logs.get_logger("orchestrator")
+
+
+class ExecuteCall(Protocol):
+    """A pool manager's Execute stream: a grpc.aio call, or poolmanager.local's in-process twin."""
+
+    def __aiter__(self) -> AsyncIterator[poolmanager_pb2.ExecuteResponse]: ...
+
+    def cancel(self) -> bool: ...
+
 
 # Until a model has measured service times, predictions assume this much per task.
 _DEFAULT_SERVICE_MS = 1000.0
@@ -314,7 +324,7 @@ class Orchestrator:
 
     # --- relay ---------------------------------------------------------------------------------
 
-    def _execute(self, task: Task, pool: PoolView) -> grpc.aio.UnaryStreamCall:
+    def _execute(self, task: Task, pool: PoolView) -> ExecuteCall:
         """Starts the pool manager's Execute call for a task (its request goes out at once)."""
         spec = task.spec
         s = spec.sampling
@@ -336,13 +346,14 @@ class Orchestrator:
             max_tokens_defaulted=spec.max_tokens_defaulted,
         )
         timeout = None if task.deadline is None else max(0.001, task.deadline - self._clock())
-        return self._registry.stub(pool.node_id).Execute(
+        call: ExecuteCall = self._registry.stub(pool.node_id).Execute(
             request,
             timeout=timeout,
             metadata=((CORRELATION_HEADER, task.correlation_id),),
         )
+        return call
 
-    async def _relay(self, task: Task, pool: PoolView, call: grpc.aio.UnaryStreamCall) -> None:
+    async def _relay(self, task: Task, pool: PoolView, call: ExecuteCall) -> None:
         logs.correlation_id.set(task.correlation_id)
         logs.task_id.set(task.task_id)
         logs.pool_id.set(pool.pool_id)
@@ -393,6 +404,9 @@ class Orchestrator:
                 )
             else:
                 error = from_rpc_error(err)
+            _log.warning("execution failed: %s", error.message, extra={"reason": error.reason})
+            task.fail(error, self._clock())
+        except LlorchError as error:  # raised directly by a pool manager in this process
             _log.warning("execution failed: %s", error.message, extra={"reason": error.reason})
             task.fail(error, self._clock())
         except ValueError as exc:  # non-contiguous token indexes from the pool: never relay them

@@ -20,6 +20,7 @@ class PoolManagerApp:
 
     server: MeshServer
     manager: PoolManager
+    servicer: PoolManagerServicer
     catalog_channel: grpc.aio.Channel
 
     @property
@@ -60,4 +61,4 @@ async def start_pool_manager(
     server = await create_server(settings.listen, [servicer.binding()], ready=False)
     server_box.append(server)
     await manager.start()
-    return PoolManagerApp(server, manager, channel)
+    return PoolManagerApp(server, manager, servicer, channel)

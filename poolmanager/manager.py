@@ -175,11 +175,20 @@ class PoolManager:
     async def execute(self, spec: ExecutionSpec) -> AsyncIterator[list[ExecEvent]]:
         """Runs one execution; yields batches of events (a slow reader gets larger batches).
 
+        ``begin`` then ``Execution.events``; raises what ``begin`` raises.
+        """
+        async for batch in self.begin(spec).events():
+            yield batch
+
+    def begin(self, spec: ExecutionSpec) -> Execution:
+        """Checks an execution and hands it to its pool's worker at once, without awaiting.
+
+        Read it with ``Execution.events()``; one that is never read must be ``abandon()``-ed.
+
         Raises:
             NotFoundError: unknown pool.
             FailedPreconditionError: the pool holds another model.
             UnavailableError: the pool is not ready or busy, or its worker died (retriable).
-            InvalidArgumentError: the prompt and max_tokens do not fit the context.
         """
         pool = self.pools.get(spec.pool_id)
         if pool is None:
@@ -207,43 +216,16 @@ class PoolManager:
         worker = pool.worker
         pool.active.add(spec.execution_id)
         self._exec_pool[spec.execution_id] = pool
-        events = worker.submit(spec.execution_id, _job(spec))
-        finished = False
-        try:
-            # Sent while the worker reads the prompt, so it is off the first token's path;
-            # the prompt's token count arrives with the end of the execution.
-            yield [ExecStarted(pool.engine_version, 0)]
-            await self._changed()
-            while True:
-                batch = [await events.get()]
-                while not events.empty():
-                    batch.append(events.get_nowait())
-                out: list[ExecEvent] = []
-                for raw in batch:
-                    event = _convert(raw, spec)
-                    if event is None:
-                        continue
-                    if isinstance(event, ExecTokens) and out and isinstance(out[-1], ExecTokens):
-                        prev = out[-1]
-                        event = ExecTokens(
-                            prev.index, prev.token_ids + event.token_ids, prev.text + event.text
-                        )
-                        out[-1] = event
-                    else:
-                        out.append(event)
-                    if isinstance(event, ExecFinished):
-                        finished = True
-                if out:
-                    yield out
-                if finished:
-                    return
-        finally:
-            if not finished:
-                worker.cancel(spec.execution_id)
-            worker.forget(spec.execution_id)
-            pool.active.discard(spec.execution_id)
-            self._exec_pool.pop(spec.execution_id, None)
-            await self._changed()
+        return Execution(self, spec, pool, worker, worker.submit(spec.execution_id, _job(spec)))
+
+    def _forget(self, execution: Execution, finished: bool) -> None:
+        """Drops an execution's bookkeeping; cancels it in the worker unless it finished."""
+        spec = execution.spec
+        if not finished:
+            execution.worker.cancel(spec.execution_id)
+        execution.worker.forget(spec.execution_id)
+        execution.pool.active.discard(spec.execution_id)
+        self._exec_pool.pop(spec.execution_id, None)
 
     def cancel(self, execution_id: str) -> bool:
         """Stops an execution; its stream ends CANCELLED. False when it is not running."""
@@ -342,6 +324,77 @@ class PoolManager:
     async def _changed(self) -> None:
         if self._on_change is not None:
             await self._on_change()
+
+
+class Execution:
+    """One execution handed to a worker; its events are read once, with ``events()``."""
+
+    def __init__(
+        self,
+        manager: PoolManager,
+        spec: ExecutionSpec,
+        pool: Pool,
+        worker: WorkerProcess,
+        queue: asyncio.Queue[dict[str, Any] | WorkerExited],
+    ) -> None:
+        self._manager = manager
+        self.spec = spec
+        self.pool = pool
+        self.worker = worker
+        self._queue = queue
+        self._read = False
+
+    async def events(self) -> AsyncIterator[list[ExecEvent]]:
+        """Batches of events until the execution ends (a slow reader gets larger batches).
+
+        Closing the iterator early (the caller went away) cancels the execution in the worker.
+
+        Raises:
+            UnavailableError: the worker died (retriable).
+            InvalidArgumentError: the prompt and max_tokens do not fit the context.
+        """
+        if self._read:
+            raise RuntimeError("an execution's events are read once")
+        self._read = True
+        spec, events = self.spec, self._queue
+        finished = False
+        try:
+            # Sent while the worker reads the prompt, so it is off the first token's path;
+            # the prompt's token count arrives with the end of the execution.
+            yield [ExecStarted(self.pool.engine_version, 0)]
+            await self._manager._changed()
+            while True:
+                batch = [await events.get()]
+                while not events.empty():
+                    batch.append(events.get_nowait())
+                out: list[ExecEvent] = []
+                for raw in batch:
+                    event = _convert(raw, spec)
+                    if event is None:
+                        continue
+                    if isinstance(event, ExecTokens) and out and isinstance(out[-1], ExecTokens):
+                        prev = out[-1]
+                        event = ExecTokens(
+                            prev.index, prev.token_ids + event.token_ids, prev.text + event.text
+                        )
+                        out[-1] = event
+                    else:
+                        out.append(event)
+                    if isinstance(event, ExecFinished):
+                        finished = True
+                if out:
+                    yield out
+                if finished:
+                    return
+        finally:
+            self._manager._forget(self, finished)
+            await self._manager._changed()
+
+    def abandon(self) -> None:
+        """Cancels an execution whose events will never be read (no-op once reading began)."""
+        if not self._read:
+            self._read = True
+            self._manager._forget(self, finished=False)
 
 
 def _job(spec: ExecutionSpec) -> dict[str, Any]:

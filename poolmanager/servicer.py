@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import grpc
 from llorch.common.v1 import common_pb2
@@ -17,6 +17,7 @@ from poolmanager.manager import (
     ExecFinished,
     ExecStarted,
     ExecTokens,
+    Execution,
     ExecutionSpec,
     PoolManager,
     PoolState,
@@ -53,12 +54,23 @@ class PoolManagerServicer(poolmanager_pb2_grpc.PoolManagerServiceServicer):
 
     async def Execute(
         self, request: poolmanager_pb2.ExecuteRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[poolmanager_pb2.ExecuteResponse]:
+    ) -> AsyncGenerator[poolmanager_pb2.ExecuteResponse]:
+        async for response in self.responses(self.begin(request)):
+            yield response
+
+    def begin(self, request: poolmanager_pb2.ExecuteRequest) -> Execution:
+        """Validates an ExecuteRequest and hands it to the worker (synchronously)."""
         spec = _spec_from_pb(request)
         logs.task_id.set(spec.task_id)
         logs.pool_id.set(spec.pool_id)
         logs.node_id.set(self._manager.node_id)
-        async for batch in self._manager.execute(spec):
+        return self._manager.begin(spec)
+
+    async def responses(
+        self, execution: Execution
+    ) -> AsyncGenerator[poolmanager_pb2.ExecuteResponse]:
+        """An execution's events as ExecuteResponse messages."""
+        async for batch in execution.events():
             for event in batch:
                 yield _event_to_pb(event)
 

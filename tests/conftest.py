@@ -17,6 +17,7 @@ from mesh.server import open_channel
 from mesh.settings import OrchestratorSettings, PoolManagerSettings, PoolSettings, Settings
 from orchestrator.app import OrchestratorApp, start_orchestrator
 from poolmanager.app import PoolManagerApp, start_pool_manager
+from poolmanager.local import LocalPoolManagerStub
 from provisioners.models import register_local_file
 from provisioners.tiny_model import DEFAULT_MODEL_ID, write_tiny_model
 
@@ -51,8 +52,14 @@ class Mesh:
         return worker.pid
 
 
-async def start_mesh(data_dir: Path, model_path: Path, **orchestrator_overrides: object) -> Mesh:
-    """Starts the three services in this event loop, each on its own ephemeral port."""
+async def start_mesh(
+    data_dir: Path, model_path: Path, link: str = "grpc", **orchestrator_overrides: object
+) -> Mesh:
+    """Starts the three services in this event loop, each on its own ephemeral port.
+
+    ``link`` is how the orchestrator reaches the pool manager: ``grpc`` (as between machines) or
+    ``local`` (in-process, as the home profile does).
+    """
     settings = Settings(data_dir=data_dir, listen="127.0.0.1:0")
     catalog = await start_catalog(settings)
     channel = open_channel(catalog.address)
@@ -76,6 +83,7 @@ async def start_mesh(data_dir: Path, model_path: Path, **orchestrator_overrides:
             **orchestrator_overrides,  # type: ignore[arg-type]
         ),
         "127.0.0.1:0",
+        {pm.address: LocalPoolManagerStub(pm.servicer)} if link == "local" else None,
     )
     client = grpc.aio.insecure_channel(f"127.0.0.1:{orch.port}")
     return Mesh(catalog, pm, orch, client, orchestrator_pb2_grpc.OrchestratorServiceStub(client))
@@ -89,10 +97,16 @@ async def stop_mesh(mesh: Mesh) -> None:
     await mesh.catalog.stop()
 
 
-@pytest.fixture
-async def mesh(tmp_path: Path, tiny_model: Path) -> AsyncIterator[Mesh]:
+# Every test on a mesh runs twice: orchestrator → pool manager over gRPC, and in-process.
+LINKS = ["grpc", "local"]
+
+
+@pytest.fixture(params=LINKS)
+async def mesh(
+    request: pytest.FixtureRequest, tmp_path: Path, tiny_model: Path
+) -> AsyncIterator[Mesh]:
     """A fresh mesh for one test."""
-    running = await start_mesh(tmp_path, tiny_model)
+    running = await start_mesh(tmp_path, tiny_model, request.param)
     try:
         yield running
     finally:
@@ -110,10 +124,12 @@ def long_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
-@pytest.fixture
-async def long_mesh(tmp_path: Path, long_model: Path) -> AsyncIterator[Mesh]:
+@pytest.fixture(params=LINKS)
+async def long_mesh(
+    request: pytest.FixtureRequest, tmp_path: Path, long_model: Path
+) -> AsyncIterator[Mesh]:
     """A mesh serving the 32k-context tiny model as tiny-llama."""
-    running = await start_mesh(tmp_path, long_model)
+    running = await start_mesh(tmp_path, long_model, request.param)
     try:
         yield running
     finally:

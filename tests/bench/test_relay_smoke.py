@@ -22,9 +22,10 @@ def test_relay_benchmark_runs_and_prints_its_json_line() -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     tiny = figures["tiny-llama"]
-    for path in ("direct", "mesh"):
+    for path in ("direct", "mesh", "mesh-grpc"):
         assert tiny[path]["runs"] == 4
         assert tiny[path]["tokens_per_run"] == 32
         assert tiny[path]["tokens_per_s"] > 0
-    assert "ttft_added_p50_ms" in tiny
-    assert "tokens_per_s_ratio" in tiny
+    for path in ("mesh", "mesh-grpc"):
+        assert "ttft_added_p50_ms" in tiny[path]
+        assert "tokens_per_s_ratio" in tiny[path]
