@@ -114,7 +114,25 @@ class OrchestratorSettings(BaseModel):
     pool_managers: list[str] = Field(default_factory=list)
     """Pool manager addresses; the home profile fills it in."""
     queue_capacity: int = Field(default=1024, ge=1, le=1_000_000)
-    """Most tasks waiting at once; more are refused with RESOURCE_EXHAUSTED."""
+    """Most tasks waiting at once; what happens to one more is ``queue_full_policy``."""
+    queue_full_policy: Literal["reject", "drop-oldest-batch"] = "reject"
+    """Full queue: refuse the new task (RESOURCE_EXHAUSTED with a retry delay), or drop the
+    BATCH task waiting longest to make room (its stream ends RESOURCE_EXHAUSTED, reason
+    QUEUE_DROPPED) and refuse only when no BATCH task waits."""
+    batch_max_wait_s: float = Field(default=30.0, gt=0, le=86_400)
+    """A BATCH task that has waited this long is served before INTERACTIVE tasks."""
+    tenant_weights: dict[str, float] = Field(default_factory=dict)
+    """Queue shares of tenants, tenant → weight (> 0); unlisted tenants weigh 1."""
+
+    @field_validator("tenant_weights")
+    @classmethod
+    def _weights_valid(cls, weights: dict[str, float]) -> dict[str, float]:
+        for tenant, weight in weights.items():
+            if not is_valid_name(tenant):
+                raise ValueError(f"{tenant!r} is not a valid tenant name")
+            if not 0 < weight <= 1000:
+                raise ValueError(f"weight of {tenant!r} must be in (0, 1000]")
+        return weights
     max_prompt_bytes: int = Field(default=65_536, ge=1, le=16 * 1024 * 1024)
     """Largest prompt accepted, in UTF-8 bytes."""
     default_max_tokens: int = Field(default=128, ge=1, le=1_048_576)

@@ -58,7 +58,12 @@ class TaskRequest(Protocol):
 
 
 def spec_from_pb(
-    request: TaskRequest, *, request_id: str, max_prompt_bytes: int, default_max_tokens: int
+    request: TaskRequest,
+    *,
+    request_id: str,
+    max_prompt_bytes: int,
+    default_max_tokens: int,
+    tenant: str = "default",
 ) -> TaskSpec:
     """Validates a request and resolves the defaults of its sampling parameters."""
     model_id = check_name(request.model_id, "model_id")
@@ -98,6 +103,7 @@ def spec_from_pb(
         priority=_PRIORITY_FROM_PB[request.priority],
         request_id=request_id,
         max_tokens_defaulted=defaulted,
+        tenant=tenant,
     )
     return spec
 
@@ -161,6 +167,13 @@ def task_to_pb(task: Task) -> orchestrator_pb2.Task:
         pool_id=task.pool_id,
         tokens_out=task.tokens_out,
         correlation_id=task.correlation_id,
+        tenant=task.spec.tenant,
+        node_id=task.node_id,
+        wait_reason=task.wait_reason if task.state is TaskState.QUEUED else "",
+        excluded_pools=[
+            orchestrator_pb2.PoolExclusion(pool=pool, reason=reason)
+            for pool, reason in sorted(task.excluded.items())
+        ],
     )
     if task.finished is not None:
         out.finished.CopyFrom(finished_to_pb(task.finished))

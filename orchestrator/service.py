@@ -39,7 +39,7 @@ from mesh.errors import (
 )
 from mesh.interceptors import CORRELATION_HEADER
 from mesh.settings import OrchestratorSettings
-from orchestrator.admission import AdmissionQueue, QueueFullError
+from orchestrator.admission import AdmissionQueue, DrainMeter, QueueFullError, WhenFull
 from orchestrator.placement import Outcome, PlacementInput, PoolView, decide
 from orchestrator.pools import PoolRegistry
 from orchestrator.tasks import Finished, Metrics, Started, Task, TaskSpec, Tokens
@@ -74,7 +74,13 @@ class Orchestrator:
         self._catalog = catalog
         self._registry = registry
         self._clock = clock
-        self._queue = AdmissionQueue(settings.queue_capacity)
+        self._queue = AdmissionQueue(
+            settings.queue_capacity,
+            when_full=WhenFull(settings.queue_full_policy),
+            batch_max_wait_s=settings.batch_max_wait_s,
+            tenant_weights=settings.tenant_weights,
+        )
+        self._drain = DrainMeter()
         self._tasks: dict[str, Task] = {}
         self._by_request_id: dict[str, str] = {}
         self._relays: dict[str, asyncio.Task[None]] = {}
@@ -154,13 +160,27 @@ class Orchestrator:
             deadline=None if timeout_s is None else now + timeout_s,
         )
         try:
-            position = self._queue.push(task)
+            admitted = self._queue.push(task, now)
         except QueueFullError:
             raise ResourceExhaustedError(
                 f"the queue is full ({self._queue.capacity} tasks)",
                 reason="QUEUE_FULL",
-                retry_delay_s=self._predict_ms(spec.model_id, 0) / 1000,
+                retry_delay_s=self._retry_delay_s(spec.model_id, now),
             ) from None
+        position = admitted.position
+        if admitted.dropped is not None:
+            self._end(
+                admitted.dropped,
+                ResourceExhaustedError(
+                    "the queue was full and this BATCH task, the longest waiting, was dropped "
+                    "to make room",
+                    reason="QUEUE_DROPPED",
+                    retry_delay_s=self._retry_delay_s(admitted.dropped.spec.model_id, now),
+                ),
+            )
+            _log.warning(
+                "task dropped from the full queue", extra={"task_id": admitted.dropped.task_id}
+            )
         self._tasks[task.task_id] = task
         if spec.request_id:
             self._by_request_id[spec.request_id] = task.task_id
@@ -214,6 +234,7 @@ class Orchestrator:
 
     def _dispatch_once(self) -> None:
         now = self._clock()
+        self._queue.age(now)
         views = list(self._registry.views())
         for task in list(self._queue):
             if task.deadline is not None and now >= task.deadline:
@@ -232,13 +253,27 @@ class Orchestrator:
                     pools=tuple(views),
                 )
             )
+            wait_reason = decision.reason if decision.outcome is Outcome.WAIT else ""
+            if decision.excluded != task.excluded or wait_reason != task.wait_reason:
+                _log.info(
+                    "placement: %s%s",
+                    decision.outcome.value,
+                    f" ({decision.reason})" if decision.reason else "",
+                    extra={
+                        "task_id": task.task_id,
+                        "excluded": "; ".join(f"{k}: {v}" for k, v in decision.excluded.items()),
+                    },
+                )
+            task.excluded = dict(decision.excluded)
+            task.wait_reason = wait_reason
             if decision.outcome is Outcome.REJECT and views:
                 self._end(
                     task, FailedPreconditionError(decision.reason, reason="NO_POOL_FOR_MODEL")
                 )
             elif decision.outcome is Outcome.ASSIGN and decision.pool is not None:
                 pool = decision.pool
-                self._queue.remove(task)
+                self._queue.take(task)
+                self._drain.record(now)
                 self._registry.acquire(pool)
                 views = [
                     PoolView(**{**v.__dict__, "in_flight": v.in_flight + 1})
@@ -288,12 +323,22 @@ class Orchestrator:
         rounds = math.floor((same_model_ahead - free) / slots) + 1
         return round(rounds * service_ms)
 
+    def _retry_delay_s(self, model_id: str, now: float) -> float:
+        """When a refused client should retry: the time for one place to free up, measured
+        from how fast the queue drains (before any drained: one predicted service time)."""
+        rate = self._drain.rate(now)
+        delay = 1.0 / rate if rate else self._predict_ms(model_id, 0) / 1000
+        return min(60.0, max(0.05, delay))
+
     def _arm_deadline_timer(self, now: float) -> None:
-        """One timer, at the earliest deadline of a queued task."""
+        """One timer, at the earliest deadline of a queued task or the next BATCH aging."""
         if self._deadline_timer is not None:
             self._deadline_timer.cancel()
             self._deadline_timer = None
         deadlines = [t.deadline for t in self._queue if t.deadline is not None]
+        aging = self._queue.next_aging_at()
+        if aging is not None:
+            deadlines.append(aging)
         if deadlines:
             delay = max(0.0, min(deadlines) - now)
             self._deadline_timer = asyncio.get_running_loop().call_later(

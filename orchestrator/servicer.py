@@ -9,6 +9,7 @@ from llorch.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 from mesh import logs
 from mesh.errors import InvalidArgumentError
+from mesh.ids import check_name
 from mesh.server import ServiceBinding
 from mesh.settings import OrchestratorSettings
 from orchestrator import convert
@@ -36,7 +37,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         self, request: orchestrator_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[orchestrator_pb2.GenerateResponse]:
         # The call's deadline is the task's: a task that cannot start in time fails early.
-        task = await self._submit(request, "", context.time_remaining())
+        task = await self._submit(request, "", context.time_remaining(), context)
         try:
             async for event in _events(task, 0):
                 yield orchestrator_pb2.GenerateResponse(event=event)
@@ -49,7 +50,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         self, request: orchestrator_pb2.SubmitTaskRequest, context: grpc.aio.ServicerContext
     ) -> orchestrator_pb2.SubmitTaskResponse:
         # The task outlives this call, so the call's deadline is not the task's.
-        task = await self._submit(request, request.request_id, None)
+        task = await self._submit(request, request.request_id, None, context)
         return orchestrator_pb2.SubmitTaskResponse(
             task_id=task.task_id,
             queue_position=task.queue_position,
@@ -77,13 +78,18 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         return orchestrator_pb2.GetTaskResponse(task=convert.task_to_pb(task))
 
     async def _submit(
-        self, request: convert.TaskRequest, request_id: str, timeout_s: float | None
+        self,
+        request: convert.TaskRequest,
+        request_id: str,
+        timeout_s: float | None,
+        context: grpc.aio.ServicerContext,
     ) -> Task:
         spec = convert.spec_from_pb(
             request,
             request_id=request_id,
             max_prompt_bytes=self._settings.max_prompt_bytes,
             default_max_tokens=self._settings.default_max_tokens,
+            tenant=_tenant(context),
         )
         task = await self._orch.submit(
             spec,
@@ -99,6 +105,21 @@ async def _events(task: Task, from_index: int) -> AsyncIterator[orchestrator_pb2
         if isinstance(event, Failed):
             raise event.error
         yield convert.event_to_pb(task.task_id, event)
+
+
+TENANT_HEADER = "x-llorch-tenant"
+DEFAULT_TENANT = "default"
+
+
+def _tenant(context: grpc.aio.ServicerContext) -> str:
+    """The caller's tenant: the ``x-llorch-tenant`` metadata value, or ``default``.
+
+    Taken on trust from the caller for now; API keys (the cloud profile) will carry it instead.
+    """
+    for key, value in context.invocation_metadata() or ():
+        if key == TENANT_HEADER:
+            return check_name(str(value), TENANT_HEADER)
+    return DEFAULT_TENANT
 
 
 def _task_id(value: str) -> str:

@@ -61,6 +61,8 @@ class TaskSpec:
     request_id: str = ""
     max_tokens_defaulted: bool = False
     """The client left max_tokens unset: the pool may shorten it to fit a long prompt."""
+    tenant: str = "default"
+    """Whose task it is: the unit of fair sharing in the queue."""
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,9 @@ class Task:
         self.started_at: float | None = None
         self.ended_at: float | None = None
         self.queue_position = 0
+        self.wait_reason = ""
+        self.excluded: dict[str, str] = {}
+        """Pools the latest placement passed over (pool key → reason)."""
         self._last_queued: Queued | None = None
         self._changed = asyncio.Event()
 

@@ -1,9 +1,10 @@
 from google.api import annotations_pb2 as _annotations_pb2
 from llorch.common.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -150,7 +151,7 @@ class GetTaskResponse(_message.Message):
     def __init__(self, task: _Optional[_Union[Task, _Mapping]] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("task_id", "model_id", "state", "priority", "queue_position", "pool_id", "tokens_out", "finished", "error", "correlation_id")
+    __slots__ = ("task_id", "model_id", "state", "priority", "queue_position", "pool_id", "tokens_out", "finished", "error", "correlation_id", "tenant", "node_id", "wait_reason", "excluded_pools")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -161,6 +162,10 @@ class Task(_message.Message):
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     CORRELATION_ID_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    WAIT_REASON_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDED_POOLS_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     model_id: str
     state: TaskState
@@ -171,7 +176,19 @@ class Task(_message.Message):
     finished: _common_pb2.Finished
     error: TaskError
     correlation_id: str
-    def __init__(self, task_id: _Optional[str] = ..., model_id: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., priority: _Optional[_Union[_common_pb2.Priority, str]] = ..., queue_position: _Optional[int] = ..., pool_id: _Optional[str] = ..., tokens_out: _Optional[int] = ..., finished: _Optional[_Union[_common_pb2.Finished, _Mapping]] = ..., error: _Optional[_Union[TaskError, _Mapping]] = ..., correlation_id: _Optional[str] = ...) -> None: ...
+    tenant: str
+    node_id: str
+    wait_reason: str
+    excluded_pools: _containers.RepeatedCompositeFieldContainer[PoolExclusion]
+    def __init__(self, task_id: _Optional[str] = ..., model_id: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., priority: _Optional[_Union[_common_pb2.Priority, str]] = ..., queue_position: _Optional[int] = ..., pool_id: _Optional[str] = ..., tokens_out: _Optional[int] = ..., finished: _Optional[_Union[_common_pb2.Finished, _Mapping]] = ..., error: _Optional[_Union[TaskError, _Mapping]] = ..., correlation_id: _Optional[str] = ..., tenant: _Optional[str] = ..., node_id: _Optional[str] = ..., wait_reason: _Optional[str] = ..., excluded_pools: _Optional[_Iterable[_Union[PoolExclusion, _Mapping]]] = ...) -> None: ...
+
+class PoolExclusion(_message.Message):
+    __slots__ = ("pool", "reason")
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    pool: str
+    reason: str
+    def __init__(self, pool: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class TaskError(_message.Message):
     __slots__ = ("code", "reason", "message", "retriable")
