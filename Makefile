@@ -55,6 +55,7 @@ test: setup gen-check lint typecheck breaking
 
 bench: setup
 	$(BIN)/python bench/relay.py
+	$(BIN)/python bench/placement.py
 
 clean:
 	rm -rf $(VENV) .gen-check .pytest_cache .mypy_cache .ruff_cache

@@ -1,14 +1,39 @@
 """Placement: which pool serves a task. Pure: no I/O, no clock, deterministic.
 
-Filter (the pool is reachable and ready, holds the model, its context fits the task), then score
-(least loaded, then most free slots, then pool id as the tie-break). Every excluded pool carries
-its reason. Outcomes: assign a pool, wait (with the reason), or reject (no pool can ever serve).
+``decide`` first filters every pool, giving each one it passes over a reason:
+
+- pinned elsewhere or avoided by the request; failed, unreachable or draining;
+- its context is smaller than the task needs;
+- it holds another model and cannot take this one: it cannot load models, the model does not
+  fit its VRAM whole (weights + KV cache + overhead; never partially), it has work in flight
+  (a busy model is never evicted), or other queued tasks still want its model (same-model tasks
+  are grouped) and this task has not yet waited past the swap starvation bound.
+
+Then it scores what is left: where the model's bytes are (loaded in the pool > staged in the
+node's RAM > on the node's disk > must be fetched), then load (filled slots per slot, then most free
+slots), then free VRAM (most first), then the pool key, so equal inputs always give the same pool.
+
+Outcomes: ASSIGN a pool that has the model loaded and a free slot; ASSIGN with ``load=True``
+(the pool must first load the model: a swap); WAIT with a reason and an ETA when some pool will
+be able to serve later; REJECT with a reason when none ever can.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+from orchestrator.tasks import Priority
+
+
+class Locality(enum.IntEnum):
+    """Where a pool's node has a model's bytes; lower is faster to serve from."""
+
+    LOADED = 0
+    STAGED = 1
+    ON_DISK = 2
+    FETCH = 3
 
 
 @dataclass(frozen=True)
@@ -18,14 +43,32 @@ class PoolView:
     node_id: str
     pool_id: str
     model_id: str
+    """The model loaded (or loading) in the pool."""
     ready: bool
     reachable: bool
     slots_total: int
     in_flight: int
+    """Slots this orchestrator has filled (running executions)."""
     n_ctx: int
     engine_version: str = ""
     failed: bool = False
     """The pool gave up (its pool manager stopped restarting the worker)."""
+    draining: bool = False
+    """Finishing its work before an unload or reload: takes nothing new."""
+    can_load: bool = False
+    """The pool manager can load another model into this pool (a swap)."""
+    gpu: bool = False
+    """Runs on GPUs; VRAM figures apply (a CPU pool has none)."""
+    vram_total_bytes: int = 0
+    vram_free_bytes: int = 0
+    staged_models: frozenset[str] = frozenset()
+    """Models in the node's host-RAM staging cache."""
+    disk_models: frozenset[str] = frozenset()
+    """Models whose files are in the node's model store."""
+    tokens_per_s: float = 0.0
+    """Measured decode speed of the loaded model (0: not measured yet)."""
+    eta_free_ms: int = 0
+    """Predicted time until a slot frees (busy pool) or the pool is ready (loading pool)."""
 
     @property
     def key(self) -> str:
@@ -44,7 +87,23 @@ class PlacementInput:
 
     model_id: str
     tokens_needed: int
+    """Prompt allowance + max_tokens: the context the task needs."""
     pools: tuple[PoolView, ...]
+    priority: Priority = Priority.INTERACTIVE
+    pin_pools: frozenset[str] = frozenset()
+    """Only these pools (keys ``node/pool`` or bare pool ids) may serve it; empty: any."""
+    avoid_pools: frozenset[str] = frozenset()
+    """These pools must not serve it."""
+    vram_needed_bytes: int = 0
+    """The model's estimated VRAM need at the pool's context (0: unknown, assume it fits)."""
+    waited_s: float = 0.0
+    """How long the task has been queued."""
+    demand: Mapping[str, int] = field(default_factory=dict)
+    """Other queued tasks per model: a pool whose model is still wanted is not swapped away."""
+    swap_starvation_s: Mapping[Priority, float] = field(
+        default_factory=lambda: {Priority.INTERACTIVE: 10.0, Priority.BATCH: 60.0}
+    )
+    """After this long in the queue a task may swap a pool whose model other tasks still want."""
 
 
 class Outcome(enum.Enum):
@@ -61,48 +120,141 @@ class PlacementDecision:
 
     outcome: Outcome
     pool: PoolView | None = None
+    load: bool = False
+    """ASSIGN only: the pool must load the model first (a swap)."""
+    locality: Locality | None = None
     reason: str = ""
+    eta_ms: int = 0
+    """WAIT only: when a pool is expected to be able to take the task (0: unknown)."""
     excluded: dict[str, str] = field(default_factory=dict)
 
 
+def _matches(pool: PoolView, names: frozenset[str]) -> bool:
+    return pool.key in names or pool.pool_id in names
+
+
+def _locality(pool: PoolView, model_id: str) -> Locality:
+    if pool.model_id == model_id:
+        return Locality.LOADED
+    if model_id in pool.staged_models:
+        return Locality.STAGED
+    if model_id in pool.disk_models:
+        return Locality.ON_DISK
+    return Locality.FETCH
+
+
 def decide(inp: PlacementInput) -> PlacementDecision:
-    """Places one task."""
+    """Places one task (see the module docstring for the rules)."""
+    model = inp.model_id
     excluded: dict[str, str] = {}
-    serving: list[PoolView] = []
+    warm: list[PoolView] = []  # hold the model, healthy: serve now or later
+    swappable: list[PoolView] = []  # could load the model now
+    warm_later = 0  # pools holding the model that may serve once a slot frees or they return
+    later = 0  # any pool that may be able to serve once something changes
+    eta = 0
+    starving = inp.waited_s >= inp.swap_starvation_s.get(inp.priority, 0.0)
     for pool in inp.pools:
-        if pool.model_id != inp.model_id:
-            excluded[pool.key] = f"holds model {pool.model_id}"
-        elif pool.n_ctx and pool.n_ctx < inp.tokens_needed:
-            excluded[pool.key] = f"context {pool.n_ctx} < {inp.tokens_needed} tokens needed"
-        else:
-            serving.append(pool)
-    if not serving:
-        return PlacementDecision(
-            Outcome.REJECT, reason=f"no pool serves model {inp.model_id}", excluded=excluded
-        )
-    if all(p.failed for p in serving):
-        return PlacementDecision(
-            Outcome.REJECT,
-            reason=f"every pool serving model {inp.model_id} has failed",
-            excluded={**excluded, **{p.key: "failed" for p in serving}},
-        )
-    candidates: list[PoolView] = []
-    for pool in serving:
+        key = pool.key
+        if inp.pin_pools and not _matches(pool, inp.pin_pools):
+            excluded[key] = "not pinned by the request"
+            continue
+        if inp.avoid_pools and _matches(pool, inp.avoid_pools):
+            excluded[key] = "avoided by the request"
+            continue
+        holds = pool.model_id == model
+        if not holds and not pool.can_load:
+            excluded[key] = f"holds model {pool.model_id} and cannot load another"
+            continue
+        if pool.n_ctx and pool.n_ctx < inp.tokens_needed:
+            excluded[key] = f"context {pool.n_ctx} < {inp.tokens_needed} tokens needed"
+            continue
+        if not holds and pool.gpu and inp.vram_needed_bytes > pool.vram_total_bytes:
+            excluded[key] = (
+                f"model needs {inp.vram_needed_bytes} bytes of VRAM; the pool has "
+                f"{pool.vram_total_bytes} in all"
+            )
+            continue
         if pool.failed:
-            excluded[pool.key] = "failed"
-        elif not pool.reachable:
-            excluded[pool.key] = "node unreachable"
-        elif not pool.ready:
-            excluded[pool.key] = "not ready"
-        elif pool.slots_free == 0:
-            excluded[pool.key] = "no free slot"
+            excluded[key] = "failed"
+            continue
+        # From here on the pool could serve the task at some point.
+        if not pool.reachable or pool.draining:
+            excluded[key] = "node unreachable" if not pool.reachable else "draining"
+            later += 1
+            warm_later += holds
+        elif holds and not pool.ready:
+            excluded[key] = "loading the model"
+            later += 1
+            warm_later += 1
+            eta = _earliest(eta, pool.eta_free_ms)
+        elif holds and pool.slots_free == 0:
+            excluded[key] = "no free slot"
+            later += 1
+            warm_later += 1
+            eta = _earliest(eta, pool.eta_free_ms)
+        elif holds:
+            warm.append(pool)
+        elif pool.in_flight > 0 or not pool.ready:
+            excluded[key] = f"busy with model {pool.model_id}; a busy model is never evicted"
+            later += 1
+            eta = _earliest(eta, pool.eta_free_ms)
+        elif inp.demand.get(pool.model_id, 0) > 0 and not starving:
+            excluded[key] = f"queued tasks still want its model {pool.model_id}"
+            later += 1
         else:
-            candidates.append(pool)
-    if not candidates:
-        busy = any(p.reachable and p.ready for p in serving)
-        reason = (
-            "every pool serving the model is busy" if busy else "no pool serving the model is ready"
+            swappable.append(pool)
+    if warm:
+        best = min(
+            warm,
+            key=lambda p: (p.in_flight / p.slots_total, -p.slots_free, -p.vram_free_bytes, p.key),
         )
-        return PlacementDecision(Outcome.WAIT, reason=reason, excluded=excluded)
-    best = min(candidates, key=lambda p: (p.in_flight / p.slots_total, -p.slots_free, p.key))
-    return PlacementDecision(Outcome.ASSIGN, pool=best, excluded=excluded)
+        return PlacementDecision(
+            Outcome.ASSIGN, pool=best, locality=Locality.LOADED, excluded=excluded
+        )
+    if warm_later and swappable and not starving:
+        # A pool with the model will be free; grouping says wait for it rather than swap.
+        for pool in swappable:
+            excluded[pool.key] = f"could load {model}, but a pool holding it frees up first"
+        swappable = []
+    if swappable:
+        best = min(
+            swappable,
+            key=lambda p: (_locality(p, model), -p.vram_free_bytes, p.key),
+        )
+        return PlacementDecision(
+            Outcome.ASSIGN,
+            pool=best,
+            load=True,
+            locality=_locality(best, model),
+            excluded=excluded,
+        )
+    if later:
+        return PlacementDecision(
+            Outcome.WAIT, reason=_wait_reason(inp, excluded), eta_ms=eta, excluded=excluded
+        )
+    if inp.pin_pools and not any(_matches(p, inp.pin_pools) for p in inp.pools):
+        reason = "no pool matches the pinned pools " + ", ".join(sorted(inp.pin_pools))
+    elif any(p.model_id == model for p in inp.pools) and all(
+        p.failed for p in inp.pools if p.model_id == model
+    ):
+        reason = f"every pool serving model {model} has failed"
+    else:
+        reason = f"no pool serves model {model}"
+    return PlacementDecision(Outcome.REJECT, reason=reason, excluded=excluded)
+
+
+def _earliest(current: int, candidate: int) -> int:
+    if candidate <= 0:
+        return current
+    return candidate if current <= 0 else min(current, candidate)
+
+
+def _wait_reason(inp: PlacementInput, excluded: Mapping[str, str]) -> str:
+    reasons = set(excluded.values())
+    if "no free slot" in reasons:
+        return "every pool serving the model is busy"
+    if "loading the model" in reasons:
+        return "the model is loading"
+    if "node unreachable" in reasons:
+        return "no pool serving the model is reachable"
+    return f"no pool can take model {inp.model_id} now"

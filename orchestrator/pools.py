@@ -96,6 +96,8 @@ class PoolRegistry:
                         n_ctx=pool.n_ctx,
                         engine_version=pool.engine_version,
                         failed=pool.state == poolmanager_pb2.POOL_STATE_FAILED,
+                        draining=pool.state == poolmanager_pb2.POOL_STATE_DRAINING,
+                        gpu=any(d != "cpu" for d in pool.devices),
                     )
                 )
         return tuple(out)

@@ -14,6 +14,7 @@ import functools
 import math
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Protocol
@@ -235,7 +236,9 @@ class Orchestrator:
     def _dispatch_once(self) -> None:
         now = self._clock()
         self._queue.age(now)
-        views = list(self._registry.views())
+        etas = self._pool_etas_ms(now)
+        views = [replace(v, eta_free_ms=etas.get(v.key, 0)) for v in self._registry.views()]
+        demand = Counter(t.spec.model_id for t in self._queue)
         for task in list(self._queue):
             if task.deadline is not None and now >= task.deadline:
                 self._end(
@@ -251,6 +254,9 @@ class Orchestrator:
                     model_id=task.spec.model_id,
                     tokens_needed=task.spec.sampling.max_tokens + 1,
                     pools=tuple(views),
+                    priority=task.spec.priority,
+                    waited_s=now - task.created,
+                    demand=demand,
                 )
             )
             wait_reason = decision.reason if decision.outcome is Outcome.WAIT else ""
@@ -270,17 +276,19 @@ class Orchestrator:
                 self._end(
                     task, FailedPreconditionError(decision.reason, reason="NO_POOL_FOR_MODEL")
                 )
+            elif decision.outcome is Outcome.ASSIGN and decision.load:
+                # Unreachable until pool managers can load models on demand: no pool reports
+                # can_load yet, so placement never proposes a swap.
+                _log.error("placement proposed a swap, which pool managers cannot do yet")
             elif decision.outcome is Outcome.ASSIGN and decision.pool is not None:
                 pool = decision.pool
                 self._queue.take(task)
                 self._drain.record(now)
                 self._registry.acquire(pool)
                 views = [
-                    PoolView(**{**v.__dict__, "in_flight": v.in_flight + 1})
-                    if v.key == pool.key
-                    else v
-                    for v in views
+                    replace(v, in_flight=v.in_flight + 1) if v.key == pool.key else v for v in views
                 ]
+                demand[task.spec.model_id] -= 1
                 task.start(
                     Started(
                         pool.pool_id,
@@ -303,6 +311,19 @@ class Orchestrator:
         self._publish_positions()
         self._sweep(now)
         self._arm_deadline_timer(now)
+
+    def _pool_etas_ms(self, now: float) -> dict[str, int]:
+        """Per pool: when its earliest running task should end, from measured service times."""
+        etas: dict[str, int] = {}
+        for task_id in self._relays:
+            task = self._tasks.get(task_id)
+            if task is None or task.started_at is None:
+                continue
+            service_ms = self._service_ms.get(task.spec.model_id, _DEFAULT_SERVICE_MS)
+            left = max(1, round(service_ms - (now - task.started_at) * 1000))
+            key = f"{task.node_id}/{task.pool_id}"
+            etas[key] = min(etas.get(key, left), left)
+        return etas
 
     def _publish_positions(self) -> None:
         ahead_by_model: dict[str, int] = {}

@@ -7,7 +7,15 @@ from dataclasses import replace
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestrator.placement import Outcome, PlacementInput, PoolView, decide
+from orchestrator.placement import (
+    Locality,
+    Outcome,
+    PlacementDecision,
+    PlacementInput,
+    PoolView,
+    decide,
+)
+from orchestrator.tasks import Priority
 
 MODEL = "tiny-llama"
 
@@ -22,6 +30,7 @@ def pool(
     slots_total: int = 1,
     in_flight: int = 0,
     n_ctx: int = 2048,
+    draining: bool = False,
 ) -> PoolView:
     return PoolView(
         node_id=node_id,
@@ -32,11 +41,26 @@ def pool(
         slots_total=slots_total,
         in_flight=in_flight,
         n_ctx=n_ctx,
+        draining=draining,
     )
 
 
-def place(*pools: PoolView, tokens_needed: int = 100, model_id: str = MODEL):
-    return decide(PlacementInput(model_id=model_id, tokens_needed=tokens_needed, pools=pools))
+def place(
+    *pools: PoolView,
+    tokens_needed: int = 100,
+    model_id: str = MODEL,
+    swap_waited_s: float = 0.0,
+    **kw: object,
+) -> PlacementDecision:
+    return decide(
+        PlacementInput(
+            model_id=model_id,
+            tokens_needed=tokens_needed,
+            pools=pools,
+            waited_s=swap_waited_s,
+            **kw,  # type: ignore[arg-type]
+        )
+    )
 
 
 # --- REJECT ---------------------------------------------------------------------------------
@@ -106,14 +130,14 @@ def test_wait_when_every_pool_with_the_model_is_busy() -> None:
 def test_wait_when_no_pool_with_the_model_is_ready() -> None:
     decision = place(pool("p0", ready=False), pool("p1", ready=False))
     assert decision.outcome is Outcome.WAIT
-    assert decision.reason == "no pool serving the model is ready"
-    assert decision.excluded == {"n1/p0": "not ready", "n1/p1": "not ready"}
+    assert decision.reason == "the model is loading"
+    assert decision.excluded == {"n1/p0": "loading the model", "n1/p1": "loading the model"}
 
 
 def test_wait_when_every_node_is_unreachable() -> None:
     decision = place(pool("p0", reachable=False), pool("p1", node_id="n2", reachable=False))
     assert decision.outcome is Outcome.WAIT
-    assert decision.reason == "no pool serving the model is ready"
+    assert decision.reason == "no pool serving the model is reachable"
     assert decision.excluded == {"n1/p0": "node unreachable", "n2/p1": "node unreachable"}
 
 
@@ -133,9 +157,9 @@ def test_wait_is_busy_when_one_pool_is_busy_and_the_others_not_ready() -> None:
     assert decision.reason == "every pool serving the model is busy"
     assert decision.excluded == {
         "n1/p0": "no free slot",
-        "n1/p1": "not ready",
+        "n1/p1": "loading the model",
         "n1/p2": "node unreachable",
-        "n1/p3": "holds model other",
+        "n1/p3": "holds model other and cannot load another",
     }
 
 
@@ -143,7 +167,7 @@ def test_wait_not_reject_when_only_a_not_ready_pool_fits_the_context() -> None:
     decision = place(pool("p0", n_ctx=50), pool("p1", ready=False, n_ctx=4096), tokens_needed=100)
     assert decision.outcome is Outcome.WAIT
     assert "context 50 < 100" in decision.excluded["n1/p0"]
-    assert decision.excluded["n1/p1"] == "not ready"
+    assert decision.excluded["n1/p1"] == "loading the model"
 
 
 # --- ASSIGN ---------------------------------------------------------------------------------
@@ -154,7 +178,10 @@ def test_assign_the_only_candidate_and_report_the_others() -> None:
     decision = place(pool("p0", model_id="other"), good, pool("p2", ready=False))
     assert decision.outcome is Outcome.ASSIGN
     assert decision.pool == good
-    assert decision.excluded == {"n1/p0": "holds model other", "n1/p2": "not ready"}
+    assert decision.excluded == {
+        "n1/p0": "holds model other and cannot load another",
+        "n1/p2": "loading the model",
+    }
 
 
 def test_assign_picks_the_least_loaded() -> None:
@@ -198,23 +225,121 @@ def test_assign_skips_pools_with_the_wrong_model_even_if_idle() -> None:
     assert decision.pool == loaded
 
 
+# --- swaps, locality, VRAM, pins ----------------------------------------------------------------
+
+GIB = 1 << 30
+
+
+def gpu_pool(pool_id: str, model_id: str, **kw: object) -> PoolView:
+    base = pool(pool_id, model_id=model_id)
+    fields = {"can_load": True, "gpu": True, "vram_total_bytes": 24 * GIB, "vram_free_bytes": GIB}
+    return replace(base, **{**fields, **kw})  # type: ignore[arg-type]
+
+
+def test_an_idle_pool_loads_a_model_no_pool_holds() -> None:
+    idle = gpu_pool("p0", "other")
+    decision = place(idle)
+    assert decision.outcome is Outcome.ASSIGN
+    assert decision.pool == idle
+    assert decision.load is True
+    assert decision.locality is Locality.FETCH
+
+
+def test_a_warm_pool_beats_any_swap() -> None:
+    warm = gpu_pool("p9", MODEL, slots_total=4, in_flight=3)
+    staged = gpu_pool("p0", "other", staged_models=frozenset({MODEL}))
+    decision = place(staged, warm)
+    assert decision.pool == warm
+    assert decision.load is False
+    assert decision.locality is Locality.LOADED
+
+
+def test_swap_prefers_staged_then_disk_then_fetch() -> None:
+    fetch = gpu_pool("a", "other", vram_free_bytes=20 * GIB)
+    disk = gpu_pool("b", "other", disk_models=frozenset({MODEL}))
+    staged = gpu_pool("c", "other", staged_models=frozenset({MODEL}))
+    assert place(fetch, disk, staged).pool == staged
+    assert place(fetch, disk).pool == disk
+    decision = place(fetch)
+    assert decision.pool == fetch and decision.locality is Locality.FETCH
+
+
+def test_a_busy_model_is_never_evicted() -> None:
+    busy = gpu_pool("p0", "other", in_flight=1, eta_free_ms=800)
+    decision = place(busy, swap_waited_s=1_000.0)
+    assert decision.outcome is Outcome.WAIT
+    assert decision.eta_ms == 800
+    assert "never evicted" in decision.excluded["n1/p0"]
+
+
+def test_a_model_that_does_not_fit_vram_whole_is_refused() -> None:
+    small = gpu_pool("p0", "other", vram_total_bytes=8 * GIB)
+    decision = place(small, vram_needed_bytes=12 * GIB)
+    assert decision.outcome is Outcome.REJECT
+    assert "VRAM" in decision.excluded["n1/p0"]
+    assert place(small, vram_needed_bytes=8 * GIB).load is True
+
+
+def test_same_model_tasks_are_grouped_until_the_starvation_bound() -> None:
+    # The pool's model still has queued tasks: a task for another model waits...
+    wanted = gpu_pool("p0", "other")
+    decision = place(wanted, demand={"other": 3}, swap_waited_s=5.0)
+    assert decision.outcome is Outcome.WAIT
+    assert "still want" in decision.excluded["n1/p0"]
+    # ...until it has waited past the bound; then it may swap the idle pool.
+    decision = place(wanted, demand={"other": 3}, swap_waited_s=10.0)
+    assert decision.outcome is Outcome.ASSIGN and decision.load is True
+    # BATCH tasks have a longer bound.
+    batch = place(wanted, demand={"other": 3}, swap_waited_s=10.0, priority=Priority.BATCH)
+    assert batch.outcome is Outcome.WAIT
+
+
+def test_wait_for_a_busy_warm_pool_rather_than_swap_another() -> None:
+    warm = gpu_pool("p0", MODEL, in_flight=1, eta_free_ms=300)
+    idle = gpu_pool("p1", "other")
+    decision = place(warm, idle, swap_waited_s=1.0)
+    assert decision.outcome is Outcome.WAIT
+    assert decision.eta_ms == 300
+    assert "frees up first" in decision.excluded["n1/p1"]
+    starving = place(warm, idle, swap_waited_s=30.0)
+    assert starving.pool == idle and starving.load is True
+
+
+def test_pins_and_avoids() -> None:
+    a, b = pool("a"), pool("b", node_id="n2")
+    assert place(a, b, pin_pools=frozenset({"n2/b"})).pool == b
+    assert place(a, b, pin_pools=frozenset({"b"})).pool == b
+    assert place(a, b, avoid_pools=frozenset({"n1/a"})).pool == b
+    pinned_busy = place(a, replace(b, in_flight=1), pin_pools=frozenset({"b"}))
+    assert pinned_busy.outcome is Outcome.WAIT
+    assert pinned_busy.excluded["n1/a"] == "not pinned by the request"
+    nowhere = place(a, b, pin_pools=frozenset({"n9/zz"}))
+    assert nowhere.outcome is Outcome.REJECT
+    assert "n9/zz" in nowhere.reason
+
+
+def test_draining_pools_take_nothing_new() -> None:
+    draining = pool("a", draining=True)
+    decision = place(draining)
+    assert decision.outcome is Outcome.WAIT
+    assert decision.excluded == {"n1/a": "draining"}
+    assert place(draining, pool("b")).pool == pool("b")
+
+
 # --- properties -----------------------------------------------------------------------------
 
-MODELS = ["m0", "m1"]
+MODELS = ["m0", "m1", "m2"]
+POOL_KEYS = [(n, p) for n in ("n0", "n1", "n2") for p in ("p0", "p1", "p2")]
 
 
 @st.composite
 def placement_inputs(draw: st.DrawFn) -> PlacementInput:
-    keys = draw(
-        st.lists(
-            st.tuples(st.sampled_from(["n0", "n1", "n2"]), st.sampled_from(["p0", "p1", "p2"])),
-            unique=True,
-            max_size=9,
-        )
-    )
+    keys = draw(st.lists(st.sampled_from(POOL_KEYS), unique=True, max_size=9))
     pools = []
     for node_id, pool_id in keys:
         slots_total = draw(st.integers(min_value=1, max_value=8))
+        gpu = draw(st.booleans())
+        total = draw(st.sampled_from([8, 12, 24])) * GIB if gpu else 0
         pools.append(
             PoolView(
                 node_id=node_id,
@@ -225,65 +350,88 @@ def placement_inputs(draw: st.DrawFn) -> PlacementInput:
                 slots_total=slots_total,
                 in_flight=draw(st.integers(min_value=0, max_value=slots_total + 1)),
                 n_ctx=draw(st.sampled_from([0, 128, 512, 2048])),
+                failed=draw(st.booleans()),
+                draining=draw(st.booleans()),
+                can_load=draw(st.booleans()),
+                gpu=gpu,
+                vram_total_bytes=total,
+                vram_free_bytes=draw(st.integers(0, total)),
+                staged_models=frozenset(draw(st.sets(st.sampled_from(MODELS)))),
+                disk_models=frozenset(draw(st.sets(st.sampled_from(MODELS)))),
+                eta_free_ms=draw(st.integers(0, 5000)),
             )
         )
+    names = st.sampled_from([f"{n}/{p}" for n, p in POOL_KEYS] + ["p0", "p1"])
     return PlacementInput(
         model_id=draw(st.sampled_from(MODELS)),
         tokens_needed=draw(st.integers(min_value=1, max_value=3000)),
         pools=tuple(pools),
+        priority=draw(st.sampled_from(list(Priority))),
+        pin_pools=frozenset(draw(st.sets(names, max_size=2))),
+        avoid_pools=frozenset(draw(st.sets(names, max_size=2))),
+        vram_needed_bytes=draw(st.sampled_from([0, 6 * GIB, 10 * GIB, 20 * GIB])),
+        waited_s=draw(st.sampled_from([0.0, 5.0, 100.0])),
+        demand={m: draw(st.integers(0, 2)) for m in MODELS},
     )
 
 
-def eligible(p: PoolView, inp: PlacementInput) -> bool:
+def _named(p: PoolView, names: frozenset[str]) -> bool:
+    return p.key in names or p.pool_id in names
+
+
+def healthy_and_allowed(p: PoolView, inp: PlacementInput) -> bool:
     return (
-        p.model_id == inp.model_id
-        and p.ready
+        p.ready
         and p.reachable
-        and p.in_flight < p.slots_total
+        and not p.failed
+        and not p.draining
+        and (not inp.pin_pools or _named(p, inp.pin_pools))
+        and not _named(p, inp.avoid_pools)
         and (p.n_ctx == 0 or p.n_ctx >= inp.tokens_needed)
     )
 
 
-@settings(max_examples=300, deadline=None)
+def warm_candidate(p: PoolView, inp: PlacementInput) -> bool:
+    return healthy_and_allowed(p, inp) and p.model_id == inp.model_id and p.slots_free > 0
+
+
+@settings(max_examples=400, deadline=None)
 @given(placement_inputs(), st.randoms(use_true_random=False))
 def test_decide_is_deterministic_and_independent_of_pool_order(inp: PlacementInput, rnd) -> None:
     first = decide(inp)
     assert decide(inp) == first
     shuffled = list(inp.pools)
     rnd.shuffle(shuffled)
-    other = decide(replace(inp, pools=tuple(shuffled)))
-    assert other.outcome is first.outcome
-    assert other.pool == first.pool
-    assert other.reason == first.reason
-    assert other.excluded == first.excluded
+    assert decide(replace(inp, pools=tuple(shuffled))) == first
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=400, deadline=None)
 @given(placement_inputs())
 def test_decide_invariants(inp: PlacementInput) -> None:
     decision = decide(inp)
-    candidates = [p for p in inp.pools if eligible(p, inp)]
-    filtered = {p.key for p in inp.pools if not eligible(p, inp)}
-    # A pool is in `excluded` exactly when a filter removed it: losing candidates are not there.
-    assert set(decision.excluded) == filtered
-    if decision.outcome is Outcome.ASSIGN:
-        chosen = decision.pool
-        assert chosen is not None
-        assert chosen in inp.pools
-        assert eligible(chosen, inp)
-        assert chosen.key not in decision.excluded
-        ratio = chosen.in_flight / chosen.slots_total
-        for other in candidates:
-            assert other.in_flight / other.slots_total >= ratio
-    else:
+    warm = [p for p in inp.pools if warm_candidate(p, inp)]
+    assert all(reason for reason in decision.excluded.values())
+    if decision.outcome is not Outcome.ASSIGN:
         assert decision.pool is None
-        assert not candidates
-        holds = [
-            p
-            for p in inp.pools
-            if p.model_id == inp.model_id and (p.n_ctx == 0 or p.n_ctx >= inp.tokens_needed)
-        ]
-        assert decision.outcome is (Outcome.WAIT if holds else Outcome.REJECT)
+        assert not warm
+        return
+    chosen = decision.pool
+    assert chosen is not None and chosen in inp.pools
+    assert chosen.key not in decision.excluded
+    # Never an unhealthy, draining, unpinned, avoided or too-small pool.
+    assert healthy_and_allowed(chosen, inp)
+    if decision.load:
+        # A swap: never while any warm pool could serve, never evicting a busy model, and the
+        # model must fit the pool's VRAM whole.
+        assert not warm
+        assert chosen.can_load and chosen.in_flight == 0
+        assert chosen.model_id != inp.model_id
+        assert not chosen.gpu or inp.vram_needed_bytes <= chosen.vram_total_bytes
+    else:
+        # Prefers warm, least loaded.
+        assert chosen.model_id == inp.model_id and chosen.slots_free > 0
+        ratio = chosen.in_flight / chosen.slots_total
+        assert all(p.in_flight / p.slots_total >= ratio for p in warm)
 
 
 def test_reject_when_every_pool_serving_the_model_has_failed() -> None:
