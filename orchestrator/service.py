@@ -11,11 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import math
+import heapq
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import replace
 from typing import Protocol
 
@@ -41,7 +41,13 @@ from mesh.errors import (
 from mesh.interceptors import CORRELATION_HEADER
 from mesh.settings import OrchestratorSettings
 from orchestrator.admission import AdmissionQueue, DrainMeter, QueueFullError, WhenFull
-from orchestrator.placement import Outcome, PlacementInput, PoolView, decide
+from orchestrator.placement import (
+    Outcome,
+    PlacementDecision,
+    PlacementInput,
+    PoolView,
+    decide,
+)
 from orchestrator.pools import PoolRegistry
 from orchestrator.tasks import Finished, Metrics, Started, Task, TaskSpec, Tokens
 
@@ -85,7 +91,14 @@ class Orchestrator:
         self._tasks: dict[str, Task] = {}
         self._by_request_id: dict[str, str] = {}
         self._relays: dict[str, asyncio.Task[None]] = {}
-        self._service_ms: dict[str, float] = {}
+        # Measured slot time per task, EWMA: by (pool key, model) and by ("", model).
+        self._service_ms: dict[tuple[str, str], float] = {}
+        # The prediction simulation per model as the last pass left it, and when it ran.
+        self._tails: dict[str, list[tuple[float, str]]] = {}
+        self._tails_at = 0.0
+        self._timer_at: float | None = None
+        # Placement decisions of the last pass, per (model, context, pins, avoids).
+        self._memo: dict[tuple[object, ...], PlacementDecision] = {}
         self._wake = asyncio.Event()
         self._dispatcher: asyncio.Task[None] | None = None
         self._last_sweep = 0.0
@@ -185,15 +198,20 @@ class Orchestrator:
         self._tasks[task.task_id] = task
         if spec.request_id:
             self._by_request_id[spec.request_id] = task.task_id
-        same_model_ahead = 0
-        for queued in self._queue:
-            if queued is task:
-                break
-            same_model_ahead += queued.spec.model_id == spec.model_id
-        task.set_queued(position, self._predict_ms(spec.model_id, same_model_ahead))
-        # Place it now rather than on the dispatcher's next turn: one loop iteration less before
-        # the first token when a slot is free.
-        self._dispatch_once()
+        # Every task's stream begins with Queued, even one placed in this same call. Last in
+        # line, its prediction continues the slot simulation of the last pass (no pass over the
+        # whole queue per submit); otherwise the pass below corrects it.
+        task.set_queued(position, self._predict_next(task, now))
+        if self._may_assign(self._registry.views()):
+            # Place it now rather than on the dispatcher's next turn: one loop iteration less
+            # before the first token when a slot is free.
+            self._dispatch_once()
+        else:
+            self._note_waiting(task, now)
+            if position != len(self._queue) - 1:
+                # It went ahead of others: their positions changed.
+                self._publish_positions(now, self._views(now))
+            self._arm_timer_for(task)
         _log.info(
             "task admitted",
             extra={
@@ -233,12 +251,33 @@ class Orchestrator:
             except Exception:  # a bug must not stop dispatching for every later task
                 _log.exception("dispatch pass failed")
 
+    def _views(self, now: float) -> list[PoolView]:
+        etas = self._pool_etas_ms(now)
+        return [replace(v, eta_free_ms=etas.get(v.key, 0)) for v in self._registry.views()]
+
+    @staticmethod
+    def _may_assign(views: Iterable[PoolView]) -> bool:
+        """Whether placement could assign anything: a free slot, or an idle pool that can load."""
+        return any(
+            v.ready
+            and v.reachable
+            and not v.failed
+            and not v.draining
+            and (v.slots_free > 0 or (v.can_load and v.in_flight == 0))
+            for v in views
+        )
+
     def _dispatch_once(self) -> None:
         now = self._clock()
         self._queue.age(now)
-        etas = self._pool_etas_ms(now)
-        views = [replace(v, eta_free_ms=etas.get(v.key, 0)) for v in self._registry.views()]
+        views = self._views(now)
         demand = Counter(t.spec.model_id for t in self._queue)
+        may_assign = self._may_assign(views)
+        swaps = any(v.can_load for v in views)
+        # Without swaps a decision depends only on the task's model, context and pins: tasks
+        # alike share one decision until an assignment changes the pools (kept for submits
+        # between passes).
+        memo = self._memo = {}
         for task in list(self._queue):
             if task.deadline is not None and now >= task.deadline:
                 self._end(
@@ -249,29 +288,15 @@ class Orchestrator:
                     ),
                 )
                 continue
-            decision = decide(
-                PlacementInput(
-                    model_id=task.spec.model_id,
-                    tokens_needed=task.spec.sampling.max_tokens + 1,
-                    pools=tuple(views),
-                    priority=task.spec.priority,
-                    waited_s=now - task.created,
-                    demand=demand,
-                )
-            )
-            wait_reason = decision.reason if decision.outcome is Outcome.WAIT else ""
-            if decision.excluded != task.excluded or wait_reason != task.wait_reason:
-                _log.info(
-                    "placement: %s%s",
-                    decision.outcome.value,
-                    f" ({decision.reason})" if decision.reason else "",
-                    extra={
-                        "task_id": task.task_id,
-                        "excluded": "; ".join(f"{k}: {v}" for k, v in decision.excluded.items()),
-                    },
-                )
-            task.excluded = dict(decision.excluded)
-            task.wait_reason = wait_reason
+            inp = self._placement_input(task, views, demand, now)
+            key = (inp.model_id, inp.tokens_needed, inp.pin_pools, inp.avoid_pools)
+            decision = memo.get(key) if not swaps or not may_assign else None
+            if decision is None:
+                decision = decide(inp)
+                memo[key] = decision
+            self._note_placement(task, decision)
+            if not may_assign:
+                continue  # every pool is busy: nothing can start, only positions move
             if decision.outcome is Outcome.REJECT and views:
                 self._end(
                     task, FailedPreconditionError(decision.reason, reason="NO_POOL_FOR_MODEL")
@@ -282,73 +307,171 @@ class Orchestrator:
                 _log.error("placement proposed a swap, which pool managers cannot do yet")
             elif decision.outcome is Outcome.ASSIGN and decision.pool is not None:
                 pool = decision.pool
-                self._queue.take(task)
-                self._drain.record(now)
-                self._registry.acquire(pool)
+                self._start(task, pool, now)
                 views = [
                     replace(v, in_flight=v.in_flight + 1) if v.key == pool.key else v for v in views
                 ]
                 demand[task.spec.model_id] -= 1
-                task.start(
-                    Started(
-                        pool.pool_id,
-                        pool.node_id,
-                        pool.model_id,
-                        pool.engine_version,
-                        (now - task.created) * 1000,
-                    ),
-                    now,
-                )
-                # The Execute call starts now, before this turn's Queued and Started messages
-                # are written to the clients: the first token's path begins here.
-                relay = asyncio.create_task(
-                    self._relay(task, pool, self._execute(task, pool)),
-                    name=f"relay-{task.task_id}",
-                )
-                self._relays[task.task_id] = relay
-                # A relay cancelled before its first step never runs its own finally.
-                relay.add_done_callback(functools.partial(self._relay_done, task, pool))
-        self._publish_positions()
+                memo.clear()
+                self._memo = memo
+                may_assign = self._may_assign(views)
+        self._publish_positions(now, views)
         self._sweep(now)
         self._arm_deadline_timer(now)
 
-    def _pool_etas_ms(self, now: float) -> dict[str, int]:
-        """Per pool: when its earliest running task should end, from measured service times."""
-        etas: dict[str, int] = {}
+    @staticmethod
+    def _placement_input(
+        task: Task, views: list[PoolView], demand: Mapping[str, int], now: float
+    ) -> PlacementInput:
+        return PlacementInput(
+            model_id=task.spec.model_id,
+            tokens_needed=task.spec.sampling.max_tokens + 1,
+            pools=tuple(views),
+            priority=task.spec.priority,
+            waited_s=now - task.created,
+            demand=demand,
+        )
+
+    def _note_waiting(self, task: Task, now: float) -> None:
+        """Placement reasons for a task queued while no pool could take anything."""
+        key: tuple[object, ...] = (
+            task.spec.model_id,
+            task.spec.sampling.max_tokens + 1,
+            frozenset(),
+            frozenset(),
+        )
+        decision = self._memo.get(key)
+        if decision is None:
+            views = self._views(now)
+            decision = decide(self._placement_input(task, views, {}, now))
+            self._memo[key] = decision
+        self._note_placement(task, decision)
+
+    def _note_placement(self, task: Task, decision: PlacementDecision) -> None:
+        """Keeps a task's placement reasons for GetTask, and logs them when they change."""
+        wait_reason = decision.reason if decision.outcome is Outcome.WAIT else ""
+        if decision.excluded != task.excluded or wait_reason != task.wait_reason:
+            _log.info(
+                "placement: %s%s",
+                decision.outcome.value,
+                f" ({decision.reason})" if decision.reason else "",
+                extra={
+                    "task_id": task.task_id,
+                    "excluded": "; ".join(f"{k}: {v}" for k, v in decision.excluded.items()),
+                },
+            )
+        task.excluded = dict(decision.excluded)
+        task.wait_reason = wait_reason
+
+    def _start(self, task: Task, pool: PoolView, now: float) -> None:
+        """Takes a task off the queue and starts its execution on ``pool``."""
+        self._queue.take(task)
+        self._drain.record(now)
+        self._registry.acquire(pool)
+        task.start(
+            Started(
+                pool.pool_id,
+                pool.node_id,
+                pool.model_id,
+                pool.engine_version,
+                (now - task.created) * 1000,
+            ),
+            now,
+        )
+        # The Execute call starts now, before this turn's Queued and Started messages are
+        # written to the clients: the first token's path begins here.
+        relay = asyncio.create_task(
+            self._relay(task, pool, self._execute(task, pool)), name=f"relay-{task.task_id}"
+        )
+        self._relays[task.task_id] = relay
+        # A relay cancelled before its first step never runs its own finally.
+        relay.add_done_callback(functools.partial(self._relay_done, task, pool))
+
+    # --- predictions -----------------------------------------------------------------------------
+
+    def _service_estimate_ms(self, pool_key: str, model_id: str) -> float:
+        """Measured time one task of ``model_id`` holds a slot of the pool (EWMA)."""
+        measured = self._service_ms.get((pool_key, model_id)) or self._service_ms.get(
+            ("", model_id)
+        )
+        return measured if measured is not None else _DEFAULT_SERVICE_MS
+
+    def _running_left_ms(self, now: float) -> dict[str, list[float]]:
+        """Per pool: how long each running task should still take, from measured times."""
+        left: dict[str, list[float]] = {}
         for task_id in self._relays:
             task = self._tasks.get(task_id)
             if task is None or task.started_at is None:
                 continue
-            service_ms = self._service_ms.get(task.spec.model_id, _DEFAULT_SERVICE_MS)
-            left = max(1, round(service_ms - (now - task.started_at) * 1000))
             key = f"{task.node_id}/{task.pool_id}"
-            etas[key] = min(etas.get(key, left), left)
-        return etas
+            expected = self._service_estimate_ms(key, task.spec.model_id)
+            left.setdefault(key, []).append(max(0.0, expected - (now - task.started_at) * 1000))
+        return left
 
-    def _publish_positions(self) -> None:
-        ahead_by_model: dict[str, int] = {}
+    def _pool_etas_ms(self, now: float) -> dict[str, int]:
+        """Per pool: when its earliest running task should end."""
+        return {k: max(1, round(min(v))) for k, v in self._running_left_ms(now).items() if v}
+
+    def _slot_heap(
+        self, model_id: str, views: Iterable[PoolView], running: Mapping[str, list[float]]
+    ) -> list[tuple[float, str]]:
+        """When each slot of the pools serving ``model_id`` frees, in ms from now, as a heap."""
+        heap: list[tuple[float, str]] = []
+        for v in views:
+            if v.model_id != model_id or not v.reachable or v.failed or v.draining:
+                continue
+            times = sorted(running.get(v.key, ()))[: v.slots_total]
+            times += [0.0] * (v.slots_total - len(times))
+            heap.extend((t, v.key) for t in times)
+        heapq.heapify(heap)
+        return heap
+
+    def _publish_positions(self, now: float, views: list[PoolView]) -> None:
+        """Sends every queued task its position and predicted start (when they changed).
+
+        The prediction replays the queue on the slots serving each model: a slot frees when its
+        running task's measured service time is up, then serves the next task of its model in
+        queue order for that pool's measured service time.
+        """
+        running = self._running_left_ms(now)
+        self._tails = {}
         for position, task in enumerate(self._queue):
             model = task.spec.model_id
-            same_model_ahead = ahead_by_model.get(model, 0)
-            ahead_by_model[model] = same_model_ahead + 1
-            task.set_queued(position, self._predict_ms(model, same_model_ahead))
+            heap = self._tails.get(model)
+            if heap is None:
+                heap = self._tails[model] = self._slot_heap(model, views, running)
+            task.set_queued(position, self._pop_slot(heap, model))
+        self._tails_at = now
 
-    def _predict_ms(self, model_id: str, same_model_ahead: int) -> int:
-        """Predicted wait: the work ahead spread over the slots serving the model."""
-        pools = [v for v in self._registry.views() if v.model_id == model_id and v.ready]
-        slots = sum(v.slots_total for v in pools) or 1
-        free = sum(v.slots_free for v in pools)
-        if same_model_ahead < free:
-            return 0
-        service_ms = self._service_ms.get(model_id, _DEFAULT_SERVICE_MS)
-        rounds = math.floor((same_model_ahead - free) / slots) + 1
-        return round(rounds * service_ms)
+    def _predict_next(self, task: Task, now: float) -> int:
+        """Predicted start of a task just added at the end of the queue."""
+        model = task.spec.model_id
+        heap = self._tails.get(model)
+        if heap is None:
+            views = self._views(now)
+            heap = self._tails[model] = self._slot_heap(model, views, self._running_left_ms(now))
+        # The simulation ran at _tails_at; the time since then has passed for every slot.
+        elapsed_ms = (now - self._tails_at) * 1000
+        return max(0, self._pop_slot(heap, model) - round(elapsed_ms))
+
+    def _pop_slot(self, heap: list[tuple[float, str]], model_id: str) -> int:
+        if not heap:
+            return 0  # no pool serves the model now: nothing to predict from
+        free_at, key = heapq.heappop(heap)
+        heapq.heappush(heap, (free_at + self._service_estimate_ms(key, model_id), key))
+        return round(free_at)
+
+    def _arm_timer_for(self, task: Task) -> None:
+        """Re-arms the deadline timer if a newly queued task needs it earlier."""
+        due = [t for t in (task.deadline, self._queue.next_aging_at()) if t is not None]
+        if due and (self._timer_at is None or min(due) < self._timer_at):
+            self._arm_deadline_timer(self._clock())
 
     def _retry_delay_s(self, model_id: str, now: float) -> float:
         """When a refused client should retry: the time for one place to free up, measured
         from how fast the queue drains (before any drained: one predicted service time)."""
         rate = self._drain.rate(now)
-        delay = 1.0 / rate if rate else self._predict_ms(model_id, 0) / 1000
+        delay = 1.0 / rate if rate else self._service_estimate_ms("", model_id) / 1000
         return min(60.0, max(0.05, delay))
 
     def _arm_deadline_timer(self, now: float) -> None:
@@ -356,12 +479,14 @@ class Orchestrator:
         if self._deadline_timer is not None:
             self._deadline_timer.cancel()
             self._deadline_timer = None
+            self._timer_at = None
         deadlines = [t.deadline for t in self._queue if t.deadline is not None]
         aging = self._queue.next_aging_at()
         if aging is not None:
             deadlines.append(aging)
         if deadlines:
-            delay = max(0.0, min(deadlines) - now)
+            self._timer_at = min(deadlines)
+            delay = max(0.0, self._timer_at - now)
             self._deadline_timer = asyncio.get_running_loop().call_later(
                 delay + 0.001, self._wake.set
             )
@@ -435,7 +560,9 @@ class Orchestrator:
                 elif kind == "finished":
                     f = response.finished
                     now = self._clock()
-                    self._record_service_ms(spec.model_id, (now - (task.started_at or now)) * 1000)
+                    self._record_service_ms(
+                        pool.key, spec.model_id, (now - (task.started_at or now)) * 1000
+                    )
                     tps = (f.tokens_out - 1) / (f.decode_ms / 1000) if f.decode_ms > 0 else 0.0
                     task.succeed(
                         Finished(
@@ -501,9 +628,11 @@ class Orchestrator:
             task.fail(UnavailableError("the relay stopped", reason="SHUTDOWN"), self._clock())
         self._wake.set()
 
-    def _record_service_ms(self, model_id: str, ms: float) -> None:
-        old = self._service_ms.get(model_id)
-        self._service_ms[model_id] = ms if old is None else old + _EWMA_WEIGHT * (ms - old)
+    def _record_service_ms(self, pool_key: str, model_id: str, ms: float) -> None:
+        """Folds one measured service time into the pool's and the model's averages."""
+        for key in ((pool_key, model_id), ("", model_id)):
+            old = self._service_ms.get(key)
+            self._service_ms[key] = ms if old is None else old + _EWMA_WEIGHT * (ms - old)
 
 
 def _has_details(err: grpc.aio.AioRpcError) -> bool:

@@ -156,6 +156,8 @@ class Task:
         self.excluded: dict[str, str] = {}
         """Pools the latest placement passed over (pool key → reason)."""
         self._last_queued: Queued | None = None
+        """The latest Queued worth sending; the log holds one Queued entry that stands for it."""
+        self._queued_version = 0
         self._changed = asyncio.Event()
 
     @property
@@ -180,8 +182,18 @@ class Task:
         last = self.log[-1] if self.log else None
         return last.error if isinstance(last, Failed) else None
 
+    @property
+    def latest_queued(self) -> Queued | None:
+        """The Queued event readers get now (None before the first)."""
+        return self._last_queued
+
     def set_queued(self, position: int, predicted_start_ms: int) -> None:
-        """Records the queue position; appends a Queued event only when something changed."""
+        """Records the queue position; readers get a new Queued only when something changed.
+
+        The log keeps one Queued entry however often the position changes (a task behind
+        thousands would otherwise grow by one entry per task ahead of it); readers receive the
+        latest value in its place, and again whenever it changes while the task waits.
+        """
         if self.state is not TaskState.QUEUED:
             return
         self.queue_position = position
@@ -194,7 +206,11 @@ class Task:
         ):
             return
         self._last_queued = event
-        self._append(event)
+        self._queued_version += 1
+        if last is None:
+            self._append(event)
+        else:
+            self._changed.set()
 
     def start(self, started: Started, now: float) -> None:
         """QUEUED → RUNNING."""
@@ -244,8 +260,14 @@ class Task:
         the terminal event.
         """
         cursor = 0
+        seen_queued = 0
         while True:
-            if cursor >= len(self.log):
+            requeued = (
+                self.state is TaskState.QUEUED
+                and seen_queued
+                and self._queued_version > seen_queued
+            )
+            if cursor >= len(self.log) and not requeued:
                 if self.terminal:
                     return
                 self._changed.clear()
@@ -253,12 +275,16 @@ class Task:
                 continue
             batch = self.log[cursor:]
             cursor = len(self.log)
-            last_queued = max((i for i, e in enumerate(batch) if isinstance(e, Queued)), default=-1)
+            if requeued and self._last_queued is not None:
+                seen_queued = self._queued_version
+                yield self._last_queued
             pending: Tokens | None = None
             out: list[TaskEvent] = []
-            for i, event in enumerate(batch):
-                if isinstance(event, Queued) and i != last_queued:
-                    continue  # superseded by a later position
+            for event in batch:
+                if isinstance(event, Queued):
+                    # The log's one Queued entry stands for the latest value.
+                    seen_queued = self._queued_version
+                    event = self._last_queued or event
                 if isinstance(event, Tokens):
                     if event.end <= from_index:
                         continue

@@ -53,36 +53,45 @@ async def settle() -> None:
 # --- Queued events --------------------------------------------------------------------------
 
 
-def test_queued_appended_only_when_position_changes_or_prediction_moves() -> None:
+def test_queued_changes_only_when_position_changes_or_prediction_moves() -> None:
     task = make_task()
     task.set_queued(3, 1000)
     assert task.log == [Queued(3, 1000)]
+    assert task.latest_queued == Queued(3, 1000)
     assert task.predicted_start_ms == 1000
     # Same position, prediction within 20%: nothing new.
     task.set_queued(3, 1100)
     task.set_queued(3, 850)
-    assert task.log == [Queued(3, 1000)]
+    assert task.latest_queued == Queued(3, 1000)
     assert task.queue_position == 3
     assert task.predicted_start_ms == 1000
-    # Same prediction, new position: a new event.
+    # Same prediction, new position: a new value.
     task.set_queued(2, 1000)
-    assert task.log[-1] == Queued(2, 1000)
+    assert task.latest_queued == Queued(2, 1000)
     assert task.queue_position == 2
     # Prediction moved by more than 20% of the larger value (vs. the last *sent* one).
     task.set_queued(2, 1300)
-    assert task.log[-1] == Queued(2, 1300)
+    assert task.latest_queued == Queued(2, 1300)
     assert task.predicted_start_ms == 1300
-    assert len(task.log) == 3
+    # However often it changes, the log holds one Queued entry.
+    assert len(task.log) == 1
+
+
+def test_the_log_does_not_grow_with_position_changes() -> None:
+    task = make_task()
+    for position in range(10_000, 0, -1):
+        task.set_queued(position, position * 10)
+    assert len(task.log) == 1
+    assert task.latest_queued == Queued(1, 10)
 
 
 def test_queued_small_predictions_use_the_50ms_floor() -> None:
     task = make_task()
     task.set_queued(1, 0)
     task.set_queued(1, 50)  # 50 ms off: not worth an event
-    assert len(task.log) == 1
+    assert task.latest_queued == Queued(1, 0)
     task.set_queued(1, 51)  # more than 50 ms off
-    assert task.log[-1] == Queued(1, 51)
-    assert len(task.log) == 2
+    assert task.latest_queued == Queued(1, 51)
 
 
 def test_queued_drift_is_measured_against_the_last_event_sent() -> None:
@@ -91,9 +100,26 @@ def test_queued_drift_is_measured_against_the_last_event_sent() -> None:
     # Each step is within 20% of the previous call, but the third is far from the sent 1000.
     task.set_queued(1, 1150)
     task.set_queued(1, 1200)
-    assert len(task.log) == 1
+    assert task.latest_queued == Queued(1, 1000)
     task.set_queued(1, 1300)
-    assert task.log[-1] == Queued(1, 1300)
+    assert task.latest_queued == Queued(1, 1300)
+
+
+async def test_a_live_reader_gets_every_change_and_a_late_one_only_the_latest() -> None:
+    task = make_task()
+    task.set_queued(2, 1000)
+    live = task.follow()
+    assert await anext(live) == Queued(2, 1000)
+    task.set_queued(1, 1000)
+    assert await anext(live) == Queued(1, 1000)
+    task.set_queued(1, 1010)  # not a change worth sending
+    task.set_queued(0, 500)
+    assert await anext(live) == Queued(0, 500)
+    task.start(STARTED, now=1.0)
+    assert await anext(live) == STARTED
+    await live.aclose()
+    task.succeed(FINISHED, None, now=2.0)
+    assert await collect(task) == [Queued(0, 500), STARTED, FINISHED]
 
 
 def test_set_queued_after_start_is_ignored() -> None:
