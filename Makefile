@@ -56,6 +56,7 @@ test: setup gen-check lint typecheck breaking
 bench: setup
 	$(BIN)/python bench/relay.py
 	$(BIN)/python bench/placement.py
+	$(BIN)/python bench/admission.py
 
 clean:
 	rm -rf $(VENV) .gen-check .pytest_cache .mypy_cache .ruff_cache

@@ -119,6 +119,8 @@ class OrchestratorSettings(BaseModel):
     """Full queue: refuse the new task (RESOURCE_EXHAUSTED with a retry delay), or drop the
     BATCH task waiting longest to make room (its stream ends RESOURCE_EXHAUSTED, reason
     QUEUE_DROPPED) and refuse only when no BATCH task waits."""
+    position_interval_s: float = Field(default=0.05, ge=0, le=10)
+    """Queue positions and predictions go out at most this often (placement never waits)."""
     batch_max_wait_s: float = Field(default=30.0, gt=0, le=86_400)
     """A BATCH task that has waited this long is served before INTERACTIVE tasks."""
     tenant_weights: dict[str, float] = Field(default_factory=dict)
@@ -133,6 +135,7 @@ class OrchestratorSettings(BaseModel):
             if not 0 < weight <= 1000:
                 raise ValueError(f"weight of {tenant!r} must be in (0, 1000]")
         return weights
+
     max_prompt_bytes: int = Field(default=65_536, ge=1, le=16 * 1024 * 1024)
     """Largest prompt accepted, in UTF-8 bytes."""
     default_max_tokens: int = Field(default=128, ge=1, le=1_048_576)

@@ -85,6 +85,7 @@ class AdmissionQueue:
         self.batch_max_wait_s = batch_max_wait_s
         self._weights = dict(tenant_weights or {})
         self._order: list[_Entry] = []  # sorted: the service order
+        self._by_model: dict[str, list[_Entry]] = {}  # the same, per model
         self._entries: dict[int, _Entry] = {}  # id(task) → entry
         self._batch_arrivals: deque[_Entry] = deque()  # BATCH entries by arrival (lazy removal)
         self._clock = {_Lane.INTERACTIVE: 0.0, _Lane.BATCH: 0.0}
@@ -97,6 +98,20 @@ class AdmissionQueue:
     def __iter__(self) -> Iterator[Task]:
         """Tasks in service order."""
         return iter([e.task for e in self._order])
+
+    def window(self, start: int, stop: int, model_id: str | None = None) -> list[Task]:
+        """Tasks at positions ``start`` to ``stop`` (exclusive) in service order, among all
+        tasks or among those of one model."""
+        entries = self._order if model_id is None else self._by_model.get(model_id, [])
+        return [e.task for e in entries[start:stop]]
+
+    def models(self) -> list[str]:
+        """Models with queued tasks."""
+        return sorted(self._by_model)
+
+    def count(self, model_id: str) -> int:
+        """Queued tasks of one model."""
+        return len(self._by_model.get(model_id, ()))
 
     def __contains__(self, task: object) -> bool:
         return id(task) in self._entries and self._entries[id(task)].task is task
@@ -124,8 +139,7 @@ class AdmissionQueue:
         self._finish[(lane, tenant)] = start + 1.0 / self.weight(tenant)
         entry = _Entry(lane, start, self._seq, task, now)
         self._seq += 1
-        bisect.insort(self._order, entry)
-        self._entries[id(task)] = entry
+        self._insert(entry)
         if lane is _Lane.BATCH:
             self._batch_arrivals.append(entry)
         return Admitted(self._index(entry), dropped)
@@ -171,8 +185,7 @@ class AdmissionQueue:
             self._batch_arrivals.popleft()
             self._discard(entry)
             aged = _Entry(_Lane.AGED_BATCH, float(entry.seq), entry.seq, entry.task, entry.arrived)
-            bisect.insort(self._order, aged)
-            self._entries[id(entry.task)] = aged
+            self._insert(aged)
             moved = True
         return moved
 
@@ -190,8 +203,18 @@ class AdmissionQueue:
     def _index(self, entry: _Entry) -> int:
         return bisect.bisect_left(self._order, entry)
 
+    def _insert(self, entry: _Entry) -> None:
+        bisect.insort(self._order, entry)
+        bisect.insort(self._by_model.setdefault(entry.task.spec.model_id, []), entry)
+        self._entries[id(entry.task)] = entry
+
     def _discard(self, entry: _Entry) -> None:
         del self._order[self._index(entry)]
+        model = entry.task.spec.model_id
+        same = self._by_model[model]
+        del same[bisect.bisect_left(same, entry)]
+        if not same:
+            del self._by_model[model]
         del self._entries[id(entry.task)]
 
 

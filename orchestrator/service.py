@@ -12,10 +12,11 @@ import asyncio
 import contextlib
 import functools
 import heapq
+import math
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import replace
 from typing import Protocol
 
@@ -97,6 +98,11 @@ class Orchestrator:
         self._tails: dict[str, list[tuple[float, str]]] = {}
         self._tails_at = 0.0
         self._timer_at: float | None = None
+        self._positions_at = -math.inf
+        self._positions_timer: asyncio.TimerHandle | None = None
+        # Deadlines of queued tasks (deadline, arrival number, task); stale entries are skipped.
+        self._deadlines: list[tuple[float, int, Task]] = []
+        self._arrivals = 0
         # Placement decisions of the last pass, per (model, context, pins, avoids).
         self._memo: dict[tuple[object, ...], PlacementDecision] = {}
         self._wake = asyncio.Event()
@@ -115,6 +121,9 @@ class Orchestrator:
             self._dispatcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._dispatcher
+        for timer in (self._positions_timer, self._deadline_timer):
+            if timer is not None:
+                timer.cancel()
         shutdown = UnavailableError(
             "the orchestrator is shutting down", reason="SHUTDOWN", retry_delay_s=1.0
         )
@@ -196,13 +205,17 @@ class Orchestrator:
                 "task dropped from the full queue", extra={"task_id": admitted.dropped.task_id}
             )
         self._tasks[task.task_id] = task
+        if task.deadline is not None:
+            self._arrivals += 1
+            heapq.heappush(self._deadlines, (task.deadline, self._arrivals, task))
         if spec.request_id:
             self._by_request_id[spec.request_id] = task.task_id
         # Every task's stream begins with Queued, even one placed in this same call. Last in
         # line, its prediction continues the slot simulation of the last pass (no pass over the
         # whole queue per submit); otherwise the pass below corrects it.
         task.set_queued(position, self._predict_next(task, now))
-        if self._may_assign(self._registry.views()):
+        open_models = self._open_models(self._registry.views())
+        if open_models is None or spec.model_id in open_models:
             # Place it now rather than on the dispatcher's next turn: one loop iteration less
             # before the first token when a slot is free.
             self._dispatch_once()
@@ -210,7 +223,7 @@ class Orchestrator:
             self._note_waiting(task, now)
             if position != len(self._queue) - 1:
                 # It went ahead of others: their positions changed.
-                self._publish_positions(now, self._views(now))
+                self._schedule_positions(now)
             self._arm_timer_for(task)
         _log.info(
             "task admitted",
@@ -228,6 +241,8 @@ class Orchestrator:
         task = self._tasks.get(task_id)
         if task is None:
             raise NotFoundError(f"task {task_id} does not exist", reason="TASK_NOT_FOUND")
+        if task in self._queue:
+            task.queue_position = self._queue.position(task)  # exact, between publications
         return task
 
     def cancel(self, task_id: str) -> Task:
@@ -256,47 +271,48 @@ class Orchestrator:
         return [replace(v, eta_free_ms=etas.get(v.key, 0)) for v in self._registry.views()]
 
     @staticmethod
-    def _may_assign(views: Iterable[PoolView]) -> bool:
-        """Whether placement could assign anything: a free slot, or an idle pool that can load."""
-        return any(
-            v.ready
-            and v.reachable
-            and not v.failed
-            and not v.draining
-            and (v.slots_free > 0 or (v.can_load and v.in_flight == 0))
-            for v in views
-        )
+    def _open_models(views: Iterable[PoolView]) -> set[str] | None:
+        """Models that have a pool with a free slot now; None when an idle pool could load
+        any model (then every task may be placeable)."""
+        open_models: set[str] = set()
+        for v in views:
+            if not v.ready or not v.reachable or v.failed or v.draining:
+                continue
+            if v.can_load and v.in_flight == 0:
+                return None
+            if v.slots_free > 0:
+                open_models.add(v.model_id)
+        return open_models
 
     def _dispatch_once(self) -> None:
+        """One pass: expire what is overdue, place what can start, publish positions.
+
+        Only tasks of models with a free slot are looked at (in service order, in windows),
+        and tasks alike share one decision, so a long queue of work that cannot start yet costs
+        a pass almost nothing.
+        """
         now = self._clock()
         self._queue.age(now)
+        self._expire(now)
         views = self._views(now)
-        demand = Counter(t.spec.model_id for t in self._queue)
-        may_assign = self._may_assign(views)
-        swaps = any(v.can_load for v in views)
-        # Without swaps a decision depends only on the task's model, context and pins: tasks
-        # alike share one decision until an assignment changes the pools (kept for submits
-        # between passes).
+        open_models = self._open_models(views)
+        swaps = open_models is None
+        demand: Counter[str] = Counter(t.spec.model_id for t in self._queue) if swaps else Counter()
+        # Without swaps a decision depends only on the task's model and context: tasks alike
+        # share one decision until an assignment changes the pools (kept for submits between
+        # passes).
         memo = self._memo = {}
-        for task in list(self._queue):
-            if task.deadline is not None and now >= task.deadline:
-                self._end(
-                    task,
-                    DeadlineExceededError(
-                        f"task {task.task_id} could not start before its deadline",
-                        reason="DEADLINE_BEFORE_START",
-                    ),
-                )
-                continue
-            inp = self._placement_input(task, views, demand, now)
-            key = (inp.model_id, inp.tokens_needed, inp.pin_pools, inp.avoid_pools)
-            decision = memo.get(key) if not swaps or not may_assign else None
+
+        def still_open(model_id: str) -> bool:
+            return open_models is None or model_id in open_models
+
+        for task in self._placeable(open_models, still_open):
+            key = _placement_key(task)
+            decision = None if swaps else memo.get(key)
             if decision is None:
-                decision = decide(inp)
+                decision = decide(self._placement_input(task, views, demand, now))
                 memo[key] = decision
             self._note_placement(task, decision)
-            if not may_assign:
-                continue  # every pool is busy: nothing can start, only positions move
             if decision.outcome is Outcome.REJECT and views:
                 self._end(
                     task, FailedPreconditionError(decision.reason, reason="NO_POOL_FOR_MODEL")
@@ -313,11 +329,65 @@ class Orchestrator:
                 ]
                 demand[task.spec.model_id] -= 1
                 memo.clear()
-                self._memo = memo
-                may_assign = self._may_assign(views)
-        self._publish_positions(now, views)
+                open_models = self._open_models(views)
+        if open_models is not None:
+            self._reject_unservable(views, open_models, now)
+        self._schedule_positions(now)
         self._sweep(now)
         self._arm_deadline_timer(now)
+
+    def _placeable(
+        self, open_models: set[str] | None, still_open: Callable[[str], bool]
+    ) -> Iterator[Task]:
+        """Queued tasks to try, in service order (per model when no swap is possible), read in
+        windows; a model whose pools filled up is left at once."""
+        scopes: list[str | None] = [None]
+        if open_models is not None:
+            scopes = [*sorted(open_models)]
+        for model in scopes:
+            index = 0
+            while model is None or still_open(model):
+                window = self._queue.window(index, index + 64, model)
+                if not window:
+                    break
+                for task in window:
+                    if model is not None and not still_open(model):
+                        break
+                    yield task
+                    if task in self._queue:
+                        index += 1  # still waiting; a task that left shifted the rest forward
+
+    def _reject_unservable(self, views: list[PoolView], open_models: set[str], now: float) -> None:
+        """Ends queued tasks of models that no pool can ever serve (e.g. every pool serving
+        the model failed); the placement loop looks only at models with a free slot."""
+        if not views:
+            return  # no pool manager answered yet: wait rather than refuse
+        for model in self._queue.models():
+            if model in open_models:
+                continue
+            head = self._queue.window(0, 1, model)[0]
+            if decide(self._placement_input(head, views, {}, now)).outcome is not Outcome.REJECT:
+                continue
+            for task in self._queue.window(0, self._queue.count(model), model):
+                decision = decide(self._placement_input(task, views, {}, now))
+                if decision.outcome is Outcome.REJECT:
+                    self._note_placement(task, decision)
+                    self._end(
+                        task, FailedPreconditionError(decision.reason, reason="NO_POOL_FOR_MODEL")
+                    )
+
+    def _expire(self, now: float) -> None:
+        """Fails queued tasks whose deadline has passed (they could not start in time)."""
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, _, task = heapq.heappop(self._deadlines)
+            if task in self._queue:
+                self._end(
+                    task,
+                    DeadlineExceededError(
+                        f"task {task.task_id} could not start before its deadline",
+                        reason="DEADLINE_BEFORE_START",
+                    ),
+                )
 
     @staticmethod
     def _placement_input(
@@ -334,12 +404,7 @@ class Orchestrator:
 
     def _note_waiting(self, task: Task, now: float) -> None:
         """Placement reasons for a task queued while no pool could take anything."""
-        key: tuple[object, ...] = (
-            task.spec.model_id,
-            task.spec.sampling.max_tokens + 1,
-            frozenset(),
-            frozenset(),
-        )
+        key = _placement_key(task)
         decision = self._memo.get(key)
         if decision is None:
             views = self._views(now)
@@ -426,6 +491,27 @@ class Orchestrator:
         heapq.heapify(heap)
         return heap
 
+    def _schedule_positions(self, now: float) -> None:
+        """Publishes positions now, or once ``position_interval_s`` after the last time.
+
+        Placement never waits for this; only the Queued updates are coalesced, so a queue of
+        thousands costs one pass over it per interval instead of one per task that starts.
+        """
+        if self._positions_timer is not None:
+            return
+        delay = self._positions_at + self._settings.position_interval_s - now
+        if delay <= 0:
+            self._publish_positions(now, self._views(now))
+            return
+        self._positions_timer = asyncio.get_running_loop().call_later(
+            delay, self._publish_positions_later
+        )
+
+    def _publish_positions_later(self) -> None:
+        self._positions_timer = None
+        now = self._clock()
+        self._publish_positions(now, self._views(now))
+
     def _publish_positions(self, now: float, views: list[PoolView]) -> None:
         """Sends every queued task its position and predicted start (when they changed).
 
@@ -442,6 +528,7 @@ class Orchestrator:
                 heap = self._tails[model] = self._slot_heap(model, views, running)
             task.set_queued(position, self._pop_slot(heap, model))
         self._tails_at = now
+        self._positions_at = now
 
     def _predict_next(self, task: Task, now: float) -> int:
         """Predicted start of a task just added at the end of the queue."""
@@ -462,7 +549,7 @@ class Orchestrator:
         return round(free_at)
 
     def _arm_timer_for(self, task: Task) -> None:
-        """Re-arms the deadline timer if a newly queued task needs it earlier."""
+        """Re-arms the timer if a newly queued task needs it earlier."""
         due = [t for t in (task.deadline, self._queue.next_aging_at()) if t is not None]
         if due and (self._timer_at is None or min(due) < self._timer_at):
             self._arm_deadline_timer(self._clock())
@@ -480,7 +567,9 @@ class Orchestrator:
             self._deadline_timer.cancel()
             self._deadline_timer = None
             self._timer_at = None
-        deadlines = [t.deadline for t in self._queue if t.deadline is not None]
+        while self._deadlines and self._deadlines[0][2] not in self._queue:
+            heapq.heappop(self._deadlines)  # started, cancelled or expired: no longer due
+        deadlines = [self._deadlines[0][0]] if self._deadlines else []
         aging = self._queue.next_aging_at()
         if aging is not None:
             deadlines.append(aging)
@@ -633,6 +722,11 @@ class Orchestrator:
         for key in ((pool_key, model_id), ("", model_id)):
             old = self._service_ms.get(key)
             self._service_ms[key] = ms if old is None else old + _EWMA_WEIGHT * (ms - old)
+
+
+def _placement_key(task: Task) -> tuple[object, ...]:
+    """What a placement decision depends on when no pool can swap models."""
+    return (task.spec.model_id, task.spec.sampling.max_tokens + 1)
 
 
 def _has_details(err: grpc.aio.AioRpcError) -> bool:

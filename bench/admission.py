@@ -1,0 +1,191 @@
+"""Admission benchmark: sustained SubmitTask/s against a running orchestrator on loopback.
+
+Starts ``llorch up`` (its own process; a queue big enough never to fill; two CPU pools:
+tiny-llama, and a 32k-context copy of it), then runs client processes that each keep
+``--concurrency`` SubmitTask calls in flight for ``--seconds``. Two cases:
+
+- ``queueing``: one long generation holds the 32k pool and every submitted task waits behind
+  it, so the figure is admission alone, with a queue growing to thousands;
+- ``serving``: one-token tasks for tiny-llama, which its pool runs meanwhile, so the same
+  process also places, relays and finishes tasks.
+
+Counts accepted submissions per second over the measured window and prints them beside the
+targets (ours: 3,000/s; the seed's: 1,000/s) as ratios, then one line of JSON. The baseline in
+the same run: GetTask (a unary RPC on the same server through the same interceptors, admitting
+nothing) at the same concurrency, which bounds what any RPC reaches on this machine.
+
+  .venv/bin/python bench/admission.py
+  .venv/bin/python bench/admission.py --seconds 3 --clients 1   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+from llorch.common.v1 import common_pb2
+from llorch.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+
+from provisioners.tiny_model import TinyModelSpec, write_tiny_model
+
+TARGET_PER_S = 3000.0
+SEED_TARGET_PER_S = 1000.0
+
+
+LONG_MODEL = "bench-32k"
+
+
+def start_orchestrator(data_dir: Path) -> tuple[subprocess.Popen[str], str]:
+    long_path = write_tiny_model(
+        data_dir / f"{LONG_MODEL}.gguf", TinyModelSpec(context_length=32768)
+    )
+    pools = [
+        {"pool_id": "cpu-0", "model_id": "tiny-llama", "n_threads": 1},
+        {"pool_id": "cpu-long", "model_id": LONG_MODEL, "n_threads": 1},
+    ]
+    env = {
+        **os.environ,
+        "LLORCH_DATA_DIR": str(data_dir),
+        "LLORCH_MODELS": json.dumps({LONG_MODEL: str(long_path)}),
+        "LLORCH_POOL_MANAGER__POOLS": json.dumps(pools),
+        "LLORCH_LISTEN": "127.0.0.1:0",
+        "LLORCH_LOG_LEVEL": "WARNING",
+        "LLORCH_ORCHESTRATOR_SERVICE__QUEUE_CAPACITY": "1000000",
+        "GRPC_VERBOSITY": "ERROR",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mesh.cli", "up"], stdout=subprocess.PIPE, text=True, env=env
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith("llorch ready"):
+        proc.kill()
+        raise SystemExit(f"llorch up failed: {line!r}")
+    return proc, line.split()[3]
+
+
+async def _drive(address: str, kind: str, concurrency: int, start_at: float, stop_at: float) -> int:
+    """Keeps ``concurrency`` calls in flight until ``stop_at``; counts those done after start."""
+    request = orchestrator_pb2.SubmitTaskRequest(
+        model_id=LONG_MODEL if kind == "queueing" else "tiny-llama",
+        prompt="Hi",
+        priority=common_pb2.PRIORITY_BATCH,
+        sampling=common_pb2.SamplingParams(max_tokens=1),
+    )
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+        probe = await stub.SubmitTask(request)
+        get = orchestrator_pb2.GetTaskRequest(task_id=probe.task_id)
+        done = 0
+
+        async def loop() -> None:
+            nonlocal done
+            while time.time() < stop_at:
+                if kind == "get":
+                    await stub.GetTask(get)
+                else:
+                    await stub.SubmitTask(request)
+                if time.time() >= start_at:
+                    done += 1
+
+        await asyncio.gather(*(loop() for _ in range(concurrency)))
+        return done
+
+
+def _client(args: tuple[str, str, int, float, float]) -> int:
+    return asyncio.run(_drive(*args))
+
+
+def measure(address: str, kind: str, clients: int, concurrency: int, seconds: float) -> float:
+    """Calls per second of ``kind`` over ``seconds`` (after a 1 s warm-up)."""
+    start_at = time.time() + 1.5  # client processes start, then warm up
+    stop_at = start_at + seconds
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(clients) as pool:
+        counts = pool.map(_client, [(address, kind, concurrency, start_at, stop_at)] * clients)
+    return sum(counts) / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--clients", type=int, default=2, help="client processes")
+    parser.add_argument("--concurrency", type=int, default=32, help="calls in flight per client")
+    parser.add_argument("--hog", metavar="ADDRESS", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.hog:
+        hog(args.hog)
+        return
+    with tempfile.TemporaryDirectory(prefix="llorch-bench-") as tmp:
+        proc, address = start_orchestrator(Path(tmp))
+        try:
+            rates = {"get": measure(address, "get", args.clients, args.concurrency, args.seconds)}
+            rates["serving"] = measure(
+                address, "serving", args.clients, args.concurrency, args.seconds
+            )
+            holder = subprocess.Popen([sys.executable, __file__, "--hog", address])
+            try:
+                rates["queueing"] = measure(
+                    address, "queueing", args.clients, args.concurrency, args.seconds
+                )
+            finally:
+                holder.kill()
+                holder.wait()
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+    baseline = rates["get"]
+    summary: dict[str, object] = {
+        "get_task_per_s": round(baseline, 1),
+        "journal": False,
+        "clients": args.clients,
+        "concurrency": args.concurrency,
+        "seconds": args.seconds,
+    }
+    print(f"{'case':<10} {'calls/s':>9} {'vs GetTask':>11} {'vs 3,000/s':>11} {'vs 1,000/s':>11}")
+    print(f"{'GetTask':<10} {baseline:>9.1f}")
+    for case in ("queueing", "serving"):
+        rate = rates[case]
+        figures = {
+            "admissions_per_s": round(rate, 1),
+            "ratio_to_bare_rpc": round(rate / baseline, 3) if baseline else 0.0,
+            "ratio_to_target": round(rate / TARGET_PER_S, 3),
+            "ratio_to_seed_target": round(rate / SEED_TARGET_PER_S, 3),
+        }
+        summary[case] = figures
+        print(
+            f"{case:<10} {rate:>9.1f} {figures['ratio_to_bare_rpc']:>10.3f}x "
+            f"{figures['ratio_to_target']:>10.3f}x {figures['ratio_to_seed_target']:>10.3f}x"
+        )
+    print("(journal off)")
+    print(json.dumps(summary))
+
+
+def hog(address: str) -> None:
+    """Holds the 32k pool with one long generation until killed."""
+
+    async def run() -> None:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+            request = orchestrator_pb2.GenerateRequest(
+                model_id=LONG_MODEL,
+                prompt="hold",
+                sampling=common_pb2.SamplingParams(max_tokens=32000, ignore_eos=True),
+            )
+            async for _ in stub.Generate(request):
+                pass
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()
