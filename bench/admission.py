@@ -44,7 +44,7 @@ SEED_TARGET_PER_S = 1000.0
 LONG_MODEL = "bench-32k"
 
 
-def start_orchestrator(data_dir: Path) -> tuple[subprocess.Popen[str], str]:
+def start_orchestrator(data_dir: Path, journal: bool) -> tuple[subprocess.Popen[str], str]:
     long_path = write_tiny_model(
         data_dir / f"{LONG_MODEL}.gguf", TinyModelSpec(context_length=32768)
     )
@@ -60,6 +60,7 @@ def start_orchestrator(data_dir: Path) -> tuple[subprocess.Popen[str], str]:
         "LLORCH_LISTEN": "127.0.0.1:0",
         "LLORCH_LOG_LEVEL": "WARNING",
         "LLORCH_ORCHESTRATOR_SERVICE__QUEUE_CAPACITY": "1000000",
+        "LLORCH_ORCHESTRATOR_SERVICE__JOURNAL": str(journal).lower(),
         "GRPC_VERBOSITY": "ERROR",
     }
     proc = subprocess.Popen(
@@ -120,13 +121,14 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--clients", type=int, default=2, help="client processes")
     parser.add_argument("--concurrency", type=int, default=32, help="calls in flight per client")
+    parser.add_argument("--no-journal", action="store_true", help="run without the task journal")
     parser.add_argument("--hog", metavar="ADDRESS", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.hog:
         hog(args.hog)
         return
     with tempfile.TemporaryDirectory(prefix="llorch-bench-") as tmp:
-        proc, address = start_orchestrator(Path(tmp))
+        proc, address = start_orchestrator(Path(tmp), not args.no_journal)
         try:
             rates = {"get": measure(address, "get", args.clients, args.concurrency, args.seconds)}
             rates["serving"] = measure(
@@ -146,7 +148,7 @@ def main() -> None:
     baseline = rates["get"]
     summary: dict[str, object] = {
         "get_task_per_s": round(baseline, 1),
-        "journal": False,
+        "journal": not args.no_journal,
         "clients": args.clients,
         "concurrency": args.concurrency,
         "seconds": args.seconds,
@@ -166,7 +168,7 @@ def main() -> None:
             f"{case:<10} {rate:>9.1f} {figures['ratio_to_bare_rpc']:>10.3f}x "
             f"{figures['ratio_to_target']:>10.3f}x {figures['ratio_to_seed_target']:>10.3f}x"
         )
-    print("(journal off)")
+    print(f"(journal {'off' if args.no_journal else 'on'})")
     print(json.dumps(summary))
 
 

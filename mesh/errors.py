@@ -8,6 +8,8 @@ into the same class with :func:`from_rpc_error`, so a pool manager's error can b
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
@@ -209,3 +211,35 @@ def _pack(message: object) -> any_pb2.Any:
     packed = any_pb2.Any()
     packed.Pack(message)
     return packed
+
+
+def error_to_dict(error: LlorchError) -> dict[str, Any]:
+    """An error as JSON-ready data (for storage), the inverse of :func:`error_from_dict`."""
+    return {
+        "code": error.code.name,
+        "message": error.message,
+        "reason": error.reason,
+        "retriable": error.retriable,
+        "retry_delay_s": error.retry_delay_s,
+        "field_violations": [list(v) for v in error.field_violations],
+    }
+
+
+def error_from_dict(data: dict[str, Any]) -> LlorchError:
+    """Rebuilds an error stored with :func:`error_to_dict`."""
+    code = grpc.StatusCode[data["code"]]
+    violations = [(str(f), str(d)) for f, d in data.get("field_violations") or []]
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        field, description = violations[0] if violations else ("request", data["message"])
+        error: LlorchError = InvalidArgumentError(field, description, reason=data.get("reason"))
+        error.field_violations = violations or error.field_violations
+    else:
+        cls = _BY_CODE.get(code)
+        error = (cls or LlorchError)(
+            data["message"], reason=data.get("reason"), retry_delay_s=data.get("retry_delay_s")
+        )
+        if cls is None:
+            error.code = code
+    error.message = data["message"]
+    error.retriable = bool(data.get("retriable"))
+    return error

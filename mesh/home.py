@@ -90,7 +90,12 @@ async def _start_home(
         )
         raise RuntimeError(f"pools did not become ready: {errors}")
     orch_settings = settings.orchestrator_service.model_copy(
-        update={"catalog": catalog.address, "pool_managers": [pool_manager.address]}
+        update={
+            "catalog": catalog.address,
+            "pool_managers": [pool_manager.address],
+            "journal_path": settings.orchestrator_service.journal_path
+            or data_dir / "orchestrator" / "journal.db",
+        }
     )
     # The orchestrator calls this process's pool manager directly (poolmanager.local); its gRPC
     # server still serves everyone else (and the orchestrator when in_process_link is off).

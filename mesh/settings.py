@@ -144,6 +144,11 @@ class OrchestratorSettings(BaseModel):
     """How often pool state is re-read from each pool manager."""
     finished_task_ttl_s: float = Field(default=3600.0, ge=0, le=7 * 86400)
     """How long a finished task stays readable with GetTask and StreamTask."""
+    journal: bool = True
+    """Keep the task journal, so accepted tasks survive a restart (off: memory only)."""
+    journal_path: Path | None = None
+    """SQLite file of the journal; the home profile's default is
+    ``<data_dir>/orchestrator/journal.db``."""
 
 
 class Settings(BaseSettings):

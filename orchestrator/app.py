@@ -8,11 +8,15 @@ from dataclasses import dataclass
 import grpc
 
 from catalog.client import CatalogClient
+from mesh import logs
 from mesh.server import MeshServer, create_server, open_channel
 from mesh.settings import OrchestratorSettings
+from orchestrator.journal import Journal
 from orchestrator.pools import PoolRegistry
 from orchestrator.service import Orchestrator
 from orchestrator.servicer import OrchestratorServicer
+
+_log = logs.get_logger("orchestrator")
 
 
 @dataclass
@@ -51,7 +55,10 @@ async def start_orchestrator(
     registry = PoolRegistry(
         settings.pool_managers, settings.node_refresh_s, open_channel, local_pool_managers
     )
-    orchestrator = Orchestrator(settings, CatalogClient(channel), registry)
+    journal = Journal(settings.journal_path) if settings.journal and settings.journal_path else None
+    if journal is None:
+        _log.warning("no task journal: queued tasks will not survive a restart")
+    orchestrator = Orchestrator(settings, CatalogClient(channel), registry, journal=journal)
     await orchestrator.start()
     servicer = OrchestratorServicer(orchestrator, settings)
     server = await create_server(listen, [servicer.binding()])

@@ -17,7 +17,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Protocol
 
 import grpc
@@ -37,11 +37,14 @@ from mesh.errors import (
     NotFoundError,
     ResourceExhaustedError,
     UnavailableError,
+    error_from_dict,
+    error_to_dict,
     from_rpc_error,
 )
 from mesh.interceptors import CORRELATION_HEADER
 from mesh.settings import OrchestratorSettings
 from orchestrator.admission import AdmissionQueue, DrainMeter, QueueFullError, WhenFull
+from orchestrator.journal import Journal, TaskRow, spec_from_json, spec_to_json
 from orchestrator.placement import (
     Outcome,
     PlacementDecision,
@@ -50,7 +53,17 @@ from orchestrator.placement import (
     decide,
 )
 from orchestrator.pools import PoolRegistry
-from orchestrator.tasks import Finished, Metrics, Started, Task, TaskSpec, Tokens
+from orchestrator.tasks import (
+    Failed,
+    Finished,
+    Metrics,
+    Started,
+    Task,
+    TaskEvent,
+    TaskSpec,
+    TaskState,
+    Tokens,
+)
 
 _log = logs.get_logger("orchestrator")
 
@@ -77,8 +90,12 @@ class Orchestrator:
         catalog: CatalogClient,
         registry: PoolRegistry,
         clock: Callable[[], float] = time.monotonic,
+        journal: Journal | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._settings = settings
+        self._journal = journal
+        self._wall_clock = wall_clock
         self._catalog = catalog
         self._registry = registry
         self._clock = clock
@@ -111,7 +128,9 @@ class Orchestrator:
         self._deadline_timer: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
-        """Connects to the pool managers and starts dispatching."""
+        """Recovers journaled tasks, connects to the pool managers and starts dispatching."""
+        if self._journal is not None:
+            self._recover(self._journal)
         await self._registry.start(self._wake.set)
         self._dispatcher = asyncio.create_task(self._dispatch_loop(), name="dispatcher")
 
@@ -127,6 +146,10 @@ class Orchestrator:
         shutdown = UnavailableError(
             "the orchestrator is shutting down", reason="SHUTDOWN", retry_delay_s=1.0
         )
+        # Connected readers learn of the shutdown; the journal does not: queued tasks stay
+        # queued and run after a restart, running ones are settled then.
+        for task in self._tasks.values():
+            task.observer = None
         for task in list(self._tasks.values()):
             self._end(task, shutdown)
         relays = list(self._relays.values())
@@ -134,10 +157,19 @@ class Orchestrator:
             relay.cancel()
         await asyncio.gather(*relays, return_exceptions=True)
         await self._registry.stop()
+        if self._journal is not None:
+            await asyncio.to_thread(self._journal.close)
 
     # --- client operations -------------------------------------------------------------------
 
-    async def submit(self, spec: TaskSpec, *, correlation_id: str, timeout_s: float | None) -> Task:
+    async def submit(
+        self,
+        spec: TaskSpec,
+        *,
+        correlation_id: str,
+        timeout_s: float | None,
+        durable: bool = False,
+    ) -> Task:
         """Admits a task: checks it against the model and the queue, then enqueues it.
 
         Raises:
@@ -205,6 +237,7 @@ class Orchestrator:
                 "task dropped from the full queue", extra={"task_id": admitted.dropped.task_id}
             )
         self._tasks[task.task_id] = task
+        committed = self._journal_new(task, urgent=durable)
         if task.deadline is not None:
             self._arrivals += 1
             heapq.heappush(self._deadlines, (task.deadline, self._arrivals, task))
@@ -234,6 +267,9 @@ class Orchestrator:
                 "position": position,
             },
         )
+        if durable and committed is not None:
+            # The caller is told the task exists only once a restart would not lose it.
+            await committed
         return task
 
     def get(self, task_id: str) -> Task:
@@ -452,7 +488,7 @@ class Orchestrator:
         # A relay cancelled before its first step never runs its own finally.
         relay.add_done_callback(functools.partial(self._relay_done, task, pool))
 
-    # --- predictions -----------------------------------------------------------------------------
+    # --- predictions -----------------------------------------------------------------------
 
     def _service_estimate_ms(self, pool_key: str, model_id: str) -> float:
         """Measured time one task of ``model_id`` holds a slot of the pool (EWMA)."""
@@ -585,11 +621,153 @@ class Orchestrator:
             return
         self._last_sweep = now
         ttl = self._settings.finished_task_ttl_s
+        expired = []
         for task_id, task in list(self._tasks.items()):
             if task.terminal and task.ended_at is not None and now - task.ended_at > ttl:
                 del self._tasks[task_id]
+                expired.append(task_id)
                 if task.spec.request_id:
                     self._by_request_id.pop(task.spec.request_id, None)
+        if expired and self._journal is not None:
+            self._journal.forget(expired)
+
+    # --- journal ---------------------------------------------------------------------------
+
+    def _journal_new(self, task: Task, urgent: bool) -> asyncio.Future[None] | None:
+        """Journals a new task and everything that happens to it from now on."""
+        if self._journal is None:
+            return None
+        now, wall = self._clock(), self._wall_clock()
+        committed = self._journal.record_task(
+            TaskRow(
+                task_id=task.task_id,
+                seq=0,
+                spec=spec_to_json(task.spec),
+                correlation_id=task.correlation_id,
+                created_unix_s=wall - (now - task.created),
+                deadline_unix_s=None if task.deadline is None else wall + task.deadline - now,
+                state=TaskState.QUEUED.value,
+                pool_id="",
+                node_id="",
+                outcome=None,
+                ended_unix_s=None,
+                tokens=[],
+            ),
+            urgent=urgent,
+        )
+        task.observer = self._journal_event
+        return committed
+
+    def _journal_event(self, task: Task, event: TaskEvent) -> None:
+        journal = self._journal
+        if journal is None:
+            return
+        if isinstance(event, Tokens):
+            journal.record_tokens(task.task_id, event.index, event.token_ids, event.text)
+        elif isinstance(event, Started):
+            journal.record_start(task.task_id, event.pool_id, event.node_id)
+        elif isinstance(event, Finished):
+            journal.record_end(
+                task.task_id, task.state.value, {"finished": asdict(event)}, self._wall_clock()
+            )
+        elif isinstance(event, Failed):
+            journal.record_end(
+                task.task_id,
+                task.state.value,
+                {"error": error_to_dict(event.error)},
+                self._wall_clock(),
+            )
+
+    def _recover(self, journal: Journal) -> None:
+        """Rebuilds the tasks a previous run journaled.
+
+        Queued tasks queue again in their old order. A running task that had emitted nothing
+        queues again too; one that had emitted tokens ends UNAVAILABLE (retriable) with its
+        tokens readable, because the rest of its stream is lost with the previous run.
+        Finished tasks stay readable until their retention ends.
+        """
+        now, wall = self._clock(), self._wall_clock()
+        requeued = failed = kept = 0
+        for row in journal.load():
+            spec = spec_from_json(row.spec)
+            created = now - max(0.0, wall - row.created_unix_s)
+            deadline = None if row.deadline_unix_s is None else now + row.deadline_unix_s - wall
+            task = Task(
+                row.task_id,
+                spec,
+                correlation_id=row.correlation_id,
+                created=created,
+                deadline=deadline,
+            )
+            ended = None if row.ended_unix_s is None else now - max(0.0, wall - row.ended_unix_s)
+            if ended is not None and now - ended > self._settings.finished_task_ttl_s:
+                journal.forget([row.task_id])
+                continue
+            self._tasks[task.task_id] = task
+            if spec.request_id:
+                self._by_request_id[spec.request_id] = task.task_id
+            if row.state == TaskState.QUEUED.value or (
+                row.state == TaskState.RUNNING.value and not row.tokens
+            ):
+                if row.state == TaskState.RUNNING.value:
+                    journal.record_requeue(task.task_id)
+                try:
+                    self._queue.push(task, created)
+                except QueueFullError:
+                    task.fail(
+                        ResourceExhaustedError(
+                            "the queue was full when the orchestrator restarted",
+                            reason="QUEUE_FULL",
+                            retry_delay_s=1.0,
+                        ),
+                        now,
+                    )
+                    journal.record_end(
+                        task.task_id,
+                        task.state.value,
+                        {"error": error_to_dict(task.error)} if task.error else {},
+                        wall,
+                    )
+                    continue
+                task.set_queued(len(self._queue) - 1, 0)
+                if deadline is not None:
+                    self._arrivals += 1
+                    heapq.heappush(self._deadlines, (deadline, self._arrivals, task))
+                task.observer = self._journal_event
+                requeued += 1
+                continue
+            task.set_queued(0, 0)
+            if row.pool_id:
+                task.start(Started(row.pool_id, row.node_id, spec.model_id, "", 0.0), created)
+                for index, ids, text in row.tokens:
+                    task.add_tokens(Tokens(index, tuple(ids), text))
+            outcome = row.outcome or {}
+            if row.state == TaskState.SUCCEEDED.value and "finished" in outcome:
+                task.succeed(Finished(**outcome["finished"]), None, ended or now)
+            elif "error" in outcome:
+                task.fail(error_from_dict(outcome["error"]), ended or now)
+            else:  # it was running when the previous run ended
+                task.observer = self._journal_event
+                task.fail(
+                    UnavailableError(
+                        f"the orchestrator restarted while task {task.task_id} ran; "
+                        f"{task.tokens_out} tokens were emitted",
+                        reason="ORCHESTRATOR_RESTARTED",
+                        retry_delay_s=1.0,
+                    ),
+                    now,
+                )
+                failed += 1
+                continue
+            kept += 1
+        if requeued or failed or kept:
+            _log.info(
+                "journal recovered: %d tasks queued again, %d running tasks failed, "
+                "%d finished tasks readable",
+                requeued,
+                failed,
+                kept,
+            )
 
     def _end(self, task: Task, error: LlorchError) -> None:
         """Ends a task with an error wherever it is (queue or relay)."""

@@ -49,8 +49,9 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     async def SubmitTask(
         self, request: orchestrator_pb2.SubmitTaskRequest, context: grpc.aio.ServicerContext
     ) -> orchestrator_pb2.SubmitTaskResponse:
-        # The task outlives this call, so the call's deadline is not the task's.
-        task = await self._submit(request, request.request_id, None, context)
+        # The task outlives this call, so the call's deadline is not the task's; the answer
+        # waits until the task is journaled, so an accepted task survives a restart.
+        task = await self._submit(request, request.request_id, None, context, durable=True)
         return orchestrator_pb2.SubmitTaskResponse(
             task_id=task.task_id,
             queue_position=task.queue_position,
@@ -83,6 +84,8 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         request_id: str,
         timeout_s: float | None,
         context: grpc.aio.ServicerContext,
+        *,
+        durable: bool = False,
     ) -> Task:
         spec = convert.spec_from_pb(
             request,
@@ -95,6 +98,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             spec,
             correlation_id=logs.correlation_id.get(),
             timeout_s=timeout_s,
+            durable=durable,
         )
         logs.task_id.set(task.task_id)
         return task

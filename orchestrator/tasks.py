@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from mesh.errors import CancelledError as TaskCancelledError
@@ -159,6 +159,8 @@ class Task:
         """The latest Queued worth sending; the log holds one Queued entry that stands for it."""
         self._queued_version = 0
         self._changed = asyncio.Event()
+        self.observer: Callable[[Task, TaskEvent], None] | None = None
+        """Called with every event appended to the log (the orchestrator's journal)."""
 
     @property
     def terminal(self) -> bool:
@@ -312,6 +314,8 @@ class Task:
     def _append(self, event: TaskEvent) -> None:
         self.log.append(event)
         self._changed.set()
+        if self.observer is not None:
+            self.observer(self, event)
 
 
 def _close(a: int, b: int) -> bool:

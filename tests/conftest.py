@@ -80,6 +80,7 @@ async def start_mesh(
             catalog=catalog.address,
             pool_managers=[pm.address],
             node_refresh_s=0.1,
+            journal_path=data_dir / "journal.db",
             **orchestrator_overrides,  # type: ignore[arg-type]
         ),
         "127.0.0.1:0",
