@@ -140,8 +140,10 @@ class OrchestratorSettings(BaseModel):
     """Largest prompt accepted, in UTF-8 bytes."""
     default_max_tokens: int = Field(default=128, ge=1, le=1_048_576)
     """max_tokens of a request that leaves it unset (capped by the model's context)."""
-    node_refresh_s: float = Field(default=0.5, gt=0, le=60)
-    """How often pool state is re-read from each pool manager."""
+    node_heartbeat_s: float = Field(default=1.0, ge=0.1, le=60)
+    """Longest gap between two state messages a pool manager sends on its watch stream."""
+    node_lost_s: float = Field(default=3.0, gt=0, le=600)
+    """A pool manager silent this long is unreachable (its pools get no work until it returns)."""
     finished_task_ttl_s: float = Field(default=3600.0, ge=0, le=7 * 86400)
     """How long a finished task stays readable with GetTask and StreamTask."""
     journal: bool = True

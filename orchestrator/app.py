@@ -53,7 +53,11 @@ async def start_orchestrator(
         raise ValueError("orchestrator_service.catalog: the catalog address is required")
     channel = open_channel(settings.catalog)
     registry = PoolRegistry(
-        settings.pool_managers, settings.node_refresh_s, open_channel, local_pool_managers
+        settings.pool_managers,
+        settings.node_heartbeat_s,
+        settings.node_lost_s,
+        open_channel,
+        local_pool_managers,
     )
     journal = Journal(settings.journal_path) if settings.journal and settings.journal_path else None
     if journal is None:

@@ -1,9 +1,10 @@
 """The orchestrator's view of the pool managers and their pools.
 
-Each pool manager's state is re-read on a short interval with GetNode (a push stream,
-WatchNode, replaces the polling later). A node that does not answer is marked unreachable and its
-pools get no work. Slots in flight are counted here, by the orchestrator itself, so placement
-never waits for a pool manager to report its own load.
+The orchestrator holds a ``WatchNode`` stream to each pool manager: the node's state arrives when
+it changes and at least every heartbeat. A node whose stream breaks, or that sends nothing for
+``lost_s``, is marked unreachable (its pools get no work) and is watched again with backoff.
+Slots in flight are counted here, by the orchestrator itself, so placement never waits for a
+pool manager to report its own load.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import grpc
 from llorch.poolmanager.v1 import poolmanager_pb2, poolmanager_pb2_grpc
 
 from mesh import logs
+from mesh.errors import LlorchError
 from orchestrator.placement import PoolView
 
 _log = logs.get_logger("orchestrator.pools")
@@ -34,6 +36,7 @@ class _Node:
     pools: tuple[poolmanager_pb2.Pool, ...] = ()
     reachable: bool = False
     conflict: bool = False
+    answered: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     poller: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
@@ -43,12 +46,14 @@ class PoolRegistry:
     def __init__(
         self,
         addresses: list[str],
-        refresh_s: float,
+        heartbeat_s: float,
+        lost_s: float,
         open_channel: Callable[[str], grpc.aio.Channel],
         local_stubs: Mapping[str, object] | None = None,
     ) -> None:
         """Pool managers at ``addresses``; those in ``local_stubs`` are called in-process."""
-        self._refresh_s = refresh_s
+        self._heartbeat_s = heartbeat_s
+        self._lost_s = lost_s
         self._nodes: list[_Node] = []
         local = local_stubs or {}
         for address in addresses:
@@ -62,14 +67,14 @@ class PoolRegistry:
         self._on_change: Callable[[], None] = lambda: None
 
     async def start(self, on_change: Callable[[], None]) -> None:
-        """Reads every node once, then keeps them current in the background."""
+        """Starts watching every node; returns once each has answered or been found lost."""
         self._on_change = on_change
-        await asyncio.gather(*(self._refresh(node) for node in self._nodes))
         for node in self._nodes:
-            node.poller = asyncio.create_task(self._poll(node), name=f"poll-{node.address}")
+            node.poller = asyncio.create_task(self._watch(node), name=f"watch-{node.address}")
+        await asyncio.gather(*(self._first_answer(node) for node in self._nodes))
 
     async def stop(self) -> None:
-        """Stops polling and closes the channels."""
+        """Stops watching and closes the channels."""
         for node in self._nodes:
             if node.poller is not None:
                 node.poller.cancel()
@@ -117,23 +122,48 @@ class PoolRegistry:
                 return node.stub
         raise KeyError(node_id)
 
-    async def _poll(self, node: _Node) -> None:
-        while True:
-            await asyncio.sleep(self._refresh_s)
-            await self._refresh(node)
+    def reachable(self, node_id: str) -> bool:
+        """Whether a node's watch stream is alive."""
+        return any(n.node_id == node_id and n.reachable for n in self._nodes)
 
-    async def _refresh(self, node: _Node) -> None:
-        try:
-            response = await node.stub.GetNode(
-                poolmanager_pb2.GetNodeRequest(), timeout=max(1.0, 2 * self._refresh_s)
-            )
-        except grpc.aio.AioRpcError as err:
-            if node.reachable:
-                _log.warning("pool manager %s unreachable: %s", node.address, err.code().name)
-                node.reachable = False
-                self._on_change()
-            return
-        node_id = response.node.node_id
+    async def _first_answer(self, node: _Node) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(node.answered.wait(), self._lost_s)
+
+    async def _watch(self, node: _Node) -> None:
+        backoff_s = 0.1
+        request = poolmanager_pb2.WatchNodeRequest(heartbeat_ms=round(self._heartbeat_s * 1000))
+        while True:
+            call = node.stub.WatchNode(request)
+            try:
+                stream = aiter(call)
+                while True:
+                    # A node that stops talking is as lost as one whose stream broke.
+                    async with asyncio.timeout(self._lost_s):
+                        response = await anext(stream)
+                    self._apply(node, response.node)
+                    backoff_s = 0.1
+            except (grpc.aio.AioRpcError, LlorchError, TimeoutError, StopAsyncIteration) as err:
+                reason = (
+                    err.code().name if isinstance(err, grpc.aio.AioRpcError) else type(err).__name__
+                )
+                self._lose(node, reason)
+            finally:
+                if hasattr(call, "cancel"):
+                    call.cancel()
+            await asyncio.sleep(backoff_s)
+            backoff_s = min(backoff_s * 2, self._lost_s)
+
+    def _lose(self, node: _Node, reason: str) -> None:
+        node.answered.set()
+        if node.reachable:
+            _log.warning("pool manager %s lost (%s)", node.address, reason)
+            node.reachable = False
+            self._on_change()
+
+    def _apply(self, node: _Node, state: poolmanager_pb2.Node) -> None:
+        node.answered.set()
+        node_id = state.node_id
         twin = next((n for n in self._nodes if n is not node and n.node_id == node_id), None)
         if twin is not None:
             # Two pool managers with one node id would share slot counts and stubs.
@@ -151,11 +181,11 @@ class PoolRegistry:
                 self._on_change()
             return
         node.conflict = False
-        pools = tuple(response.node.pools)
-        changed = (
-            (not node.reachable) or pools != node.pools or node.node_id != response.node.node_id
-        )
-        node.node_id = response.node.node_id
+        pools = tuple(state.pools)
+        changed = (not node.reachable) or pools != node.pools or node.node_id != node_id
+        if not node.reachable:
+            _log.info("pool manager %s (node %s) is reachable", node.address, node_id)
+        node.node_id = node_id
         node.pools = pools
         node.reachable = True
         if changed:

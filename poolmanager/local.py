@@ -38,6 +38,12 @@ class LocalPoolManagerStub:
         """As ``PoolManagerServiceStub.CancelExecution`` (``timeout`` is accepted)."""
         return self._servicer.CancelExecution(request, None)
 
+    def WatchNode(
+        self, request: poolmanager_pb2.WatchNodeRequest, timeout: float | None = None
+    ) -> AsyncGenerator[poolmanager_pb2.WatchNodeResponse]:
+        """As ``PoolManagerServiceStub.WatchNode``: the node's state, on change and heartbeat."""
+        return self._servicer.WatchNode(request, None)
+
     def Execute(
         self,
         request: poolmanager_pb2.ExecuteRequest,

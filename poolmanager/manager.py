@@ -138,6 +138,9 @@ class PoolManager:
         self._supervisors: list[asyncio.Task[None]] = []
         self._exec_pool: dict[str, Pool] = {}
         self._stopping = False
+        self.version = 0
+        """Counts changes of the node's state (pool states, slots in use)."""
+        self._change = asyncio.Event()
 
     async def start(self) -> None:
         """Starts every pool's supervisor; returns at once (readiness comes later)."""
@@ -322,8 +325,18 @@ class PoolManager:
         return worker
 
     async def _changed(self) -> None:
+        self.version += 1
+        self._change.set()
+        self._change = asyncio.Event()
         if self._on_change is not None:
             await self._on_change()
+
+    async def wait_change(self, version: int, timeout_s: float) -> None:
+        """Returns once the state moved past ``version``, or after ``timeout_s``."""
+        if self.version != version:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._change.wait(), timeout_s)
 
 
 class Execution:

@@ -74,6 +74,15 @@ class PoolManagerServicer(poolmanager_pb2_grpc.PoolManagerServiceServicer):
             for event in batch:
                 yield _event_to_pb(event)
 
+    async def WatchNode(
+        self, request: poolmanager_pb2.WatchNodeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncGenerator[poolmanager_pb2.WatchNodeResponse]:
+        heartbeat_s = max(100, request.heartbeat_ms or 1000) / 1000
+        while True:
+            version = self._manager.version
+            yield poolmanager_pb2.WatchNodeResponse(node=node_to_pb(self._manager), version=version)
+            await self._manager.wait_change(version, heartbeat_s)
+
     async def CancelExecution(
         self, request: poolmanager_pb2.CancelExecutionRequest, context: grpc.aio.ServicerContext
     ) -> poolmanager_pb2.CancelExecutionResponse:

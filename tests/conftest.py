@@ -79,7 +79,7 @@ async def start_mesh(
         OrchestratorSettings(
             catalog=catalog.address,
             pool_managers=[pm.address],
-            node_refresh_s=0.1,
+            node_heartbeat_s=0.2,
             journal_path=data_dir / "journal.db",
             **orchestrator_overrides,  # type: ignore[arg-type]
         ),

@@ -65,7 +65,7 @@ async def test_restart_requeues_queued_replays_finished_and_fails_running(
             OrchestratorSettings(
                 catalog=mesh.catalog.address,
                 pool_managers=[mesh.pool_manager.address],
-                node_refresh_s=0.1,
+                node_heartbeat_s=0.2,
                 journal_path=tmp_path / "journal.db",
             ),
             "127.0.0.1:0",

@@ -25,33 +25,37 @@ _sym_db = _symbol_database.Default()
 from llorch.common.v1 import common_pb2 as llorch_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'llorch/poolmanager/v1/poolmanager.proto\x12\x15llorch.poolmanager.v1\x1a\x1dllorch/common/v1/common.proto\"\x10\n\x0eGetNodeRequest\"<\n\x0fGetNodeResponse\x12)\n\x04node\x18\x01 \x01(\x0b\x32\x1b.llorch.poolmanager.v1.Node\"C\n\x04Node\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12*\n\x05pools\x18\x02 \x03(\x0b\x32\x1b.llorch.poolmanager.v1.Pool\"\xcf\x01\n\x04Pool\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\x12/\n\x05state\x18\x02 \x01(\x0e\x32 .llorch.poolmanager.v1.PoolState\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x16\n\x0e\x65ngine_version\x18\x04 \x01(\t\x12\x0f\n\x07\x64\x65vices\x18\x05 \x03(\t\x12\x13\n\x0bslots_total\x18\x06 \x01(\r\x12\x12\n\nslots_free\x18\x07 \x01(\r\x12\r\n\x05n_ctx\x18\x08 \x01(\r\x12\x12\n\nlast_error\x18\t \x01(\t\"\xbc\x01\n\x0e\x45xecuteRequest\x12\x14\n\x0c\x65xecution_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x0f\n\x07pool_id\x18\x03 \x01(\t\x12\x10\n\x08model_id\x18\x04 \x01(\t\x12\x0e\n\x06prompt\x18\x05 \x01(\t\x12\x32\n\x08sampling\x18\x06 \x01(\x0b\x32 .llorch.common.v1.SamplingParams\x12\x1c\n\x14max_tokens_defaulted\x18\x07 \x01(\x08\"\xaf\x01\n\x0f\x45xecuteResponse\x12:\n\x07started\x18\x01 \x01(\x0b\x32\'.llorch.poolmanager.v1.ExecutionStartedH\x00\x12(\n\x05token\x18\x02 \x01(\x0b\x32\x17.llorch.common.v1.TokenH\x00\x12.\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x1a.llorch.common.v1.FinishedH\x00\x42\x06\n\x04kind\"=\n\x10\x45xecutionStarted\x12\x16\n\x0e\x65ngine_version\x18\x01 \x01(\t\x12\x11\n\ttokens_in\x18\x02 \x01(\r\".\n\x16\x43\x61ncelExecutionRequest\x12\x14\n\x0c\x65xecution_id\x18\x01 \x01(\t\",\n\x17\x43\x61ncelExecutionResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08*\x9e\x01\n\tPoolState\x12\x1a\n\x16POOL_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13POOL_STATE_UNLOADED\x10\x01\x12\x16\n\x12POOL_STATE_LOADING\x10\x02\x12\x14\n\x10POOL_STATE_READY\x10\x03\x12\x17\n\x13POOL_STATE_DRAINING\x10\x04\x12\x15\n\x11POOL_STATE_FAILED\x10\x05\x32\xbc\x02\n\x12PoolManagerService\x12X\n\x07GetNode\x12%.llorch.poolmanager.v1.GetNodeRequest\x1a&.llorch.poolmanager.v1.GetNodeResponse\x12Z\n\x07\x45xecute\x12%.llorch.poolmanager.v1.ExecuteRequest\x1a&.llorch.poolmanager.v1.ExecuteResponse0\x01\x12p\n\x0f\x43\x61ncelExecution\x12-.llorch.poolmanager.v1.CancelExecutionRequest\x1a..llorch.poolmanager.v1.CancelExecutionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'llorch/poolmanager/v1/poolmanager.proto\x12\x15llorch.poolmanager.v1\x1a\x1dllorch/common/v1/common.proto\"\x10\n\x0eGetNodeRequest\"<\n\x0fGetNodeResponse\x12)\n\x04node\x18\x01 \x01(\x0b\x32\x1b.llorch.poolmanager.v1.Node\"(\n\x10WatchNodeRequest\x12\x14\n\x0cheartbeat_ms\x18\x01 \x01(\r\"O\n\x11WatchNodeResponse\x12)\n\x04node\x18\x01 \x01(\x0b\x32\x1b.llorch.poolmanager.v1.Node\x12\x0f\n\x07version\x18\x02 \x01(\x04\"C\n\x04Node\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12*\n\x05pools\x18\x02 \x03(\x0b\x32\x1b.llorch.poolmanager.v1.Pool\"\xcf\x01\n\x04Pool\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\x12/\n\x05state\x18\x02 \x01(\x0e\x32 .llorch.poolmanager.v1.PoolState\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x16\n\x0e\x65ngine_version\x18\x04 \x01(\t\x12\x0f\n\x07\x64\x65vices\x18\x05 \x03(\t\x12\x13\n\x0bslots_total\x18\x06 \x01(\r\x12\x12\n\nslots_free\x18\x07 \x01(\r\x12\r\n\x05n_ctx\x18\x08 \x01(\r\x12\x12\n\nlast_error\x18\t \x01(\t\"\xbc\x01\n\x0e\x45xecuteRequest\x12\x14\n\x0c\x65xecution_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x0f\n\x07pool_id\x18\x03 \x01(\t\x12\x10\n\x08model_id\x18\x04 \x01(\t\x12\x0e\n\x06prompt\x18\x05 \x01(\t\x12\x32\n\x08sampling\x18\x06 \x01(\x0b\x32 .llorch.common.v1.SamplingParams\x12\x1c\n\x14max_tokens_defaulted\x18\x07 \x01(\x08\"\xaf\x01\n\x0f\x45xecuteResponse\x12:\n\x07started\x18\x01 \x01(\x0b\x32\'.llorch.poolmanager.v1.ExecutionStartedH\x00\x12(\n\x05token\x18\x02 \x01(\x0b\x32\x17.llorch.common.v1.TokenH\x00\x12.\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x1a.llorch.common.v1.FinishedH\x00\x42\x06\n\x04kind\"=\n\x10\x45xecutionStarted\x12\x16\n\x0e\x65ngine_version\x18\x01 \x01(\t\x12\x11\n\ttokens_in\x18\x02 \x01(\r\".\n\x16\x43\x61ncelExecutionRequest\x12\x14\n\x0c\x65xecution_id\x18\x01 \x01(\t\",\n\x17\x43\x61ncelExecutionResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08*\x9e\x01\n\tPoolState\x12\x1a\n\x16POOL_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13POOL_STATE_UNLOADED\x10\x01\x12\x16\n\x12POOL_STATE_LOADING\x10\x02\x12\x14\n\x10POOL_STATE_READY\x10\x03\x12\x17\n\x13POOL_STATE_DRAINING\x10\x04\x12\x15\n\x11POOL_STATE_FAILED\x10\x05\x32\x9e\x03\n\x12PoolManagerService\x12X\n\x07GetNode\x12%.llorch.poolmanager.v1.GetNodeRequest\x1a&.llorch.poolmanager.v1.GetNodeResponse\x12Z\n\x07\x45xecute\x12%.llorch.poolmanager.v1.ExecuteRequest\x1a&.llorch.poolmanager.v1.ExecuteResponse0\x01\x12p\n\x0f\x43\x61ncelExecution\x12-.llorch.poolmanager.v1.CancelExecutionRequest\x1a..llorch.poolmanager.v1.CancelExecutionResponse\x12`\n\tWatchNode\x12\'.llorch.poolmanager.v1.WatchNodeRequest\x1a(.llorch.poolmanager.v1.WatchNodeResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llorch.poolmanager.v1.poolmanager_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_POOLSTATE']._serialized_start=983
-  _globals['_POOLSTATE']._serialized_end=1141
+  _globals['_POOLSTATE']._serialized_start=1106
+  _globals['_POOLSTATE']._serialized_end=1264
   _globals['_GETNODEREQUEST']._serialized_start=97
   _globals['_GETNODEREQUEST']._serialized_end=113
   _globals['_GETNODERESPONSE']._serialized_start=115
   _globals['_GETNODERESPONSE']._serialized_end=175
-  _globals['_NODE']._serialized_start=177
-  _globals['_NODE']._serialized_end=244
-  _globals['_POOL']._serialized_start=247
-  _globals['_POOL']._serialized_end=454
-  _globals['_EXECUTEREQUEST']._serialized_start=457
-  _globals['_EXECUTEREQUEST']._serialized_end=645
-  _globals['_EXECUTERESPONSE']._serialized_start=648
-  _globals['_EXECUTERESPONSE']._serialized_end=823
-  _globals['_EXECUTIONSTARTED']._serialized_start=825
-  _globals['_EXECUTIONSTARTED']._serialized_end=886
-  _globals['_CANCELEXECUTIONREQUEST']._serialized_start=888
-  _globals['_CANCELEXECUTIONREQUEST']._serialized_end=934
-  _globals['_CANCELEXECUTIONRESPONSE']._serialized_start=936
-  _globals['_CANCELEXECUTIONRESPONSE']._serialized_end=980
-  _globals['_POOLMANAGERSERVICE']._serialized_start=1144
-  _globals['_POOLMANAGERSERVICE']._serialized_end=1460
+  _globals['_WATCHNODEREQUEST']._serialized_start=177
+  _globals['_WATCHNODEREQUEST']._serialized_end=217
+  _globals['_WATCHNODERESPONSE']._serialized_start=219
+  _globals['_WATCHNODERESPONSE']._serialized_end=298
+  _globals['_NODE']._serialized_start=300
+  _globals['_NODE']._serialized_end=367
+  _globals['_POOL']._serialized_start=370
+  _globals['_POOL']._serialized_end=577
+  _globals['_EXECUTEREQUEST']._serialized_start=580
+  _globals['_EXECUTEREQUEST']._serialized_end=768
+  _globals['_EXECUTERESPONSE']._serialized_start=771
+  _globals['_EXECUTERESPONSE']._serialized_end=946
+  _globals['_EXECUTIONSTARTED']._serialized_start=948
+  _globals['_EXECUTIONSTARTED']._serialized_end=1009
+  _globals['_CANCELEXECUTIONREQUEST']._serialized_start=1011
+  _globals['_CANCELEXECUTIONREQUEST']._serialized_end=1057
+  _globals['_CANCELEXECUTIONRESPONSE']._serialized_start=1059
+  _globals['_CANCELEXECUTIONRESPONSE']._serialized_end=1103
+  _globals['_POOLMANAGERSERVICE']._serialized_start=1267
+  _globals['_POOLMANAGERSERVICE']._serialized_end=1681
 # @@protoc_insertion_point(module_scope)

@@ -33,6 +33,20 @@ class GetNodeResponse(_message.Message):
     node: Node
     def __init__(self, node: _Optional[_Union[Node, _Mapping]] = ...) -> None: ...
 
+class WatchNodeRequest(_message.Message):
+    __slots__ = ("heartbeat_ms",)
+    HEARTBEAT_MS_FIELD_NUMBER: _ClassVar[int]
+    heartbeat_ms: int
+    def __init__(self, heartbeat_ms: _Optional[int] = ...) -> None: ...
+
+class WatchNodeResponse(_message.Message):
+    __slots__ = ("node", "version")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    node: Node
+    version: int
+    def __init__(self, node: _Optional[_Union[Node, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
+
 class Node(_message.Message):
     __slots__ = ("node_id", "pools")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]

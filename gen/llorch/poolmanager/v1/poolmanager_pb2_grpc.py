@@ -51,6 +51,11 @@ class PoolManagerServiceStub:
                 request_serializer=llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.CancelExecutionRequest.SerializeToString,
                 response_deserializer=llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.CancelExecutionResponse.FromString,
                 _registered_method=True)
+        self.WatchNode = channel.unary_stream(
+                '/llorch.poolmanager.v1.PoolManagerService/WatchNode',
+                request_serializer=llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.WatchNodeRequest.SerializeToString,
+                response_deserializer=llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.WatchNodeResponse.FromString,
+                _registered_method=True)
 
 
 class PoolManagerServiceServicer:
@@ -81,6 +86,14 @@ class PoolManagerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchNode(self, request, context):
+        """Streams the node's state: once at once, again on every change, and at least every
+        heartbeat interval, so a watcher that hears nothing for a few intervals knows the node is lost.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PoolManagerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -98,6 +111,11 @@ def add_PoolManagerServiceServicer_to_server(servicer, server):
                     servicer.CancelExecution,
                     request_deserializer=llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.CancelExecutionRequest.FromString,
                     response_serializer=llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.CancelExecutionResponse.SerializeToString,
+            ),
+            'WatchNode': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchNode,
+                    request_deserializer=llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.WatchNodeRequest.FromString,
+                    response_serializer=llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.WatchNodeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -183,6 +201,33 @@ class PoolManagerService:
             '/llorch.poolmanager.v1.PoolManagerService/CancelExecution',
             llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.CancelExecutionRequest.SerializeToString,
             llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.CancelExecutionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/llorch.poolmanager.v1.PoolManagerService/WatchNode',
+            llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.WatchNodeRequest.SerializeToString,
+            llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.WatchNodeResponse.FromString,
             options,
             channel_credentials,
             insecure,

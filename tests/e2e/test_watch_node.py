@@ -1,0 +1,82 @@
+"""WatchNode: the pool manager pushes its state on change and on heartbeat; the orchestrator
+notices a lost pool manager by the stream breaking or falling silent."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import grpc
+from llorch.orchestrator.v1 import orchestrator_pb2
+from llorch.poolmanager.v1 import poolmanager_pb2, poolmanager_pb2_grpc
+
+from tests.conftest import Mesh, start_mesh, stop_mesh
+
+
+async def test_state_is_pushed_on_change_and_repeated_on_heartbeat(mesh: Mesh) -> None:
+    async with grpc.aio.insecure_channel(mesh.pool_manager.address) as channel:
+        stub = poolmanager_pb2_grpc.PoolManagerServiceStub(channel)
+        call = stub.WatchNode(poolmanager_pb2.WatchNodeRequest(heartbeat_ms=200))
+        stream = aiter(call)
+        first = await anext(stream)
+        assert first.node.node_id == mesh.pool_manager.manager.node_id
+        assert first.node.pools[0].state == poolmanager_pb2.POOL_STATE_READY
+        # Idle: the same state again after about one heartbeat.
+        started = time.monotonic()
+        beat = await anext(stream)
+        assert beat.version == first.version
+        assert 0.1 < time.monotonic() - started < 1.0
+        # A change comes at once, not on the next heartbeat.
+        os.kill(mesh.worker_pid(), signal.SIGKILL)
+        seen = []
+        async with asyncio.timeout(10):
+            async for response in stream:
+                seen.append(response.node.pools[0].state)
+                if (
+                    response.version > first.version
+                    and seen[-1] == poolmanager_pb2.POOL_STATE_READY
+                ):
+                    break
+        assert poolmanager_pb2.POOL_STATE_LOADING in seen
+        call.cancel()
+
+
+async def test_a_heartbeat_below_the_floor_is_raised(mesh: Mesh) -> None:
+    async with grpc.aio.insecure_channel(mesh.pool_manager.address) as channel:
+        stub = poolmanager_pb2_grpc.PoolManagerServiceStub(channel)
+        call = stub.WatchNode(poolmanager_pb2.WatchNodeRequest(heartbeat_ms=1))
+        stream = aiter(call)
+        await anext(stream)
+        started = time.monotonic()
+        await anext(stream)
+        assert time.monotonic() - started >= 0.09  # 100 ms floor, not 1 ms
+        call.cancel()
+
+
+async def test_the_orchestrator_marks_a_lost_pool_manager_unreachable(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    # Over gRPC only: an in-process pool manager cannot be lost without the orchestrator.
+    mesh = await start_mesh(tmp_path, tiny_model, "grpc")
+    try:
+        registry = mesh.orchestrator.orchestrator._registry
+        assert all(v.reachable for v in registry.views())
+        await mesh.pool_manager.server.stop(grace_s=0)
+        started = time.monotonic()
+        async with asyncio.timeout(10):
+            while any(v.reachable for v in registry.views()):  # noqa: ASYNC110 - no event to await
+                await asyncio.sleep(0.05)
+        # The broken stream shows at once; silence would show within node_lost_s (3 s).
+        assert time.monotonic() - started < 3.5
+        # New work waits for the node instead of failing.
+        task = await mesh.stub.SubmitTask(
+            orchestrator_pb2.SubmitTaskRequest(model_id="tiny-llama", prompt="later")
+        )
+        got = await mesh.stub.GetTask(orchestrator_pb2.GetTaskRequest(task_id=task.task_id))
+        assert got.task.state == orchestrator_pb2.TASK_STATE_QUEUED
+        assert "unreachable" in got.task.excluded_pools[0].reason
+    finally:
+        await stop_mesh(mesh)
