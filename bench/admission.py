@@ -63,14 +63,20 @@ def start_orchestrator(data_dir: Path, journal: bool) -> tuple[subprocess.Popen[
         "LLORCH_ORCHESTRATOR_SERVICE__JOURNAL": str(journal).lower(),
         "GRPC_VERBOSITY": "ERROR",
     }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mesh.cli", "up"], stdout=subprocess.PIPE, text=True, env=env
-    )
+    log_path = data_dir / "llorch-up.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mesh.cli", "up"],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            env=env,
+        )
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if not line.startswith("llorch ready"):
         proc.kill()
-        raise SystemExit(f"llorch up failed: {line!r}")
+        raise SystemExit(f"llorch up failed: {log_path.read_text()[-2000:]}")
     return proc, line.split()[3]
 
 

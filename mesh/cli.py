@@ -1,6 +1,7 @@
 """The ``llorch`` command.
 
 llorch up                              run the home profile in the foreground
+llorch serve catalog|poolmanager|orchestrator   run one service (a fleet's processes)
 llorch generate --model M "prompt"     stream tokens from the orchestrator
 llorch models list | add NAME PATH     the catalog
 """
@@ -48,6 +49,16 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--log-format", choices=["json", "text"], help="log format (LLORCH_LOG_FORMAT)")
     up.set_defaults(run=_cmd_up)
 
+    serve = sub.add_parser("serve", help="run one service of the mesh in the foreground")
+    serve.add_argument("service", choices=["catalog", "poolmanager", "orchestrator"])
+    serve.add_argument("--listen", help="orchestrator address (LLORCH_LISTEN)")
+    serve.add_argument("--data-dir", type=Path, help="data directory (LLORCH_DATA_DIR)")
+    serve.add_argument("--config", type=Path, help="TOML settings file (LLORCH_CONFIG)")
+    serve.add_argument(
+        "--log-format", choices=["json", "text"], help="log format (LLORCH_LOG_FORMAT)"
+    )
+    serve.set_defaults(run=_cmd_serve)
+
     gen = sub.add_parser("generate", help="generate text and print tokens as they arrive")
     gen.add_argument("prompt")
     gen.add_argument("--model", required=True, help="catalog id of the model")
@@ -92,6 +103,20 @@ def _cmd_up(args: argparse.Namespace) -> int:
     )
     configure_logging(settings.log_level, settings.log_format)
     return main_up(settings, dict(os.environ))
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from mesh.logs import configure_logging
+    from mesh.serve import main_serve
+
+    config = args.config or (
+        Path(os.environ["LLORCH_CONFIG"]) if "LLORCH_CONFIG" in os.environ else None
+    )
+    settings = load_settings(
+        config, listen=args.listen, data_dir=args.data_dir, log_format=args.log_format
+    )
+    configure_logging(settings.log_level, settings.log_format)
+    return main_serve(settings, args.service, dict(os.environ))
 
 
 def _rpc_failed(err: grpc.aio.AioRpcError) -> int:

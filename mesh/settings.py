@@ -146,6 +146,8 @@ class OrchestratorSettings(BaseModel):
     """A pool manager silent this long is unreachable (its pools get no work until it returns)."""
     finished_task_ttl_s: float = Field(default=3600.0, ge=0, le=7 * 86400)
     """How long a finished task stays readable with GetTask and StreamTask."""
+    max_attempts: int = Field(default=3, ge=1, le=20)
+    """Placements a task gets when its pool fails before the first token (then it fails)."""
     journal: bool = True
     """Keep the task journal, so accepted tasks survive a restart (off: memory only)."""
     journal_path: Path | None = None

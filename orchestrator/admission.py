@@ -91,6 +91,7 @@ class AdmissionQueue:
         self._clock = {_Lane.INTERACTIVE: 0.0, _Lane.BATCH: 0.0}
         self._finish: dict[tuple[_Lane, str], float] = {}
         self._seq = 0
+        self._front_seq = 0  # negative arrival numbers: requeued tasks go first
 
     def __len__(self) -> int:
         return len(self._order)
@@ -143,6 +144,17 @@ class AdmissionQueue:
         if lane is _Lane.BATCH:
             self._batch_arrivals.append(entry)
         return Admitted(self._index(entry), dropped)
+
+    def push_front(self, task: Task, arrived: float) -> int:
+        """Queues a task again ahead of its lane (its pool failed before it produced anything);
+        never refused, since it was accepted before. Returns its position."""
+        lane = _LANE_OF[task.spec.priority]
+        self._front_seq -= 1
+        entry = _Entry(lane, self._clock[lane], self._front_seq, task, arrived)
+        self._insert(entry)
+        if lane is _Lane.BATCH:
+            self._batch_arrivals.appendleft(entry)
+        return self._index(entry)
 
     def take(self, task: Task) -> None:
         """Removes a task because it is being served: its lane's virtual clock moves on."""

@@ -128,7 +128,8 @@ class PoolRegistry:
 
     async def _first_answer(self, node: _Node) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(node.answered.wait(), self._lost_s)
+            async with asyncio.timeout(self._lost_s):
+                await node.answered.wait()
 
     async def _watch(self, node: _Node) -> None:
         backoff_s = 0.1

@@ -115,6 +115,9 @@ class Orchestrator:
         self._tails: dict[str, list[tuple[float, str]]] = {}
         self._tails_at = 0.0
         self._timer_at: float | None = None
+        # Placements so far of tasks that failed over (absent: 1), and why relays were stopped.
+        self._attempts: dict[str, int] = {}
+        self._lost_executions: dict[str, LlorchError] = {}
         self._positions_at = -math.inf
         self._positions_timer: asyncio.TimerHandle | None = None
         # Deadlines of queued tasks (deadline, arrival number, task); stale entries are skipped.
@@ -330,6 +333,7 @@ class Orchestrator:
         now = self._clock()
         self._queue.age(now)
         self._expire(now)
+        self._fail_over_lost_nodes()
         views = self._views(now)
         open_models = self._open_models(views)
         swaps = open_models is None
@@ -843,13 +847,14 @@ class Orchestrator:
                         now,
                     )
             if not task.terminal:
-                task.fail(
+                self._execution_failed(
+                    task,
+                    pool,
                     UnavailableError(
                         "the pool ended the execution without finishing it",
                         reason="EXECUTION_TRUNCATED",
                         retry_delay_s=1.0,
                     ),
-                    self._clock(),
                 )
         except grpc.aio.AioRpcError as err:
             if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -864,11 +869,14 @@ class Orchestrator:
                 )
             else:
                 error = from_rpc_error(err)
-            _log.warning("execution failed: %s", error.message, extra={"reason": error.reason})
-            task.fail(error, self._clock())
+            self._execution_failed(task, pool, error)
         except LlorchError as error:  # raised directly by a pool manager in this process
-            _log.warning("execution failed: %s", error.message, extra={"reason": error.reason})
-            task.fail(error, self._clock())
+            self._execution_failed(task, pool, error)
+        except asyncio.CancelledError:
+            lost = self._lost_executions.pop(task.task_id, None)
+            if lost is None:
+                raise
+            self._execution_failed(task, pool, lost)
         except ValueError as exc:  # non-contiguous token indexes from the pool: never relay them
             task.fail(
                 UnavailableError(
@@ -887,13 +895,62 @@ class Orchestrator:
                 "task ended", extra={"state": task.state.value, "tokens_out": task.tokens_out}
             )
 
-    def _relay_done(self, task: Task, pool: PoolView, _: asyncio.Task[None]) -> None:
+    def _relay_done(self, task: Task, pool: PoolView, relay: asyncio.Task[None]) -> None:
         """Frees the relay's slot, however the relay ended (even cancelled before it ran)."""
         self._registry.release(pool)
-        self._relays.pop(task.task_id, None)
-        if not task.terminal:  # cannot happen unless the relay was cancelled from outside
-            task.fail(UnavailableError("the relay stopped", reason="SHUTDOWN"), self._clock())
+        if self._relays.get(task.task_id) is relay:  # a requeued task may have a new relay
+            del self._relays[task.task_id]
+            lost = self._lost_executions.pop(task.task_id, None)
+            if task.state is TaskState.RUNNING and lost is not None:
+                self._execution_failed(task, pool, lost)  # stopped before its first step
+            elif task.state is TaskState.RUNNING:  # only if cancelled from outside
+                task.fail(UnavailableError("the relay stopped", reason="SHUTDOWN"), self._clock())
+        if task.terminal:
+            self._attempts.pop(task.task_id, None)
         self._wake.set()
+
+    def _execution_failed(self, task: Task, pool: PoolView, error: LlorchError) -> None:
+        """Fails a task whose execution broke, or places it again if nothing was emitted.
+
+        A retriable failure before the first token (a worker crash, a lost node, a pool that
+        was not ready) costs the client only a longer wait: the task goes back to the front of
+        the queue, up to ``max_attempts`` placements. After a token, the stream cannot be
+        continued elsewhere without repeating or skipping tokens, so the task ends with the
+        (retriable) error and the journal keeps what it emitted.
+        """
+        _log.warning("execution failed: %s", error.message, extra={"reason": error.reason})
+        if task.terminal:
+            return
+        now = self._clock()
+        attempts = self._attempts.get(task.task_id, 1)
+        if error.retriable and attempts < self._settings.max_attempts and task.requeue():
+            self._attempts[task.task_id] = attempts + 1
+            position = self._queue.push_front(task, task.created)
+            task.set_queued(position, 0)
+            if self._journal is not None:
+                self._journal.record_requeue(task.task_id)
+            _log.info(
+                "task placed again after its pool failed before the first token",
+                extra={"pool": pool.key, "attempt": attempts + 1},
+            )
+            self._wake.set()
+            return
+        self._attempts.pop(task.task_id, None)
+        task.fail(error, now)
+
+    def _fail_over_lost_nodes(self) -> None:
+        """Stops relays on nodes found unreachable; their tasks fail over as above."""
+        for task_id, relay in list(self._relays.items()):
+            task = self._tasks.get(task_id)
+            if task is None or task.state is not TaskState.RUNNING:
+                continue
+            if task.node_id and not self._registry.reachable(task.node_id):
+                self._lost_executions[task_id] = UnavailableError(
+                    f"node {task.node_id} was lost while task {task_id} ran",
+                    reason="NODE_UNREACHABLE",
+                    retry_delay_s=1.0,
+                )
+                relay.cancel()
 
     def _record_service_ms(self, pool_key: str, model_id: str, ms: float) -> None:
         """Folds one measured service time into the pool's and the model's averages."""

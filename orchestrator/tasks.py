@@ -224,6 +224,20 @@ class Task:
         self.node_id = started.node_id
         self._append(started)
 
+    def requeue(self) -> bool:
+        """RUNNING → QUEUED for a task whose pool failed before its first token.
+
+        Readers see a new Queued event and later a new Started; no token was sent, so nothing
+        is repeated. False (and no change) once a token exists or the task is not running.
+        """
+        if self.state is not TaskState.RUNNING or self.tokens_out:
+            return False
+        self.state = TaskState.QUEUED
+        self.pool_id = self.node_id = ""
+        self.started_at = None
+        self._last_queued = None  # the next set_queued appends a fresh Queued event
+        return True
+
     def add_tokens(self, tokens: Tokens) -> None:
         """Appends tokens; ignored once terminal. Indexes must continue where the last ended."""
         if self.state is not TaskState.RUNNING:

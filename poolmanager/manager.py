@@ -335,8 +335,11 @@ class PoolManager:
         """Returns once the state moved past ``version``, or after ``timeout_s``."""
         if self.version != version:
             return
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
+        # that arrives as the event fires, and a watcher cancelled that way never stops.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._change.wait(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await self._change.wait()
 
 
 class Execution:

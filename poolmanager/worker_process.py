@@ -105,7 +105,8 @@ class WorkerProcess:
         )
         assert proc.stdout is not None
         try:
-            line = await asyncio.wait_for(proc.stdout.readline(), start_timeout_s)
+            async with asyncio.timeout(start_timeout_s):  # not wait_for: see manager.wait_change
+                line = await proc.stdout.readline()
         except TimeoutError:
             await _kill(proc)
             raise WorkerStartError(
@@ -160,7 +161,8 @@ class WorkerProcess:
         if stdin is not None and not stdin.is_closing():
             stdin.close()
         try:
-            await asyncio.wait_for(self._proc.wait(), grace_s)
+            async with asyncio.timeout(grace_s):
+                await self._proc.wait()
         except TimeoutError:
             await _kill(self._proc)
         await self._reader

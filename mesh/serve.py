@@ -1,0 +1,73 @@
+"""``llorch serve SERVICE``: one service of the mesh in the foreground, as a fleet runs them.
+
+The catalog, a pool manager (one per machine) or the orchestrator, each from the same settings
+(``catalog_service``, ``pool_manager``, ``orchestrator_service`` sections) as the home profile.
+Prints one line when ready, ``llorch ready: <service> <address>``, and stops cleanly on Ctrl-C or
+SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Mapping
+
+from catalog.app import start_catalog
+from mesh import logs
+from mesh.errors import LlorchError
+from mesh.settings import Settings
+from orchestrator.app import start_orchestrator
+from poolmanager.app import start_pool_manager
+
+_log = logs.get_logger("serve")
+
+SERVICES = ("catalog", "poolmanager", "orchestrator")
+
+
+async def serve(
+    settings: Settings, service: str, base_env: Mapping[str, str], stop: asyncio.Event
+) -> None:
+    """Runs one service until ``stop`` is set."""
+    close: Callable[[], Awaitable[None]]
+    if service == "catalog":
+        catalog = await start_catalog(settings)
+        address, close = catalog.address, catalog.stop
+    elif service == "poolmanager":
+        pool_manager = await start_pool_manager(settings.pool_manager, base_env, settings.log_level)
+        address, close = pool_manager.address, pool_manager.stop
+    elif service == "orchestrator":
+        orch_settings = settings.orchestrator_service
+        if orch_settings.journal and orch_settings.journal_path is None:
+            orch_settings = orch_settings.model_copy(
+                update={"journal_path": settings.data_dir / "orchestrator" / "journal.db"}
+            )
+        orchestrator = await start_orchestrator(orch_settings, settings.listen)
+        host = settings.listen.rsplit(":", 1)[0]
+        address, close = f"{host}:{orchestrator.port}", orchestrator.stop
+    else:
+        raise ValueError(f"unknown service {service!r}; one of {', '.join(SERVICES)}")
+    try:
+        print(f"llorch ready: {service} {address}", flush=True)
+        await stop.wait()
+        _log.info("stopping")
+    finally:
+        await close()
+
+
+def main_serve(settings: Settings, service: str, base_env: Mapping[str, str]) -> int:
+    """``llorch serve``: runs one service in the foreground until Ctrl-C or SIGTERM."""
+
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(settings, service, base_env, stop)
+
+    try:
+        asyncio.run(runner())
+    except (RuntimeError, OSError, ValueError, LlorchError) as exc:
+        print(f"llorch serve {service}: {exc}", file=sys.stderr)
+        return 1
+    return 0
