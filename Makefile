@@ -57,6 +57,7 @@ bench: setup
 	$(BIN)/python bench/relay.py
 	$(BIN)/python bench/placement.py
 	$(BIN)/python bench/admission.py
+	$(BIN)/python bench/prediction.py
 
 clean:
 	rm -rf $(VENV) .gen-check .pytest_cache .mypy_cache .ruff_cache

@@ -17,7 +17,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Protocol
 
 import grpc
@@ -109,8 +109,8 @@ class Orchestrator:
         self._tasks: dict[str, Task] = {}
         self._by_request_id: dict[str, str] = {}
         self._relays: dict[str, asyncio.Task[None]] = {}
-        # Measured slot time per task, EWMA: by (pool key, model) and by ("", model).
-        self._service_ms: dict[tuple[str, str], float] = {}
+        # Measured service times, EWMA: by (pool key, model) and by ("", model).
+        self._service: dict[tuple[str, str], _ServiceTime] = {}
         # The prediction simulation per model as the last pass left it, and when it ran.
         self._tails: dict[str, list[tuple[float, str]]] = {}
         self._tails_at = 0.0
@@ -494,12 +494,15 @@ class Orchestrator:
 
     # --- predictions -----------------------------------------------------------------------
 
-    def _service_estimate_ms(self, pool_key: str, model_id: str) -> float:
-        """Measured time one task of ``model_id`` holds a slot of the pool (EWMA)."""
-        measured = self._service_ms.get((pool_key, model_id)) or self._service_ms.get(
-            ("", model_id)
-        )
-        return measured if measured is not None else _DEFAULT_SERVICE_MS
+    def _service_estimate_ms(self, pool_key: str, model_id: str, max_tokens: int) -> float:
+        """How long a task of ``model_id`` asking for ``max_tokens`` holds a slot of the pool:
+        the pool's measured fixed time (prompt, hops) plus its measured time per token times
+        the tokens such tasks really produce (they may stop before max_tokens)."""
+        measured = self._service.get((pool_key, model_id)) or self._service.get(("", model_id))
+        if measured is None:
+            return _DEFAULT_SERVICE_MS
+        tokens = max(1.0, max_tokens * measured.fill)
+        return measured.fixed_ms + measured.per_token_ms * (tokens - 1)
 
     def _running_left_ms(self, now: float) -> dict[str, list[float]]:
         """Per pool: how long each running task should still take, from measured times."""
@@ -509,7 +512,9 @@ class Orchestrator:
             if task is None or task.started_at is None:
                 continue
             key = f"{task.node_id}/{task.pool_id}"
-            expected = self._service_estimate_ms(key, task.spec.model_id)
+            expected = self._service_estimate_ms(
+                key, task.spec.model_id, task.spec.sampling.max_tokens
+            )
             left.setdefault(key, []).append(max(0.0, expected - (now - task.started_at) * 1000))
         return left
 
@@ -566,7 +571,7 @@ class Orchestrator:
             heap = self._tails.get(model)
             if heap is None:
                 heap = self._tails[model] = self._slot_heap(model, views, running)
-            task.set_queued(position, self._pop_slot(heap, model))
+            task.set_queued(position, self._pop_slot(heap, task))
         self._tails_at = now
         self._positions_at = now
 
@@ -579,13 +584,15 @@ class Orchestrator:
             heap = self._tails[model] = self._slot_heap(model, views, self._running_left_ms(now))
         # The simulation ran at _tails_at; the time since then has passed for every slot.
         elapsed_ms = (now - self._tails_at) * 1000
-        return max(0, self._pop_slot(heap, model) - round(elapsed_ms))
+        return max(0, self._pop_slot(heap, task) - round(elapsed_ms))
 
-    def _pop_slot(self, heap: list[tuple[float, str]], model_id: str) -> int:
+    def _pop_slot(self, heap: list[tuple[float, str]], task: Task) -> int:
+        """The next slot to free takes ``task``: when it starts, in ms from the simulation."""
         if not heap:
             return 0  # no pool serves the model now: nothing to predict from
         free_at, key = heapq.heappop(heap)
-        heapq.heappush(heap, (free_at + self._service_estimate_ms(key, model_id), key))
+        busy_ms = self._service_estimate_ms(key, task.spec.model_id, task.spec.sampling.max_tokens)
+        heapq.heappush(heap, (free_at + busy_ms, key))
         return round(free_at)
 
     def _arm_timer_for(self, task: Task) -> None:
@@ -598,7 +605,11 @@ class Orchestrator:
         """When a refused client should retry: the time for one place to free up, measured
         from how fast the queue drains (before any drained: one predicted service time)."""
         rate = self._drain.rate(now)
-        delay = 1.0 / rate if rate else self._service_estimate_ms("", model_id) / 1000
+        delay = (
+            1.0 / rate
+            if rate
+            else self._service_estimate_ms("", model_id, self._settings.default_max_tokens) / 1000
+        )
         return min(60.0, max(0.05, delay))
 
     def _arm_deadline_timer(self, now: float) -> None:
@@ -831,8 +842,12 @@ class Orchestrator:
                 elif kind == "finished":
                     f = response.finished
                     now = self._clock()
-                    self._record_service_ms(
-                        pool.key, spec.model_id, (now - (task.started_at or now)) * 1000
+                    self._record_service(
+                        pool.key,
+                        spec,
+                        (now - (task.started_at or now)) * 1000,
+                        f.tokens_out,
+                        f.decode_ms,
                     )
                     tps = (f.tokens_out - 1) / (f.decode_ms / 1000) if f.decode_ms > 0 else 0.0
                     task.succeed(
@@ -952,11 +967,35 @@ class Orchestrator:
                 )
                 relay.cancel()
 
-    def _record_service_ms(self, pool_key: str, model_id: str, ms: float) -> None:
-        """Folds one measured service time into the pool's and the model's averages."""
-        for key in ((pool_key, model_id), ("", model_id)):
-            old = self._service_ms.get(key)
-            self._service_ms[key] = ms if old is None else old + _EWMA_WEIGHT * (ms - old)
+    def _record_service(
+        self, pool_key: str, spec: TaskSpec, total_ms: float, tokens_out: int, decode_ms: float
+    ) -> None:
+        """Folds one finished execution into the pool's and the model's service averages."""
+        sample = _ServiceTime(
+            fixed_ms=max(0.0, total_ms - decode_ms),
+            per_token_ms=decode_ms / max(1, tokens_out - 1),
+            fill=min(1.0, tokens_out / max(1, spec.sampling.max_tokens)),
+        )
+        for key in ((pool_key, spec.model_id), ("", spec.model_id)):
+            old = self._service.get(key)
+            self._service[key] = sample if old is None else old.blend(sample, _EWMA_WEIGHT)
+
+
+@dataclass(frozen=True)
+class _ServiceTime:
+    """How long executions take on a pool: fixed part, per token, and the share of max_tokens
+    they really produce."""
+
+    fixed_ms: float
+    per_token_ms: float
+    fill: float
+
+    def blend(self, sample: _ServiceTime, weight: float) -> _ServiceTime:
+        return _ServiceTime(
+            self.fixed_ms + weight * (sample.fixed_ms - self.fixed_ms),
+            self.per_token_ms + weight * (sample.per_token_ms - self.per_token_ms),
+            self.fill + weight * (sample.fill - self.fill),
+        )
 
 
 def _placement_key(task: Task) -> tuple[object, ...]:
