@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import json
 import multiprocessing
-import os
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ import time
 from pathlib import Path
 
 import grpc
+from homeprofile import start_home, stop_home  # bench/homeprofile.py, beside this script
 from llorch.common.v1 import common_pb2
 from llorch.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
@@ -52,32 +52,13 @@ def start_orchestrator(data_dir: Path, journal: bool) -> tuple[subprocess.Popen[
         {"pool_id": "cpu-0", "model_id": "tiny-llama", "n_threads": 1},
         {"pool_id": "cpu-long", "model_id": LONG_MODEL, "n_threads": 1},
     ]
-    env = {
-        **os.environ,
-        "LLORCH_DATA_DIR": str(data_dir),
-        "LLORCH_MODELS": json.dumps({LONG_MODEL: str(long_path)}),
-        "LLORCH_POOL_MANAGER__POOLS": json.dumps(pools),
-        "LLORCH_LISTEN": "127.0.0.1:0",
-        "LLORCH_LOG_LEVEL": "WARNING",
-        "LLORCH_ORCHESTRATOR_SERVICE__QUEUE_CAPACITY": "1000000",
-        "LLORCH_ORCHESTRATOR_SERVICE__JOURNAL": str(journal).lower(),
-        "GRPC_VERBOSITY": "ERROR",
-    }
-    log_path = data_dir / "llorch-up.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mesh.cli", "up"],
-            stdout=subprocess.PIPE,
-            stderr=log,
-            text=True,
-            env=env,
-        )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line.startswith("llorch ready"):
-        proc.kill()
-        raise SystemExit(f"llorch up failed: {log_path.read_text()[-2000:]}")
-    return proc, line.split()[3]
+    return start_home(
+        data_dir,
+        pools,
+        {LONG_MODEL: long_path},
+        ORCHESTRATOR_SERVICE__QUEUE_CAPACITY="1000000",
+        ORCHESTRATOR_SERVICE__JOURNAL=str(journal).lower(),
+    )
 
 
 async def _drive(address: str, kind: str, concurrency: int, start_at: float, stop_at: float) -> int:
@@ -149,8 +130,7 @@ def main() -> None:
                 holder.kill()
                 holder.wait()
         finally:
-            proc.terminate()
-            proc.wait(timeout=60)
+            stop_home(proc)
     baseline = rates["get"]
     summary: dict[str, object] = {
         "get_task_per_s": round(baseline, 1),

@@ -16,49 +16,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import grpc
+from homeprofile import start_home, stop_home  # bench/homeprofile.py, beside this script
 from llorch.common.v1 import common_pb2
 from llorch.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 
 def start(data_dir: Path) -> tuple[subprocess.Popen[str], str]:
-    pools = [
-        {"pool_id": f"cpu-{i}", "model_id": "tiny-llama", "n_threads": 1, "token_batch_ms": 4.0}
-        for i in range(2)
-    ]
-    env = {
-        **os.environ,
-        "LLORCH_DATA_DIR": str(data_dir),
-        "LLORCH_LISTEN": "127.0.0.1:0",
-        "LLORCH_LOG_LEVEL": "WARNING",
-        "LLORCH_POOL_MANAGER__POOLS": json.dumps(pools),
-        "GRPC_VERBOSITY": "ERROR",
-    }
-    log_path = data_dir / "llorch-up.log"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mesh.cli", "up"],
-            stdout=subprocess.PIPE,
-            stderr=log,
-            text=True,
-            env=env,
-        )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line.startswith("llorch ready"):
-        proc.kill()
-        raise SystemExit(f"llorch up failed: {log_path.read_text()[-2000:]}")
-    return proc, line.split()[3]
+    pools = [{"pool_id": f"cpu-{i}", "model_id": "tiny-llama", "n_threads": 1} for i in range(2)]
+    return start_home(data_dir, pools)
 
 
 def request(tokens: int, batch: bool, seed: int) -> orchestrator_pb2.SubmitTaskRequest:
@@ -150,8 +123,7 @@ def main() -> None:
             result = asyncio.run(run(address, args.tasks, args.seed))
             result["seconds"] = round(time.monotonic() - started, 1)
         finally:
-            proc.terminate()
-            proc.wait(timeout=60)
+            stop_home(proc)
     for key in ("at_submit", "at_submit_interactive", "last_seen"):
         e = result[key]
         assert isinstance(e, dict)

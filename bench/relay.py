@@ -25,16 +25,15 @@ import asyncio
 import codecs
 import gc
 import json
-import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from homeprofile import start_home, stop_home  # bench/homeprofile.py, beside this script
 from llorch.common.v1 import common_pb2
 from llorch.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
@@ -190,25 +189,8 @@ def start_mesh(
         {"pool_id": f"bench-{i}", "model_id": model_id, "n_threads": threads}
         for i, model_id in enumerate(models)
     ]
-    env = {
-        **os.environ,
-        "LLORCH_DATA_DIR": str(data_dir),
-        "LLORCH_LISTEN": "127.0.0.1:0",
-        "LLORCH_LOG_LEVEL": "WARNING",
-        "LLORCH_MODELS": json.dumps({k: str(v) for k, v in models.items() if k != "tiny-llama"}),
-        "LLORCH_POOL_MANAGER__POOLS": json.dumps(pools),
-        "LLORCH_IN_PROCESS_LINK": str(in_process_link).lower(),
-        "GRPC_VERBOSITY": "ERROR",
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mesh.cli", "up"], stdout=subprocess.PIPE, text=True, env=env
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line.startswith("llorch ready"):
-        proc.kill()
-        raise SystemExit(f"llorch up failed: {line!r}")
-    return proc, line.split()[3]
+    extra = {k: v for k, v in models.items() if k != "tiny-llama"}
+    return start_home(data_dir, pools, extra, IN_PROCESS_LINK=str(in_process_link).lower())
 
 
 def main() -> None:
@@ -258,8 +240,7 @@ def main() -> None:
                 results[case.model_id] = result
         finally:
             for proc in procs:
-                proc.terminate()
-                proc.wait(timeout=30)
+                stop_home(proc)
 
     print(f"{'model':<12} {'path':<10} {'TTFT p50 ms':>12} {'TTFT p99 ms':>12} {'tokens/s':>10}")
     for model_id, r in results.items():

@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 
-from mesh.settings import ClientSettings, ConfigError, load_settings
+from mesh.settings import ClientSettings, ConfigError, Settings, load_settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,8 +91,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _cmd_up(args: argparse.Namespace) -> int:
-    from mesh.home import main_up
+def _service_settings(args: argparse.Namespace) -> Settings:
+    """Settings of a service command (flags over environment over TOML), logging set up."""
     from mesh.logs import configure_logging
 
     config = args.config or (
@@ -102,21 +102,19 @@ def _cmd_up(args: argparse.Namespace) -> int:
         config, listen=args.listen, data_dir=args.data_dir, log_format=args.log_format
     )
     configure_logging(settings.log_level, settings.log_format)
-    return main_up(settings, dict(os.environ))
+    return settings
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from mesh.home import main_up
+
+    return main_up(_service_settings(args), dict(os.environ))
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from mesh.logs import configure_logging
     from mesh.serve import main_serve
 
-    config = args.config or (
-        Path(os.environ["LLORCH_CONFIG"]) if "LLORCH_CONFIG" in os.environ else None
-    )
-    settings = load_settings(
-        config, listen=args.listen, data_dir=args.data_dir, log_format=args.log_format
-    )
-    configure_logging(settings.log_level, settings.log_format)
-    return main_serve(settings, args.service, dict(os.environ))
+    return main_serve(_service_settings(args), args.service, dict(os.environ))
 
 
 def _rpc_failed(err: grpc.aio.AioRpcError) -> int:

@@ -12,8 +12,6 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
-import sys
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
@@ -21,7 +19,6 @@ from llorch.catalog.v1 import catalog_pb2_grpc
 
 from catalog.app import start_catalog
 from mesh import logs
-from mesh.errors import LlorchError
 from mesh.server import open_channel
 from mesh.settings import PoolSettings, Settings
 from orchestrator.app import start_orchestrator
@@ -127,17 +124,6 @@ async def _start_home(
 
 def main_up(settings: Settings, base_env: Mapping[str, str]) -> int:
     """``llorch up``: runs the home profile in the foreground until Ctrl-C or SIGTERM."""
+    from mesh.serve import run_foreground
 
-    async def runner() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await run_home(settings, base_env, stop)
-
-    try:
-        asyncio.run(runner())
-    except (RuntimeError, OSError, ValueError, LlorchError) as exc:
-        print(f"llorch up: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_foreground("llorch up", lambda stop: run_home(settings, base_env, stop))

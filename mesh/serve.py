@@ -57,17 +57,25 @@ async def serve(
 
 def main_serve(settings: Settings, service: str, base_env: Mapping[str, str]) -> int:
     """``llorch serve``: runs one service in the foreground until Ctrl-C or SIGTERM."""
+    return run_foreground(
+        f"llorch serve {service}", lambda stop: serve(settings, service, base_env, stop)
+    )
+
+
+def run_foreground(name: str, body: Callable[[asyncio.Event], Awaitable[None]]) -> int:
+    """Runs ``body(stop)`` on a new event loop; Ctrl-C or SIGTERM sets ``stop``. A failure to
+    start is printed as one line prefixed with ``name``; returns the exit status."""
 
     async def runner() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await serve(settings, service, base_env, stop)
+        await body(stop)
 
     try:
         asyncio.run(runner())
     except (RuntimeError, OSError, ValueError, LlorchError) as exc:
-        print(f"llorch serve {service}: {exc}", file=sys.stderr)
+        print(f"{name}: {exc}", file=sys.stderr)
         return 1
     return 0
