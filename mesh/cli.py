@@ -4,6 +4,8 @@ llorch up                              run the home profile in the foreground
 llorch serve catalog|poolmanager|orchestrator   run one service (a fleet's processes)
 llorch generate --model M "prompt"     stream tokens from the orchestrator
 llorch models list | add NAME PATH     the catalog
+llorch pools list | drain NODE/POOL | resume NODE/POOL   pools, for operators
+llorch tasks get ID                    one task's state
 """
 
 from __future__ import annotations
@@ -88,6 +90,30 @@ def _parser() -> argparse.ArgumentParser:
     madd.add_argument("--catalog", help="catalog address (LLORCH_CATALOG)")
     madd.add_argument("--data-dir", type=Path, help="home profile data dir (LLORCH_DATA_DIR)")
     madd.set_defaults(run=_cmd_models_add)
+
+    pools = sub.add_parser("pools", help="the pools the orchestrator places work on")
+    pools_sub = pools.add_subparsers(title="pools commands")
+    plist = pools_sub.add_parser("list", help="list pools")
+    plist.add_argument("--json", action="store_true", help="print JSON")
+    plist.set_defaults(run=_cmd_pools, action="list")
+    pdrain = pools_sub.add_parser("drain", help="stop placing work on a pool")
+    pdrain.add_argument("pool", help="NODE/POOL")
+    pdrain.add_argument(
+        "--deadline", type=float, default=60.0, help="seconds running work may take (60)"
+    )
+    pdrain.set_defaults(run=_cmd_pools, action="drain")
+    presume = pools_sub.add_parser("resume", help="put a drained pool back into placement")
+    presume.add_argument("pool", help="NODE/POOL")
+    presume.set_defaults(run=_cmd_pools, action="resume")
+    for p in (plist, pdrain, presume):
+        p.add_argument("--orchestrator", help="orchestrator address (LLORCH_ORCHESTRATOR)")
+
+    tasks = sub.add_parser("tasks", help="tasks")
+    tasks_sub = tasks.add_subparsers(title="tasks commands")
+    tget = tasks_sub.add_parser("get", help="print one task's state as JSON")
+    tget.add_argument("task_id")
+    tget.add_argument("--orchestrator", help="orchestrator address (LLORCH_ORCHESTRATOR)")
+    tget.set_defaults(run=_cmd_tasks_get)
     return parser
 
 
@@ -115,6 +141,70 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from mesh.serve import main_serve
 
     return main_serve(_service_settings(args), args.service, dict(os.environ))
+
+
+def _cmd_pools(args: argparse.Namespace) -> int:
+    from google.protobuf import json_format
+    from llorch.orchestrator.v1 import control_pb2, control_pb2_grpc
+
+    address = args.orchestrator or ClientSettings().orchestrator
+    node_id, _, pool_id = getattr(args, "pool", "").partition("/")
+
+    async def run() -> int:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = control_pb2_grpc.ControlServiceStub(channel)
+            try:
+                if args.action == "drain":
+                    drained = await stub.DrainPool(
+                        control_pb2.DrainPoolRequest(
+                            node_id=node_id,
+                            pool_id=pool_id,
+                            deadline_ms=round(args.deadline * 1000),
+                        )
+                    )
+                    statuses = [drained.pool]
+                elif args.action == "resume":
+                    resumed = await stub.ResumePool(
+                        control_pb2.ResumePoolRequest(node_id=node_id, pool_id=pool_id)
+                    )
+                    statuses = [resumed.pool]
+                else:
+                    statuses = list((await stub.ListPools(control_pb2.ListPoolsRequest())).pools)
+            except grpc.aio.AioRpcError as err:
+                return _rpc_failed(err)
+        if getattr(args, "json", False):
+            print(json.dumps([json_format.MessageToDict(s) for s in statuses], indent=2))
+            return 0
+        print(f"{'POOL':<24} {'MODEL':<20} {'STATE':<9} {'SLOTS':>7} {'QUEUED':>6}  NOTE")
+        for s in statuses:
+            note = "drained" if s.drained else ("" if s.reachable else "node unreachable")
+            note = note or s.last_error
+            print(
+                f"{s.node_id + '/' + s.pool_id:<24} {s.model_id:<20} {s.state:<9} "
+                f"{f'{s.slots_busy}/{s.slots_total}':>7} {s.queued:>6}  {note}"
+            )
+        return 0
+
+    return asyncio.run(run())
+
+
+def _cmd_tasks_get(args: argparse.Namespace) -> int:
+    from google.protobuf import json_format
+    from llorch.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+
+    address = args.orchestrator or ClientSettings().orchestrator
+
+    async def run() -> int:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+            try:
+                got = await stub.GetTask(orchestrator_pb2.GetTaskRequest(task_id=args.task_id))
+            except grpc.aio.AioRpcError as err:
+                return _rpc_failed(err)
+        print(json.dumps(json_format.MessageToDict(got.task), indent=2))
+        return 0
+
+    return asyncio.run(run())
 
 
 def _rpc_failed(err: grpc.aio.AioRpcError) -> int:

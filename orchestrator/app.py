@@ -11,6 +11,7 @@ from catalog.client import CatalogClient
 from mesh import logs
 from mesh.server import MeshServer, create_server, open_channel
 from mesh.settings import OrchestratorSettings
+from orchestrator.control import ControlServicer
 from orchestrator.journal import Journal
 from orchestrator.pools import PoolRegistry
 from orchestrator.service import Orchestrator
@@ -65,5 +66,6 @@ async def start_orchestrator(
     orchestrator = Orchestrator(settings, CatalogClient(channel), registry, journal=journal)
     await orchestrator.start()
     servicer = OrchestratorServicer(orchestrator, settings)
-    server = await create_server(listen, [servicer.binding()])
+    control = ControlServicer(orchestrator)
+    server = await create_server(listen, [servicer.binding(), control.binding()])
     return OrchestratorApp(server, orchestrator, channel)

@@ -122,6 +122,10 @@ class PoolRegistry:
                 return node.stub
         raise KeyError(node_id)
 
+    def pools(self) -> list[tuple[str, bool, poolmanager_pb2.Pool]]:
+        """Every pool as its pool manager reported it: (node id, node reachable, pool)."""
+        return [(n.node_id, n.reachable, p) for n in self._nodes for p in n.pools]
+
     def reachable(self, node_id: str) -> bool:
         """Whether a node's watch stream is alive."""
         return any(n.node_id == node_id and n.reachable for n in self._nodes)

@@ -115,6 +115,9 @@ class Orchestrator:
         self._tails: dict[str, list[tuple[float, str]]] = {}
         self._tails_at = 0.0
         self._timer_at: float | None = None
+        # Pools an operator drained (node/pool keys), and the timers that end their work.
+        self._drained: set[str] = set()
+        self._drain_timers: dict[str, asyncio.TimerHandle] = {}
         # Placements so far of tasks that failed over (absent: 1), and why relays were stopped.
         self._attempts: dict[str, int] = {}
         self._lost_executions: dict[str, LlorchError] = {}
@@ -143,7 +146,7 @@ class Orchestrator:
             self._dispatcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._dispatcher
-        for timer in (self._positions_timer, self._deadline_timer):
+        for timer in (self._positions_timer, self._deadline_timer, *self._drain_timers.values()):
             if timer is not None:
                 timer.cancel()
         shutdown = UnavailableError(
@@ -294,6 +297,75 @@ class Orchestrator:
             _log.info("task cancelled", extra={"task_id": task_id})
         return task
 
+    # --- operator operations ---------------------------------------------------------------------
+
+    def pool_views(self) -> list[PoolView]:
+        """Every pool as placement sees it now (drained pools marked draining)."""
+        return self._views(self._clock())
+
+    def registry_pools(self) -> list[tuple[str, bool, poolmanager_pb2.Pool]]:
+        """Every pool as its pool manager reported it: (node id, node reachable, pool)."""
+        return self._registry.pools()
+
+    def queued_count(self, model_id: str) -> int:
+        """Queued tasks of a model."""
+        return self._queue.count(model_id)
+
+    def is_drained(self, key: str) -> bool:
+        """Whether an operator drained the pool ``node/pool``."""
+        return key in self._drained
+
+    def drain(self, node_id: str, pool_id: str, deadline_s: float) -> None:
+        """Takes a pool out of placement; what still runs on it after ``deadline_s`` is
+        cancelled with UNAVAILABLE (POOL_DRAINED, retriable).
+
+        Raises:
+            NotFoundError: no such pool.
+        """
+        key = self._pool_key(node_id, pool_id)
+        self._drained.add(key)
+        timer = self._drain_timers.pop(key, None)
+        if timer is not None:
+            timer.cancel()
+        self._drain_timers[key] = asyncio.get_running_loop().call_later(
+            deadline_s, self._end_drained, key
+        )
+        _log.info("pool drained", extra={"pool": key, "deadline_s": deadline_s})
+        self._wake.set()
+
+    def resume(self, node_id: str, pool_id: str) -> None:
+        """Puts a drained pool back into placement.
+
+        Raises:
+            NotFoundError: no such pool.
+        """
+        key = self._pool_key(node_id, pool_id)
+        self._drained.discard(key)
+        timer = self._drain_timers.pop(key, None)
+        if timer is not None:
+            timer.cancel()
+        _log.info("pool resumed", extra={"pool": key})
+        self._wake.set()
+
+    def _pool_key(self, node_id: str, pool_id: str) -> str:
+        key = f"{node_id}/{pool_id}"
+        if not any(v.key == key for v in self._registry.views()):
+            raise NotFoundError(f"pool {key} does not exist", reason="POOL_NOT_FOUND")
+        return key
+
+    def _end_drained(self, key: str) -> None:
+        self._drain_timers.pop(key, None)
+        for task in list(self._tasks.values()):
+            if task.state is TaskState.RUNNING and f"{task.node_id}/{task.pool_id}" == key:
+                self._end(
+                    task,
+                    UnavailableError(
+                        f"pool {key} was drained and task {task.task_id} had not finished",
+                        reason="POOL_DRAINED",
+                        retry_delay_s=1.0,
+                    ),
+                )
+
     # --- dispatch ------------------------------------------------------------------------------
 
     async def _dispatch_loop(self) -> None:
@@ -307,7 +379,12 @@ class Orchestrator:
 
     def _views(self, now: float) -> list[PoolView]:
         etas = self._pool_etas_ms(now)
-        return [replace(v, eta_free_ms=etas.get(v.key, 0)) for v in self._registry.views()]
+        return [
+            replace(
+                v, eta_free_ms=etas.get(v.key, 0), draining=v.draining or v.key in self._drained
+            )
+            for v in self._registry.views()
+        ]
 
     @staticmethod
     def _open_models(views: Iterable[PoolView]) -> set[str] | None:
@@ -315,7 +392,7 @@ class Orchestrator:
         any model (then every task may be placeable)."""
         open_models: set[str] = set()
         for v in views:
-            if not v.ready or not v.reachable or v.failed or v.draining:
+            if not v.ready or not v.reachable or v.failed or v.draining:  # drained included
                 continue
             if v.can_load and v.in_flight == 0:
                 return None

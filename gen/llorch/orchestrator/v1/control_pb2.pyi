@@ -1,0 +1,116 @@
+from google.api import annotations_pb2 as _annotations_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class PoolStatus(_message.Message):
+    __slots__ = ("node_id", "pool_id", "model_id", "state", "reachable", "drained", "slots_total", "slots_busy", "n_ctx", "engine_version", "devices", "queued", "last_error")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    POOL_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REACHABLE_FIELD_NUMBER: _ClassVar[int]
+    DRAINED_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_BUSY_FIELD_NUMBER: _ClassVar[int]
+    N_CTX_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    pool_id: str
+    model_id: str
+    state: str
+    reachable: bool
+    drained: bool
+    slots_total: int
+    slots_busy: int
+    n_ctx: int
+    engine_version: str
+    devices: _containers.RepeatedScalarFieldContainer[str]
+    queued: int
+    last_error: str
+    def __init__(self, node_id: _Optional[str] = ..., pool_id: _Optional[str] = ..., model_id: _Optional[str] = ..., state: _Optional[str] = ..., reachable: _Optional[bool] = ..., drained: _Optional[bool] = ..., slots_total: _Optional[int] = ..., slots_busy: _Optional[int] = ..., n_ctx: _Optional[int] = ..., engine_version: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., queued: _Optional[int] = ..., last_error: _Optional[str] = ...) -> None: ...
+
+class ListPoolsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListPoolsResponse(_message.Message):
+    __slots__ = ("pools",)
+    POOLS_FIELD_NUMBER: _ClassVar[int]
+    pools: _containers.RepeatedCompositeFieldContainer[PoolStatus]
+    def __init__(self, pools: _Optional[_Iterable[_Union[PoolStatus, _Mapping]]] = ...) -> None: ...
+
+class GetPoolRequest(_message.Message):
+    __slots__ = ("node_id", "pool_id")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    POOL_ID_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    pool_id: str
+    def __init__(self, node_id: _Optional[str] = ..., pool_id: _Optional[str] = ...) -> None: ...
+
+class GetPoolResponse(_message.Message):
+    __slots__ = ("pool",)
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    pool: PoolStatus
+    def __init__(self, pool: _Optional[_Union[PoolStatus, _Mapping]] = ...) -> None: ...
+
+class DrainPoolRequest(_message.Message):
+    __slots__ = ("node_id", "pool_id", "deadline_ms")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    POOL_ID_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    pool_id: str
+    deadline_ms: int
+    def __init__(self, node_id: _Optional[str] = ..., pool_id: _Optional[str] = ..., deadline_ms: _Optional[int] = ...) -> None: ...
+
+class DrainPoolResponse(_message.Message):
+    __slots__ = ("pool",)
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    pool: PoolStatus
+    def __init__(self, pool: _Optional[_Union[PoolStatus, _Mapping]] = ...) -> None: ...
+
+class ResumePoolRequest(_message.Message):
+    __slots__ = ("node_id", "pool_id")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    POOL_ID_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    pool_id: str
+    def __init__(self, node_id: _Optional[str] = ..., pool_id: _Optional[str] = ...) -> None: ...
+
+class ResumePoolResponse(_message.Message):
+    __slots__ = ("pool",)
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    pool: PoolStatus
+    def __init__(self, pool: _Optional[_Union[PoolStatus, _Mapping]] = ...) -> None: ...
+
+class GetCapabilitiesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelCapability(_message.Message):
+    __slots__ = ("model_id", "max_context_tokens", "pools", "pools_ready", "engine_versions")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    POOLS_FIELD_NUMBER: _ClassVar[int]
+    POOLS_READY_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    max_context_tokens: int
+    pools: int
+    pools_ready: int
+    engine_versions: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model_id: _Optional[str] = ..., max_context_tokens: _Optional[int] = ..., pools: _Optional[int] = ..., pools_ready: _Optional[int] = ..., engine_versions: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class GetCapabilitiesResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelCapability]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelCapability, _Mapping]]] = ...) -> None: ...
