@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,3 +84,20 @@ def error_details(err: grpc.aio.AioRpcError) -> dict[str, Any]:
                 detail.Unpack(bad)
                 found["fields"] = [v.field for v in bad.field_violations]
     return found
+
+
+def start_llorch(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
+    """Starts ``llorch <args>`` (``up`` or ``serve ...``) with ``env`` added to this process's
+    environment; returns the process and the address from its ready line. Its logs are dropped:
+    tests look at what it serves."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mesh.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, **env},
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.startswith("llorch ready: "), line
+    return proc, line.split()[3]

@@ -6,8 +6,6 @@ import asyncio
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -17,19 +15,10 @@ from llorch.orchestrator.v1 import (
     orchestrator_pb2,
 )
 
-from tests.conftest import Mesh, start_mesh, stop_mesh
+from tests.conftest import Mesh
 from tests.e2e.helpers import collect, error_details, generate_request
 
 LONG = 30_000
-
-
-@pytest.fixture
-async def mesh32k(tmp_path: Path, long_model: Path) -> AsyncIterator[Mesh]:
-    mesh = await start_mesh(tmp_path, long_model)
-    try:
-        yield mesh
-    finally:
-        await stop_mesh(mesh)
 
 
 def control(mesh: Mesh) -> control_pb2_grpc.ControlServiceStub:
@@ -70,9 +59,9 @@ async def test_bad_pool_references(mesh: Mesh) -> None:
 
 
 async def test_drain_ends_running_work_at_the_deadline_and_resume_serves_the_queue(
-    mesh32k: Mesh,
+    long_mesh: Mesh,
 ) -> None:
-    mesh = mesh32k
+    mesh = long_mesh
     node = mesh.pool_manager.manager.node_id
     hog = mesh.stub.Generate(generate_request(max_tokens=LONG, ignore_eos=True))
     async for response in hog:

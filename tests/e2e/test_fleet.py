@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from mesh.settings import OrchestratorSettings, Settings
 from orchestrator.app import OrchestratorApp, start_orchestrator
 from provisioners.models import register_local_file
 from provisioners.tiny_model import DEFAULT_MODEL_ID
-from tests.e2e.helpers import collect, error_details, generate_request
+from tests.e2e.helpers import collect, error_details, generate_request, start_llorch
 
 LONG = 30_000
 
@@ -46,25 +45,17 @@ class Fleet:
 def _pool_manager(
     node_id: str, pools: list[str], catalog: str
 ) -> tuple[subprocess.Popen[str], str]:
-    env = {
-        **os.environ,
-        "LLORCH_POOL_MANAGER__NODE_ID": node_id,
-        "LLORCH_POOL_MANAGER__CATALOG": catalog,
-        "LLORCH_POOL_MANAGER__POOLS": json.dumps(
-            [{"pool_id": p, "model_id": DEFAULT_MODEL_ID, "n_threads": 1} for p in pools]
-        ),
-        "LLORCH_LOG_LEVEL": "WARNING",
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mesh.cli", "serve", "poolmanager"],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=env,
+    return start_llorch(
+        ["serve", "poolmanager"],
+        {
+            "LLORCH_POOL_MANAGER__NODE_ID": node_id,
+            "LLORCH_POOL_MANAGER__CATALOG": catalog,
+            "LLORCH_POOL_MANAGER__POOLS": json.dumps(
+                [{"pool_id": p, "model_id": DEFAULT_MODEL_ID, "n_threads": 1} for p in pools]
+            ),
+            "LLORCH_LOG_LEVEL": "WARNING",
+        },
     )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    assert line.startswith("llorch ready: poolmanager "), line
-    return proc, line.split()[3]
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import grpc
@@ -22,7 +21,7 @@ from llorch.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from mesh.settings import OrchestratorSettings
 from orchestrator.app import start_orchestrator
 from tests.conftest import start_mesh
-from tests.e2e.helpers import collect, error_details, generate_request
+from tests.e2e.helpers import collect, error_details, generate_request, start_llorch
 
 LONG = 30_000
 
@@ -109,24 +108,15 @@ async def test_restart_requeues_queued_replays_finished_and_fails_running(
 
 
 def _up(data_dir: Path, model: Path) -> tuple[subprocess.Popen[str], str]:
-    env = {
-        **os.environ,
-        "LLORCH_DATA_DIR": str(data_dir),
-        "LLORCH_LISTEN": "127.0.0.1:0",
-        "LLORCH_MODELS": json.dumps({"long": str(model)}),
-        "LLORCH_POOL_MANAGER__POOLS": json.dumps([{"pool_id": "cpu-0", "model_id": "long"}]),
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mesh.cli", "up"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=env,
+    return start_llorch(
+        ["up"],
+        {
+            "LLORCH_DATA_DIR": str(data_dir),
+            "LLORCH_LISTEN": "127.0.0.1:0",
+            "LLORCH_MODELS": json.dumps({"long": str(model)}),
+            "LLORCH_POOL_MANAGER__POOLS": json.dumps([{"pool_id": "cpu-0", "model_id": "long"}]),
+        },
     )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    assert line.startswith("llorch ready"), line
-    return proc, line.split()[3]
 
 
 async def test_sigkilled_home_profile_runs_its_queued_tasks_after_restart(
