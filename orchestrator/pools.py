@@ -64,6 +64,7 @@ class PoolRegistry:
             stub = poolmanager_pb2_grpc.PoolManagerServiceStub(channel)
             self._nodes.append(_Node(address, channel, stub))
         self._in_flight: dict[str, int] = {}
+        self._drained: set[str] = set()  # pools an operator took out of placement
         self._on_change: Callable[[], None] = lambda: None
 
     async def start(self, on_change: Callable[[], None]) -> None:
@@ -101,7 +102,8 @@ class PoolRegistry:
                         n_ctx=pool.n_ctx,
                         engine_version=pool.engine_version,
                         failed=pool.state == poolmanager_pb2.POOL_STATE_FAILED,
-                        draining=pool.state == poolmanager_pb2.POOL_STATE_DRAINING,
+                        draining=pool.state == poolmanager_pb2.POOL_STATE_DRAINING
+                        or key in self._drained,
                         gpu=any(d != "cpu" for d in pool.devices),
                     )
                 )
@@ -121,6 +123,17 @@ class PoolRegistry:
             if node.node_id == node_id:
                 return node.stub
         raise KeyError(node_id)
+
+    def set_drained(self, key: str, drained: bool) -> None:
+        """Takes the pool ``node/pool`` out of placement (it shows as draining) or back in."""
+        if drained:
+            self._drained.add(key)
+        else:
+            self._drained.discard(key)
+
+    def is_drained(self, key: str) -> bool:
+        """Whether an operator drained the pool ``node/pool``."""
+        return key in self._drained
 
     def pools(self) -> list[tuple[str, bool, poolmanager_pb2.Pool]]:
         """Every pool as its pool manager reported it: (node id, node reachable, pool)."""

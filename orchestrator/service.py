@@ -115,8 +115,7 @@ class Orchestrator:
         self._tails: dict[str, list[tuple[float, str]]] = {}
         self._tails_at = 0.0
         self._timer_at: float | None = None
-        # Pools an operator drained (node/pool keys), and the timers that end their work.
-        self._drained: set[str] = set()
+        # Timers that end the work left on drained pools, by node/pool key.
         self._drain_timers: dict[str, asyncio.TimerHandle] = {}
         # Placements so far of tasks that failed over (absent: 1), and why relays were stopped.
         self._attempts: dict[str, int] = {}
@@ -300,7 +299,7 @@ class Orchestrator:
     # --- operator operations ---------------------------------------------------------------------
 
     def pool_views(self) -> list[PoolView]:
-        """Every pool as placement sees it now (drained pools marked draining)."""
+        """Every pool as placement sees it now (drained pools show as draining)."""
         return self._views(self._clock())
 
     def registry_pools(self) -> list[tuple[str, bool, poolmanager_pb2.Pool]]:
@@ -313,7 +312,7 @@ class Orchestrator:
 
     def is_drained(self, key: str) -> bool:
         """Whether an operator drained the pool ``node/pool``."""
-        return key in self._drained
+        return self._registry.is_drained(key)
 
     def drain(self, node_id: str, pool_id: str, deadline_s: float) -> None:
         """Takes a pool out of placement; what still runs on it after ``deadline_s`` is
@@ -323,7 +322,7 @@ class Orchestrator:
             NotFoundError: no such pool.
         """
         key = self._pool_key(node_id, pool_id)
-        self._drained.add(key)
+        self._registry.set_drained(key, True)
         timer = self._drain_timers.pop(key, None)
         if timer is not None:
             timer.cancel()
@@ -340,7 +339,7 @@ class Orchestrator:
             NotFoundError: no such pool.
         """
         key = self._pool_key(node_id, pool_id)
-        self._drained.discard(key)
+        self._registry.set_drained(key, False)
         timer = self._drain_timers.pop(key, None)
         if timer is not None:
             timer.cancel()
@@ -379,12 +378,7 @@ class Orchestrator:
 
     def _views(self, now: float) -> list[PoolView]:
         etas = self._pool_etas_ms(now)
-        return [
-            replace(
-                v, eta_free_ms=etas.get(v.key, 0), draining=v.draining or v.key in self._drained
-            )
-            for v in self._registry.views()
-        ]
+        return [replace(v, eta_free_ms=etas.get(v.key, 0)) for v in self._registry.views()]
 
     @staticmethod
     def _open_models(views: Iterable[PoolView]) -> set[str] | None:

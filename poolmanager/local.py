@@ -11,7 +11,7 @@ manager is always reached over gRPC.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Awaitable, Sequence
+from collections.abc import AsyncGenerator, Sequence
 
 from llorch.poolmanager.v1 import poolmanager_pb2
 
@@ -25,18 +25,6 @@ class LocalPoolManagerStub:
 
     def __init__(self, servicer: PoolManagerServicer) -> None:
         self._servicer = servicer
-
-    def GetNode(
-        self, request: poolmanager_pb2.GetNodeRequest, timeout: float | None = None
-    ) -> Awaitable[poolmanager_pb2.GetNodeResponse]:
-        """As ``PoolManagerServiceStub.GetNode`` (``timeout`` is accepted; nothing waits)."""
-        return self._servicer.GetNode(request, None)
-
-    def CancelExecution(
-        self, request: poolmanager_pb2.CancelExecutionRequest, timeout: float | None = None
-    ) -> Awaitable[poolmanager_pb2.CancelExecutionResponse]:
-        """As ``PoolManagerServiceStub.CancelExecution`` (``timeout`` is accepted)."""
-        return self._servicer.CancelExecution(request, None)
 
     def WatchNode(
         self, request: poolmanager_pb2.WatchNodeRequest, timeout: float | None = None

@@ -175,14 +175,6 @@ class PoolManager:
             *(p.worker.stop(self._settings.stop_grace_s) for p in self.pools.values() if p.worker)
         )
 
-    async def execute(self, spec: ExecutionSpec) -> AsyncIterator[list[ExecEvent]]:
-        """Runs one execution; yields batches of events (a slow reader gets larger batches).
-
-        ``begin`` then ``Execution.events``; raises what ``begin`` raises.
-        """
-        async for batch in self.begin(spec).events():
-            yield batch
-
     def begin(self, spec: ExecutionSpec) -> Execution:
         """Checks an execution and hands it to its pool's worker at once, without awaiting.
 
