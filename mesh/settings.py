@@ -56,6 +56,8 @@ class PoolSettings(BaseModel):
     """Sequences decoded at once. One for now; parallel slots are on the roadmap."""
     n_threads: int = Field(default=0, ge=0, le=512)
     """CPU threads for decoding; 0 lets llama.cpp choose."""
+    cache_type: Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"] = "f16"
+    """Element type of the KV cache; the VRAM estimate counts it."""
     token_batch_ms: float = Field(default=4.0, ge=0, le=100)
     """Longest a generated token waits to travel with the ones after it (the first token of an
     execution never waits; 0 sends every token alone). Each message costs every hop of the mesh
@@ -104,6 +106,28 @@ class PoolManagerSettings(BaseModel):
     """How long a worker may take to load its model before it counts as failed."""
     stop_grace_s: float = Field(default=5.0, ge=0, le=300)
     """How long a worker gets to exit after being asked before it is killed."""
+    restart_backoff_s: float = Field(default=0.5, gt=0, le=60)
+    """First wait before restarting a crashed worker; it doubles (with jitter) per crash."""
+    restart_backoff_max_s: float = Field(default=30.0, gt=0, le=3600)
+    """Longest wait between restarts."""
+    breaker_crashes: int = Field(default=5, ge=1, le=1000)
+    """Crashes (or failed starts) within ``breaker_window_s`` that open a pool's circuit breaker:
+    the pool stays FAILED with the reason until an operator preloads or reloads it."""
+    breaker_window_s: float = Field(default=300.0, gt=0, le=86_400)
+    """Window in which crashes are counted for the breaker."""
+    drain_deadline_s: float = Field(default=30.0, ge=0, le=3600)
+    """Deadline of a drain (before an unload or a reload) when the request gives none."""
+    health_check_timeout_s: float = Field(default=30.0, gt=0, le=600)
+    """How long a freshly loaded worker gets to generate its health-check token."""
+    vram_overhead_bytes: int = Field(default=768 * 1024 * 1024, ge=0, le=64 * 1024**3)
+    """VRAM a worker takes per GPU besides weights, KV cache and compute buffers (CUDA context,
+    cuBLAS); ~650 MB was measured on an H200 with CUDA 13 (docs/operators.md)."""
+    staging_dir: Path | None = None
+    """Where staged models live in RAM; default ``/dev/shm/llorch-<node_id>`` (a tmpfs)."""
+    staging_budget_bytes: int = Field(default=4 * 1024**3, ge=0, le=16 * 1024**4)
+    """Most bytes of models held in RAM; 0 turns staging off."""
+    auto_stage: bool = True
+    """Stage a model in RAM after it was loaded from disk, so the next load of it reads RAM."""
 
 
 class OrchestratorSettings(BaseModel):

@@ -1,19 +1,30 @@
 """PoolManager: the pools of one machine, their workers, and the executions running on them.
 
-Plain asyncio class; the servicer converts protobuf and calls it. Each pool has a supervisor
-task that starts its worker, restarts it with exponential backoff and jitter when it dies, and
-gives up (state FAILED, with the reason) after repeated failures.
+Plain asyncio class; the servicer converts protobuf and calls it. Each pool runs one worker
+process for its current model. A supervisor task per pool restarts a crashed worker with
+exponential backoff and jitter, and opens the pool's circuit breaker (state FAILED, with the
+reason) after ``breaker_crashes`` crashes within ``breaker_window_s``. Operators move a pool
+through its lifecycle with ``preload``, ``drain`` (which ends Unloaded) and ``reload`` (drain,
+load the new model, health-check, ready — or roll back to the previous model).
+
+The VRAM-only rule: before a GPU pool starts a worker, the model's VRAM need (``poolmanager.vram``)
+is compared with its GPUs' free VRAM and a model that does not fit whole is refused; the worker
+itself refuses a load that left any layer on the CPU.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
+import os
 import random
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from mesh import logs
@@ -22,21 +33,23 @@ from mesh.errors import (
     FailedPreconditionError,
     InternalError,
     InvalidArgumentError,
+    LlorchError,
     NotFoundError,
     UnavailableError,
 )
 from mesh.settings import PoolManagerSettings, PoolSettings
+from poolmanager.devices import DeviceInventory, GpuDevice
+from poolmanager.staging import StagingCache, remove_stale_dirs
+from poolmanager.vram import VramEstimate, estimate_vram
 from poolmanager.worker_process import WorkerExited, WorkerProcess, WorkerStartError
+from provisioners.gguf_facts import NotAGgufError, read_model_shape
 
 _log = logs.get_logger("poolmanager")
 
-# Restart policy of a crashed worker (a full circuit breaker arrives with the lifecycle work).
-_BACKOFF_INITIAL_S = 0.5
-_BACKOFF_MAX_S = 30.0
-_MAX_CONSECUTIVE_FAILURES = 5
-
 ModelLocator = Callable[[str], Awaitable[str]]
 """Returns the local path of a model id (through the catalog)."""
+
+_HEALTH_PROMPT = "health check"
 
 
 class PoolState(enum.Enum):
@@ -51,20 +64,70 @@ class PoolState(enum.Enum):
 
 @dataclass
 class Pool:
-    """One pool and its current worker."""
+    """One pool, its current model and worker, and what its supervisor has seen."""
 
     settings: PoolSettings
+    model_id: str = ""
+    """The model the pool runs (or loads); starts as the settings' model, changes on a reload."""
     state: PoolState = PoolState.UNLOADED
     engine_version: str = ""
     n_ctx: int = 0
     last_error: str = ""
     worker: WorkerProcess | None = None
     active: set[str] = field(default_factory=set)
+    vram_estimate_bytes: int = 0
+    vram_measured_bytes: int = 0
+    load_ms: float = 0.0
+    loaded_from: str = ""
+    """Where the running model was read from: ``disk`` or ``staging`` (RAM)."""
+    restarts: int = 0
+    """Crashes and failed starts since the pool manager started."""
+    breaker_open: bool = False
+    crash_times: collections.deque[float] = field(default_factory=collections.deque)
+    supervisor: asyncio.Task[None] | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def __post_init__(self) -> None:
+        self.model_id = self.model_id or self.settings.model_id
+
+    @property
+    def pool_id(self) -> str:
+        """Id of the pool."""
+        return self.settings.pool_id
+
+    @property
+    def cpu_only(self) -> bool:
+        """A development pool on the CPU (never a fallback for a GPU pool)."""
+        return self.settings.devices == ["cpu"]
 
     @property
     def slots_free(self) -> int:
         """Slots not executing anything."""
         return max(0, self.settings.slots - len(self.active))
+
+
+@dataclass(frozen=True)
+class DrainReport:
+    """How a drain ended."""
+
+    finished: int
+    """Executions that ended by themselves before the deadline."""
+    cancelled: int
+    """Executions still running at the deadline, ended with a retriable status."""
+
+
+class LoadError(Exception):
+    """A model could not be brought up on a pool."""
+
+    def __init__(self, message: str, *, reason: str, permanent: bool) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.permanent = permanent
+        """Retrying cannot help (a model too large for the VRAM, a GPU missing)."""
+
+    def to_error(self) -> FailedPreconditionError:
+        """The status an operator's request ends with."""
+        return FailedPreconditionError(str(self), reason=self.reason)
 
 
 @dataclass(frozen=True)
@@ -117,6 +180,13 @@ class ExecFinished:
 ExecEvent = ExecStarted | ExecTokens | ExecFinished
 
 
+@dataclass(frozen=True)
+class _Interrupted:
+    """Marker put on an execution's queue to end it with ``error`` (a drain's deadline)."""
+
+    error: LlorchError
+
+
 class PoolManager:
     """Owns the pools of one node."""
 
@@ -127,6 +197,9 @@ class PoolManager:
         base_env: Mapping[str, str],
         on_change: Callable[[], Awaitable[None]] | None = None,
         log_level: str = "INFO",
+        *,
+        inventory: DeviceInventory | None = None,
+        staging_dir: Path | None = None,
     ) -> None:
         self.node_id = settings.node_id
         self._settings = settings
@@ -134,46 +207,90 @@ class PoolManager:
         self._base_env = dict(base_env)
         self._on_change = on_change
         self._log_level = log_level
+        self.inventory = inventory or DeviceInventory()
         self.pools: dict[str, Pool] = {p.pool_id: Pool(p) for p in settings.pools}
-        self._supervisors: list[asyncio.Task[None]] = []
-        self._exec_pool: dict[str, Pool] = {}
+        directory = staging_dir or settings.staging_dir or _default_staging_dir(self.node_id)
+        self.staging: StagingCache | None = (
+            StagingCache(directory, settings.staging_budget_bytes, self.model_in_use)
+            if settings.staging_budget_bytes > 0
+            else None
+        )
+        self._executions: dict[str, Execution] = {}
+        self._background: set[asyncio.Task[Any]] = set()
         self._stopping = False
         self.version = 0
         """Counts changes of the node's state (pool states, slots in use)."""
         self._change = asyncio.Event()
 
     async def start(self) -> None:
-        """Starts every pool's supervisor; returns at once (readiness comes later)."""
+        """Reads the GPUs and starts every pool's supervisor; returns at once."""
+        self.inventory.open()
+        gpus = self.inventory.devices()
+        _log.info(
+            "devices",
+            extra={
+                "node_id": self.node_id,
+                "gpus": [f"{d.index}:{d.name}:{d.vram_total_bytes}" for d in gpus],
+            },
+        )
+        if self.staging is not None:
+            self.staging.open()
         for pool in self.pools.values():
-            self._supervisors.append(
-                asyncio.create_task(self._supervise(pool), name=f"pool-{pool.settings.pool_id}")
-            )
+            if pool.cpu_only:
+                _log.info(
+                    "pool %s runs on the CPU: for development and CI only",
+                    pool.pool_id,
+                    extra={"pool_id": pool.pool_id, "node_id": self.node_id},
+                )
+            pool.state = PoolState.LOADING
+            pool.supervisor = self._spawn_supervisor(pool, None)
 
     async def wait_ready(self, timeout_s: float) -> bool:
-        """Waits until every pool is READY or FAILED; True when all are READY."""
+        """Waits until no pool is LOADING; True when every pool is READY."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             states = {p.state for p in self.pools.values()}
-            if states <= {PoolState.READY, PoolState.FAILED}:
+            if PoolState.LOADING not in states:
                 return states <= {PoolState.READY}
-            await asyncio.sleep(0.02)
+            await self.wait_change(self.version, min(0.5, deadline - time.monotonic()))
         return False
 
     def all_ready(self) -> bool:
-        """Whether every pool is READY."""
-        return all(p.state is PoolState.READY for p in self.pools.values())
+        """Whether every pool serves (READY) or was unloaded on purpose (UNLOADED)."""
+        return all(p.state in (PoolState.READY, PoolState.UNLOADED) for p in self.pools.values())
 
     async def stop(self) -> None:
         """Stops supervisors and workers; open executions end UNAVAILABLE."""
         self._stopping = True
-        for task in self._supervisors:
+        for task in [p.supervisor for p in self.pools.values() if p.supervisor] + list(
+            self._background
+        ):
             task.cancel()
-        for task in self._supervisors:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        for pool in self.pools.values():
+            if pool.supervisor is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pool.supervisor
         await asyncio.gather(
             *(p.worker.stop(self._settings.stop_grace_s) for p in self.pools.values() if p.worker)
         )
+        if self.staging is not None:
+            self.staging.close()
+        self.inventory.close()
+
+    def pool(self, pool_id: str) -> Pool:
+        """A pool by id.
+
+        Raises:
+            NotFoundError: no such pool on this node.
+        """
+        pool = self.pools.get(pool_id)
+        if pool is None:
+            raise NotFoundError(
+                f"pool {pool_id} is not on node {self.node_id}", reason="POOL_NOT_FOUND"
+            )
+        return pool
+
+    # ----- executions -------------------------------------------------------------------------
 
     def begin(self, spec: ExecutionSpec) -> Execution:
         """Checks an execution and hands it to its pool's worker at once, without awaiting.
@@ -183,25 +300,22 @@ class PoolManager:
         Raises:
             NotFoundError: unknown pool.
             FailedPreconditionError: the pool holds another model.
-            UnavailableError: the pool is not ready or busy, or its worker died (retriable).
+            UnavailableError: the pool is not ready (draining, loading) or its worker died
+                (retriable).
         """
-        pool = self.pools.get(spec.pool_id)
-        if pool is None:
-            raise NotFoundError(
-                f"pool {spec.pool_id} is not on node {self.node_id}", reason="POOL_NOT_FOUND"
-            )
-        if pool.settings.model_id != spec.model_id:
+        pool = self.pool(spec.pool_id)
+        if pool.model_id != spec.model_id:
             raise FailedPreconditionError(
-                f"pool {spec.pool_id} holds {pool.settings.model_id}, not {spec.model_id}",
+                f"pool {spec.pool_id} holds {pool.model_id}, not {spec.model_id}",
                 reason="MODEL_NOT_LOADED",
             )
         if pool.state is not PoolState.READY or pool.worker is None:
             raise UnavailableError(
                 f"pool {spec.pool_id} is {pool.state.value}",
-                reason="POOL_NOT_READY",
+                reason="POOL_DRAINING" if pool.state is PoolState.DRAINING else "POOL_NOT_READY",
                 retry_delay_s=1.0,
             )
-        if spec.execution_id in self._exec_pool:
+        if spec.execution_id in self._executions:
             raise FailedPreconditionError(
                 f"execution {spec.execution_id} already exists", reason="EXECUTION_EXISTS"
             )
@@ -210,8 +324,11 @@ class PoolManager:
         # The worker runs executions beyond its slots in arrival order.
         worker = pool.worker
         pool.active.add(spec.execution_id)
-        self._exec_pool[spec.execution_id] = pool
-        return Execution(self, spec, pool, worker, worker.submit(spec.execution_id, _job(spec)))
+        execution = Execution(
+            self, spec, pool, worker, worker.submit(spec.execution_id, _job(spec))
+        )
+        self._executions[spec.execution_id] = execution
+        return execution
 
     def _forget(self, execution: Execution, finished: bool) -> None:
         """Drops an execution's bookkeeping; cancels it in the worker unless it finished."""
@@ -220,101 +337,441 @@ class PoolManager:
             execution.worker.cancel(spec.execution_id)
         execution.worker.forget(spec.execution_id)
         execution.pool.active.discard(spec.execution_id)
-        self._exec_pool.pop(spec.execution_id, None)
+        self._executions.pop(spec.execution_id, None)
 
     def cancel(self, execution_id: str) -> bool:
         """Stops an execution; its stream ends CANCELLED. False when it is not running."""
-        pool = self._exec_pool.get(execution_id)
-        if pool is None or pool.worker is None:
+        execution = self._executions.get(execution_id)
+        if execution is None:
             return False
-        pool.worker.cancel(execution_id)
+        execution.worker.cancel(execution_id)
         return True
 
-    async def _supervise(self, pool: Pool) -> None:
-        failures = 0
-        backoff = _BACKOFF_INITIAL_S
-        pool_log = {"pool_id": pool.settings.pool_id, "node_id": self.node_id}
-        while not self._stopping:
-            pool.state = PoolState.LOADING
-            await self._changed()
-            started = time.monotonic()
+    # ----- lifecycle --------------------------------------------------------------------------
+
+    async def preload(self, pool_id: str, model_id: str = "") -> Pool:
+        """Loads a model on an UNLOADED or FAILED pool (resetting its breaker); waits until it
+        is READY. A READY pool that holds the model already is left as it is.
+
+        Raises:
+            FailedPreconditionError: the pool holds another model or is busy changing state, or
+                the load failed or was refused (VRAM); the message says why.
+        """
+        pool = self.pool(pool_id)
+        async with pool.lock:
+            wanted = model_id or pool.model_id
+            if pool.state is PoolState.READY and pool.model_id == wanted:
+                return pool
+            if pool.state not in (PoolState.UNLOADED, PoolState.FAILED):
+                raise FailedPreconditionError(
+                    f"pool {pool_id} is {pool.state.value} with {pool.model_id}; "
+                    "use ReloadPool to change its model",
+                    reason="POOL_BUSY",
+                )
+            await self._stop_supervisor(pool)
+            pool.crash_times.clear()
+            pool.breaker_open = False
+            pool.model_id = wanted
             try:
-                path = await self._locate_model(pool.settings.model_id)
-            except UnavailableError as exc:
-                # The catalog is down: not the pool's fault, keep trying without counting.
-                pool.last_error = str(exc)
-                _log.warning("cannot locate the model: %s", exc, extra=pool_log)
-                await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
-                backoff = min(backoff * 2, _BACKOFF_MAX_S)
-                continue
-            except Exception as exc:  # NOT_FOUND, a bad answer: counts as a failed start
-                failures += 1
-                pool.last_error = f"cannot locate model {pool.settings.model_id}: {exc}"
-                _log.error("%s", pool.last_error, extra=pool_log)
-            else:
-                worker = await self._start_worker(pool, path, pool_log)
-                if worker is None:
-                    failures += 1
-                else:
-                    await worker.exited.wait()
-                    pool.worker = None
-                    if self._stopping:
-                        break
-                    if time.monotonic() - started > 60:  # it ran a while: a fresh start
-                        failures, backoff = 0, _BACKOFF_INITIAL_S
-                    failures += 1
-                    pool.last_error = "worker exited unexpectedly"
-                    _log.error("worker died; restarting", extra={**pool_log, "pid": worker.pid})
-            if failures >= _MAX_CONSECUTIVE_FAILURES:
-                pool.state = PoolState.FAILED
-                pool.last_error = f"{failures} consecutive failures; last: {pool.last_error}"
-                _log.error("pool gave up: %s", pool.last_error, extra=pool_log)
+                await self._bring_up(pool)
+            except LoadError as exc:
+                await self._fail(pool, str(exc))
+                raise exc.to_error() from None
+            return pool
+
+    async def drain(self, pool_id: str, deadline_s: float | None = None) -> DrainReport:
+        """Drains a pool and unloads it: new work is refused at once, in-flight work gets until
+        the deadline, what is left then ends UNAVAILABLE (retriable, reason POOL_DRAINED). The
+        model stays staged in RAM, so a later preload is quick."""
+        pool = self.pool(pool_id)
+        async with pool.lock:
+            report = await self._halt(pool, self._deadline(deadline_s))
+            pool.state = PoolState.UNLOADED
+            await self._changed()
+            return report
+
+    async def reload(
+        self, pool_id: str, model_id: str, deadline_s: float | None = None
+    ) -> DrainReport:
+        """Drain → load ``model_id`` → health check → READY; on failure rolls back to the
+        previous model.
+
+        Raises:
+            FailedPreconditionError: the new model failed (reason RELOAD_ROLLED_BACK: the pool
+                serves the previous model again; RELOAD_FAILED: the rollback failed too and the
+                pool is FAILED). The message says why.
+        """
+        pool = self.pool(pool_id)
+        async with pool.lock:
+            previous = pool.model_id
+            had_model = pool.state in (PoolState.READY, PoolState.DRAINING, PoolState.LOADING)
+            report = await self._halt(pool, self._deadline(deadline_s))
+            pool.model_id = model_id
+            pool.crash_times.clear()
+            pool.breaker_open = False
+            try:
+                await self._bring_up(pool)
+            except LoadError as exc:
+                failure = f"reload of pool {pool_id} to {model_id} failed: {exc}"
+                _log.error("%s", failure, extra={"pool_id": pool_id, "node_id": self.node_id})
+                pool.model_id = previous
+                if not had_model:
+                    await self._fail(pool, failure)
+                    raise FailedPreconditionError(failure, reason="RELOAD_FAILED") from None
+                try:
+                    await self._bring_up(pool)
+                except LoadError as rollback:
+                    await self._fail(pool, f"{failure}; rollback to {previous} failed: {rollback}")
+                    raise FailedPreconditionError(pool.last_error, reason="RELOAD_FAILED") from None
+                pool.last_error = f"{failure}; rolled back to {previous}"
                 await self._changed()
+                raise FailedPreconditionError(
+                    pool.last_error, reason="RELOAD_ROLLED_BACK"
+                ) from None
+            return report
+
+    async def stage(self, model_id: str) -> None:
+        """Copies a model into the RAM staging cache.
+
+        Raises:
+            FailedPreconditionError: staging is off.
+            ResourceExhaustedError: it does not fit the budget beside the models in use.
+        """
+        if self.staging is None:
+            raise FailedPreconditionError(
+                "staging is off on this node (staging_budget_bytes = 0)", reason="STAGING_OFF"
+            )
+        path = Path(await self._locate_model(model_id))
+        await self.staging.stage(model_id, path)
+        await self._changed()
+
+    async def unstage(self, model_id: str) -> bool:
+        """Removes a model from RAM; False when it was not staged.
+
+        Raises:
+            FailedPreconditionError: a pool has it loaded or is loading it.
+        """
+        if self.staging is None:
+            return False
+        removed = self.staging.unstage(model_id)
+        await self._changed()
+        return removed
+
+    def model_in_use(self, model_id: str) -> bool:
+        """Whether a pool has the model loaded or is loading it."""
+        return any(
+            p.model_id == model_id and (p.worker is not None or p.state is PoolState.LOADING)
+            for p in self.pools.values()
+        )
+
+    def _deadline(self, deadline_s: float | None) -> float:
+        return self._settings.drain_deadline_s if deadline_s is None else deadline_s
+
+    async def _halt(self, pool: Pool, deadline_s: float) -> DrainReport:
+        """Refuses new work, lets in-flight work finish until the deadline, ends the rest
+        retriably, and stops the worker. Leaves the state to the caller."""
+        pool_log = {"pool_id": pool.pool_id, "node_id": self.node_id}
+        await self._stop_supervisor(pool)
+        pool.state = PoolState.DRAINING
+        await self._changed()
+        in_flight = len(pool.active)
+        _log.info("draining", extra={**pool_log, "in_flight": in_flight, "deadline_s": deadline_s})
+        end = time.monotonic() + deadline_s
+        while pool.active and time.monotonic() < end:
+            await self.wait_change(self.version, end - time.monotonic())
+        left = [e for e in self._executions.values() if e.pool is pool]
+        for execution in left:
+            execution.interrupt(
+                UnavailableError(
+                    f"pool {pool.pool_id} was drained before execution "
+                    f"{execution.spec.execution_id} finished",
+                    reason="POOL_DRAINED",
+                    retry_delay_s=1.0,
+                )
+            )
+        worker, pool.worker = pool.worker, None
+        if worker is not None:
+            await worker.stop(self._settings.stop_grace_s)
+        report = DrainReport(finished=in_flight - len(left), cancelled=len(left))
+        _log.info(
+            "drained",
+            extra={**pool_log, "finished": report.finished, "cancelled": report.cancelled},
+        )
+        return report
+
+    async def _stop_supervisor(self, pool: Pool) -> None:
+        task, pool.supervisor = pool.supervisor, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _bring_up(self, pool: Pool) -> None:
+        """Loads ``pool.model_id`` (raising LoadError), marks the pool READY and supervises it."""
+        pool.state = PoolState.LOADING
+        await self._changed()
+        worker = await self._load(pool)
+        await self._ready(pool, worker)
+        pool.supervisor = self._spawn_supervisor(pool, worker)
+
+    async def _fail(self, pool: Pool, reason: str) -> None:
+        pool.state = PoolState.FAILED
+        pool.last_error = reason
+        _log.error("pool failed: %s", reason, extra={"pool_id": pool.pool_id})
+        await self._changed()
+
+    def _spawn_supervisor(self, pool: Pool, worker: WorkerProcess | None) -> asyncio.Task[None]:
+        return asyncio.create_task(self._supervise(pool, worker), name=f"pool-{pool.pool_id}")
+
+    async def _supervise(self, pool: Pool, worker: WorkerProcess | None) -> None:
+        """Keeps the pool's model running; restarts a crashed worker with backoff and jitter
+        until the breaker opens. Cancelled by every lifecycle operation."""
+        settings = self._settings
+        backoff = settings.restart_backoff_s
+        pool_log = {"pool_id": pool.pool_id, "node_id": self.node_id}
+        while not self._stopping:
+            if worker is None:
+                pool.state = PoolState.LOADING
+                await self._changed()
+                try:
+                    worker = await self._load(pool)
+                except LoadError as exc:
+                    if exc.reason == "CATALOG_UNAVAILABLE":  # not the pool's fault: no count
+                        pool.last_error = str(exc)
+                        _log.warning("%s; retrying", exc, extra=pool_log)
+                    elif exc.permanent or self._crashed(pool, f"start failed: {exc}"):
+                        await self._fail(pool, pool.last_error if not exc.permanent else str(exc))
+                        return
+                    await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
+                    backoff = min(backoff * 2, settings.restart_backoff_max_s)
+                    continue
+                await self._ready(pool, worker)
+            started = time.monotonic()
+            await worker.exited.wait()
+            pool.worker = None
+            if self._stopping:
                 return
+            if time.monotonic() - started > settings.breaker_window_s:
+                backoff = settings.restart_backoff_s  # it ran a long while: a fresh start
+            returncode = worker.returncode
+            _log.error(
+                "worker died; restarting",
+                extra={**pool_log, "pid": worker.pid, "returncode": returncode},
+            )
+            if self._crashed(pool, f"worker {worker.pid} exited with code {returncode}"):
+                await self._fail(pool, pool.last_error)
+                return
+            worker = None
             pool.state = PoolState.LOADING
             await self._changed()
             await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
-            backoff = min(backoff * 2, _BACKOFF_MAX_S)
-        pool.state = PoolState.UNLOADED
+            backoff = min(backoff * 2, settings.restart_backoff_max_s)
 
-    async def _start_worker(
-        self, pool: Pool, path: str, pool_log: dict[str, str]
-    ) -> WorkerProcess | None:
-        """Starts the pool's worker and marks the pool READY; None when the start failed."""
-        started = time.monotonic()
-        gpus = [] if pool.settings.devices == ["cpu"] else pool.settings.devices
-        try:
-            worker = await WorkerProcess.spawn(
-                path,
-                n_ctx=pool.settings.n_ctx,
-                n_threads=pool.settings.n_threads,
-                gpu_devices=gpus,
-                env=self._base_env,
-                start_timeout_s=self._settings.worker_start_timeout_s,
-                log_level=self._log_level,
-                token_batch_ms=pool.settings.token_batch_ms,
+    def _crashed(self, pool: Pool, what: str) -> bool:
+        """Counts a crash; True when the breaker opens (last_error then says why)."""
+        now = time.monotonic()
+        pool.restarts += 1
+        pool.crash_times.append(now)
+        window = self._settings.breaker_window_s
+        while pool.crash_times and pool.crash_times[0] < now - window:
+            pool.crash_times.popleft()
+        pool.last_error = what
+        if len(pool.crash_times) >= self._settings.breaker_crashes:
+            pool.breaker_open = True
+            pool.last_error = (
+                f"circuit breaker open: {len(pool.crash_times)} crashes within {window:g}s; "
+                f"last: {what}; PreloadPool or ReloadPool resets it"
             )
-        except (WorkerStartError, OSError) as exc:
-            pool.last_error = str(exc)
-            _log.error("pool failed to start: %s", exc, extra=pool_log)
-            return None
+            return True
+        return False
+
+    async def _ready(self, pool: Pool, worker: WorkerProcess) -> None:
         pool.worker = worker
         pool.engine_version = worker.ready.engine_version
         pool.n_ctx = worker.ready.n_ctx
-        pool.last_error = ""
+        if not pool.breaker_open and not pool.last_error.startswith("reload"):
+            pool.last_error = ""
         pool.state = PoolState.READY
         _log.info(
             "pool ready",
             extra={
-                **pool_log,
+                "pool_id": pool.pool_id,
+                "node_id": self.node_id,
                 "pid": worker.pid,
-                "model_id": pool.settings.model_id,
-                "load_ms": round(worker.ready.load_ms, 1),
-                "start_ms": round((time.monotonic() - started) * 1000, 1),
+                "model_id": pool.model_id,
+                "load_ms": round(pool.load_ms, 1),
+                "loaded_from": pool.loaded_from,
+                "vram_estimate_bytes": pool.vram_estimate_bytes,
+                "vram_measured_bytes": pool.vram_measured_bytes,
             },
         )
         await self._changed()
+
+    async def _load(self, pool: Pool) -> WorkerProcess:
+        """Starts a worker for ``pool.model_id``: locate, VRAM check, spawn (from the staged
+        copy when there is one), health check, VRAM measurement.
+
+        Raises:
+            LoadError: why it failed, and whether a retry could help.
+        """
+        started = time.monotonic()
+        model_id = pool.model_id
+        try:
+            disk_path = Path(await self._locate_model(model_id))
+        except UnavailableError as exc:
+            raise LoadError(
+                f"the catalog cannot be reached: {exc.message}",
+                reason="CATALOG_UNAVAILABLE",
+                permanent=False,
+            ) from None
+        except LlorchError as exc:
+            raise LoadError(
+                f"cannot locate model {model_id}: {exc.message}",
+                reason="MODEL_NOT_LOCATED",
+                permanent=False,
+            ) from None
+        gpus: list[GpuDevice] = []
+        split: list[float] | None = None
+        if not pool.cpu_only:
+            _, gpus = await self._check_vram(pool, model_id, disk_path)
+            free = sum(d.vram_free_bytes for d in gpus)
+            split = [d.vram_free_bytes / free for d in gpus]
+        else:
+            pool.vram_estimate_bytes = 0
+        staged = self.staging.lookup(model_id) if self.staging is not None else None
+        path = staged or disk_path
+        try:
+            worker = await WorkerProcess.spawn(
+                str(path),
+                n_ctx=pool.settings.n_ctx,
+                n_threads=pool.settings.n_threads,
+                gpu_devices=[] if pool.cpu_only else pool.settings.devices,
+                env=self._base_env,
+                start_timeout_s=self._settings.worker_start_timeout_s,
+                log_level=self._log_level,
+                token_batch_ms=pool.settings.token_batch_ms,
+                tensor_split=split,
+                cache_type=pool.settings.cache_type,
+            )
+        except WorkerStartError as exc:
+            raise LoadError(
+                str(exc),
+                reason="VRAM_ONLY_REFUSED" if exc.refused else "LOAD_FAILED",
+                permanent=exc.refused,
+            ) from None
+        except OSError as exc:
+            raise LoadError(
+                f"cannot start a worker: {exc}", reason="LOAD_FAILED", permanent=False
+            ) from None
+        problem = await self._health_check(worker)
+        if problem:
+            await worker.stop(self._settings.stop_grace_s)
+            raise LoadError(
+                f"model {model_id} failed its health check: {problem}",
+                reason="HEALTH_CHECK_FAILED",
+                permanent=False,
+            )
+        pool.vram_measured_bytes = sum(
+            self.inventory.process_vram_bytes(d.index, worker.pid) or 0 for d in gpus
+        )
+        pool.load_ms = (time.monotonic() - started) * 1000
+        pool.loaded_from = "staging" if staged else "disk"
+        if staged is None and self.staging is not None and self._settings.auto_stage:
+            self._in_background(self._auto_stage(model_id, disk_path))
         return worker
+
+    async def _check_vram(
+        self, pool: Pool, model_id: str, path: Path
+    ) -> tuple[VramEstimate, list[GpuDevice]]:
+        """The VRAM-only rule, before any load: the whole model must fit the pool's GPUs."""
+        if not self.inventory.available:
+            raise LoadError(
+                f"pool {pool.pool_id} is configured on GPUs {pool.settings.devices}, but "
+                f"{self.inventory.unavailable_reason or 'NVML is not open'}",
+                reason="NO_GPU",
+                permanent=True,
+            )
+        gpus = []
+        for index in pool.settings.devices:
+            device = self.inventory.device(int(index))
+            if device is None:
+                raise LoadError(
+                    f"GPU {index} of pool {pool.pool_id} is not present (NVML)",
+                    reason="GPU_MISSING",
+                    permanent=True,
+                )
+            gpus.append(device)
+        try:
+            shape = await asyncio.to_thread(read_model_shape, path)
+        except NotAGgufError as exc:
+            raise LoadError(str(exc), reason="LOAD_FAILED", permanent=True) from None
+        estimate = estimate_vram(
+            shape,
+            n_ctx=pool.settings.n_ctx,
+            slots=pool.settings.slots,
+            cache_type=pool.settings.cache_type,
+            n_devices=len(gpus),
+            overhead_bytes_per_device=self._settings.vram_overhead_bytes,
+        )
+        pool.vram_estimate_bytes = estimate.total_bytes
+        free = sum(d.vram_free_bytes for d in gpus)
+        if estimate.total_bytes > free:
+            raise LoadError(
+                f"model {model_id} needs {estimate.total_bytes} bytes of VRAM (weights "
+                f"{estimate.weights_bytes}, KV cache {estimate.kv_bytes}, compute "
+                f"{estimate.compute_bytes}, overhead {estimate.overhead_bytes}) but GPUs "
+                f"{','.join(pool.settings.devices)} of pool {pool.pool_id} have {free} bytes "
+                "free; not loaded (VRAM-only: never split between VRAM and RAM)",
+                reason="VRAM_INSUFFICIENT",
+                permanent=True,
+            )
+        return estimate, gpus
+
+    async def _health_check(self, worker: WorkerProcess) -> str:
+        """Generates one token; returns the problem, empty when healthy."""
+        exec_id = f"health-{worker.pid}-{time.monotonic_ns()}"
+        events = worker.submit(
+            exec_id,
+            {
+                "prompt": _HEALTH_PROMPT,
+                "max_tokens": 1,
+                "temperature": 0.0,
+                "top_p": 1.0,
+                "top_k": 0,
+                "seed": 0,
+                "stop": [],
+                "ignore_eos": True,
+            },
+        )
+        try:
+            async with asyncio.timeout(self._settings.health_check_timeout_s):
+                while True:
+                    event = await events.get()
+                    if isinstance(event, WorkerExited):
+                        return f"the worker exited with code {event.returncode}"
+                    if event.get("ev") == "done":
+                        return ""
+                    if event.get("ev") in ("error", "cancelled"):
+                        return str(event.get("message") or event.get("ev"))
+        except TimeoutError:
+            return f"no token within {self._settings.health_check_timeout_s:g}s"
+        finally:
+            worker.forget(exec_id)
+
+    async def _auto_stage(self, model_id: str, path: Path) -> None:
+        assert self.staging is not None
+        try:
+            await self.staging.stage(model_id, path)
+        except LlorchError as exc:
+            _log.info("not staged automatically: %s", exc.message)
+        except OSError as exc:
+            _log.warning("staging %s failed: %s", model_id, exc)
+        await self._changed()
+
+    def _in_background(self, coro: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _changed(self) -> None:
         self.version += 1
@@ -330,8 +787,18 @@ class PoolManager:
         # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
         # that arrives as the event fires, and a watcher cancelled that way never stops.
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout_s):
+            async with asyncio.timeout(max(0.0, timeout_s)):
                 await self._change.wait()
+
+
+def _default_staging_dir(node_id: str) -> Path:
+    """``/dev/shm/llorch-staging-<node>-<pid>``: one per process, so pool managers sharing a
+    machine (tests, several nodes on one host) never share a cache; dirs of dead processes are
+    removed at start."""
+    shm = Path("/dev/shm")
+    base = shm if shm.is_dir() else Path(tempfile.gettempdir())
+    remove_stale_dirs(base, f"llorch-staging-{node_id}-")
+    return base / f"llorch-staging-{node_id}-{os.getpid()}"
 
 
 class Execution:
@@ -343,7 +810,7 @@ class Execution:
         spec: ExecutionSpec,
         pool: Pool,
         worker: WorkerProcess,
-        queue: asyncio.Queue[dict[str, Any] | WorkerExited],
+        queue: asyncio.Queue[Any],
     ) -> None:
         self._manager = manager
         self.spec = spec
@@ -398,6 +865,11 @@ class Execution:
             self._manager._forget(self, finished)
             await self._manager._changed()
 
+    def interrupt(self, error: LlorchError) -> None:
+        """Ends the execution's events with ``error`` (after what is already queued)."""
+        self._queue.put_nowait(_Interrupted(error))
+        self.worker.cancel(self.spec.execution_id)
+
     def abandon(self) -> None:
         """Cancels an execution whose events will never be read (no-op once reading began)."""
         if not self._read:
@@ -420,7 +892,9 @@ def _job(spec: ExecutionSpec) -> dict[str, Any]:
     }
 
 
-def _convert(raw: dict[str, Any] | WorkerExited, spec: ExecutionSpec) -> ExecEvent | None:
+def _convert(raw: Any, spec: ExecutionSpec) -> ExecEvent | None:
+    if isinstance(raw, _Interrupted):
+        raise raw.error
     if isinstance(raw, WorkerExited):
         raise UnavailableError(
             f"worker of pool {spec.pool_id} exited (code {raw.returncode}) during the execution",

@@ -19,6 +19,7 @@ from poolmanager.manager import (
     ExecTokens,
     Execution,
     ExecutionSpec,
+    Pool,
     PoolManager,
     PoolState,
 )
@@ -83,6 +84,54 @@ class PoolManagerServicer(poolmanager_pb2_grpc.PoolManagerServiceServicer):
             yield poolmanager_pb2.WatchNodeResponse(node=node_to_pb(self._manager), version=version)
             await self._manager.wait_change(version, heartbeat_s)
 
+    async def PreloadPool(
+        self, request: poolmanager_pb2.PreloadPoolRequest, context: grpc.aio.ServicerContext
+    ) -> poolmanager_pb2.PreloadPoolResponse:
+        check_name(request.pool_id, "pool_id")
+        if request.model_id:
+            check_name(request.model_id, "model_id")
+        pool = await self._manager.preload(request.pool_id, request.model_id)
+        return poolmanager_pb2.PreloadPoolResponse(pool=pool_to_pb(self._manager, pool))
+
+    async def DrainPool(
+        self, request: poolmanager_pb2.DrainPoolRequest, context: grpc.aio.ServicerContext
+    ) -> poolmanager_pb2.DrainPoolResponse:
+        check_name(request.pool_id, "pool_id")
+        report = await self._manager.drain(request.pool_id, _deadline_s(request))
+        return poolmanager_pb2.DrainPoolResponse(
+            pool=pool_to_pb(self._manager, self._manager.pool(request.pool_id)),
+            finished=report.finished,
+            cancelled=report.cancelled,
+        )
+
+    async def ReloadPool(
+        self, request: poolmanager_pb2.ReloadPoolRequest, context: grpc.aio.ServicerContext
+    ) -> poolmanager_pb2.ReloadPoolResponse:
+        check_name(request.pool_id, "pool_id")
+        check_name(request.model_id, "model_id")
+        report = await self._manager.reload(request.pool_id, request.model_id, _deadline_s(request))
+        return poolmanager_pb2.ReloadPoolResponse(
+            pool=pool_to_pb(self._manager, self._manager.pool(request.pool_id)),
+            finished=report.finished,
+            cancelled=report.cancelled,
+        )
+
+    async def StageModel(
+        self, request: poolmanager_pb2.StageModelRequest, context: grpc.aio.ServicerContext
+    ) -> poolmanager_pb2.StageModelResponse:
+        check_name(request.model_id, "model_id")
+        await self._manager.stage(request.model_id)
+        return poolmanager_pb2.StageModelResponse(staging=staging_to_pb(self._manager))
+
+    async def UnstageModel(
+        self, request: poolmanager_pb2.UnstageModelRequest, context: grpc.aio.ServicerContext
+    ) -> poolmanager_pb2.UnstageModelResponse:
+        check_name(request.model_id, "model_id")
+        removed = await self._manager.unstage(request.model_id)
+        return poolmanager_pb2.UnstageModelResponse(
+            removed=removed, staging=staging_to_pb(self._manager)
+        )
+
     async def CancelExecution(
         self, request: poolmanager_pb2.CancelExecutionRequest, context: grpc.aio.ServicerContext
     ) -> poolmanager_pb2.CancelExecutionResponse:
@@ -97,21 +146,72 @@ def node_to_pb(manager: PoolManager) -> poolmanager_pb2.Node:
     """The node's state as protobuf."""
     return poolmanager_pb2.Node(
         node_id=manager.node_id,
-        pools=[
-            poolmanager_pb2.Pool(
-                pool_id=p.settings.pool_id,
-                state=_STATE_TO_PB[p.state],
-                model_id=p.settings.model_id,
-                engine_version=p.engine_version,
-                devices=p.settings.devices,
-                slots_total=p.settings.slots,
-                slots_free=p.slots_free,
-                n_ctx=p.n_ctx,
-                last_error=p.last_error,
+        pools=[pool_to_pb(manager, p) for p in manager.pools.values()],
+        gpus=[
+            poolmanager_pb2.Gpu(
+                index=d.index,
+                uuid=d.uuid,
+                name=d.name,
+                vram_total_bytes=d.vram_total_bytes,
+                vram_free_bytes=d.vram_free_bytes,
+                vram_used_bytes=d.vram_used_bytes,
+                utilization_pct=d.utilization_pct,
+                compute_capability=d.compute_capability,
             )
-            for p in manager.pools.values()
+            for d in manager.inventory.devices()
+        ],
+        gpu_status=manager.inventory.unavailable_reason,
+        staging=staging_to_pb(manager),
+    )
+
+
+def pool_to_pb(manager: PoolManager, p: Pool) -> poolmanager_pb2.Pool:
+    """One pool's state as protobuf."""
+    return poolmanager_pb2.Pool(
+        pool_id=p.pool_id,
+        state=_STATE_TO_PB[p.state],
+        model_id=p.model_id,
+        engine_version=p.engine_version,
+        devices=p.settings.devices,
+        slots_total=p.settings.slots,
+        slots_free=p.slots_free,
+        n_ctx=p.n_ctx,
+        last_error=p.last_error,
+        cpu_only=p.cpu_only,
+        vram_estimate_bytes=p.vram_estimate_bytes,
+        vram_measured_bytes=p.vram_measured_bytes,
+        load_ms=p.load_ms,
+        loaded_from=p.loaded_from,
+        restarts=p.restarts,
+        breaker_open=p.breaker_open,
+    )
+
+
+def staging_to_pb(manager: PoolManager) -> poolmanager_pb2.Staging:
+    """The RAM staging cache as protobuf."""
+    cache = manager.staging
+    if cache is None:
+        return poolmanager_pb2.Staging()
+    return poolmanager_pb2.Staging(
+        budget_bytes=cache.budget_bytes,
+        staged_bytes=cache.staged_bytes,
+        hits=cache.hits,
+        misses=cache.misses,
+        models=[
+            poolmanager_pb2.StagedModel(
+                model_id=m.model_id,
+                size_bytes=m.size_bytes,
+                in_use=manager.model_in_use(m.model_id),
+            )
+            for m in cache.models()
         ],
     )
+
+
+def _deadline_s(
+    request: poolmanager_pb2.DrainPoolRequest | poolmanager_pb2.ReloadPoolRequest,
+) -> float | None:
+    return request.deadline_ms / 1000 if request.HasField("deadline_ms") else None
 
 
 def _spec_from_pb(request: poolmanager_pb2.ExecuteRequest) -> ExecutionSpec:

@@ -35,6 +35,7 @@ import argparse
 import codecs
 import json
 import os
+import re
 import select
 import sys
 import threading
@@ -413,12 +414,78 @@ def engine_version() -> str:
     return f"llama-cpp-python/{llama_cpp.__version__}"
 
 
+# ggml type ids of the KV cache types (ggml.h).
+_CACHE_TYPES = {
+    "f32": 0,
+    "f16": 1,
+    "q4_0": 2,
+    "q4_1": 3,
+    "q5_0": 6,
+    "q5_1": 7,
+    "q8_0": 8,
+    "bf16": 30,
+}
+_LAYER_DEVICE = re.compile(r"layer\s+(\d+) assigned to device (\S+?),")
+
+
+class _EngineLog:
+    """Collects llama.cpp's log lines while the model loads (they say where each layer went),
+    then keeps only warnings and errors. The callback object must outlive the engine: llama.cpp
+    calls it until the process ends, and a freed callback crashes the process at exit."""
+
+    def __init__(self) -> None:
+        import llama_cpp
+
+        self.loading = True
+        self.lines: list[str] = []
+
+        @llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
+        def callback(level: int, text: bytes, user_data: Any) -> None:
+            if self.loading:
+                self.lines.append(text.decode("utf-8", "replace"))
+            elif level in (2, 3):  # GGML_LOG_LEVEL_WARN, _ERROR
+                sys.stderr.write(text.decode("utf-8", "replace"))
+
+        self._callback = callback
+        llama_cpp.llama_log_set(callback, None)
+
+    def cpu_layers(self) -> list[int]:
+        """Layers llama.cpp placed on the CPU (a GPU pool must have none)."""
+        text = "".join(self.lines)
+        return [int(m[1]) for m in _LAYER_DEVICE.finditer(text) if m[2].startswith("CPU")]
+
+
+_ENGINE_LOG: list[_EngineLog] = []  # kept alive until the process exits
+
+
+def _gpu_refusal(engine_log: _EngineLog) -> str:
+    """Why a model loaded for a GPU pool breaks the VRAM-only rule; empty when it does not."""
+    import llama_cpp
+
+    if not llama_cpp.llama_supports_gpu_offload():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "<unset>")
+        return (
+            "llama.cpp has no GPU to offload to: either this llama-cpp-python was built without "
+            "GPU offload (a GPU pool needs a CUDA build: docs/operators.md, 'Building the engine "
+            f"with CUDA') or no GPU is visible to the worker (CUDA_VISIBLE_DEVICES={visible!r})"
+        )
+    cpu = engine_log.cpu_layers()
+    if cpu:
+        return (
+            f"llama.cpp placed layers {cpu} on the CPU; a GPU pool runs wholly in VRAM or not "
+            "at all (are the pool's GPUs visible to the worker?)"
+        )
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="poolmanager.worker")
     parser.add_argument("--model", required=True)
     parser.add_argument("--n-ctx", type=int, default=0)
     parser.add_argument("--n-threads", type=int, default=0)
     parser.add_argument("--gpu", action="store_true", help="offload every layer to the GPU")
+    parser.add_argument("--tensor-split", default="", help="shares of the visible GPUs, a,b,...")
+    parser.add_argument("--cache-type", choices=list(_CACHE_TYPES), default="f16")
     parser.add_argument("--log-level", choices=list(_LEVELS), default="INFO")
     parser.add_argument("--token-batch-ms", type=float, default=4.0)
     args = parser.parse_args(argv)
@@ -433,6 +500,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import llama_cpp
 
+        engine_log = _EngineLog()
+        _ENGINE_LOG.append(engine_log)
+        split = [float(x) for x in args.tensor_split.split(",")] if args.tensor_split else None
+        cache_type = _CACHE_TYPES[args.cache_type]
         llm = llama_cpp.Llama(
             model_path=args.model,
             n_ctx=args.n_ctx,
@@ -441,10 +512,19 @@ def main(argv: list[str] | None = None) -> int:
             # the machine (the pool manager, other pools) is using.
             n_threads_batch=args.n_threads or None,
             n_gpu_layers=-1 if args.gpu else 0,
+            tensor_split=split,
+            type_k=cache_type,
+            type_v=cache_type,
             verbose=False,
         )
+        engine_log.loading = False
     except (ValueError, RuntimeError, OSError) as exc:
         out.send({"ev": "load_failed", "message": f"cannot load {args.model}: {exc}"})
+        out.close()
+        return 3
+    refusal = _gpu_refusal(engine_log) if args.gpu else ""
+    if refusal:
+        out.send({"ev": "load_failed", "message": refusal, "code": "FAILED_PRECONDITION"})
         out.close()
         return 3
     out.send(

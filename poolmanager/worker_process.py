@@ -25,6 +25,11 @@ _LINE_LIMIT = 4 * 1024 * 1024
 class WorkerStartError(Exception):
     """The worker could not load its model or did not become ready in time."""
 
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
+        """The engine refused the model for a reason a restart cannot fix (the VRAM-only rule)."""
+
 
 @dataclass(frozen=True)
 class WorkerReady:
@@ -49,7 +54,7 @@ class WorkerProcess:
     def __init__(self, proc: asyncio.subprocess.Process, ready: WorkerReady) -> None:
         self._proc = proc
         self.ready = ready
-        self._executions: dict[str, asyncio.Queue[dict[str, Any] | WorkerExited]] = {}
+        self._executions: dict[str, asyncio.Queue[Any]] = {}
         self._reader = asyncio.get_running_loop().create_task(self._read_events())
         self.exited = asyncio.Event()
 
@@ -57,6 +62,11 @@ class WorkerProcess:
     def pid(self) -> int:
         """Process id."""
         return self._proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        """Exit code once the process ended (negative: the signal that ended it)."""
+        return self._proc.returncode
 
     @classmethod
     async def spawn(
@@ -70,6 +80,8 @@ class WorkerProcess:
         start_timeout_s: float,
         log_level: str = "INFO",
         token_batch_ms: float = 4.0,
+        tensor_split: list[float] | None = None,
+        cache_type: str = "f16",
     ) -> WorkerProcess:
         """Starts a worker and waits until its model is loaded.
 
@@ -93,9 +105,13 @@ class WorkerProcess:
             log_level,
             "--token-batch-ms",
             str(token_batch_ms),
+            "--cache-type",
+            cache_type,
         ]
         if gpu_devices:
             args.append("--gpu")
+        if tensor_split and len(tensor_split) > 1:
+            args += ["--tensor-split", ",".join(f"{share:.4f}" for share in tensor_split)]
         proc = await asyncio.create_subprocess_exec(
             *args,
             stdin=asyncio.subprocess.PIPE,
@@ -125,7 +141,10 @@ class WorkerProcess:
             raise WorkerStartError(f"worker sent a malformed first line: {line[:200]!r}") from None
         if event.get("ev") != "ready":
             await proc.wait()
-            raise WorkerStartError(str(event.get("message") or f"unexpected event {event}"))
+            raise WorkerStartError(
+                str(event.get("message") or f"unexpected event {event}"),
+                refused=event.get("code") == "FAILED_PRECONDITION",
+            )
         ready = WorkerReady(
             engine_version=str(event["engine_version"]),
             n_ctx=int(event["n_ctx"]),
@@ -134,11 +153,10 @@ class WorkerProcess:
         )
         return cls(proc, ready)
 
-    def submit(
-        self, exec_id: str, job: dict[str, Any]
-    ) -> asyncio.Queue[dict[str, Any] | WorkerExited]:
-        """Sends an execution; its events arrive on the returned queue."""
-        events: asyncio.Queue[dict[str, Any] | WorkerExited] = asyncio.Queue()
+    def submit(self, exec_id: str, job: dict[str, Any]) -> asyncio.Queue[Any]:
+        """Sends an execution; its events (dicts, then maybe a WorkerExited) arrive on the
+        returned queue."""
+        events: asyncio.Queue[Any] = asyncio.Queue()
         if self.exited.is_set():
             events.put_nowait(WorkerExited(self._proc.returncode))
             return events

@@ -65,6 +65,20 @@ class TinyModelSpec:
             name="bench-170m",
         )
 
+    @classmethod
+    def reload_bench(cls) -> TinyModelSpec:
+        """~1 GiB F16 model for the reload benchmark and the GPU check."""
+        return cls(
+            n_layers=12,
+            n_embd=2048,
+            n_ff=4096,
+            n_head=16,
+            n_head_kv=16,
+            dtype="F16",
+            seed=2,
+            name="bench-1g",
+        )
+
 
 def vocabulary() -> tuple[list[bytes], list[float], list[int]]:
     """Tokens, scores and token types of the SPM vocabulary."""

@@ -48,15 +48,65 @@ class WatchNodeResponse(_message.Message):
     def __init__(self, node: _Optional[_Union[Node, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
 
 class Node(_message.Message):
-    __slots__ = ("node_id", "pools")
+    __slots__ = ("node_id", "pools", "gpus", "gpu_status", "staging")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     POOLS_FIELD_NUMBER: _ClassVar[int]
+    GPUS_FIELD_NUMBER: _ClassVar[int]
+    GPU_STATUS_FIELD_NUMBER: _ClassVar[int]
+    STAGING_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     pools: _containers.RepeatedCompositeFieldContainer[Pool]
-    def __init__(self, node_id: _Optional[str] = ..., pools: _Optional[_Iterable[_Union[Pool, _Mapping]]] = ...) -> None: ...
+    gpus: _containers.RepeatedCompositeFieldContainer[Gpu]
+    gpu_status: str
+    staging: Staging
+    def __init__(self, node_id: _Optional[str] = ..., pools: _Optional[_Iterable[_Union[Pool, _Mapping]]] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., gpu_status: _Optional[str] = ..., staging: _Optional[_Union[Staging, _Mapping]] = ...) -> None: ...
+
+class Gpu(_message.Message):
+    __slots__ = ("index", "uuid", "name", "vram_total_bytes", "vram_free_bytes", "vram_used_bytes", "utilization_pct", "compute_capability")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    UUID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VRAM_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    VRAM_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    VRAM_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    UTILIZATION_PCT_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_CAPABILITY_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    uuid: str
+    name: str
+    vram_total_bytes: int
+    vram_free_bytes: int
+    vram_used_bytes: int
+    utilization_pct: int
+    compute_capability: str
+    def __init__(self, index: _Optional[int] = ..., uuid: _Optional[str] = ..., name: _Optional[str] = ..., vram_total_bytes: _Optional[int] = ..., vram_free_bytes: _Optional[int] = ..., vram_used_bytes: _Optional[int] = ..., utilization_pct: _Optional[int] = ..., compute_capability: _Optional[str] = ...) -> None: ...
+
+class Staging(_message.Message):
+    __slots__ = ("budget_bytes", "staged_bytes", "hits", "misses", "models")
+    BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STAGED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    MISSES_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    budget_bytes: int
+    staged_bytes: int
+    hits: int
+    misses: int
+    models: _containers.RepeatedCompositeFieldContainer[StagedModel]
+    def __init__(self, budget_bytes: _Optional[int] = ..., staged_bytes: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., models: _Optional[_Iterable[_Union[StagedModel, _Mapping]]] = ...) -> None: ...
+
+class StagedModel(_message.Message):
+    __slots__ = ("model_id", "size_bytes", "in_use")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    IN_USE_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    size_bytes: int
+    in_use: bool
+    def __init__(self, model_id: _Optional[str] = ..., size_bytes: _Optional[int] = ..., in_use: _Optional[bool] = ...) -> None: ...
 
 class Pool(_message.Message):
-    __slots__ = ("pool_id", "state", "model_id", "engine_version", "devices", "slots_total", "slots_free", "n_ctx", "last_error")
+    __slots__ = ("pool_id", "state", "model_id", "engine_version", "devices", "slots_total", "slots_free", "n_ctx", "last_error", "cpu_only", "vram_estimate_bytes", "vram_measured_bytes", "load_ms", "loaded_from", "restarts", "breaker_open")
     POOL_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +116,13 @@ class Pool(_message.Message):
     SLOTS_FREE_FIELD_NUMBER: _ClassVar[int]
     N_CTX_FIELD_NUMBER: _ClassVar[int]
     LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    CPU_ONLY_FIELD_NUMBER: _ClassVar[int]
+    VRAM_ESTIMATE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    VRAM_MEASURED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LOAD_MS_FIELD_NUMBER: _ClassVar[int]
+    LOADED_FROM_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    BREAKER_OPEN_FIELD_NUMBER: _ClassVar[int]
     pool_id: str
     state: PoolState
     model_id: str
@@ -75,7 +132,92 @@ class Pool(_message.Message):
     slots_free: int
     n_ctx: int
     last_error: str
-    def __init__(self, pool_id: _Optional[str] = ..., state: _Optional[_Union[PoolState, str]] = ..., model_id: _Optional[str] = ..., engine_version: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., slots_total: _Optional[int] = ..., slots_free: _Optional[int] = ..., n_ctx: _Optional[int] = ..., last_error: _Optional[str] = ...) -> None: ...
+    cpu_only: bool
+    vram_estimate_bytes: int
+    vram_measured_bytes: int
+    load_ms: float
+    loaded_from: str
+    restarts: int
+    breaker_open: bool
+    def __init__(self, pool_id: _Optional[str] = ..., state: _Optional[_Union[PoolState, str]] = ..., model_id: _Optional[str] = ..., engine_version: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., slots_total: _Optional[int] = ..., slots_free: _Optional[int] = ..., n_ctx: _Optional[int] = ..., last_error: _Optional[str] = ..., cpu_only: _Optional[bool] = ..., vram_estimate_bytes: _Optional[int] = ..., vram_measured_bytes: _Optional[int] = ..., load_ms: _Optional[float] = ..., loaded_from: _Optional[str] = ..., restarts: _Optional[int] = ..., breaker_open: _Optional[bool] = ...) -> None: ...
+
+class PreloadPoolRequest(_message.Message):
+    __slots__ = ("pool_id", "model_id")
+    POOL_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    pool_id: str
+    model_id: str
+    def __init__(self, pool_id: _Optional[str] = ..., model_id: _Optional[str] = ...) -> None: ...
+
+class PreloadPoolResponse(_message.Message):
+    __slots__ = ("pool",)
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    pool: Pool
+    def __init__(self, pool: _Optional[_Union[Pool, _Mapping]] = ...) -> None: ...
+
+class DrainPoolRequest(_message.Message):
+    __slots__ = ("pool_id", "deadline_ms")
+    POOL_ID_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
+    pool_id: str
+    deadline_ms: int
+    def __init__(self, pool_id: _Optional[str] = ..., deadline_ms: _Optional[int] = ...) -> None: ...
+
+class DrainPoolResponse(_message.Message):
+    __slots__ = ("pool", "finished", "cancelled")
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    pool: Pool
+    finished: int
+    cancelled: int
+    def __init__(self, pool: _Optional[_Union[Pool, _Mapping]] = ..., finished: _Optional[int] = ..., cancelled: _Optional[int] = ...) -> None: ...
+
+class ReloadPoolRequest(_message.Message):
+    __slots__ = ("pool_id", "model_id", "deadline_ms")
+    POOL_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
+    pool_id: str
+    model_id: str
+    deadline_ms: int
+    def __init__(self, pool_id: _Optional[str] = ..., model_id: _Optional[str] = ..., deadline_ms: _Optional[int] = ...) -> None: ...
+
+class ReloadPoolResponse(_message.Message):
+    __slots__ = ("pool", "finished", "cancelled")
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    pool: Pool
+    finished: int
+    cancelled: int
+    def __init__(self, pool: _Optional[_Union[Pool, _Mapping]] = ..., finished: _Optional[int] = ..., cancelled: _Optional[int] = ...) -> None: ...
+
+class StageModelRequest(_message.Message):
+    __slots__ = ("model_id",)
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    def __init__(self, model_id: _Optional[str] = ...) -> None: ...
+
+class StageModelResponse(_message.Message):
+    __slots__ = ("staging",)
+    STAGING_FIELD_NUMBER: _ClassVar[int]
+    staging: Staging
+    def __init__(self, staging: _Optional[_Union[Staging, _Mapping]] = ...) -> None: ...
+
+class UnstageModelRequest(_message.Message):
+    __slots__ = ("model_id",)
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    def __init__(self, model_id: _Optional[str] = ...) -> None: ...
+
+class UnstageModelResponse(_message.Message):
+    __slots__ = ("removed", "staging")
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    STAGING_FIELD_NUMBER: _ClassVar[int]
+    removed: bool
+    staging: Staging
+    def __init__(self, removed: _Optional[bool] = ..., staging: _Optional[_Union[Staging, _Mapping]] = ...) -> None: ...
 
 class ExecuteRequest(_message.Message):
     __slots__ = ("execution_id", "task_id", "pool_id", "model_id", "prompt", "sampling", "max_tokens_defaulted")

@@ -56,6 +56,31 @@ class PoolManagerServiceStub:
                 request_serializer=llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.WatchNodeRequest.SerializeToString,
                 response_deserializer=llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.WatchNodeResponse.FromString,
                 _registered_method=True)
+        self.PreloadPool = channel.unary_unary(
+                '/llorch.poolmanager.v1.PoolManagerService/PreloadPool',
+                request_serializer=llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.PreloadPoolRequest.SerializeToString,
+                response_deserializer=llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.PreloadPoolResponse.FromString,
+                _registered_method=True)
+        self.DrainPool = channel.unary_unary(
+                '/llorch.poolmanager.v1.PoolManagerService/DrainPool',
+                request_serializer=llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.DrainPoolRequest.SerializeToString,
+                response_deserializer=llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.DrainPoolResponse.FromString,
+                _registered_method=True)
+        self.ReloadPool = channel.unary_unary(
+                '/llorch.poolmanager.v1.PoolManagerService/ReloadPool',
+                request_serializer=llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.ReloadPoolRequest.SerializeToString,
+                response_deserializer=llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.ReloadPoolResponse.FromString,
+                _registered_method=True)
+        self.StageModel = channel.unary_unary(
+                '/llorch.poolmanager.v1.PoolManagerService/StageModel',
+                request_serializer=llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.StageModelRequest.SerializeToString,
+                response_deserializer=llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.StageModelResponse.FromString,
+                _registered_method=True)
+        self.UnstageModel = channel.unary_unary(
+                '/llorch.poolmanager.v1.PoolManagerService/UnstageModel',
+                request_serializer=llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.UnstageModelRequest.SerializeToString,
+                response_deserializer=llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.UnstageModelResponse.FromString,
+                _registered_method=True)
 
 
 class PoolManagerServiceServicer:
@@ -94,6 +119,46 @@ class PoolManagerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PreloadPool(self, request, context):
+        """Loads a model on an UNLOADED or FAILED pool (resetting its circuit breaker) and returns once
+        it is READY. A model that does not fit the pool's free VRAM whole is refused with
+        FAILED_PRECONDITION (reason VRAM_INSUFFICIENT) stating the bytes needed and free.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DrainPool(self, request, context):
+        """Drains a pool and unloads it: new work is refused at once, in-flight work may finish until
+        the deadline, and what is left then ends UNAVAILABLE (retriable, reason POOL_DRAINED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReloadPool(self, request, context):
+        """Drains a pool, loads another model, health-checks it and marks the pool READY; when the new
+        model fails, the pool rolls back to the previous one and the call ends FAILED_PRECONDITION
+        (reason RELOAD_ROLLED_BACK, or RELOAD_FAILED when the rollback failed too).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StageModel(self, request, context):
+        """Copies a model into the node's RAM staging cache, so that a load reads RAM, not disk.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnstageModel(self, request, context):
+        """Removes a model from the RAM staging cache; refused while a pool has it loaded.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PoolManagerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -116,6 +181,31 @@ def add_PoolManagerServiceServicer_to_server(servicer, server):
                     servicer.WatchNode,
                     request_deserializer=llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.WatchNodeRequest.FromString,
                     response_serializer=llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.WatchNodeResponse.SerializeToString,
+            ),
+            'PreloadPool': grpc.unary_unary_rpc_method_handler(
+                    servicer.PreloadPool,
+                    request_deserializer=llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.PreloadPoolRequest.FromString,
+                    response_serializer=llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.PreloadPoolResponse.SerializeToString,
+            ),
+            'DrainPool': grpc.unary_unary_rpc_method_handler(
+                    servicer.DrainPool,
+                    request_deserializer=llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.DrainPoolRequest.FromString,
+                    response_serializer=llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.DrainPoolResponse.SerializeToString,
+            ),
+            'ReloadPool': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReloadPool,
+                    request_deserializer=llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.ReloadPoolRequest.FromString,
+                    response_serializer=llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.ReloadPoolResponse.SerializeToString,
+            ),
+            'StageModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.StageModel,
+                    request_deserializer=llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.StageModelRequest.FromString,
+                    response_serializer=llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.StageModelResponse.SerializeToString,
+            ),
+            'UnstageModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnstageModel,
+                    request_deserializer=llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.UnstageModelRequest.FromString,
+                    response_serializer=llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.UnstageModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -228,6 +318,141 @@ class PoolManagerService:
             '/llorch.poolmanager.v1.PoolManagerService/WatchNode',
             llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.WatchNodeRequest.SerializeToString,
             llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.WatchNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PreloadPool(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llorch.poolmanager.v1.PoolManagerService/PreloadPool',
+            llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.PreloadPoolRequest.SerializeToString,
+            llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.PreloadPoolResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DrainPool(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llorch.poolmanager.v1.PoolManagerService/DrainPool',
+            llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.DrainPoolRequest.SerializeToString,
+            llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.DrainPoolResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReloadPool(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llorch.poolmanager.v1.PoolManagerService/ReloadPool',
+            llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.ReloadPoolRequest.SerializeToString,
+            llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.ReloadPoolResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StageModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llorch.poolmanager.v1.PoolManagerService/StageModel',
+            llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.StageModelRequest.SerializeToString,
+            llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.StageModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnstageModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llorch.poolmanager.v1.PoolManagerService/UnstageModel',
+            llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.UnstageModelRequest.SerializeToString,
+            llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.UnstageModelResponse.FromString,
             options,
             channel_credentials,
             insecure,
