@@ -58,6 +58,7 @@ bench: setup
 	$(BIN)/python bench/placement.py
 	$(BIN)/python bench/admission.py
 	$(BIN)/python bench/prediction.py
+	$(BIN)/python bench/reload.py
 
 clean:
 	rm -rf $(VENV) .gen-check .pytest_cache .mypy_cache .ruff_cache
