@@ -663,7 +663,11 @@ class PoolManager:
             raise LoadError(
                 f"cannot start a worker: {exc}", reason="LOAD_FAILED", permanent=False
             ) from None
-        problem = await self._health_check(worker)
+        try:
+            problem = await self._health_check(worker)
+        except BaseException:  # cancelled by a lifecycle operation or shutdown: no orphan
+            worker.kill()
+            raise
         if problem:
             await worker.stop(self._settings.stop_grace_s)
             raise LoadError(
