@@ -145,15 +145,8 @@ def _device_used() -> int:
         return -1
 
 
-def _evict(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def phase_engine() -> None:
+    from bench.reload import evict
     from poolmanager.vram import estimate_vram
     from provisioners.gguf_facts import read_model_shape
 
@@ -184,7 +177,7 @@ def phase_engine() -> None:
     )
     # Load times of the 1 GiB model (a fresh process each: CUDA init included in process_wall_ms).
     timings: dict[str, Any] = {"check": "engine_load_times", "model": "bench-1g"}
-    _evict(paths["1g"])
+    evict(paths["1g"])
     timings["cold_disk"] = _child_load(paths["1g"], 512)
     timings["warm_page_cache"] = _child_load(paths["1g"], 512)
     shm = Path("/dev/shm/llorch-gpu-check-bench-1g.gguf")
