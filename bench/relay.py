@@ -12,6 +12,7 @@ tokens/s for every path and the ratios against direct, then one line of JSON wit
 
   .venv/bin/python bench/relay.py                      # tiny-llama and the ~170 MiB F16 model
   .venv/bin/python bench/relay.py --models tiny --runs 5 --tokens 64   # quick
+  python bench/relay.py --devices 0 --threads 4        # on a GPU: every layer offloaded, both paths
 
 Targets (for ``mesh``, the home profile): TTFT added by the mesh <= 5 ms p50; mesh tokens/s
 >= 0.97x direct on the 170 MiB model and >= 0.8x on tiny-llama (where the engine outruns a
@@ -68,13 +69,19 @@ class Case:
 class Direct:
     """llama-cpp-python in this process, decoding exactly as the worker does."""
 
-    def __init__(self, path: Path, threads: int) -> None:
+    def __init__(self, path: Path, threads: int, devices: list[str]) -> None:
+        import os
+
         import llama_cpp
 
+        gpu = devices != ["cpu"]
+        if gpu:  # the worker sees only its pool's GPUs; so does this process
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
         # The same threads as a pool's worker: n_threads for decoding and for prompts.
         self._llm = llama_cpp.Llama(
             model_path=str(path),
             n_ctx=0,
+            n_gpu_layers=-1 if gpu else 0,
             n_threads=threads,
             n_threads_batch=threads,
             verbose=False,
@@ -137,14 +144,14 @@ async def mesh_run(
 
 
 async def abcba(
-    addresses: dict[str, str], path: Path, case: Case, threads: int
+    addresses: dict[str, str], path: Path, case: Case, threads: int, devices: list[str]
 ) -> dict[str, list[Run]]:
     """Blocks of runs: direct, then each mesh, then the meshes reversed, then direct again.
 
     Each block runs back to back (as a busy server would; two warm-up runs are dropped), and the
     mirrored order cancels a slow drift of the machine's speed between the paths.
     """
-    direct = Direct(path, threads)
+    direct = Direct(path, threads, devices)
     out: dict[str, list[Run]] = {"direct": [], **{name: [] for name in addresses}}
     order = ["direct", *addresses]
     half = max(1, case.runs // 2)
@@ -182,11 +189,15 @@ def summarize(runs: list[Run]) -> dict[str, float]:
 
 
 def start_mesh(
-    data_dir: Path, models: dict[str, Path], threads: int, in_process_link: bool
+    data_dir: Path,
+    models: dict[str, Path],
+    threads: int,
+    devices: list[str],
+    in_process_link: bool,
 ) -> tuple[subprocess.Popen[str], str]:
     """``llorch up`` with one pool per model; returns the process and orchestrator address."""
     pools = [
-        {"pool_id": f"bench-{i}", "model_id": model_id, "n_threads": threads}
+        {"pool_id": f"bench-{i}", "model_id": model_id, "n_threads": threads, "devices": devices}
         for i, model_id in enumerate(models)
     ]
     extra = {k: v for k, v in models.items() if k != "tiny-llama"}
@@ -201,6 +212,9 @@ def main() -> None:
     )
     parser.add_argument("--tokens", type=int, default=0, help="tokens per run (default per model)")
     parser.add_argument("--threads", type=int, default=1, help="engine threads on both paths")
+    parser.add_argument(
+        "--devices", default="cpu", help='"cpu", or GPU indexes such as 0: every layer offloaded'
+    )
     args = parser.parse_args()
 
     all_cases = {
@@ -208,6 +222,7 @@ def main() -> None:
         "170m": Case("170m", "bench-170m", TinyModelSpec.bench(), 8, 64),
     }
     cases = [all_cases[k] for k in args.models.split(",")]
+    devices = args.devices.split(",")
     for case in cases:
         case.runs = args.runs or case.runs
         case.tokens = args.tokens or case.tokens
@@ -222,10 +237,14 @@ def main() -> None:
         try:
             addresses: dict[str, str] = {}
             for name, link in MESHES.items():
-                proc, addresses[name] = start_mesh(tmp_path / name, paths, args.threads, link)
+                proc, addresses[name] = start_mesh(
+                    tmp_path / name, paths, args.threads, devices, link
+                )
                 procs.append(proc)
             for case in cases:
-                runs = asyncio.run(abcba(addresses, paths[case.model_id], case, args.threads))
+                runs = asyncio.run(
+                    abcba(addresses, paths[case.model_id], case, args.threads, devices)
+                )
                 d = summarize(runs["direct"])
                 result: dict[str, object] = {"direct": d}
                 for name in MESHES:
@@ -258,7 +277,7 @@ def main() -> None:
                 f"{model_id:<12} {path:<10} TTFT added p50 {f['ttft_added_p50_ms']:+.2f} ms, "
                 f"tokens/s vs direct {f['tokens_per_s_ratio']:.3f}x"
             )
-    print(json.dumps(results))
+    print(json.dumps({"devices": args.devices, "threads": args.threads, **results}))
 
 
 if __name__ == "__main__":

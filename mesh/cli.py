@@ -5,6 +5,7 @@ llorch serve catalog|poolmanager|orchestrator   run one service (a fleet's proce
 llorch generate --model M "prompt"     stream tokens from the orchestrator
 llorch models list | add NAME PATH     the catalog
 llorch pools list | drain NODE/POOL | resume NODE/POOL   pools, for operators
+llorch pools reload NODE/POOL MODEL | preload MODEL [--pool NODE/POOL]   change what pools hold
 llorch tasks get ID                    one task's state
 """
 
@@ -105,7 +106,20 @@ def _parser() -> argparse.ArgumentParser:
     presume = pools_sub.add_parser("resume", help="put a drained pool back into placement")
     presume.add_argument("pool", help="NODE/POOL")
     presume.set_defaults(run=_cmd_pools, action="resume")
-    for p in (plist, pdrain, presume):
+    preload = pools_sub.add_parser(
+        "reload", help="change a pool's model (drain, load, check; rolls back on failure)"
+    )
+    preload.add_argument("pool", help="NODE/POOL")
+    preload.add_argument("model", help="catalog id of the model to load")
+    preload.add_argument(
+        "--deadline", type=float, help="seconds running work may take (the pool manager's default)"
+    )
+    preload.set_defaults(run=_cmd_pools, action="reload")
+    ppre = pools_sub.add_parser("preload", help="make a model ready before tasks ask for it")
+    ppre.add_argument("model", help="catalog id of the model")
+    ppre.add_argument("--pool", default="", help="NODE/POOL (default: the orchestrator picks)")
+    ppre.set_defaults(run=_cmd_pools, action="preload")
+    for p in (plist, pdrain, presume, preload, ppre):
         p.add_argument("--orchestrator", help="orchestrator address (LLORCH_ORCHESTRATOR)")
 
     tasks = sub.add_parser("tasks", help="tasks")
@@ -168,6 +182,22 @@ def _cmd_pools(args: argparse.Namespace) -> int:
                         control_pb2.ResumePoolRequest(node_id=node_id, pool_id=pool_id)
                     )
                     statuses = [resumed.pool]
+                elif args.action == "reload":
+                    request = control_pb2.ReloadPoolRequest(
+                        node_id=node_id, pool_id=pool_id, model_id=args.model
+                    )
+                    if args.deadline is not None:
+                        request.deadline_ms = round(args.deadline * 1000)
+                    statuses = [(await stub.ReloadPool(request)).pool]
+                elif args.action == "preload":
+                    preloaded = await stub.PreloadModel(
+                        control_pb2.PreloadModelRequest(
+                            model_id=args.model, node_id=node_id, pool_id=pool_id
+                        )
+                    )
+                    statuses = [preloaded.pool]
+                    if preloaded.replaced_model_id:
+                        print(f"replaced {preloaded.replaced_model_id}", file=sys.stderr)
                 else:
                     statuses = list((await stub.ListPools(control_pb2.ListPoolsRequest())).pools)
             except grpc.aio.AioRpcError as err:

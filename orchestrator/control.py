@@ -9,6 +9,7 @@ from llorch.poolmanager.v1 import poolmanager_pb2
 from mesh.errors import InvalidArgumentError, NotFoundError
 from mesh.ids import check_name
 from mesh.server import ServiceBinding
+from orchestrator.placement import PreloadAction
 from orchestrator.service import Orchestrator
 
 SERVICE_NAME = control_pb2.DESCRIPTOR.services_by_name["ControlService"].full_name
@@ -54,6 +55,37 @@ class ControlServicer(control_pb2_grpc.ControlServiceServicer):
         self._orch.resume(node_id, pool_id)
         return control_pb2.ResumePoolResponse(pool=self._status(node_id, pool_id))
 
+    async def ReloadPool(
+        self, request: control_pb2.ReloadPoolRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.ReloadPoolResponse:
+        node_id, pool_id = _pool_ref(request.node_id, request.pool_id)
+        model_id = check_name(request.model_id, "model_id")
+        deadline_s = None
+        if request.HasField("deadline_ms"):
+            if request.deadline_ms > _MAX_DRAIN_DEADLINE_MS:
+                raise InvalidArgumentError("deadline_ms", "must be at most 24 hours")
+            deadline_s = request.deadline_ms / 1000
+        report = await self._orch.reload_pool(node_id, pool_id, model_id, deadline_s)
+        return control_pb2.ReloadPoolResponse(
+            pool=self._status(node_id, pool_id),
+            finished=report.finished,
+            cancelled=report.cancelled,
+        )
+
+    async def PreloadModel(
+        self, request: control_pb2.PreloadModelRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.PreloadModelResponse:
+        model_id = check_name(request.model_id, "model_id")
+        node_id = pool_id = ""
+        if request.node_id or request.pool_id:
+            node_id, pool_id = _pool_ref(request.node_id, request.pool_id)
+        view, action, previous = await self._orch.preload_model(model_id, node_id, pool_id)
+        return control_pb2.PreloadModelResponse(
+            pool=self._status(view.node_id, view.pool_id),
+            replaced_model_id=previous,
+            already_loaded=action is PreloadAction.NONE,
+        )
+
     async def GetCapabilities(
         self, request: control_pb2.GetCapabilitiesRequest, context: grpc.aio.ServicerContext
     ) -> control_pb2.GetCapabilitiesResponse:
@@ -96,6 +128,10 @@ class ControlServicer(control_pb2_grpc.ControlServiceServicer):
                     devices=list(pool.devices),
                     queued=self._orch.queued_count(pool.model_id),
                     last_error=pool.last_error,
+                    vram_estimate_bytes=pool.vram_estimate_bytes,
+                    vram_measured_bytes=pool.vram_measured_bytes,
+                    vram_free_bytes=view.vram_free_bytes if view else 0,
+                    cpu_only=pool.cpu_only,
                 )
             )
         return out

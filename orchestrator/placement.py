@@ -55,6 +55,8 @@ class PoolView:
     """The pool gave up (its pool manager stopped restarting the worker)."""
     draining: bool = False
     """Finishing its work before an unload or reload: takes nothing new."""
+    unloaded: bool = False
+    """No worker and no model (drained on its node, or never loaded)."""
     can_load: bool = False
     """The pool manager can load another model into this pool (a swap)."""
     gpu: bool = False
@@ -258,3 +260,79 @@ def _wait_reason(inp: PlacementInput, excluded: Mapping[str, str]) -> str:
     if "node unreachable" in reasons:
         return "no pool serving the model is reachable"
     return f"no pool can take model {inp.model_id} now"
+
+
+class PreloadAction(enum.Enum):
+    """What making a model ready on the chosen pool takes."""
+
+    NONE = "none"
+    """The pool holds the model and is ready."""
+    LOAD = "load"
+    """The pool is unloaded or failed: load the model into it (PreloadPool)."""
+    SWAP = "swap"
+    """The pool is ready with another model: change its model (ReloadPool)."""
+
+
+@dataclass(frozen=True)
+class PreloadChoice:
+    """The pool an operator's PreloadModel goes to, or why there is none."""
+
+    pool: PoolView | None
+    action: PreloadAction = PreloadAction.NONE
+    reason: str = ""
+    excluded: dict[str, str] = field(default_factory=dict)
+
+
+def choose_preload(
+    model_id: str, pools: tuple[PoolView, ...], demand: Mapping[str, int]
+) -> PreloadChoice:
+    """Picks the pool where ``model_id`` should be made ready ahead of tasks.
+
+    In order: a ready pool that holds it (nothing to do); an unloaded or failed pool that holds
+    it; any unloaded or failed pool; an idle ready pool whose model has no queued task (a swap,
+    never of a model with work running or waiting). Among equals the most free VRAM, then the
+    pool key. Unreachable, draining and loading pools are passed over with their reason.
+    """
+    excluded: dict[str, str] = {}
+    ranked: list[tuple[int, int, str, PoolView, PreloadAction]] = []
+    for pool in pools:
+        key = pool.key
+        holds = pool.model_id == model_id
+        if not pool.reachable:
+            excluded[key] = "node unreachable"
+        elif pool.draining:
+            excluded[key] = "draining"
+        elif pool.ready and holds:
+            ranked.append((0, 0, key, pool, PreloadAction.NONE))
+        elif pool.unloaded or pool.failed:
+            rank = 1 if holds else 2
+            ranked.append((rank, -pool.vram_free_bytes, key, pool, PreloadAction.LOAD))
+        elif not pool.ready:
+            excluded[key] = f"loading model {pool.model_id}"
+        elif pool.in_flight > 0:
+            excluded[key] = f"busy with model {pool.model_id}; a busy model is never evicted"
+        elif demand.get(pool.model_id, 0) > 0:
+            excluded[key] = f"queued tasks still want its model {pool.model_id}"
+        else:
+            ranked.append((3, -pool.vram_free_bytes, key, pool, PreloadAction.SWAP))
+    if not ranked:
+        reason = (
+            f"no pool can take model {model_id} now"
+            if pools
+            else f"there are no pools to load model {model_id} on"
+        )
+        return PreloadChoice(None, reason=reason, excluded=excluded)
+    _, _, _, best, action = min(ranked, key=lambda r: r[:3])
+    return PreloadChoice(best, action, excluded=excluded)
+
+
+def preload_action(pool: PoolView, model_id: str) -> PreloadAction | None:
+    """What making ``model_id`` ready on this named pool takes; None while it is busy changing
+    state (loading or draining), when no action can start."""
+    if pool.draining or (not pool.ready and not pool.unloaded and not pool.failed):
+        return None
+    if pool.ready and pool.model_id == model_id:
+        return PreloadAction.NONE
+    if pool.unloaded or pool.failed:
+        return PreloadAction.LOAD
+    return PreloadAction.SWAP

@@ -34,6 +34,7 @@ class _Node:
     stub: Any
     node_id: str = ""
     pools: tuple[poolmanager_pb2.Pool, ...] = ()
+    gpus: tuple[poolmanager_pb2.Gpu, ...] = ()
     reachable: bool = False
     conflict: bool = False
     answered: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
@@ -65,6 +66,7 @@ class PoolRegistry:
             self._nodes.append(_Node(address, channel, stub))
         self._in_flight: dict[str, int] = {}
         self._drained: set[str] = set()  # pools an operator took out of placement
+        self._changing: set[str] = set()  # pools whose model an operator is changing
         self._on_change: Callable[[], None] = lambda: None
 
     async def start(self, on_change: Callable[[], None]) -> None:
@@ -90,6 +92,7 @@ class PoolRegistry:
         for node in self._nodes:
             for pool in node.pools:
                 key = f"{node.node_id}/{pool.pool_id}"
+                gpus = [g for g in node.gpus if str(g.index) in pool.devices]
                 out.append(
                     PoolView(
                         node_id=node.node_id,
@@ -103,8 +106,12 @@ class PoolRegistry:
                         engine_version=pool.engine_version,
                         failed=pool.state == poolmanager_pb2.POOL_STATE_FAILED,
                         draining=pool.state == poolmanager_pb2.POOL_STATE_DRAINING
-                        or key in self._drained,
+                        or key in self._drained
+                        or key in self._changing,
+                        unloaded=pool.state == poolmanager_pb2.POOL_STATE_UNLOADED,
                         gpu=any(d != "cpu" for d in pool.devices),
+                        vram_total_bytes=sum(g.vram_total_bytes for g in gpus),
+                        vram_free_bytes=sum(g.vram_free_bytes for g in gpus),
                     )
                 )
         return tuple(out)
@@ -131,6 +138,23 @@ class PoolRegistry:
         else:
             self._drained.discard(key)
 
+    def set_changing(self, key: str, changing: bool) -> None:
+        """Takes the pool ``node/pool`` out of placement while an operator changes its model."""
+        if changing:
+            self._changing.add(key)
+        else:
+            self._changing.discard(key)
+        self._on_change()
+
+    def update_pool(self, node_id: str, pool: poolmanager_pb2.Pool) -> None:
+        """Takes a pool's state from an answer of its pool manager (its watch stream sends the
+        same a moment later), so a caller sees the state the answer describes."""
+        for node in self._nodes:
+            if node.node_id == node_id:
+                node.pools = tuple(pool if p.pool_id == pool.pool_id else p for p in node.pools)
+                self._on_change()
+                return
+
     def is_drained(self, key: str) -> bool:
         """Whether an operator drained the pool ``node/pool``."""
         return key in self._drained
@@ -138,6 +162,10 @@ class PoolRegistry:
     def pools(self) -> list[tuple[str, bool, poolmanager_pb2.Pool]]:
         """Every pool as its pool manager reported it: (node id, node reachable, pool)."""
         return [(n.node_id, n.reachable, p) for n in self._nodes for p in n.pools]
+
+    def gpus(self, node_id: str) -> tuple[poolmanager_pb2.Gpu, ...]:
+        """The GPUs a node last reported."""
+        return next((n.gpus for n in self._nodes if n.node_id == node_id), ())
 
     def reachable(self, node_id: str) -> bool:
         """Whether a node's watch stream is alive."""
@@ -201,6 +229,7 @@ class PoolRegistry:
         node.conflict = False
         pools = tuple(state.pools)
         changed = (not node.reachable) or pools != node.pools or node.node_id != node_id
+        node.gpus = tuple(state.gpus)  # VRAM figures move all the time; not a change by itself
         if not node.reachable:
             _log.info("pool manager %s (node %s) is reachable", node.address, node_id)
         node.node_id = node_id

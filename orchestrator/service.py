@@ -18,7 +18,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 from llorch.common.v1 import common_pb2
@@ -50,7 +50,10 @@ from orchestrator.placement import (
     PlacementDecision,
     PlacementInput,
     PoolView,
+    PreloadAction,
+    choose_preload,
     decide,
+    preload_action,
 )
 from orchestrator.pools import PoolRegistry
 from orchestrator.tasks import (
@@ -345,6 +348,116 @@ class Orchestrator:
             timer.cancel()
         _log.info("pool resumed", extra={"pool": key})
         self._wake.set()
+
+    async def reload_pool(
+        self, node_id: str, pool_id: str, model_id: str, deadline_s: float | None
+    ) -> poolmanager_pb2.ReloadPoolResponse:
+        """Changes a pool's model through its pool manager (drain → load → health check →
+        ready, or rollback); the pool takes no new work from this orchestrator meanwhile.
+
+        Raises:
+            NotFoundError: no such pool, or no such model.
+            FailedPreconditionError: the model is retired; the load failed and was rolled back.
+            UnavailableError: the pool manager is unreachable.
+        """
+        key = self._pool_key(node_id, pool_id)
+        await self._check_loadable(model_id)
+        request = poolmanager_pb2.ReloadPoolRequest(pool_id=pool_id, model_id=model_id)
+        if deadline_s is not None:
+            request.deadline_ms = round(deadline_s * 1000)
+        _log.info("pool reload", extra={"pool": key, "model": model_id})
+        response: poolmanager_pb2.ReloadPoolResponse = await self._pool_call(
+            node_id, pool_id, "ReloadPool", request
+        )
+        return response
+
+    async def preload_model(
+        self, model_id: str, node_id: str = "", pool_id: str = ""
+    ) -> tuple[PoolView, PreloadAction, str]:
+        """Makes a model ready on the named pool, or on one ``choose_preload`` picks; returns
+        the pool, what it took, and the model the pool held before.
+
+        Raises:
+            NotFoundError: no such pool, or no such model.
+            FailedPreconditionError: the model is retired; no pool can take it now; the named
+                pool is changing state; the load failed (the pool manager says why).
+            UnavailableError: the pool manager is unreachable.
+        """
+        await self._check_loadable(model_id)
+        views = self._registry.views()
+        if pool_id:
+            key = self._pool_key(node_id, pool_id)
+            view = next(v for v in views if v.key == key)
+            # An operator may preload a pool it drained here; only the node's own state counts.
+            own = next(p for n, _, p in self._registry.pools() if f"{n}/{p.pool_id}" == key)
+            named = replace(view, draining=own.state == poolmanager_pb2.POOL_STATE_DRAINING)
+            action = preload_action(named, model_id) if view.reachable else None
+            if action is None:
+                raise FailedPreconditionError(
+                    f"pool {key} is "
+                    + ("unreachable" if not view.reachable else "changing state")
+                    + "; try again when it is ready, unloaded or failed",
+                    reason="POOL_BUSY",
+                )
+        else:
+            choice = choose_preload(
+                model_id, views, {m: self._queue.count(m) for m in self._queue.models()}
+            )
+            if choice.pool is None:
+                raise FailedPreconditionError(
+                    f"{choice.reason}: "
+                    + "; ".join(f"{k}: {r}" for k, r in sorted(choice.excluded.items())),
+                    reason="NO_POOL_FOR_PRELOAD",
+                )
+            view, action = choice.pool, choice.action
+        previous = view.model_id if action is PreloadAction.SWAP else ""
+        _log.info(
+            "model preload",
+            extra={"pool": view.key, "model": model_id, "action": action.value},
+        )
+        if action is PreloadAction.LOAD:
+            await self._pool_call(
+                view.node_id,
+                view.pool_id,
+                "PreloadPool",
+                poolmanager_pb2.PreloadPoolRequest(pool_id=view.pool_id, model_id=model_id),
+            )
+        elif action is PreloadAction.SWAP:
+            await self._pool_call(
+                view.node_id,
+                view.pool_id,
+                "ReloadPool",
+                poolmanager_pb2.ReloadPoolRequest(pool_id=view.pool_id, model_id=model_id),
+            )
+        return view, action, previous
+
+    async def _check_loadable(self, model_id: str) -> None:
+        info = await self._catalog.model_info(model_id)
+        if not info.active:
+            raise FailedPreconditionError(f"model {model_id} is retired", reason="MODEL_RETIRED")
+
+    async def _pool_call(
+        self, node_id: str, pool_id: str, method: str, request: object
+    ) -> Any:
+        """Calls a lifecycle RPC of a pool's manager with the pool out of placement meanwhile,
+        and takes the pool state it answers with."""
+        key = f"{node_id}/{pool_id}"
+        self._registry.set_changing(key, True)
+        try:
+            response = await getattr(self._registry.stub(node_id), method)(request)
+        except grpc.aio.AioRpcError as err:
+            if err.code() == grpc.StatusCode.UNAVAILABLE and not _has_details(err):
+                raise UnavailableError(
+                    f"pool manager of {key} is unreachable",
+                    reason="NODE_UNREACHABLE",
+                    retry_delay_s=1.0,
+                ) from None
+            raise from_rpc_error(err) from None
+        finally:
+            self._registry.set_changing(key, False)
+            self._wake.set()
+        self._registry.update_pool(node_id, response.pool)
+        return response
 
     def _pool_key(self, node_id: str, pool_id: str) -> str:
         key = f"{node_id}/{pool_id}"

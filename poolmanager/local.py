@@ -32,6 +32,18 @@ class LocalPoolManagerStub:
         """As ``PoolManagerServiceStub.WatchNode``: the node's state, on change and heartbeat."""
         return self._servicer.WatchNode(request, None)
 
+    async def PreloadPool(
+        self, request: poolmanager_pb2.PreloadPoolRequest
+    ) -> poolmanager_pb2.PreloadPoolResponse:
+        """As ``PoolManagerServiceStub.PreloadPool`` (errors raised as ``LlorchError``)."""
+        return await self._servicer.PreloadPool(request, None)
+
+    async def ReloadPool(
+        self, request: poolmanager_pb2.ReloadPoolRequest
+    ) -> poolmanager_pb2.ReloadPoolResponse:
+        """As ``PoolManagerServiceStub.ReloadPool`` (errors raised as ``LlorchError``)."""
+        return await self._servicer.ReloadPool(request, None)
+
     def Execute(
         self,
         request: poolmanager_pb2.ExecuteRequest,

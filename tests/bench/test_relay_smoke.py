@@ -7,6 +7,7 @@ from tests.bench.runner import run_bench
 
 def test_relay_benchmark_runs_and_prints_its_json_line() -> None:
     figures = run_bench("relay.py", "--models", "tiny", "--runs", "4", "--tokens", "32")
+    assert figures["devices"] == "cpu"
     tiny = figures["tiny-llama"]
     for path in ("direct", "mesh", "mesh-grpc"):
         assert tiny[path]["runs"] == 4

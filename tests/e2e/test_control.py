@@ -6,15 +6,21 @@ import asyncio
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import grpc
 import pytest
+from llorch.catalog.v1 import catalog_pb2_grpc
 from llorch.orchestrator.v1 import (
     control_pb2,
     control_pb2_grpc,
     orchestrator_pb2,
 )
 
+from mesh.server import open_channel
+from provisioners.models import register_local_file
+from provisioners.tiny_model import DEFAULT_MODEL_ID as MODEL
+from provisioners.tiny_model import TinyModelSpec, write_tiny_model
 from tests.conftest import Mesh
 from tests.e2e.helpers import collect, error_details, generate_request
 
@@ -122,6 +128,24 @@ async def test_operator_commands(mesh: Mesh) -> None:
         _llorch, "pools", "resume", f"{node}/cpu-0", address=mesh.address
     )
     assert resumed.returncode == 0 and "drained" not in resumed.stdout
+    reloaded = await asyncio.to_thread(
+        _llorch,
+        "pools",
+        "reload",
+        f"{node}/cpu-0",
+        "tiny-llama",
+        "--deadline",
+        "1",
+        address=mesh.address,
+    )
+    assert reloaded.returncode == 0, reloaded.stderr
+    assert "ready" in reloaded.stdout
+    preloaded = await asyncio.to_thread(
+        _llorch, "pools", "preload", "tiny-llama", address=mesh.address
+    )
+    assert preloaded.returncode == 0 and f"{node}/cpu-0" in preloaded.stdout, preloaded.stderr
+    unknown = await asyncio.to_thread(_llorch, "pools", "preload", "no-such", address=mesh.address)
+    assert unknown.returncode == 1 and "NOT_FOUND" in unknown.stderr
     missing = await asyncio.to_thread(_llorch, "pools", "drain", "x/y", address=mesh.address)
     assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
     done = await collect(mesh.stub.Generate(generate_request(max_tokens=2)))
@@ -130,3 +154,125 @@ async def test_operator_commands(mesh: Mesh) -> None:
     )
     assert task.returncode == 0, task.stderr
     assert '"state": "TASK_STATE_SUCCEEDED"' in task.stdout
+
+
+async def _register(mesh: Mesh, model_id: str, path: Path) -> None:
+    channel = open_channel(mesh.catalog.address)
+    try:
+        await register_local_file(
+            catalog_pb2_grpc.CatalogServiceStub(channel),
+            model_id,
+            path,
+            mesh.pool_manager.manager.node_id,
+        )
+    finally:
+        await channel.close()
+
+
+async def _wait_state(mesh: Mesh, state: str) -> control_pb2.PoolStatus:
+    node = mesh.pool_manager.manager.node_id
+    request = control_pb2.GetPoolRequest(node_id=node, pool_id="cpu-0")
+    for _ in range(200):
+        pool = (await control(mesh).GetPool(request)).pool
+        if pool.state == state:
+            return pool
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"pool never became {state}: {pool}")
+
+
+async def test_reload_and_preload_change_what_the_pool_serves(mesh: Mesh, tmp_path: Path) -> None:
+    node = mesh.pool_manager.manager.node_id
+    await _register(mesh, "other-llama", write_tiny_model(tmp_path / "o.gguf", TinyModelSpec(9)))
+    reloaded = await control(mesh).ReloadPool(
+        control_pb2.ReloadPoolRequest(
+            node_id=node, pool_id="cpu-0", model_id="other-llama", deadline_ms=1000
+        )
+    )
+    assert (reloaded.pool.model_id, reloaded.pool.state) == ("other-llama", "ready")
+    assert reloaded.pool.cpu_only and not reloaded.pool.drained
+    got = await collect(mesh.stub.Generate(generate_request(model_id="other-llama", max_tokens=3)))
+    assert got.finished.tokens_out == 3
+    # No pool serves tiny-llama now: admission says so at once.
+    with pytest.raises(grpc.aio.AioRpcError) as gone:
+        await collect(mesh.stub.Generate(generate_request(max_tokens=3)))
+    assert error_details(gone.value)["reason"] == "NO_POOL_FOR_MODEL"
+
+    # PreloadModel without a pool swaps the idle pool back, then finds it loaded.
+    swapped = await control(mesh).PreloadModel(control_pb2.PreloadModelRequest(model_id=MODEL))
+    assert (swapped.pool.model_id, swapped.pool.state) == (MODEL, "ready")
+    assert swapped.replaced_model_id == "other-llama" and not swapped.already_loaded
+    again = await control(mesh).PreloadModel(control_pb2.PreloadModelRequest(model_id=MODEL))
+    assert again.already_loaded and again.replaced_model_id == ""
+
+    # An unloaded pool is loaded with the model named.
+    await mesh.pool_manager.manager.drain("cpu-0", 0)
+    await _wait_state(mesh, "unloaded")
+    loaded = await control(mesh).PreloadModel(
+        control_pb2.PreloadModelRequest(model_id="other-llama", node_id=node, pool_id="cpu-0")
+    )
+    assert (loaded.pool.model_id, loaded.pool.state) == ("other-llama", "ready")
+    assert not loaded.already_loaded and loaded.replaced_model_id == ""
+
+    # A reload to a model that cannot load rolls back, and the operator is told why.
+    # Registered whole, then damaged on disk: the header reads, llama.cpp refuses the load.
+    broken = write_tiny_model(tmp_path / "broken.gguf", TinyModelSpec(11))
+    await _register(mesh, "broken-llama", broken)
+    broken.write_bytes(broken.read_bytes()[:4096] + os.urandom(4096))
+    with pytest.raises(grpc.aio.AioRpcError) as rolled_back:
+        await control(mesh).ReloadPool(
+            control_pb2.ReloadPoolRequest(node_id=node, pool_id="cpu-0", model_id="broken-llama")
+        )
+    assert rolled_back.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_details(rolled_back.value)["reason"] == "RELOAD_ROLLED_BACK"
+    pool = await _wait_state(mesh, "ready")
+    assert pool.model_id == "other-llama" and "rolled back" in pool.last_error
+
+
+async def test_preload_never_evicts_a_busy_model(long_mesh: Mesh, tmp_path: Path) -> None:
+    mesh = long_mesh
+    await _register(mesh, "other-llama", write_tiny_model(tmp_path / "o.gguf", TinyModelSpec(9)))
+    hog = mesh.stub.Generate(generate_request(max_tokens=LONG, ignore_eos=True))
+    async for response in hog:
+        if response.event.WhichOneof("kind") == "token":
+            break
+    with pytest.raises(grpc.aio.AioRpcError) as busy:
+        await control(mesh).PreloadModel(control_pb2.PreloadModelRequest(model_id="other-llama"))
+    assert busy.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_details(busy.value)["reason"] == "NO_POOL_FOR_PRELOAD"
+    assert "a busy model is never evicted" in busy.value.details()
+    hog.cancel()
+
+
+async def test_bad_reload_and_preload_requests_name_the_field(mesh: Mesh) -> None:
+    node = mesh.pool_manager.manager.node_id
+    cases = [
+        (control_pb2.PreloadModelRequest(), "PreloadModel", ["model_id"]),
+        (
+            control_pb2.PreloadModelRequest(model_id=MODEL, node_id=node),
+            "PreloadModel",
+            ["pool_id"],
+        ),
+        (control_pb2.ReloadPoolRequest(node_id=node, pool_id="cpu-0"), "ReloadPool", ["model_id"]),
+        (
+            control_pb2.ReloadPoolRequest(
+                node_id=node, pool_id="cpu-0", model_id=MODEL, deadline_ms=10**9
+            ),
+            "ReloadPool",
+            ["deadline_ms"],
+        ),
+    ]
+    for request, method, fields in cases:
+        with pytest.raises(grpc.aio.AioRpcError) as bad:
+            await getattr(control(mesh), method)(request)
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT, request
+        assert error_details(bad.value)["fields"] == fields
+    with pytest.raises(grpc.aio.AioRpcError) as unknown:
+        await control(mesh).ReloadPool(
+            control_pb2.ReloadPoolRequest(node_id=node, pool_id="cpu-0", model_id="no-such")
+        )
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.aio.AioRpcError) as no_pool:
+        await control(mesh).PreloadModel(
+            control_pb2.PreloadModelRequest(model_id=MODEL, node_id=node, pool_id="nope")
+        )
+    assert no_pool.value.code() == grpc.StatusCode.NOT_FOUND

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PoolStatus(_message.Message):
-    __slots__ = ("node_id", "pool_id", "model_id", "state", "reachable", "drained", "slots_total", "slots_busy", "n_ctx", "engine_version", "devices", "queued", "last_error")
+    __slots__ = ("node_id", "pool_id", "model_id", "state", "reachable", "drained", "slots_total", "slots_busy", "n_ctx", "engine_version", "devices", "queued", "last_error", "vram_estimate_bytes", "vram_measured_bytes", "vram_free_bytes", "cpu_only")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     POOL_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +22,10 @@ class PoolStatus(_message.Message):
     DEVICES_FIELD_NUMBER: _ClassVar[int]
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    VRAM_ESTIMATE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    VRAM_MEASURED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    VRAM_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CPU_ONLY_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     pool_id: str
     model_id: str
@@ -35,7 +39,11 @@ class PoolStatus(_message.Message):
     devices: _containers.RepeatedScalarFieldContainer[str]
     queued: int
     last_error: str
-    def __init__(self, node_id: _Optional[str] = ..., pool_id: _Optional[str] = ..., model_id: _Optional[str] = ..., state: _Optional[str] = ..., reachable: _Optional[bool] = ..., drained: _Optional[bool] = ..., slots_total: _Optional[int] = ..., slots_busy: _Optional[int] = ..., n_ctx: _Optional[int] = ..., engine_version: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., queued: _Optional[int] = ..., last_error: _Optional[str] = ...) -> None: ...
+    vram_estimate_bytes: int
+    vram_measured_bytes: int
+    vram_free_bytes: int
+    cpu_only: bool
+    def __init__(self, node_id: _Optional[str] = ..., pool_id: _Optional[str] = ..., model_id: _Optional[str] = ..., state: _Optional[str] = ..., reachable: _Optional[bool] = ..., drained: _Optional[bool] = ..., slots_total: _Optional[int] = ..., slots_busy: _Optional[int] = ..., n_ctx: _Optional[int] = ..., engine_version: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., queued: _Optional[int] = ..., last_error: _Optional[str] = ..., vram_estimate_bytes: _Optional[int] = ..., vram_measured_bytes: _Optional[int] = ..., vram_free_bytes: _Optional[int] = ..., cpu_only: _Optional[bool] = ...) -> None: ...
 
 class ListPoolsRequest(_message.Message):
     __slots__ = ()
@@ -90,6 +98,48 @@ class ResumePoolResponse(_message.Message):
     POOL_FIELD_NUMBER: _ClassVar[int]
     pool: PoolStatus
     def __init__(self, pool: _Optional[_Union[PoolStatus, _Mapping]] = ...) -> None: ...
+
+class ReloadPoolRequest(_message.Message):
+    __slots__ = ("node_id", "pool_id", "model_id", "deadline_ms")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    POOL_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    pool_id: str
+    model_id: str
+    deadline_ms: int
+    def __init__(self, node_id: _Optional[str] = ..., pool_id: _Optional[str] = ..., model_id: _Optional[str] = ..., deadline_ms: _Optional[int] = ...) -> None: ...
+
+class ReloadPoolResponse(_message.Message):
+    __slots__ = ("pool", "finished", "cancelled")
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    pool: PoolStatus
+    finished: int
+    cancelled: int
+    def __init__(self, pool: _Optional[_Union[PoolStatus, _Mapping]] = ..., finished: _Optional[int] = ..., cancelled: _Optional[int] = ...) -> None: ...
+
+class PreloadModelRequest(_message.Message):
+    __slots__ = ("model_id", "node_id", "pool_id")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    POOL_ID_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    node_id: str
+    pool_id: str
+    def __init__(self, model_id: _Optional[str] = ..., node_id: _Optional[str] = ..., pool_id: _Optional[str] = ...) -> None: ...
+
+class PreloadModelResponse(_message.Message):
+    __slots__ = ("pool", "replaced_model_id", "already_loaded")
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    REPLACED_MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_LOADED_FIELD_NUMBER: _ClassVar[int]
+    pool: PoolStatus
+    replaced_model_id: str
+    already_loaded: bool
+    def __init__(self, pool: _Optional[_Union[PoolStatus, _Mapping]] = ..., replaced_model_id: _Optional[str] = ..., already_loaded: _Optional[bool] = ...) -> None: ...
 
 class GetCapabilitiesRequest(_message.Message):
     __slots__ = ()

@@ -56,6 +56,16 @@ class ControlServiceStub:
                 request_serializer=llorch_dot_orchestrator_dot_v1_dot_control__pb2.ResumePoolRequest.SerializeToString,
                 response_deserializer=llorch_dot_orchestrator_dot_v1_dot_control__pb2.ResumePoolResponse.FromString,
                 _registered_method=True)
+        self.ReloadPool = channel.unary_unary(
+                '/llorch.orchestrator.v1.ControlService/ReloadPool',
+                request_serializer=llorch_dot_orchestrator_dot_v1_dot_control__pb2.ReloadPoolRequest.SerializeToString,
+                response_deserializer=llorch_dot_orchestrator_dot_v1_dot_control__pb2.ReloadPoolResponse.FromString,
+                _registered_method=True)
+        self.PreloadModel = channel.unary_unary(
+                '/llorch.orchestrator.v1.ControlService/PreloadModel',
+                request_serializer=llorch_dot_orchestrator_dot_v1_dot_control__pb2.PreloadModelRequest.SerializeToString,
+                response_deserializer=llorch_dot_orchestrator_dot_v1_dot_control__pb2.PreloadModelResponse.FromString,
+                _registered_method=True)
         self.GetCapabilities = channel.unary_unary(
                 '/llorch.orchestrator.v1.ControlService/GetCapabilities',
                 request_serializer=llorch_dot_orchestrator_dot_v1_dot_control__pb2.GetCapabilitiesRequest.SerializeToString,
@@ -98,6 +108,26 @@ class ControlServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReloadPool(self, request, context):
+        """Changes the model of a pool. The orchestrator stops placing work on the pool, and its pool
+        manager drains it (work in flight may finish until the deadline; what is left then ends
+        UNAVAILABLE, reason POOL_DRAINED, and is placed again if it had emitted nothing), loads the
+        model, checks it with one token and makes the pool ready. A load that fails rolls back to the
+        previous model and ends FAILED_PRECONDITION (reason RELOAD_ROLLED_BACK) saying why.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PreloadModel(self, request, context):
+        """Makes a model ready before tasks ask for it: on the pool named, or else on a pool the
+        orchestrator picks (one that holds it, then an unloaded one, then an idle pool whose model
+        has no work queued or running). Returns once the pool is ready.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetCapabilities(self, request, context):
         """Returns what the mesh can serve now: models, their context limits and engines.
         """
@@ -127,6 +157,16 @@ def add_ControlServiceServicer_to_server(servicer, server):
                     servicer.ResumePool,
                     request_deserializer=llorch_dot_orchestrator_dot_v1_dot_control__pb2.ResumePoolRequest.FromString,
                     response_serializer=llorch_dot_orchestrator_dot_v1_dot_control__pb2.ResumePoolResponse.SerializeToString,
+            ),
+            'ReloadPool': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReloadPool,
+                    request_deserializer=llorch_dot_orchestrator_dot_v1_dot_control__pb2.ReloadPoolRequest.FromString,
+                    response_serializer=llorch_dot_orchestrator_dot_v1_dot_control__pb2.ReloadPoolResponse.SerializeToString,
+            ),
+            'PreloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.PreloadModel,
+                    request_deserializer=llorch_dot_orchestrator_dot_v1_dot_control__pb2.PreloadModelRequest.FromString,
+                    response_serializer=llorch_dot_orchestrator_dot_v1_dot_control__pb2.PreloadModelResponse.SerializeToString,
             ),
             'GetCapabilities': grpc.unary_unary_rpc_method_handler(
                     servicer.GetCapabilities,
@@ -244,6 +284,60 @@ class ControlService:
             '/llorch.orchestrator.v1.ControlService/ResumePool',
             llorch_dot_orchestrator_dot_v1_dot_control__pb2.ResumePoolRequest.SerializeToString,
             llorch_dot_orchestrator_dot_v1_dot_control__pb2.ResumePoolResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReloadPool(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llorch.orchestrator.v1.ControlService/ReloadPool',
+            llorch_dot_orchestrator_dot_v1_dot_control__pb2.ReloadPoolRequest.SerializeToString,
+            llorch_dot_orchestrator_dot_v1_dot_control__pb2.ReloadPoolResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PreloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llorch.orchestrator.v1.ControlService/PreloadModel',
+            llorch_dot_orchestrator_dot_v1_dot_control__pb2.PreloadModelRequest.SerializeToString,
+            llorch_dot_orchestrator_dot_v1_dot_control__pb2.PreloadModelResponse.FromString,
             options,
             channel_credentials,
             insecure,
