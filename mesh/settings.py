@@ -128,6 +128,10 @@ class PoolManagerSettings(BaseModel):
     """Most bytes of models held in RAM; 0 turns staging off."""
     auto_stage: bool = True
     """Stage a model in RAM after it was loaded from disk, so the next load of it reads RAM."""
+    spare_workers: bool = True
+    """Keep one spare worker process per pool, engine started (and on GPUs its CUDA contexts
+    created), so a reload or a crash restart does not wait for a process to start. Costs per
+    pool a process (~100 MiB RAM) and, on GPU pools, the CUDA context on each GPU (~0.5 GiB)."""
 
 
 class OrchestratorSettings(BaseModel):

@@ -41,7 +41,12 @@ from mesh.settings import PoolManagerSettings, PoolSettings
 from poolmanager.devices import DeviceInventory, GpuDevice
 from poolmanager.staging import StagingCache, remove_stale_dirs
 from poolmanager.vram import VramEstimate, estimate_vram
-from poolmanager.worker_process import WorkerExited, WorkerProcess, WorkerStartError
+from poolmanager.worker_process import (
+    SpareWorker,
+    WorkerExited,
+    WorkerProcess,
+    WorkerStartError,
+)
 from provisioners.gguf_facts import NotAGgufError, read_model_shape
 
 _log = logs.get_logger("poolmanager")
@@ -49,7 +54,7 @@ _log = logs.get_logger("poolmanager")
 ModelLocator = Callable[[str], Awaitable[str]]
 """Returns the local path of a model id (through the catalog)."""
 
-_HEALTH_PROMPT = "health check"
+_HEALTH_PROMPT = "Hi"  # short: a forward pass and a sampled token, little else
 
 
 class PoolState(enum.Enum):
@@ -86,6 +91,16 @@ class Pool:
     crash_times: collections.deque[float] = field(default_factory=collections.deque)
     supervisor: asyncio.Task[None] | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    spare: SpareWorker | None = None
+    """A warm worker process without a model, for the next load (see ``spare_workers``)."""
+    spare_task: asyncio.Task[None] | None = None
+    loaded_in_spare: bool = False
+    """The running worker was a spare: its load did not wait for a process to start."""
+
+    @property
+    def spare_ready(self) -> bool:
+        """Whether a spare is warm for the next load."""
+        return self.spare is not None and self.spare.alive
 
     def __post_init__(self) -> None:
         self.model_id = self.model_id or self.settings.model_id
@@ -262,16 +277,17 @@ class PoolManager:
     async def stop(self) -> None:
         """Stops supervisors and workers; open executions end UNAVAILABLE."""
         self._stopping = True
-        for task in [p.supervisor for p in self.pools.values() if p.supervisor] + list(
-            self._background
-        ):
+        tasks = [p.supervisor for p in self.pools.values() if p.supervisor]
+        tasks += [p.spare_task for p in self.pools.values() if p.spare_task]
+        for task in tasks + list(self._background):
             task.cancel()
-        for pool in self.pools.values():
-            if pool.supervisor is not None:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await pool.supervisor
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        grace = self._settings.stop_grace_s
         await asyncio.gather(
-            *(p.worker.stop(self._settings.stop_grace_s) for p in self.pools.values() if p.worker)
+            *(p.worker.stop(grace) for p in self.pools.values() if p.worker),
+            *(p.spare.stop(grace) for p in self.pools.values() if p.spare),
         )
         if self.staging is not None:
             self.staging.close()
@@ -587,6 +603,7 @@ class PoolManager:
 
     async def _ready(self, pool: Pool, worker: WorkerProcess) -> None:
         pool.worker = worker
+        self._replenish_spare(pool)
         pool.engine_version = worker.ready.engine_version
         pool.n_ctx = worker.ready.n_ctx
         if not pool.breaker_open and not pool.last_error.startswith("reload"):
@@ -601,6 +618,7 @@ class PoolManager:
                 "model_id": pool.model_id,
                 "load_ms": round(pool.load_ms, 1),
                 "loaded_from": pool.loaded_from,
+                "spare": pool.loaded_in_spare,
                 "vram_estimate_bytes": pool.vram_estimate_bytes,
                 "vram_measured_bytes": pool.vram_measured_bytes,
             },
@@ -632,14 +650,17 @@ class PoolManager:
             ) from None
         gpus: list[GpuDevice] = []
         split: list[float] | None = None
+        spare = pool.spare if pool.spare_ready else None
         if not pool.cpu_only:
-            _, gpus = await self._check_vram(pool, model_id, disk_path)
+            _, gpus = await self._check_vram(pool, model_id, disk_path, spare)
             free = sum(d.vram_free_bytes for d in gpus)
             split = [d.vram_free_bytes / free for d in gpus]
         else:
             pool.vram_estimate_bytes = 0
         staged = self.staging.lookup(model_id) if self.staging is not None else None
         path = staged or disk_path
+        pool.spare = None  # taken now: from here on the load owns the process
+        pool.loaded_in_spare = spare is not None
         try:
             worker = await WorkerProcess.spawn(
                 str(path),
@@ -652,6 +673,7 @@ class PoolManager:
                 token_batch_ms=pool.settings.token_batch_ms,
                 tensor_split=split,
                 cache_type=pool.settings.cache_type,
+                spare=spare,
             )
         except WorkerStartError as exc:
             raise LoadError(
@@ -685,9 +707,12 @@ class PoolManager:
         return worker
 
     async def _check_vram(
-        self, pool: Pool, model_id: str, path: Path
+        self, pool: Pool, model_id: str, path: Path, spare: SpareWorker | None = None
     ) -> tuple[VramEstimate, list[GpuDevice]]:
-        """The VRAM-only rule, before any load: the whole model must fit the pool's GPUs."""
+        """The VRAM-only rule, before any load: the whole model must fit the pool's GPUs.
+
+        A spare that will take the load already holds its CUDA contexts, part of what the
+        estimate counts as overhead: what it holds counts as free for this load."""
         if not self.inventory.available:
             raise LoadError(
                 f"pool {pool.pool_id} is configured on GPUs {pool.settings.devices}, but "
@@ -719,6 +744,8 @@ class PoolManager:
         )
         pool.vram_estimate_bytes = estimate.total_bytes
         free = sum(d.vram_free_bytes for d in gpus)
+        if spare is not None:
+            free += sum(self.inventory.process_vram_bytes(d.index, spare.pid) or 0 for d in gpus)
         if estimate.total_bytes > free:
             raise LoadError(
                 f"model {model_id} needs {estimate.total_bytes} bytes of VRAM (weights "
@@ -730,6 +757,35 @@ class PoolManager:
                 permanent=True,
             )
         return estimate, gpus
+
+    def _replenish_spare(self, pool: Pool) -> None:
+        """Starts a spare for the pool's next load unless one is warm or starting."""
+        if not self._settings.spare_workers or self._stopping or pool.spare_ready:
+            return
+        if pool.spare_task is not None and not pool.spare_task.done():
+            return
+        pool.spare_task = asyncio.create_task(self._start_spare(pool), name=f"spare-{pool.pool_id}")
+
+    async def _start_spare(self, pool: Pool) -> None:
+        try:
+            spare = await SpareWorker.spawn(
+                gpu_devices=[] if pool.cpu_only else pool.settings.devices,
+                env=self._base_env,
+                start_timeout_s=self._settings.worker_start_timeout_s,
+                log_level=self._log_level,
+            )
+        except (WorkerStartError, OSError) as exc:
+            _log.warning("spare worker did not start: %s", exc, extra={"pool_id": pool.pool_id})
+            return
+        if self._stopping:
+            await spare.stop(0)
+            return
+        pool.spare = spare
+        _log.info(
+            "spare worker ready",
+            extra={"pool_id": pool.pool_id, "pid": spare.pid, "warm_ms": round(spare.warm_ms)},
+        )
+        await self._changed()
 
     async def _health_check(self, worker: WorkerProcess) -> str:
         """Generates one token; returns the problem, empty when healthy."""

@@ -184,6 +184,8 @@ def pool_to_pb(manager: PoolManager, p: Pool) -> poolmanager_pb2.Pool:
         loaded_from=p.loaded_from,
         restarts=p.restarts,
         breaker_open=p.breaker_open,
+        spare_ready=p.spare_ready,
+        loaded_in_spare=p.loaded_in_spare,
     )
 
 

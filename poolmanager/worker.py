@@ -1,7 +1,10 @@
 """The worker process of one pool: loads a model with llama-cpp-python and generates.
 
 Started by the pool manager as ``python -m poolmanager.worker --model PATH ...`` with
-``CUDA_VISIBLE_DEVICES`` already set to the pool's devices. It speaks JSON lines: commands on
+``CUDA_VISIBLE_DEVICES`` already set to the pool's devices, or ahead of need as a spare
+(``--spare``): it then imports the engine and creates the GPUs' CUDA contexts, sends
+``{"ev": "spare"}``, and waits for ``{"op": "load", "argv": [...]}`` with the arguments it would
+have been started with; from there on it is an ordinary worker. It speaks JSON lines: commands on
 stdin, events on the original stdout. Native code that prints to stdout cannot corrupt the event
 stream because fd 1 is pointed at stderr at start and events go to a private copy of the pipe.
 
@@ -12,6 +15,7 @@ Commands (one JSON object a line):
 EOF on stdin means the pool manager is gone: the worker exits.
 
 Events:
+  {"ev": "spare", "warm_ms", "gpus"}                   a spare is waiting for its load command
   {"ev": "ready", "engine_version", "n_ctx", "n_vocab", "load_ms", "gpu_offload"}
   {"ev": "load_failed", "message"}
   {"ev": "tok", "id", "i", "ids": [...], "text"}     one or more tokens, index of the first
@@ -478,9 +482,12 @@ def _gpu_refusal(engine_log: _EngineLog) -> str:
     return ""
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="poolmanager.worker")
-    parser.add_argument("--model", required=True)
+    parser.add_argument("--model", help="GGUF file to load (required unless --spare)")
+    parser.add_argument(
+        "--spare", action="store_true", help="start the engine, then wait for a load command"
+    )
     parser.add_argument("--n-ctx", type=int, default=0)
     parser.add_argument("--n-threads", type=int, default=0)
     parser.add_argument("--gpu", action="store_true", help="offload every layer to the GPU")
@@ -488,20 +495,100 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-type", choices=list(_CACHE_TYPES), default="f16")
     parser.add_argument("--log-level", choices=list(_LEVELS), default="INFO")
     parser.add_argument("--token-batch-ms", type=float, default=4.0)
+    return parser
+
+
+_CUDA_RUNTIMES = ("libcudart.so.12", "libcudart.so.13", "libcudart.so.11.0", "libcudart.so")
+
+
+def _warm_gpus() -> int:
+    """Creates the CUDA context of every visible GPU now, so a later load does not pay for it;
+    returns how many GPUs were warmed (0 without a CUDA runtime, e.g. a CPU-only engine).
+
+    The engine's CUDA runtime is already in the process; ``cudaFree(0)`` is the usual way to make
+    the runtime create a device's primary context, which llama.cpp then reuses."""
+    import ctypes
+
+    import llama_cpp
+
+    if not llama_cpp.llama_supports_gpu_offload():  # also registers llama.cpp's GPU backends
+        return 0
+    for name in _CUDA_RUNTIMES:
+        try:
+            cudart = ctypes.CDLL(name)
+            break
+        except OSError:
+            continue
+    else:
+        return 0
+    count = ctypes.c_int(0)
+    if cudart.cudaGetDeviceCount(ctypes.byref(count)) != 0:
+        return 0
+    for device in range(count.value):
+        cudart.cudaSetDevice(device)
+        cudart.cudaFree(None)
+    cudart.cudaSetDevice(0)
+    return count.value
+
+
+def _wait_for_load(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, out: _Out, commands: _Commands
+) -> argparse.Namespace | None:
+    """Spare mode: starts the engine (and the GPUs' CUDA contexts), says so, and waits for
+    ``{"op": "load", "argv": [...]}``; returns the arguments of the load, None on EOF."""
+    started = time.perf_counter()
+    import llama_cpp
+
+    engine_log = _EngineLog()
+    _ENGINE_LOG.append(engine_log)
+    llama_cpp.llama_backend_init()
+    gpus = _warm_gpus() if args.gpu else 0
+    engine_log.loading = False
+    out.send({"ev": "spare", "warm_ms": (time.perf_counter() - started) * 1000, "gpus": gpus})
+    while not commands.eof:
+        for command in commands.wait():
+            if command.get("op") == "load":
+                loaded = parser.parse_args([str(a) for a in command.get("argv", [])])
+                if loaded.spare or not loaded.model:
+                    parser.error("a load command needs --model and no --spare")
+                return loaded
+            _log("WARNING", f"spare worker ignored command {command.get('op')!r}")
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
+    if not args.spare and not args.model:
+        parser.error("--model is required unless --spare")
     _min_level["value"] = _LEVELS[args.log_level]
 
     # Events get a private copy of the stdout pipe; fd 1 now goes to stderr.
     out = _Out(os.fdopen(os.dup(1), "wb", buffering=0), window_s=args.token_batch_ms / 1000)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
+    commands = _Commands(sys.stdin.fileno())
+
+    if args.spare:
+        loaded = _wait_for_load(parser, args, out, commands)
+        if loaded is None:  # the pool manager is gone, or stopped the spare
+            out.close()
+            return 0
+        args = loaded
+        _min_level["value"] = _LEVELS[args.log_level]
+        out.window_s = args.token_batch_ms / 1000
 
     started = time.perf_counter()
     try:
         import llama_cpp
 
-        engine_log = _EngineLog()
-        _ENGINE_LOG.append(engine_log)
+        if _ENGINE_LOG:
+            engine_log = _ENGINE_LOG[0]
+        else:
+            engine_log = _EngineLog()
+            _ENGINE_LOG.append(engine_log)
+        engine_log.lines.clear()
+        engine_log.loading = True
         split = [float(x) for x in args.tensor_split.split(",")] if args.tensor_split else None
         cache_type = _CACHE_TYPES[args.cache_type]
         llm = llama_cpp.Llama(
@@ -537,10 +624,14 @@ def main(argv: list[str] | None = None) -> int:
             "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
         }
     )
-    worker = Worker(llm, out, _Commands(sys.stdin.fileno()))
+    worker = Worker(llm, out, commands)
     worker.serve()
     out.close()
-    return 0
+    # Every event is written; nothing else in this process needs an orderly end. Skipping the
+    # interpreter's teardown (freeing the model, unloading modules) lets the process exit in
+    # milliseconds instead of ~100, which a reload waits for.
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

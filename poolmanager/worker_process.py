@@ -48,6 +48,71 @@ class WorkerExited:
     returncode: int | None
 
 
+class SpareWorker:
+    """A worker process started ahead of need: engine imported, GPUs' CUDA contexts created,
+    no model. ``WorkerProcess.spawn(spare=...)`` turns it into a pool's worker, which saves a
+    load the process start (about a second on a GPU machine)."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, warm_ms: float) -> None:
+        self._proc: asyncio.subprocess.Process | None = proc
+        self.warm_ms = warm_ms
+        """How long the spare took to start and warm up, in milliseconds."""
+
+    @property
+    def pid(self) -> int:
+        """Process id (0 once taken)."""
+        return self._proc.pid if self._proc is not None else 0
+
+    @property
+    def alive(self) -> bool:
+        """Whether the process is still there and not yet taken."""
+        return self._proc is not None and self._proc.returncode is None
+
+    @classmethod
+    async def spawn(
+        cls,
+        *,
+        gpu_devices: list[str],
+        env: Mapping[str, str],
+        start_timeout_s: float,
+        log_level: str = "INFO",
+    ) -> SpareWorker:
+        """Starts a spare for a pool on ``gpu_devices`` (empty: a CPU pool) and waits until it
+        is warm.
+
+        Raises:
+            WorkerStartError: it died or took too long.
+        """
+        args = [sys.executable, "-m", "poolmanager.worker", "--spare", "--log-level", log_level]
+        if gpu_devices:
+            args.append("--gpu")
+        proc = await _start(args, gpu_devices, env)
+        event = await _first_event(proc, start_timeout_s, "start a spare worker")
+        if event.get("ev") != "spare":
+            await _kill(proc)
+            raise WorkerStartError(f"spare worker sent {event} instead of being ready")
+        return cls(proc, float(event.get("warm_ms", 0.0)))
+
+    def take(self) -> asyncio.subprocess.Process:
+        """Hands the process over (once)."""
+        proc, self._proc = self._proc, None
+        assert proc is not None, "spare taken twice"
+        return proc
+
+    async def stop(self, grace_s: float) -> None:
+        """Closes its input (it exits), then kills it after ``grace_s``."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.stdin is not None and not proc.stdin.is_closing():
+            proc.stdin.close()
+        try:
+            async with asyncio.timeout(grace_s):
+                await proc.wait()
+        except TimeoutError:
+            await _kill(proc)
+
+
 class WorkerProcess:
     """One running worker."""
 
@@ -82,19 +147,15 @@ class WorkerProcess:
         token_batch_ms: float = 4.0,
         tensor_split: list[float] | None = None,
         cache_type: str = "f16",
+        spare: SpareWorker | None = None,
     ) -> WorkerProcess:
-        """Starts a worker and waits until its model is loaded.
+        """Starts a worker (in ``spare`` when one is given and alive) and waits until its model
+        is loaded.
 
         Raises:
             WorkerStartError: the model failed to load, the process died, or it took too long.
         """
-        child_env = dict(env)
-        # The pool's devices and nothing else; an empty value hides every GPU from a CPU pool.
-        child_env["CUDA_VISIBLE_DEVICES"] = ",".join(gpu_devices)
         args = [
-            sys.executable,
-            "-m",
-            "poolmanager.worker",
             "--model",
             model_path,
             "--n-ctx",
@@ -112,33 +173,15 @@ class WorkerProcess:
             args.append("--gpu")
         if tensor_split and len(tensor_split) > 1:
             args += ["--tensor-split", ",".join(f"{share:.4f}" for share in tensor_split)]
-        proc = await asyncio.create_subprocess_exec(
-            *args,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            env=child_env,
-            limit=_LINE_LIMIT,
-        )
-        assert proc.stdout is not None
-        try:
-            async with asyncio.timeout(start_timeout_s):  # not wait_for: see manager.wait_change
-                line = await proc.stdout.readline()
-        except TimeoutError:
-            await _kill(proc)
-            raise WorkerStartError(
-                f"worker did not load {model_path} within {start_timeout_s}s"
-            ) from None
-        except BaseException:  # cancelled while loading (shutdown): leave no orphan
-            await asyncio.shield(_kill(proc))
-            raise
-        if not line:
-            code = await proc.wait()
-            raise WorkerStartError(f"worker exited with code {code} while loading {model_path}")
-        try:
-            event = json.loads(line)
-        except ValueError:
-            await _kill(proc)
-            raise WorkerStartError(f"worker sent a malformed first line: {line[:200]!r}") from None
+        if spare is not None and spare.alive:
+            proc = spare.take()
+            assert proc.stdin is not None
+            proc.stdin.write(json.dumps({"op": "load", "argv": args}).encode() + b"\n")
+        else:
+            proc = await _start(
+                [sys.executable, "-m", "poolmanager.worker", *args], gpu_devices, env
+            )
+        event = await _first_event(proc, start_timeout_s, f"load {model_path}")
         if event.get("ev") != "ready":
             await proc.wait()
             raise WorkerStartError(
@@ -216,6 +259,49 @@ class WorkerProcess:
         for queue in self._executions.values():
             queue.put_nowait(marker)
         self._executions.clear()
+
+
+async def _start(
+    args: list[str], gpu_devices: list[str], env: Mapping[str, str]
+) -> asyncio.subprocess.Process:
+    child_env = dict(env)
+    # The pool's devices and nothing else; an empty value hides every GPU from a CPU pool.
+    child_env["CUDA_VISIBLE_DEVICES"] = ",".join(gpu_devices)
+    return await asyncio.create_subprocess_exec(
+        *args,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        env=child_env,
+        limit=_LINE_LIMIT,
+    )
+
+
+async def _first_event(
+    proc: asyncio.subprocess.Process, timeout_s: float, doing: str
+) -> dict[str, Any]:
+    """The worker's first event (ready, spare or load_failed); kills it on any failure."""
+    assert proc.stdout is not None
+    try:
+        async with asyncio.timeout(timeout_s):  # not wait_for: see manager.wait_change
+            line = await proc.stdout.readline()
+    except TimeoutError:
+        await _kill(proc)
+        raise WorkerStartError(f"worker did not {doing} within {timeout_s}s") from None
+    except BaseException:  # cancelled while loading (shutdown): leave no orphan
+        await asyncio.shield(_kill(proc))
+        raise
+    if not line:
+        code = await proc.wait()
+        raise WorkerStartError(f"worker exited with code {code} trying to {doing}")
+    try:
+        event = json.loads(line)
+    except ValueError:
+        await _kill(proc)
+        raise WorkerStartError(f"worker sent a malformed first line: {line[:200]!r}") from None
+    if not isinstance(event, dict):
+        await _kill(proc)
+        raise WorkerStartError(f"worker sent a malformed first line: {line[:200]!r}")
+    return event
 
 
 async def _kill(proc: asyncio.subprocess.Process) -> None:

@@ -8,6 +8,9 @@ Phases, each printing JSON lines (also appended to OUT/gpu_check.jsonl):
                /dev/shm), decode speed
   poolmanager  the pool manager itself on a GPU pool: VRAM-only refusal, Ready with the estimate
                and the measurement in the pool state, reload from disk vs from the staging cache
+  relay        bench/relay.py on GPU 0 (every layer offloaded) and on this machine's CPUs: what
+               the mesh adds to the first token and to decode speed against llama-cpp-python
+               called in-process
 """
 
 from __future__ import annotations
@@ -212,6 +215,17 @@ def phase_poolmanager() -> None:
     asyncio.run(_vram_refusal(paths["1g"]))
 
 
+def phase_relay() -> None:
+    for devices in ("0", "cpu"):
+        command = [sys.executable, "bench/relay.py", "--devices", devices]
+        bench = subprocess.run(command, capture_output=True, text=True, timeout=400)
+        lines = bench.stdout.strip().splitlines()
+        if bench.returncode == 0 and lines:
+            emit({"check": "relay_bench", **json.loads(lines[-1])})
+        else:
+            emit({"check": "relay_bench", "devices": devices, "error": bench.stderr[-3000:]})
+
+
 async def _vram_refusal(model: Path) -> None:
     """Fills the GPU until the 1 GiB model cannot fit, asks for it, then frees and asks again."""
     import torch
@@ -276,7 +290,7 @@ def main() -> int:
     child.add_argument("--model", required=True)
     child.add_argument("--n-ctx", type=int, default=512)
     parser.add_argument("--out", type=Path, default=Path("gpu-check-out"))
-    parser.add_argument("--phases", default="nvml,engine,poolmanager")
+    parser.add_argument("--phases", default="nvml,engine,poolmanager,relay")
     args = parser.parse_args()
     if args.cmd == "probe-load":
         probe_load(args)
@@ -284,7 +298,12 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     _OUT["file"] = args.out / "gpu_check.jsonl"
     WORK.mkdir(parents=True, exist_ok=True)
-    phases = {"nvml": phase_nvml, "engine": phase_engine, "poolmanager": phase_poolmanager}
+    phases = {
+        "nvml": phase_nvml,
+        "engine": phase_engine,
+        "poolmanager": phase_poolmanager,
+        "relay": phase_relay,
+    }
     for phase in args.phases.split(","):
         if phase not in phases:
             emit({"check": "phase", "phase": phase, "skipped": "not in this version"})

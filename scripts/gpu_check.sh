@@ -5,7 +5,7 @@
 # refusal, and reload timings from disk and from the RAM staging cache. See docs/operators.md.
 #
 #   scripts/gpu_check.sh [--sdist PATH | --engine-wheel PATH] [--wheels DIR] [--out DIR]
-#                        [--phases nvml,engine,poolmanager]
+#                        [--phases nvml,engine,poolmanager,relay]
 #
 #   --sdist PATH         build llama-cpp-python with CUDA from this source archive (no network)
 #   --engine-wheel PATH  install this CUDA build instead of building one
@@ -17,7 +17,7 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
-SDIST="" ENGINE_WHEEL="" ENGINE_ARCHIVE="" WHEELS="" OUT_DIR="$PWD/gpu-check-out" PHASES="nvml,engine,poolmanager"
+SDIST="" ENGINE_WHEEL="" ENGINE_ARCHIVE="" WHEELS="" OUT_DIR="$PWD/gpu-check-out" PHASES="nvml,engine,poolmanager,relay"
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --sdist) SDIST="$2"; shift 2 ;;

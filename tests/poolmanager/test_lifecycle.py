@@ -323,3 +323,74 @@ async def test_staging_never_evicts_the_loaded_model(
     pm.staging.budget_bytes = 10 * pm.staging.staged_bytes
     await pm.reload("p0", "other-llama", deadline_s=5)
     assert await pm.unstage("tiny-llama") is True
+
+
+async def wait_spare(pm: PoolManager, pool_id: str = "p0", timeout_s: float = 30) -> int:
+    end = time.monotonic() + timeout_s
+    while not pm.pools[pool_id].spare_ready:
+        assert time.monotonic() < end, "no spare worker became ready"
+        await pm.wait_change(pm.version, 0.2)
+    spare = pm.pools[pool_id].spare
+    assert spare is not None
+    return spare.pid
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); a reaped process does not exist at all.
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().split(") ")[1][0] != "Z"
+
+
+async def test_reloads_and_restarts_take_the_warm_spare_and_a_new_one_follows(
+    pm: PoolManager,
+) -> None:
+    pool = pm.pools["p0"]
+    assert not pool.loaded_in_spare  # the first worker had no spare to take
+    spare_pid = await wait_spare(pm)
+    await pm.reload("p0", "other-llama", deadline_s=5)
+    assert pool.worker is not None and pool.worker.pid == spare_pid
+    assert pool.loaded_in_spare and pool.model_id == "other-llama"
+    tokens, _ = await run(pm, spec("other-llama", max_tokens=3))
+    assert tokens == 3
+    # A crash restart takes the next spare too.
+    next_spare = await wait_spare(pm)
+    assert next_spare != spare_pid
+    os.kill(spare_pid, signal.SIGKILL)
+    await wait_state(pm, "p0", PoolState.LOADING, 5)
+    await wait_state(pm, "p0", PoolState.READY, 30)
+    assert pool.worker is not None and pool.worker.pid == next_spare and pool.loaded_in_spare
+
+
+async def test_a_dead_spare_is_passed_over_and_stop_leaves_no_spare(
+    tmp_path: Path, models: dict[str, Path]
+) -> None:
+    manager = make_manager(tmp_path, models)
+    await manager.start()
+    try:
+        assert await manager.wait_ready(30)
+        dead = await wait_spare(manager)
+        os.kill(dead, signal.SIGKILL)
+        while alive(dead):
+            await asyncio.sleep(0.02)
+        await manager.reload("p0", "other-llama", deadline_s=5)
+        pool = manager.pools["p0"]
+        assert not pool.loaded_in_spare and pool.worker is not None and pool.worker.pid != dead
+        last = await wait_spare(manager)
+    finally:
+        await manager.stop()
+    assert not alive(last)
+
+
+async def test_spares_can_be_turned_off(tmp_path: Path, models: dict[str, Path]) -> None:
+    manager = make_manager(tmp_path, models, spare_workers=False)
+    await manager.start()
+    try:
+        assert await manager.wait_ready(30)
+        await asyncio.sleep(1.0)  # time enough for a spare to have started, were it wanted
+        assert manager.pools["p0"].spare is None and manager.pools["p0"].spare_task is None
+    finally:
+        await manager.stop()
