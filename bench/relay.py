@@ -21,6 +21,10 @@ Python hop, so this measures the relay). ``mesh-grpc`` shows what one more gRPC 
 
 from __future__ import annotations
 
+# llama_cpp before anything that loads numpy's libraries: with the CUDA build, a process that
+# imported numpy first crashed inside llama_model_load_from_file (measured on the GPU machine).
+import llama_cpp  # isort: skip
+
 import argparse
 import asyncio
 import codecs
@@ -28,6 +32,7 @@ import gc
 import json
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -38,7 +43,7 @@ from homeprofile import start_home, stop_home  # bench/homeprofile.py, beside th
 from llorch.common.v1 import common_pb2
 from llorch.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
-from provisioners.tiny_model import TinyModelSpec, write_tiny_model
+from provisioners.tiny_model import TinyModelSpec
 
 # Mesh variants: the home profile as shipped, and with orchestrator → pool manager over gRPC.
 MESHES = {"mesh": True, "mesh-grpc": False}
@@ -71,8 +76,6 @@ class Direct:
 
     def __init__(self, path: Path, threads: int, devices: list[str]) -> None:
         import os
-
-        import llama_cpp
 
         gpu = devices != ["cpu"]
         if gpu:  # the worker sees only its pool's GPUs; so does this process
@@ -188,6 +191,24 @@ def summarize(runs: list[Run]) -> dict[str, float]:
     }
 
 
+_WRITE_MODEL = """
+import sys
+from pathlib import Path
+from provisioners.tiny_model import TinyModelSpec, write_tiny_model
+spec = TinyModelSpec.bench() if sys.argv[2] == "170m" else TinyModelSpec()
+write_tiny_model(Path(sys.argv[1]), spec)
+"""
+
+
+def write_model(path: Path, key: str) -> Path:
+    """Generates a case's model in a child process. Generating it here (gguf and numpy) and then
+    loading it with a CUDA build of llama-cpp-python in this same process crashed the process
+    inside llama_model_load_from_file on the GPU machine; the direct path must own a clean
+    process."""
+    subprocess.run([sys.executable, "-c", _WRITE_MODEL, str(path), key], check=True)
+    return path
+
+
 def start_mesh(
     data_dir: Path,
     models: dict[str, Path],
@@ -229,9 +250,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="llorch-bench-") as tmp:
         tmp_path = Path(tmp)
-        paths = {
-            c.model_id: write_tiny_model(tmp_path / f"{c.model_id}.gguf", c.spec) for c in cases
-        }
+        paths = {c.model_id: write_model(tmp_path / f"{c.model_id}.gguf", c.key) for c in cases}
         results: dict[str, dict[str, object]] = {}
         procs: list[subprocess.Popen[str]] = []
         try:

@@ -223,7 +223,15 @@ def phase_relay() -> None:
         if bench.returncode == 0 and lines:
             emit({"check": "relay_bench", **json.loads(lines[-1])})
         else:
-            emit({"check": "relay_bench", "devices": devices, "error": bench.stderr[-3000:]})
+            emit(
+                {
+                    "check": "relay_bench",
+                    "devices": devices,
+                    "returncode": bench.returncode,
+                    "stdout": bench.stdout[-2000:],
+                    "error": bench.stderr[-3000:],
+                }
+            )
 
 
 async def _vram_refusal(model: Path) -> None:
