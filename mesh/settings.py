@@ -58,6 +58,9 @@ class PoolSettings(BaseModel):
     """CPU threads for decoding; 0 lets llama.cpp choose."""
     cache_type: Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"] = "f16"
     """Element type of the KV cache; the VRAM estimate counts it."""
+    swappable: bool = True
+    """The orchestrator may load another model into this pool when queued tasks want a model
+    no pool holds (only while the pool is idle and no queued task wants its model)."""
     token_batch_ms: float = Field(default=4.0, ge=0, le=100)
     """Longest a generated token waits to travel with the ones after it (the first token of an
     execution never waits; 0 sends every token alone). Each message costs every hop of the mesh
@@ -176,6 +179,9 @@ class OrchestratorSettings(BaseModel):
     """How long a finished task stays readable with GetTask and StreamTask."""
     max_attempts: int = Field(default=3, ge=1, le=20)
     """Placements a task gets when its pool fails before the first token (then it fails)."""
+    swap_failure_cooldown_s: float = Field(default=60.0, ge=0, le=86_400)
+    """After loading a model into a pool on demand failed, how long that pool is not tried for
+    that model again (queued tasks with no other pool fail with the load's error)."""
     journal: bool = True
     """Keep the task journal, so accepted tasks survive a restart (off: memory only)."""
     journal_path: Path | None = None

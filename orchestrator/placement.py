@@ -4,10 +4,11 @@
 
 - pinned elsewhere or avoided by the request; failed, unreachable or draining;
 - its context is smaller than the task needs;
-- it holds another model and cannot take this one: it cannot load models, the model does not
-  fit its VRAM whole (weights + KV cache + overhead; never partially), it has work in flight
-  (a busy model is never evicted), or other queued tasks still want its model (same-model tasks
-  are grouped) and this task has not yet waited past the swap starvation bound.
+- it holds another model and cannot take this one: it cannot load models, loading this model
+  there failed recently, the model does not fit its VRAM whole (weights + KV cache + overhead;
+  never partially), it has work in flight (a busy model is never evicted), or other queued tasks
+  still want its model (same-model tasks are grouped) and this task has not yet waited past the
+  swap starvation bound.
 
 Then it scores what is left: where the model's bytes are (loaded in the pool > staged in the
 node's RAM > on the node's disk > must be fetched), then load (filled slots per slot, then most free
@@ -102,6 +103,8 @@ class PlacementInput:
     """How long the task has been queued."""
     demand: Mapping[str, int] = field(default_factory=dict)
     """Other queued tasks per model: a pool whose model is still wanted is not swapped away."""
+    failed_loads: Mapping[str, str] = field(default_factory=dict)
+    """Pools (keys) where loading this model failed recently, with the error: not tried again."""
     swap_starvation_s: Mapping[Priority, float] = field(
         default_factory=lambda: {Priority.INTERACTIVE: 10.0, Priority.BATCH: 60.0}
     )
@@ -129,6 +132,8 @@ class PlacementDecision:
     eta_ms: int = 0
     """WAIT only: when a pool is expected to be able to take the task (0: unknown)."""
     excluded: dict[str, str] = field(default_factory=dict)
+    error_reason: str = "NO_POOL_FOR_MODEL"
+    """REJECT only: the machine-readable reason (MODEL_LOAD_FAILED when loads were tried)."""
 
 
 def _matches(pool: PoolView, names: frozenset[str]) -> bool:
@@ -166,6 +171,9 @@ def decide(inp: PlacementInput) -> PlacementDecision:
         holds = pool.model_id == model
         if not holds and not pool.can_load:
             excluded[key] = f"holds model {pool.model_id} and cannot load another"
+            continue
+        if not holds and key in inp.failed_loads:
+            excluded[key] = f"loading model {model} here failed: {inp.failed_loads[key]}"
             continue
         if pool.n_ctx and pool.n_ctx < inp.tokens_needed:
             excluded[key] = f"context {pool.n_ctx} < {inp.tokens_needed} tokens needed"
@@ -234,15 +242,22 @@ def decide(inp: PlacementInput) -> PlacementDecision:
         return PlacementDecision(
             Outcome.WAIT, reason=_wait_reason(inp, excluded), eta_ms=eta, excluded=excluded
         )
+    error_reason = "NO_POOL_FOR_MODEL"
     if inp.pin_pools and not any(_matches(p, inp.pin_pools) for p in inp.pools):
         reason = "no pool matches the pinned pools " + ", ".join(sorted(inp.pin_pools))
+    elif any(k in inp.failed_loads for k in excluded):
+        key = min(k for k in excluded if k in inp.failed_loads)
+        reason = f"model {model} could not be loaded on pool {key}: {inp.failed_loads[key]}"
+        error_reason = "MODEL_LOAD_FAILED"
     elif any(p.model_id == model for p in inp.pools) and all(
         p.failed for p in inp.pools if p.model_id == model
     ):
         reason = f"every pool serving model {model} has failed"
     else:
         reason = f"no pool serves model {model}"
-    return PlacementDecision(Outcome.REJECT, reason=reason, excluded=excluded)
+    return PlacementDecision(
+        Outcome.REJECT, reason=reason, excluded=excluded, error_reason=error_reason
+    )
 
 
 def _earliest(current: int, candidate: int) -> int:

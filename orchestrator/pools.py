@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import grpc
@@ -66,7 +66,8 @@ class PoolRegistry:
             self._nodes.append(_Node(address, channel, stub))
         self._in_flight: dict[str, int] = {}
         self._drained: set[str] = set()  # pools an operator took out of placement
-        self._changing: set[str] = set()  # pools whose model an operator is changing
+        # Pools whose model is being changed (by an operator, or on demand), and to what.
+        self._changing: dict[str, str] = {}
         self._on_change: Callable[[], None] = lambda: None
 
     async def start(self, on_change: Callable[[], None]) -> None:
@@ -93,27 +94,30 @@ class PoolRegistry:
             for pool in node.pools:
                 key = f"{node.node_id}/{pool.pool_id}"
                 gpus = [g for g in node.gpus if str(g.index) in pool.devices]
-                out.append(
-                    PoolView(
-                        node_id=node.node_id,
-                        pool_id=pool.pool_id,
-                        model_id=pool.model_id,
-                        ready=pool.state == poolmanager_pb2.POOL_STATE_READY,
-                        reachable=node.reachable,
-                        slots_total=pool.slots_total,
-                        in_flight=self._in_flight.get(key, 0),
-                        n_ctx=pool.n_ctx,
-                        engine_version=pool.engine_version,
-                        failed=pool.state == poolmanager_pb2.POOL_STATE_FAILED,
-                        draining=pool.state == poolmanager_pb2.POOL_STATE_DRAINING
-                        or key in self._drained
-                        or key in self._changing,
-                        unloaded=pool.state == poolmanager_pb2.POOL_STATE_UNLOADED,
-                        gpu=any(d != "cpu" for d in pool.devices),
-                        vram_total_bytes=sum(g.vram_total_bytes for g in gpus),
-                        vram_free_bytes=sum(g.vram_free_bytes for g in gpus),
-                    )
+                view = PoolView(
+                    node_id=node.node_id,
+                    pool_id=pool.pool_id,
+                    model_id=pool.model_id,
+                    ready=pool.state == poolmanager_pb2.POOL_STATE_READY,
+                    reachable=node.reachable,
+                    slots_total=pool.slots_total,
+                    in_flight=self._in_flight.get(key, 0),
+                    n_ctx=pool.n_ctx,
+                    engine_version=pool.engine_version,
+                    failed=pool.state == poolmanager_pb2.POOL_STATE_FAILED,
+                    draining=pool.state == poolmanager_pb2.POOL_STATE_DRAINING
+                    or key in self._drained,
+                    unloaded=pool.state == poolmanager_pb2.POOL_STATE_UNLOADED,
+                    can_load=pool.can_load,
+                    gpu=any(d != "cpu" for d in pool.devices),
+                    vram_total_bytes=sum(g.vram_total_bytes for g in gpus),
+                    vram_free_bytes=sum(g.vram_free_bytes for g in gpus),
                 )
+                target = self._changing.get(key)
+                if target is not None:
+                    # Loading the target: placement waits for it rather than swapping elsewhere.
+                    view = replace(view, model_id=target, ready=False, failed=False, unloaded=False)
+                out.append(view)
         return tuple(out)
 
     def acquire(self, pool: PoolView) -> None:
@@ -138,13 +142,18 @@ class PoolRegistry:
         else:
             self._drained.discard(key)
 
-    def set_changing(self, key: str, changing: bool) -> None:
-        """Takes the pool ``node/pool`` out of placement while an operator changes its model."""
-        if changing:
-            self._changing.add(key)
+    def set_changing(self, key: str, model_id: str | None) -> None:
+        """Marks the pool ``node/pool`` as loading ``model_id`` (placement sees it loading that
+        model and places nothing on it), or, with None, ends the mark."""
+        if model_id is not None:
+            self._changing[key] = model_id
         else:
-            self._changing.discard(key)
+            self._changing.pop(key, None)
         self._on_change()
+
+    def changing(self, key: str) -> bool:
+        """Whether the pool's model is being changed."""
+        return key in self._changing
 
     def update_pool(self, node_id: str, pool: poolmanager_pb2.Pool) -> None:
         """Takes a pool's state from an answer of its pool manager (its watch stream sends the

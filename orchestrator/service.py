@@ -134,6 +134,10 @@ class Orchestrator:
         self._dispatcher: asyncio.Task[None] | None = None
         self._last_sweep = 0.0
         self._deadline_timer: asyncio.TimerHandle | None = None
+        # Models being loaded into pools on demand, by pool key; and loads that failed:
+        # (pool key, model) → (until when the pool is not tried again for the model, error).
+        self._swaps: dict[str, asyncio.Task[None]] = {}
+        self._failed_loads: dict[tuple[str, str], tuple[float, str]] = {}
 
     async def start(self) -> None:
         """Recovers journaled tasks, connects to the pool managers and starts dispatching."""
@@ -160,7 +164,7 @@ class Orchestrator:
             task.observer = None
         for task in list(self._tasks.values()):
             self._end(task, shutdown)
-        relays = list(self._relays.values())
+        relays = list(self._relays.values()) + list(self._swaps.values())
         for relay in relays:
             relay.cancel()
         await asyncio.gather(*relays, return_exceptions=True)
@@ -197,7 +201,7 @@ class Orchestrator:
             )
         all_views = self._registry.views()
         views = [v for v in all_views if v.model_id == spec.model_id]
-        if all_views and not views:
+        if all_views and not views and not any(v.can_load for v in all_views):
             raise FailedPreconditionError(
                 f"no pool serves model {spec.model_id}", reason="NO_POOL_FOR_MODEL"
             )
@@ -431,18 +435,52 @@ class Orchestrator:
             )
         return view, action, previous
 
+    def _swap(self, pool: PoolView, model_id: str) -> None:
+        """Loads ``model_id`` into an idle pool on demand (ReloadPool through its manager)."""
+        key = pool.key
+        self._registry.set_changing(key, model_id)
+        _log.info(
+            "loading a model on demand",
+            extra={"pool": key, "model": model_id, "replaces": pool.model_id},
+        )
+        request = poolmanager_pb2.ReloadPoolRequest(
+            pool_id=pool.pool_id, model_id=model_id, deadline_ms=0
+        )
+        swap = asyncio.get_running_loop().create_task(
+            self._run_swap(pool, model_id, request), name=f"swap-{key}"
+        )
+        self._swaps[key] = swap
+        swap.add_done_callback(lambda _: self._swaps.pop(key, None))
+
+    async def _run_swap(
+        self, pool: PoolView, model_id: str, request: poolmanager_pb2.ReloadPoolRequest
+    ) -> None:
+        try:
+            await self._pool_call(pool.node_id, pool.pool_id, "ReloadPool", request)
+        except LlorchError as exc:
+            now = self._clock()
+            self._failed_loads = {
+                k: v for k, v in self._failed_loads.items() if v[0] > now
+            }  # forget what has cooled down
+            cooldown = self._settings.swap_failure_cooldown_s
+            self._failed_loads[(pool.key, model_id)] = (now + cooldown, exc.message)
+            _log.warning(
+                "loading a model on demand failed: %s",
+                exc.message,
+                extra={"pool": pool.key, "model": model_id, "reason": exc.reason},
+            )
+        self._wake.set()
+
     async def _check_loadable(self, model_id: str) -> None:
         info = await self._catalog.model_info(model_id)
         if not info.active:
             raise FailedPreconditionError(f"model {model_id} is retired", reason="MODEL_RETIRED")
 
-    async def _pool_call(
-        self, node_id: str, pool_id: str, method: str, request: object
-    ) -> Any:
+    async def _pool_call(self, node_id: str, pool_id: str, method: str, request: object) -> Any:
         """Calls a lifecycle RPC of a pool's manager with the pool out of placement meanwhile,
         and takes the pool state it answers with."""
         key = f"{node_id}/{pool_id}"
-        self._registry.set_changing(key, True)
+        self._registry.set_changing(key, getattr(request, "model_id", "") or None)
         try:
             response = await getattr(self._registry.stub(node_id), method)(request)
         except grpc.aio.AioRpcError as err:
@@ -454,7 +492,7 @@ class Orchestrator:
                 ) from None
             raise from_rpc_error(err) from None
         finally:
-            self._registry.set_changing(key, False)
+            self._registry.set_changing(key, None)
             self._wake.set()
         self._registry.update_pool(node_id, response.pool)
         return response
@@ -539,12 +577,18 @@ class Orchestrator:
             self._note_placement(task, decision)
             if decision.outcome is Outcome.REJECT and views:
                 self._end(
-                    task, FailedPreconditionError(decision.reason, reason="NO_POOL_FOR_MODEL")
+                    task, FailedPreconditionError(decision.reason, reason=decision.error_reason)
                 )
-            elif decision.outcome is Outcome.ASSIGN and decision.load:
-                # Unreachable until pool managers can load models on demand: no pool reports
-                # can_load yet, so placement never proposes a swap.
-                _log.error("placement proposed a swap, which pool managers cannot do yet")
+            elif decision.outcome is Outcome.ASSIGN and decision.load and decision.pool:
+                # The task stays queued; once the pool is ready with its model it is placed.
+                model_id = task.spec.model_id
+                self._swap(decision.pool, model_id)
+                views = [
+                    replace(v, model_id=model_id, ready=False) if v.key == decision.pool.key else v
+                    for v in views
+                ]
+                memo.clear()
+                open_models = self._open_models(views)
             elif decision.outcome is Outcome.ASSIGN and decision.pool is not None:
                 pool = decision.pool
                 self._start(task, pool, now)
@@ -597,7 +641,8 @@ class Orchestrator:
                 if decision.outcome is Outcome.REJECT:
                     self._note_placement(task, decision)
                     self._end(
-                        task, FailedPreconditionError(decision.reason, reason="NO_POOL_FOR_MODEL")
+                        task,
+                        FailedPreconditionError(decision.reason, reason=decision.error_reason),
                     )
 
     def _expire(self, now: float) -> None:
@@ -613,11 +658,17 @@ class Orchestrator:
                     ),
                 )
 
-    @staticmethod
     def _placement_input(
-        task: Task, views: list[PoolView], demand: Mapping[str, int], now: float
+        self, task: Task, views: list[PoolView], demand: Mapping[str, int], now: float
     ) -> PlacementInput:
+        model_id = task.spec.model_id
+        failed_loads = {
+            key: error
+            for (key, model), (until, error) in self._failed_loads.items()
+            if model == model_id and until > now
+        }
         return PlacementInput(
+            failed_loads=failed_loads,
             model_id=task.spec.model_id,
             tokens_needed=task.spec.sampling.max_tokens + 1,
             pools=tuple(views),

@@ -186,6 +186,7 @@ def pool_to_pb(manager: PoolManager, p: Pool) -> poolmanager_pb2.Pool:
         breaker_open=p.breaker_open,
         spare_ready=p.spare_ready,
         loaded_in_spare=p.loaded_in_spare,
+        can_load=p.settings.swappable,
     )
 
 

@@ -53,12 +53,16 @@ class Mesh:
 
 
 async def start_mesh(
-    data_dir: Path, model_path: Path, link: str = "grpc", **orchestrator_overrides: object
+    data_dir: Path,
+    model_path: Path,
+    link: str = "grpc",
+    pool: dict[str, object] | None = None,
+    **orchestrator_overrides: object,
 ) -> Mesh:
     """Starts the three services in this event loop, each on its own ephemeral port.
 
     ``link`` is how the orchestrator reaches the pool manager: ``grpc`` (as between machines) or
-    ``local`` (in-process, as the home profile does).
+    ``local`` (in-process, as the home profile does). ``pool`` adds settings of the one pool.
     """
     settings = Settings(data_dir=data_dir, listen="127.0.0.1:0")
     catalog = await start_catalog(settings)
@@ -70,7 +74,14 @@ async def start_mesh(
     pm = await start_pool_manager(
         PoolManagerSettings(
             catalog=catalog.address,
-            pools=[PoolSettings(pool_id="cpu-0", model_id=DEFAULT_MODEL_ID, n_threads=1)],
+            pools=[
+                PoolSettings(
+                    pool_id="cpu-0",
+                    model_id=DEFAULT_MODEL_ID,
+                    n_threads=1,
+                    **(pool or {}),  # type: ignore[arg-type]
+                )
+            ],
         ),
         dict(os.environ),
     )

@@ -6,12 +6,20 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
+from llorch.catalog.v1 import catalog_pb2_grpc
 from llorch.common.v1 import common_pb2
 from llorch.orchestrator.v1 import orchestrator_pb2
+
+from mesh.server import open_channel
+from provisioners.models import register_local_file
+
+if TYPE_CHECKING:
+    from tests.conftest import Mesh
 
 
 def generate_request(
@@ -101,3 +109,17 @@ def start_llorch(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen
     line = proc.stdout.readline()
     assert line.startswith("llorch ready: "), line
     return proc, line.split()[3]
+
+
+async def register_model(mesh: Mesh, model_id: str, path: Path) -> None:
+    """Registers a GGUF file of the mesh's node in its catalog."""
+    channel = open_channel(mesh.catalog.address)
+    try:
+        await register_local_file(
+            catalog_pb2_grpc.CatalogServiceStub(channel),
+            model_id,
+            path,
+            mesh.pool_manager.manager.node_id,
+        )
+    finally:
+        await channel.close()

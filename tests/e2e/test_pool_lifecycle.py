@@ -7,27 +7,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from llorch.catalog.v1 import catalog_pb2_grpc
 from llorch.poolmanager.v1 import poolmanager_pb2, poolmanager_pb2_grpc
 
-from mesh.server import open_channel
-from provisioners.models import register_local_file
 from provisioners.tiny_model import TinyModelSpec, write_tiny_model
 from tests.conftest import Mesh
-from tests.e2e.helpers import collect, error_details, generate_request
-
-
-async def _register(mesh: Mesh, model_id: str, path: Path) -> None:
-    channel = open_channel(mesh.catalog.address)
-    try:
-        await register_local_file(
-            catalog_pb2_grpc.CatalogServiceStub(channel),
-            model_id,
-            path,
-            mesh.pool_manager.manager.node_id,
-        )
-    finally:
-        await channel.close()
+from tests.e2e.helpers import collect, error_details, generate_request, register_model
 
 
 def _stub(mesh: Mesh) -> tuple[grpc.aio.Channel, poolmanager_pb2_grpc.PoolManagerServiceStub]:
@@ -38,7 +22,7 @@ def _stub(mesh: Mesh) -> tuple[grpc.aio.Channel, poolmanager_pb2_grpc.PoolManage
 async def test_reload_moves_the_pool_and_the_orchestrator_follows(
     mesh: Mesh, tmp_path: Path
 ) -> None:
-    await _register(
+    await register_model(
         mesh, "other-llama", write_tiny_model(tmp_path / "o.gguf", TinyModelSpec(seed=9))
     )
     channel, pm = _stub(mesh)

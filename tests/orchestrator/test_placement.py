@@ -264,6 +264,26 @@ def test_swap_prefers_staged_then_disk_then_fetch() -> None:
     assert decision.pool == fetch and decision.locality is Locality.FETCH
 
 
+def test_a_pool_where_the_model_failed_to_load_is_not_tried_again() -> None:
+    failed = gpu_pool("a", "other")
+    other = gpu_pool("b", "other", vram_free_bytes=0)
+    decision = place(failed, other, failed_loads={"n1/a": "llama.cpp refused the file"})
+    assert decision.pool == other and decision.load
+    assert decision.excluded["n1/a"] == (
+        f"loading model {MODEL} here failed: llama.cpp refused the file"
+    )
+    # The only pool failed: the task is rejected with the load's error, not left waiting.
+    alone = place(failed, failed_loads={"n1/a": "llama.cpp refused the file"})
+    assert alone.outcome is Outcome.REJECT
+    assert alone.error_reason == "MODEL_LOAD_FAILED"
+    assert alone.reason == (
+        f"model {MODEL} could not be loaded on pool n1/a: llama.cpp refused the file"
+    )
+    # A pool holding the model is unaffected by a failed load elsewhere or of itself.
+    warm = gpu_pool("a", MODEL)
+    assert place(warm, failed_loads={"n1/a": "x"}).pool == warm
+
+
 def test_a_busy_model_is_never_evicted() -> None:
     busy = gpu_pool("p0", "other", in_flight=1, eta_free_ms=800)
     decision = place(busy, swap_waited_s=1_000.0)
@@ -372,6 +392,9 @@ def placement_inputs(draw: st.DrawFn) -> PlacementInput:
         vram_needed_bytes=draw(st.sampled_from([0, 6 * GIB, 10 * GIB, 20 * GIB])),
         waited_s=draw(st.sampled_from([0.0, 5.0, 100.0])),
         demand={m: draw(st.integers(0, 2)) for m in MODELS},
+        failed_loads={
+            k: "refused" for k in draw(st.sets(st.sampled_from([p.key for p in pools] or ["x"])))
+        },
     )
 
 
@@ -427,6 +450,7 @@ def test_decide_invariants(inp: PlacementInput) -> None:
         assert chosen.can_load and chosen.in_flight == 0
         assert chosen.model_id != inp.model_id
         assert not chosen.gpu or inp.vram_needed_bytes <= chosen.vram_total_bytes
+        assert chosen.key not in inp.failed_loads  # a failed load is not tried again
     else:
         # Prefers warm, least loaded.
         assert chosen.model_id == inp.model_id and chosen.slots_free > 0

@@ -106,7 +106,7 @@ class StagedModel(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., size_bytes: _Optional[int] = ..., in_use: _Optional[bool] = ...) -> None: ...
 
 class Pool(_message.Message):
-    __slots__ = ("pool_id", "state", "model_id", "engine_version", "devices", "slots_total", "slots_free", "n_ctx", "last_error", "cpu_only", "vram_estimate_bytes", "vram_measured_bytes", "load_ms", "loaded_from", "restarts", "breaker_open", "spare_ready", "loaded_in_spare")
+    __slots__ = ("pool_id", "state", "model_id", "engine_version", "devices", "slots_total", "slots_free", "n_ctx", "last_error", "cpu_only", "vram_estimate_bytes", "vram_measured_bytes", "load_ms", "loaded_from", "restarts", "breaker_open", "spare_ready", "loaded_in_spare", "can_load")
     POOL_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
@@ -125,6 +125,7 @@ class Pool(_message.Message):
     BREAKER_OPEN_FIELD_NUMBER: _ClassVar[int]
     SPARE_READY_FIELD_NUMBER: _ClassVar[int]
     LOADED_IN_SPARE_FIELD_NUMBER: _ClassVar[int]
+    CAN_LOAD_FIELD_NUMBER: _ClassVar[int]
     pool_id: str
     state: PoolState
     model_id: str
@@ -143,7 +144,8 @@ class Pool(_message.Message):
     breaker_open: bool
     spare_ready: bool
     loaded_in_spare: bool
-    def __init__(self, pool_id: _Optional[str] = ..., state: _Optional[_Union[PoolState, str]] = ..., model_id: _Optional[str] = ..., engine_version: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., slots_total: _Optional[int] = ..., slots_free: _Optional[int] = ..., n_ctx: _Optional[int] = ..., last_error: _Optional[str] = ..., cpu_only: _Optional[bool] = ..., vram_estimate_bytes: _Optional[int] = ..., vram_measured_bytes: _Optional[int] = ..., load_ms: _Optional[float] = ..., loaded_from: _Optional[str] = ..., restarts: _Optional[int] = ..., breaker_open: _Optional[bool] = ..., spare_ready: _Optional[bool] = ..., loaded_in_spare: _Optional[bool] = ...) -> None: ...
+    can_load: bool
+    def __init__(self, pool_id: _Optional[str] = ..., state: _Optional[_Union[PoolState, str]] = ..., model_id: _Optional[str] = ..., engine_version: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., slots_total: _Optional[int] = ..., slots_free: _Optional[int] = ..., n_ctx: _Optional[int] = ..., last_error: _Optional[str] = ..., cpu_only: _Optional[bool] = ..., vram_estimate_bytes: _Optional[int] = ..., vram_measured_bytes: _Optional[int] = ..., load_ms: _Optional[float] = ..., loaded_from: _Optional[str] = ..., restarts: _Optional[int] = ..., breaker_open: _Optional[bool] = ..., spare_ready: _Optional[bool] = ..., loaded_in_spare: _Optional[bool] = ..., can_load: _Optional[bool] = ...) -> None: ...
 
 class PreloadPoolRequest(_message.Message):
     __slots__ = ("pool_id", "model_id")
