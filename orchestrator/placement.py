@@ -27,6 +27,14 @@ from dataclasses import dataclass, field
 
 from orchestrator.tasks import Priority
 
+SWAP_STARVATION_S: Mapping[Priority, float] = {Priority.INTERACTIVE: 10.0, Priority.BATCH: 60.0}
+"""Default: after this long in the queue a task may swap a pool whose model others still want."""
+
+
+def is_starving(priority: Priority, waited_s: float) -> bool:
+    """Whether a task has waited past the default swap starvation bound."""
+    return waited_s >= SWAP_STARVATION_S.get(priority, 0.0)
+
 
 class Locality(enum.IntEnum):
     """Where a pool's node has a model's bytes; lower is faster to serve from."""
@@ -106,7 +114,7 @@ class PlacementInput:
     failed_loads: Mapping[str, str] = field(default_factory=dict)
     """Pools (keys) where loading this model failed recently, with the error: not tried again."""
     swap_starvation_s: Mapping[Priority, float] = field(
-        default_factory=lambda: {Priority.INTERACTIVE: 10.0, Priority.BATCH: 60.0}
+        default_factory=lambda: dict(SWAP_STARVATION_S)
     )
     """After this long in the queue a task may swap a pool whose model other tasks still want."""
 

@@ -53,6 +53,7 @@ from orchestrator.placement import (
     PreloadAction,
     choose_preload,
     decide,
+    is_starving,
     preload_action,
 )
 from orchestrator.pools import PoolRegistry
@@ -260,7 +261,9 @@ class Orchestrator:
         # whole queue per submit); otherwise the pass below corrects it.
         task.set_queued(position, self._predict_next(task, now))
         open_models = self._open_models(self._registry.views())
-        if open_models is None or spec.model_id in open_models:
+        if (open_models is not None and spec.model_id in open_models) or (
+            open_models is None and self._could_start(task, now)
+        ):
             # Place it now rather than on the dispatcher's next turn: one loop iteration less
             # before the first token when a slot is free.
             self._dispatch_once()
@@ -559,10 +562,11 @@ class Orchestrator:
         views = self._views(now)
         open_models = self._open_models(views)
         swaps = open_models is None
-        demand: Counter[str] = Counter(t.spec.model_id for t in self._queue) if swaps else Counter()
-        # Without swaps a decision depends only on the task's model and context: tasks alike
-        # share one decision until an assignment changes the pools (kept for submits between
-        # passes).
+        demand: Counter[str] = Counter(self._demand() if swaps else {})
+        # A decision depends only on the task's model and context, and where swaps are
+        # possible on whether the task waited past the swap starvation bound: tasks alike share
+        # one decision until an assignment or a swap changes the pools (kept for submits
+        # between passes).
         memo = self._memo = {}
 
         def still_open(model_id: str) -> bool:
@@ -570,7 +574,9 @@ class Orchestrator:
 
         for task in self._placeable(open_models, still_open):
             key = _placement_key(task)
-            decision = None if swaps else memo.get(key)
+            if swaps:
+                key = (*key, is_starving(task.spec.priority, now - task.created))
+            decision = memo.get(key)
             if decision is None:
                 decision = decide(self._placement_input(task, views, demand, now))
                 memo[key] = decision
@@ -658,6 +664,18 @@ class Orchestrator:
                     ),
                 )
 
+    def _demand(self) -> dict[str, int]:
+        """Queued tasks per model."""
+        return {m: self._queue.count(m) for m in self._queue.models()}
+
+    def _could_start(self, task: Task, now: float) -> bool:
+        """Whether placement would start (or swap a pool for) this one task now. Where an idle
+        pool could swap models every task is placeable, and a whole pass per submission would
+        cost a pass over the queue each time; a task that must wait changes nothing for the
+        others, so only one that can start runs the pass."""
+        decision = decide(self._placement_input(task, self._views(now), self._demand(), now))
+        return decision.outcome is Outcome.ASSIGN
+
     def _placement_input(
         self, task: Task, views: list[PoolView], demand: Mapping[str, int], now: float
     ) -> PlacementInput:
@@ -700,7 +718,7 @@ class Orchestrator:
                     "excluded": "; ".join(f"{k}: {v}" for k, v in decision.excluded.items()),
                 },
             )
-        task.excluded = dict(decision.excluded)
+            task.excluded = dict(decision.excluded)
         task.wait_reason = wait_reason
 
     def _start(self, task: Task, pool: PoolView, now: float) -> None:

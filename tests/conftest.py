@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -44,6 +45,14 @@ class Mesh:
     def address(self) -> str:
         """Orchestrator address."""
         return f"127.0.0.1:{self.orchestrator.port}"
+
+    async def settle(self, pool_id: str = "cpu-0") -> None:
+        """Waits until the pool's spare worker is warm: from then on the node's state changes
+        only when something happens to it (tests that count changes start here)."""
+        manager = self.pool_manager.manager
+        async with asyncio.timeout(30):
+            while not manager.pools[pool_id].spare_ready:
+                await manager.wait_change(manager.version, 0.5)
 
     def worker_pid(self, pool_id: str = "cpu-0") -> int:
         """Pid of a pool's current worker."""
