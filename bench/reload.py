@@ -152,7 +152,8 @@ async def measure(args: argparse.Namespace) -> dict[str, object]:
                 assert pm.pools["p0"].loaded_from == "staging"
                 pool = pm.pools["p0"]
                 assert pool.loaded_in_spare is spares
-                estimate, measured = pool.vram_estimate_bytes, pool.vram_measured_bytes
+                if spares:  # the figures of the run as shipped
+                    estimate, measured = pool.vram_estimate_bytes, pool.vram_measured_bytes
                 await timed_reload(pm, "tiny-llama", spares)
             if spares:
                 await wait_spare(pm)

@@ -100,26 +100,26 @@ def _parser() -> argparse.ArgumentParser:
     pdrain = pools_sub.add_parser("drain", help="stop placing work on a pool")
     pdrain.add_argument("pool", help="NODE/POOL")
     pdrain.add_argument(
-        "--deadline", type=float, default=60.0, help="seconds running work may take (60)"
+        "--deadline", type=_seconds, default=60.0, help="seconds running work may take (60)"
     )
     pdrain.set_defaults(run=_cmd_pools, action="drain")
     presume = pools_sub.add_parser("resume", help="put a drained pool back into placement")
     presume.add_argument("pool", help="NODE/POOL")
     presume.set_defaults(run=_cmd_pools, action="resume")
-    preload = pools_sub.add_parser(
+    reloadp = pools_sub.add_parser(
         "reload", help="change a pool's model (drain, load, check; rolls back on failure)"
     )
-    preload.add_argument("pool", help="NODE/POOL")
-    preload.add_argument("model", help="catalog id of the model to load")
-    preload.add_argument(
-        "--deadline", type=float, help="seconds running work may take (the pool manager's default)"
+    reloadp.add_argument("pool", help="NODE/POOL")
+    reloadp.add_argument("model", help="catalog id of the model to load")
+    reloadp.add_argument(
+        "--deadline", type=_seconds, help="seconds running work may take (node default)"
     )
-    preload.set_defaults(run=_cmd_pools, action="reload")
-    ppre = pools_sub.add_parser("preload", help="make a model ready before tasks ask for it")
-    ppre.add_argument("model", help="catalog id of the model")
-    ppre.add_argument("--pool", default="", help="NODE/POOL (default: the orchestrator picks)")
-    ppre.set_defaults(run=_cmd_pools, action="preload")
-    for p in (plist, pdrain, presume, preload, ppre):
+    reloadp.set_defaults(run=_cmd_pools, action="reload")
+    preloadp = pools_sub.add_parser("preload", help="make a model ready before tasks ask for it")
+    preloadp.add_argument("model", help="catalog id of the model")
+    preloadp.add_argument("--pool", default="", help="NODE/POOL (default: the orchestrator picks)")
+    preloadp.set_defaults(run=_cmd_pools, action="preload")
+    for p in (plist, pdrain, presume, reloadp, preloadp):
         p.add_argument("--orchestrator", help="orchestrator address (LLORCH_ORCHESTRATOR)")
 
     tasks = sub.add_parser("tasks", help="tasks")
@@ -129,6 +129,17 @@ def _parser() -> argparse.ArgumentParser:
     tget.add_argument("--orchestrator", help="orchestrator address (LLORCH_ORCHESTRATOR)")
     tget.set_defaults(run=_cmd_tasks_get)
     return parser
+
+
+def _seconds(text: str) -> float:
+    """A duration flag: seconds, at least 0 and at most a day."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value <= 86_400:
+        raise argparse.ArgumentTypeError("must be between 0 and 86400 seconds")
+    return value
 
 
 def _service_settings(args: argparse.Namespace) -> Settings:

@@ -201,7 +201,7 @@ def decide(inp: PlacementInput) -> PlacementDecision:
             later += 1
             warm_later += holds
         elif holds and not pool.ready:
-            excluded[key] = "loading the model"
+            excluded[key] = "unloaded" if pool.unloaded else "loading the model"
             later += 1
             warm_later += 1
             eta = _earliest(eta, pool.eta_free_ms)
@@ -212,6 +212,9 @@ def decide(inp: PlacementInput) -> PlacementDecision:
             eta = _earliest(eta, pool.eta_free_ms)
         elif holds:
             warm.append(pool)
+        elif pool.unloaded:
+            excluded[key] = "unloaded (an operator's PreloadPool or ReloadPool brings it back)"
+            later += 1
         elif pool.in_flight > 0 or not pool.ready:
             excluded[key] = f"busy with model {pool.model_id}; a busy model is never evicted"
             later += 1
@@ -290,6 +293,8 @@ class PreloadAction(enum.Enum):
 
     NONE = "none"
     """The pool holds the model and is ready."""
+    LOADING = "loading"
+    """The pool is loading the model already: nothing to start, only to wait for."""
     LOAD = "load"
     """The pool is unloaded or failed: load the model into it (PreloadPool)."""
     SWAP = "swap"
@@ -311,10 +316,11 @@ def choose_preload(
 ) -> PreloadChoice:
     """Picks the pool where ``model_id`` should be made ready ahead of tasks.
 
-    In order: a ready pool that holds it (nothing to do); an unloaded or failed pool that holds
-    it; any unloaded or failed pool; an idle ready pool whose model has no queued task (a swap,
-    never of a model with work running or waiting). Among equals the most free VRAM, then the
-    pool key. Unreachable, draining and loading pools are passed over with their reason.
+    In order: a pool that holds it, ready or loading it (nothing to start); an unloaded or
+    failed pool that holds it; any unloaded or failed pool; an idle ready swappable pool whose
+    model has no queued task (a swap, never of a model with work running or waiting). Among
+    equals the most free VRAM, then the pool key. Unreachable, draining and loading pools are
+    passed over with their reason.
     """
     excluded: dict[str, str] = {}
     ranked: list[tuple[int, int, str, PoolView, PreloadAction]] = []
@@ -330,8 +336,12 @@ def choose_preload(
         elif pool.unloaded or pool.failed:
             rank = 1 if holds else 2
             ranked.append((rank, -pool.vram_free_bytes, key, pool, PreloadAction.LOAD))
+        elif not pool.ready and holds:
+            ranked.append((0, 1, key, pool, PreloadAction.LOADING))
         elif not pool.ready:
             excluded[key] = f"loading model {pool.model_id}"
+        elif not pool.can_load:
+            excluded[key] = f"holds model {pool.model_id} and is not swappable"
         elif pool.in_flight > 0:
             excluded[key] = f"busy with model {pool.model_id}; a busy model is never evicted"
         elif demand.get(pool.model_id, 0) > 0:

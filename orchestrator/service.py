@@ -261,14 +261,15 @@ class Orchestrator:
         # whole queue per submit); otherwise the pass below corrects it.
         task.set_queued(position, self._predict_next(task, now))
         open_models = self._open_models(self._registry.views())
+        alone = self._decide_alone(task, now) if open_models is None else None
         if (open_models is not None and spec.model_id in open_models) or (
-            open_models is None and self._could_start(task, now)
+            alone is not None and alone.outcome is not Outcome.WAIT
         ):
-            # Place it now rather than on the dispatcher's next turn: one loop iteration less
-            # before the first token when a slot is free.
+            # Place (or refuse) it now rather than on the dispatcher's next turn: one loop
+            # iteration less before the first token when a slot is free.
             self._dispatch_once()
         else:
-            self._note_waiting(task, now)
+            self._note_waiting(task, now, alone)
             if position != len(self._queue) - 1:
                 # It went ahead of others: their positions changed.
                 self._schedule_positions(now)
@@ -417,6 +418,12 @@ class Orchestrator:
                     reason="NO_POOL_FOR_PRELOAD",
                 )
             view, action = choice.pool, choice.action
+            if action is PreloadAction.LOADING:
+                raise UnavailableError(
+                    f"model {model_id} is loading on pool {view.key} already; ask again shortly",
+                    reason="MODEL_LOADING",
+                    retry_delay_s=1.0,
+                )
         previous = view.model_id if action is PreloadAction.SWAP else ""
         _log.info(
             "model preload",
@@ -453,25 +460,31 @@ class Orchestrator:
             self._run_swap(pool, model_id, request), name=f"swap-{key}"
         )
         self._swaps[key] = swap
-        swap.add_done_callback(lambda _: self._swaps.pop(key, None))
+
+        def forget(done: asyncio.Task[None]) -> None:
+            if self._swaps.get(key) is done:
+                del self._swaps[key]
+
+        swap.add_done_callback(forget)
 
     async def _run_swap(
         self, pool: PoolView, model_id: str, request: poolmanager_pb2.ReloadPoolRequest
     ) -> None:
         try:
-            await self._pool_call(pool.node_id, pool.pool_id, "ReloadPool", request)
+            await self._pool_call(pool.node_id, pool.pool_id, "ReloadPool", request, marked=True)
         except LlorchError as exc:
-            now = self._clock()
-            self._failed_loads = {
-                k: v for k, v in self._failed_loads.items() if v[0] > now
-            }  # forget what has cooled down
-            cooldown = self._settings.swap_failure_cooldown_s
-            self._failed_loads[(pool.key, model_id)] = (now + cooldown, exc.message)
             _log.warning(
                 "loading a model on demand failed: %s",
                 exc.message,
                 extra={"pool": pool.key, "model": model_id, "reason": exc.reason},
             )
+            if not exc.retriable:  # the model cannot load there; a lost node is not that
+                now = self._clock()
+                self._failed_loads = {k: v for k, v in self._failed_loads.items() if v[0] > now}
+                cooldown = self._settings.swap_failure_cooldown_s
+                self._failed_loads[(pool.key, model_id)] = (now + cooldown, exc.message)
+        except Exception:  # a bug: log it; the pool's mark is cleared by _pool_call
+            _log.exception("loading a model on demand failed", extra={"pool": pool.key})
         self._wake.set()
 
     async def _check_loadable(self, model_id: str) -> None:
@@ -479,13 +492,49 @@ class Orchestrator:
         if not info.active:
             raise FailedPreconditionError(f"model {model_id} is retired", reason="MODEL_RETIRED")
 
-    async def _pool_call(self, node_id: str, pool_id: str, method: str, request: object) -> Any:
+    async def _pool_call(
+        self,
+        node_id: str,
+        pool_id: str,
+        method: str,
+        request: poolmanager_pb2.ReloadPoolRequest | poolmanager_pb2.PreloadPoolRequest,
+        *,
+        marked: bool = False,
+    ) -> Any:
         """Calls a lifecycle RPC of a pool's manager with the pool out of placement meanwhile,
-        and takes the pool state it answers with."""
+        and takes the pool state it answers with. One change of a pool at a time: while one
+        runs (an operator's, or an on-demand load, which marks the pool itself: ``marked``),
+        another is refused. A caller that goes away does not stop the change half-way: the
+        call runs to its end and the pool stays out of placement until then.
+
+        Raises:
+            FailedPreconditionError: the pool is already changing (POOL_BUSY), or the pool
+                manager refused or rolled back the change.
+            UnavailableError: the pool manager is unreachable.
+        """
         key = f"{node_id}/{pool_id}"
-        self._registry.set_changing(key, getattr(request, "model_id", "") or None)
+        if not marked:
+            if self._registry.changing(key):
+                raise FailedPreconditionError(
+                    f"pool {key} is already changing its model; try again when it is ready",
+                    reason="POOL_BUSY",
+                )
+            self._registry.set_changing(key, request.model_id)
         try:
-            response = await getattr(self._registry.stub(node_id), method)(request)
+            call = asyncio.ensure_future(getattr(self._registry.stub(node_id), method)(request))
+        except BaseException:  # e.g. the node is gone from the registry
+            self._registry.set_changing(key, None)
+            raise
+
+        def settle(done: asyncio.Future[Any]) -> None:
+            if not done.cancelled():
+                done.exception()  # retrieved: a caller that left cannot see it
+            self._registry.set_changing(key, None)
+            self._wake.set()
+
+        call.add_done_callback(settle)
+        try:
+            response = await asyncio.shield(call)
         except grpc.aio.AioRpcError as err:
             if err.code() == grpc.StatusCode.UNAVAILABLE and not _has_details(err):
                 raise UnavailableError(
@@ -494,9 +543,6 @@ class Orchestrator:
                     retry_delay_s=1.0,
                 ) from None
             raise from_rpc_error(err) from None
-        finally:
-            self._registry.set_changing(key, None)
-            self._wake.set()
         self._registry.update_pool(node_id, response.pool)
         return response
 
@@ -668,13 +714,12 @@ class Orchestrator:
         """Queued tasks per model."""
         return {m: self._queue.count(m) for m in self._queue.models()}
 
-    def _could_start(self, task: Task, now: float) -> bool:
-        """Whether placement would start (or swap a pool for) this one task now. Where an idle
-        pool could swap models every task is placeable, and a whole pass per submission would
-        cost a pass over the queue each time; a task that must wait changes nothing for the
-        others, so only one that can start runs the pass."""
-        decision = decide(self._placement_input(task, self._views(now), self._demand(), now))
-        return decision.outcome is Outcome.ASSIGN
+    def _decide_alone(self, task: Task, now: float) -> PlacementDecision:
+        """Placement of this one task now, where an idle pool could swap models. Then every
+        task is placeable, and a whole pass per submission would cost a pass over the queue
+        each time; a task that must wait changes nothing for the others, so only one that can
+        start (or must be refused) runs the pass."""
+        return decide(self._placement_input(task, self._views(now), self._demand(), now))
 
     def _placement_input(
         self, task: Task, views: list[PoolView], demand: Mapping[str, int], now: float
@@ -695,10 +740,12 @@ class Orchestrator:
             demand=demand,
         )
 
-    def _note_waiting(self, task: Task, now: float) -> None:
-        """Placement reasons for a task queued while no pool could take anything."""
+    def _note_waiting(
+        self, task: Task, now: float, decision: PlacementDecision | None = None
+    ) -> None:
+        """Placement reasons for a task queued while no pool could take it."""
         key = _placement_key(task)
-        decision = self._memo.get(key)
+        decision = decision or self._memo.get(key)
         if decision is None:
             views = self._views(now)
             decision = decide(self._placement_input(task, views, {}, now))

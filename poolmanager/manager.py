@@ -22,10 +22,10 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from mesh import logs
 from mesh.errors import CancelledError as ExecutionCancelledError
@@ -54,6 +54,7 @@ _log = logs.get_logger("poolmanager")
 ModelLocator = Callable[[str], Awaitable[str]]
 """Returns the local path of a model id (through the catalog)."""
 
+_T = TypeVar("_T")
 _HEALTH_PROMPT = "Hi"  # short: a forward pass and a sampled token, little else
 
 
@@ -279,11 +280,14 @@ class PoolManager:
         self._stopping = True
         tasks = [p.supervisor for p in self.pools.values() if p.supervisor]
         tasks += [p.spare_task for p in self.pools.values() if p.spare_task]
-        for task in tasks + list(self._background):
+        background = list(self._background)
+        for task in tasks + background:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        # Lifecycle operations and staging copies: each cleans up (kills what it started).
+        await asyncio.gather(*background, return_exceptions=True)
         grace = self._settings.stop_grace_s
         await asyncio.gather(
             *(p.worker.stop(grace) for p in self.pools.values() if p.worker),
@@ -402,6 +406,7 @@ class PoolManager:
         pool = self.pool(pool_id)
         async with pool.lock:
             report = await self._halt(pool, self._deadline(deadline_s))
+            await self._drop_spare(pool)  # an unloaded pool frees its GPUs wholly
             pool.state = PoolState.UNLOADED
             await self._changed()
             return report
@@ -421,6 +426,8 @@ class PoolManager:
         async with pool.lock:
             previous = pool.model_id
             had_model = pool.state in (PoolState.READY, PoolState.DRAINING, PoolState.LOADING)
+            if pool.state is PoolState.READY and not pool.cpu_only:
+                await self._check_reload_fits(pool, model_id)
             report = await self._halt(pool, self._deadline(deadline_s))
             pool.model_id = model_id
             pool.crash_times.clear()
@@ -531,6 +538,7 @@ class PoolManager:
         pool.supervisor = self._spawn_supervisor(pool, worker)
 
     async def _fail(self, pool: Pool, reason: str) -> None:
+        await self._drop_spare(pool)
         pool.state = PoolState.FAILED
         pool.last_error = reason
         _log.error("pool failed: %s", reason, extra={"pool_id": pool.pool_id})
@@ -706,13 +714,49 @@ class PoolManager:
             self._in_background(self._auto_stage(model_id, disk_path))
         return worker
 
+    async def _check_reload_fits(self, pool: Pool, model_id: str) -> None:
+        """Refuses a reload whose model cannot fit even once the running one is unloaded,
+        before anything is drained: the pool keeps serving its model.
+
+        Raises:
+            FailedPreconditionError: VRAM_INSUFFICIENT, with the figures.
+        """
+        try:
+            path = Path(await self._locate_model(model_id))
+        except LlorchError:
+            return  # the load reports it, and the pool rolls back
+        running = pool.vram_estimate_bytes
+        try:
+            await self._check_vram(
+                pool,
+                model_id,
+                path,
+                pool.spare if pool.spare_ready else None,
+                freed_bytes=pool.vram_measured_bytes or running,
+            )
+        except LoadError as exc:
+            if exc.reason == "VRAM_INSUFFICIENT":
+                raise FailedPreconditionError(
+                    f"reload of pool {pool.pool_id} to {model_id} refused before draining: "
+                    f"{exc}; the pool keeps serving {pool.model_id}",
+                    reason="VRAM_INSUFFICIENT",
+                ) from None
+        finally:
+            pool.vram_estimate_bytes = running  # the running model's, until the swap
+
     async def _check_vram(
-        self, pool: Pool, model_id: str, path: Path, spare: SpareWorker | None = None
+        self,
+        pool: Pool,
+        model_id: str,
+        path: Path,
+        spare: SpareWorker | None = None,
+        freed_bytes: int = 0,
     ) -> tuple[VramEstimate, list[GpuDevice]]:
         """The VRAM-only rule, before any load: the whole model must fit the pool's GPUs.
 
         A spare that will take the load already holds its CUDA contexts, part of what the
-        estimate counts as overhead: what it holds counts as free for this load."""
+        estimate counts as overhead: what it holds counts as free for this load, and so do
+        ``freed_bytes`` (what the running worker holds, when it will be stopped first)."""
         if not self.inventory.available:
             raise LoadError(
                 f"pool {pool.pool_id} is configured on GPUs {pool.settings.devices}, but "
@@ -743,7 +787,7 @@ class PoolManager:
             overhead_bytes_per_device=self._settings.vram_overhead_bytes,
         )
         pool.vram_estimate_bytes = estimate.total_bytes
-        free = sum(d.vram_free_bytes for d in gpus)
+        free = sum(d.vram_free_bytes for d in gpus) + freed_bytes
         if spare is not None:
             free += sum(self.inventory.process_vram_bytes(d.index, spare.pid) or 0 for d in gpus)
         if estimate.total_bytes > free:
@@ -757,6 +801,17 @@ class PoolManager:
                 permanent=True,
             )
         return estimate, gpus
+
+    async def _drop_spare(self, pool: Pool) -> None:
+        """Stops the pool's spare, and one that is starting."""
+        task, pool.spare_task = pool.spare_task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        spare, pool.spare = pool.spare, None
+        if spare is not None:
+            await spare.stop(self._settings.stop_grace_s)
 
     def _replenish_spare(self, pool: Pool) -> None:
         """Starts a spare for the pool's next load unless one is warm or starting."""
@@ -828,6 +883,16 @@ class PoolManager:
             _log.warning("staging %s failed: %s", model_id, exc)
         await self._changed()
 
+    async def to_the_end(self, operation: Coroutine[Any, Any, _T]) -> _T:
+        """Runs a lifecycle operation to its end even when its caller goes away (a cancelled
+        RPC): stopped half-way, a pool would stay DRAINING or LOADING with nothing to serve
+        it. Only ``stop()`` cancels it."""
+        task = asyncio.ensure_future(operation)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        task.add_done_callback(_retrieve)
+        return await asyncio.shield(task)
+
     def _in_background(self, coro: Awaitable[None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
         self._background.add(task)
@@ -849,6 +914,12 @@ class PoolManager:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(max(0.0, timeout_s)):
                 await self._change.wait()
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Marks a finished operation's error as seen (its caller may have gone)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _default_staging_dir(node_id: str) -> Path:

@@ -90,14 +90,18 @@ class PoolManagerServicer(poolmanager_pb2_grpc.PoolManagerServiceServicer):
         check_name(request.pool_id, "pool_id")
         if request.model_id:
             check_name(request.model_id, "model_id")
-        pool = await self._manager.preload(request.pool_id, request.model_id)
+        pool = await self._manager.to_the_end(
+            self._manager.preload(request.pool_id, request.model_id)
+        )
         return poolmanager_pb2.PreloadPoolResponse(pool=pool_to_pb(self._manager, pool))
 
     async def DrainPool(
         self, request: poolmanager_pb2.DrainPoolRequest, context: grpc.aio.ServicerContext
     ) -> poolmanager_pb2.DrainPoolResponse:
         check_name(request.pool_id, "pool_id")
-        report = await self._manager.drain(request.pool_id, _deadline_s(request))
+        report = await self._manager.to_the_end(
+            self._manager.drain(request.pool_id, _deadline_s(request))
+        )
         return poolmanager_pb2.DrainPoolResponse(
             pool=pool_to_pb(self._manager, self._manager.pool(request.pool_id)),
             finished=report.finished,
@@ -109,7 +113,9 @@ class PoolManagerServicer(poolmanager_pb2_grpc.PoolManagerServiceServicer):
     ) -> poolmanager_pb2.ReloadPoolResponse:
         check_name(request.pool_id, "pool_id")
         check_name(request.model_id, "model_id")
-        report = await self._manager.reload(request.pool_id, request.model_id, _deadline_s(request))
+        report = await self._manager.to_the_end(
+            self._manager.reload(request.pool_id, request.model_id, _deadline_s(request))
+        )
         return poolmanager_pb2.ReloadPoolResponse(
             pool=pool_to_pb(self._manager, self._manager.pool(request.pool_id)),
             finished=report.finished,

@@ -218,7 +218,11 @@ def phase_poolmanager() -> None:
 def phase_relay() -> None:
     for devices in ("0", "cpu"):
         command = [sys.executable, "bench/relay.py", "--devices", devices]
-        bench = subprocess.run(command, capture_output=True, text=True, timeout=400)
+        try:
+            bench = subprocess.run(command, capture_output=True, text=True, timeout=400)
+        except subprocess.TimeoutExpired as exc:
+            emit({"check": "relay_bench", "devices": devices, "error": f"timed out: {exc}"})
+            continue
         lines = bench.stdout.strip().splitlines()
         if bench.returncode == 0 and lines:
             emit({"check": "relay_bench", **json.loads(lines[-1])})

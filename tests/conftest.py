@@ -66,12 +66,14 @@ async def start_mesh(
     model_path: Path,
     link: str = "grpc",
     pool: dict[str, object] | None = None,
+    pool_manager: dict[str, object] | None = None,
     **orchestrator_overrides: object,
 ) -> Mesh:
     """Starts the three services in this event loop, each on its own ephemeral port.
 
     ``link`` is how the orchestrator reaches the pool manager: ``grpc`` (as between machines) or
-    ``local`` (in-process, as the home profile does). ``pool`` adds settings of the one pool.
+    ``local`` (in-process, as the home profile does). ``pool`` adds settings of the one pool,
+    ``pool_manager`` settings of the pool manager.
     """
     settings = Settings(data_dir=data_dir, listen="127.0.0.1:0")
     catalog = await start_catalog(settings)
@@ -91,6 +93,7 @@ async def start_mesh(
                     **(pool or {}),  # type: ignore[arg-type]
                 )
             ],
+            **(pool_manager or {}),  # type: ignore[arg-type]
         ),
         dict(os.environ),
     )

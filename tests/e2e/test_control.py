@@ -259,3 +259,41 @@ async def test_bad_reload_and_preload_requests_name_the_field(mesh: Mesh) -> Non
             control_pb2.PreloadModelRequest(model_id=MODEL, node_id=node, pool_id="nope")
         )
     assert no_pool.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_one_change_of_a_pool_at_a_time(mesh: Mesh) -> None:
+    node = mesh.pool_manager.manager.node_id
+    registry = mesh.orchestrator.orchestrator._registry
+    # As while an on-demand load runs on the pool (set directly: a load on the tiny model
+    # is over before a second request could be sent).
+    registry.set_changing(f"{node}/cpu-0", "other-llama")
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as busy:
+            await control(mesh).ReloadPool(
+                control_pb2.ReloadPoolRequest(node_id=node, pool_id="cpu-0", model_id=MODEL)
+            )
+        assert busy.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert error_details(busy.value)["reason"] == "POOL_BUSY"
+    finally:
+        registry.set_changing(f"{node}/cpu-0", None)
+
+
+async def test_a_reload_whose_caller_gives_up_still_ends_ready(mesh: Mesh, tmp_path: Path) -> None:
+    node = mesh.pool_manager.manager.node_id
+    other = write_tiny_model(tmp_path / "o.gguf", TinyModelSpec(9))
+    await register_model(mesh, "other-llama", other)
+    with pytest.raises(grpc.aio.AioRpcError) as gave_up:
+        await control(mesh).ReloadPool(
+            control_pb2.ReloadPoolRequest(node_id=node, pool_id="cpu-0", model_id="other-llama"),
+            timeout=0.05,
+        )
+    assert gave_up.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    pool = await _wait_state(mesh, "ready")
+    for _ in range(100):  # READY may still be the old model for a moment
+        if pool.model_id == "other-llama":
+            break
+        await asyncio.sleep(0.05)
+        pool = await _wait_state(mesh, "ready")
+    assert pool.model_id == "other-llama"
+    got = await collect(mesh.stub.Generate(generate_request(model_id="other-llama", max_tokens=2)))
+    assert got.finished.tokens_out == 2

@@ -20,6 +20,7 @@ def pool(pool_id: str, model_id: str = "other", **kw: object) -> PoolView:
         "slots_total": 1,
         "in_flight": 0,
         "n_ctx": 2048,
+        "can_load": True,
         **kw,
     }
     return PoolView(**fields)  # type: ignore[arg-type]
@@ -76,6 +77,21 @@ def test_a_swap_never_evicts_busy_or_wanted_models_and_says_why() -> None:
     assert (chosen.pool, chosen.action) == (idle, PreloadAction.SWAP)
 
 
+def test_a_pool_already_loading_the_model_is_the_answer() -> None:
+    loading = pool("b", MODEL, ready=False)
+    choice = choose_preload(MODEL, (pool("a"), loading), {})
+    assert (choice.pool, choice.action) == (loading, PreloadAction.LOADING)
+    ready = pool("c", MODEL)
+    assert choose_preload(MODEL, (loading, ready), {}).pool == ready
+
+
+def test_a_pool_that_is_not_swappable_is_not_swapped() -> None:
+    fixed = pool("a", can_load=False)
+    choice = choose_preload(MODEL, (fixed,), {})
+    assert choice.pool is None
+    assert choice.excluded == {"n1/a": "holds model other and is not swappable"}
+
+
 def test_no_pools_at_all() -> None:
     choice = choose_preload(MODEL, (), {})
     assert choice.pool is None and "no pools" in choice.reason
@@ -107,6 +123,7 @@ def pools(draw: st.DrawFn) -> tuple[PoolView, ...]:
                 draining=draw(st.booleans()),
                 in_flight=draw(st.integers(0, 1)),
                 vram_free_bytes=draw(st.integers(0, 3)),
+                can_load=draw(st.booleans()),
             )
         )
     return tuple(out)
@@ -125,9 +142,15 @@ def test_choice_is_safe_deterministic_and_accounts_for_every_pool(
     p = choice.pool
     assert p.reachable and not p.draining
     assert p.key not in choice.excluded
+    if choice.action is PreloadAction.LOADING:
+        assert p.model_id == MODEL and not p.ready and not p.unloaded and not p.failed
+        assert not any(
+            q.reachable and not q.draining and q.ready and q.model_id == MODEL for q in views
+        )
+        return
     assert choice.action is preload_action(p, MODEL)
     if choice.action is PreloadAction.SWAP:
-        assert p.in_flight == 0 and demand.get(p.model_id, 0) == 0
+        assert p.can_load and p.in_flight == 0 and demand.get(p.model_id, 0) == 0
         assert not any(q.reachable and not q.draining and (q.unloaded or q.failed) for q in views)
     if any(q.reachable and not q.draining and q.ready and q.model_id == MODEL for q in views):
         assert choice.action is PreloadAction.NONE

@@ -261,6 +261,36 @@ async def test_a_model_too_large_for_the_gpu_is_refused_before_any_load(
         await pm.stop()
 
 
+async def test_a_reload_that_cannot_fit_is_refused_before_the_pool_is_drained(
+    tmp_path: Path, models: dict[str, Path]
+) -> None:
+    # Fake NVML: a 1 GiB card, 0.5 GiB in use. No GPU here, so a GPU pool never becomes READY
+    # for real: the test gives the pool the state of one serving tiny-llama (READY, its worker
+    # measured at 0.1 GiB) and asks for a model that cannot fit even once that is unloaded.
+    nvml = FakeNvml([FakeGpu("NVIDIA T400", GIB, used_bytes=GIB // 2)])
+    gpu_pool = PoolSettings(pool_id="g0", model_id="tiny-llama", devices=["0"], n_ctx=512)
+    pm = make_manager(tmp_path, models, [gpu_pool], nvml)
+    await pm.start()
+    try:
+        await wait_state(pm, "g0", PoolState.FAILED, 10)
+        pool = pm.pools["g0"]
+        pool.state, pool.vram_measured_bytes, pool.vram_estimate_bytes = (
+            PoolState.READY,
+            GIB // 10,
+            GIB // 8,
+        )
+        with pytest.raises(FailedPreconditionError) as refused:
+            await pm.reload("g0", "other-llama", deadline_s=5)
+        assert refused.value.reason == "VRAM_INSUFFICIENT"
+        assert "refused before draining" in refused.value.message
+        assert "the pool keeps serving tiny-llama" in refused.value.message
+        # Nothing was touched: same state, model and figures.
+        assert (pool.state, pool.model_id) == (PoolState.READY, "tiny-llama")
+        assert pool.vram_estimate_bytes == GIB // 8
+    finally:
+        await pm.stop()
+
+
 async def test_a_gpu_pool_never_falls_back_to_the_cpu(
     tmp_path: Path, models: dict[str, Path]
 ) -> None:
@@ -385,6 +415,15 @@ async def test_a_dead_spare_is_passed_over_and_stop_leaves_no_spare(
     finally:
         await manager.stop()
     assert not alive(last)
+
+
+async def test_an_unloaded_pool_keeps_no_spare(pm: PoolManager) -> None:
+    spare = await wait_spare(pm)
+    await pm.drain("p0", deadline_s=0)
+    assert pm.pools["p0"].spare is None and not alive(spare)
+    await pm.preload("p0")  # a fresh worker, then a new spare
+    assert not pm.pools["p0"].loaded_in_spare
+    assert await wait_spare(pm) != spare
 
 
 async def test_spares_can_be_turned_off(tmp_path: Path, models: dict[str, Path]) -> None:

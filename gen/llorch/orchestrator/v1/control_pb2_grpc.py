@@ -113,16 +113,23 @@ class ControlServiceServicer:
         manager drains it (work in flight may finish until the deadline; what is left then ends
         UNAVAILABLE, reason POOL_DRAINED, and is placed again if it had emitted nothing), loads the
         model, checks it with one token and makes the pool ready. A load that fails rolls back to the
-        previous model and ends FAILED_PRECONDITION (reason RELOAD_ROLLED_BACK) saying why.
+        previous model and ends FAILED_PRECONDITION (reason RELOAD_ROLLED_BACK) saying why;
+        RELOAD_FAILED when the rollback failed too (the pool is then failed). A model that cannot fit
+        the pool's VRAM even once the running one is unloaded is refused before anything is drained
+        (VRAM_INSUFFICIENT). One change of a pool at a time: POOL_BUSY while another runs. A caller
+        that gives up does not stop a reload half-way.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def PreloadModel(self, request, context):
-        """Makes a model ready before tasks ask for it: on the pool named, or else on a pool the
-        orchestrator picks (one that holds it, then an unloaded one, then an idle pool whose model
-        has no work queued or running). Returns once the pool is ready.
+        """Makes a model ready before tasks ask for it. On the pool named, as it stands: loaded if it is
+        unloaded or failed, reloaded if it holds another model (work running there is drained with
+        the pool manager's default deadline). Otherwise on a pool the orchestrator picks: one that
+        holds it, then an unloaded or failed one, then an idle swappable pool whose model has no work
+        queued or running; UNAVAILABLE (MODEL_LOADING, retriable) while a pool is loading it already.
+        Returns once the pool is ready.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
