@@ -65,9 +65,7 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
     ) -> catalog_pb2.GetModelResponse:
         model_id = check_name(request.model_id, "model_id")
         record = await asyncio.to_thread(self._store.get, model_id)
-        if record is None:
-            raise NotFoundError(f"model {model_id} is not in the catalog", reason="MODEL_NOT_FOUND")
-        return catalog_pb2.GetModelResponse(model=model_to_pb(record))
+        return catalog_pb2.GetModelResponse(model=model_to_pb(_found(record, model_id)))
 
     async def ListModels(
         self, request: catalog_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
@@ -76,7 +74,16 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
             raise InvalidArgumentError("page_size", f"must be between 0 and {_MAX_PAGE}")
         size = request.page_size or _DEFAULT_PAGE
         after = _decode_page_token(request.page_token)
-        records = await asyncio.to_thread(self._store.list_models, after, size + 1)
+        state = None
+        if request.state != catalog_pb2.MODEL_STATE_UNSPECIFIED:
+            state = _STATE_FROM_PB.get(request.state)
+            if state is None:
+                raise InvalidArgumentError("state", f"unknown state {request.state}")
+        if request.node_id:
+            check_name(request.node_id, "node_id")
+        records = await asyncio.to_thread(
+            self._store.list_models, after, size + 1, state, request.node_id
+        )
         next_token = ""
         if len(records) > size:
             records = records[:size]
@@ -91,8 +98,7 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
         model_id = check_name(request.model_id, "model_id")
         if request.node_id:
             check_name(request.node_id, "node_id")
-        if await asyncio.to_thread(self._store.get, model_id) is None:
-            raise NotFoundError(f"model {model_id} is not in the catalog", reason="MODEL_NOT_FOUND")
+        _found(await asyncio.to_thread(self._store.get, model_id), model_id)
         replicas = await asyncio.to_thread(self._store.locate, model_id, request.node_id)
         return catalog_pb2.LocateModelResponse(
             locations=[
@@ -100,6 +106,29 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
                 for r in replicas
             ]
         )
+
+    async def SetModelState(
+        self, request: catalog_pb2.SetModelStateRequest, context: grpc.aio.ServicerContext
+    ) -> catalog_pb2.SetModelStateResponse:
+        model_id = check_name(request.model_id, "model_id")
+        state = _STATE_FROM_PB.get(request.state)
+        if state is None:
+            raise InvalidArgumentError("state", "must be MODEL_STATE_ACTIVE or MODEL_STATE_RETIRED")
+        record = await asyncio.to_thread(self._store.set_state, model_id, state)
+        return catalog_pb2.SetModelStateResponse(model=model_to_pb(_found(record, model_id)))
+
+    async def SetModelPinned(
+        self, request: catalog_pb2.SetModelPinnedRequest, context: grpc.aio.ServicerContext
+    ) -> catalog_pb2.SetModelPinnedResponse:
+        model_id = check_name(request.model_id, "model_id")
+        record = await asyncio.to_thread(self._store.set_pinned, model_id, request.pinned)
+        return catalog_pb2.SetModelPinnedResponse(model=model_to_pb(_found(record, model_id)))
+
+
+def _found(record: ModelRecord | None, model_id: str) -> ModelRecord:
+    if record is None:
+        raise NotFoundError(f"model {model_id} is not in the catalog", reason="MODEL_NOT_FOUND")
+    return record
 
 
 def model_to_pb(record: ModelRecord) -> catalog_pb2.Model:

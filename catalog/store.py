@@ -155,14 +155,47 @@ class CatalogStore:
         with self._lock:
             return self._get(model_id)
 
-    def list_models(self, after_id: str, limit: int) -> list[ModelRecord]:
-        """Up to ``limit`` models with ids greater than ``after_id``, in id order."""
+    def list_models(
+        self,
+        after_id: str,
+        limit: int,
+        state: ModelState | None = None,
+        node_id: str = "",
+    ) -> list[ModelRecord]:
+        """Up to ``limit`` models with ids greater than ``after_id``, in id order; only those in
+        ``state`` and with a copy on ``node_id`` when given."""
+        query = "SELECT * FROM models WHERE model_id > ?"
+        args: list[object] = [after_id]
+        if state is not None:
+            query += " AND state = ?"
+            args.append(state.value)
+        if node_id:
+            query += (
+                " AND EXISTS (SELECT 1 FROM replicas r"
+                " WHERE r.model_id = models.model_id AND r.node_id = ?)"
+            )
+            args.append(node_id)
         with self._lock:
             rows = self._conn.execute(
-                "SELECT * FROM models WHERE model_id > ? ORDER BY model_id LIMIT ?",
-                (after_id, limit),
+                query + " ORDER BY model_id LIMIT ?", (*args, limit)
             ).fetchall()
         return [_model(row) for row in rows]
+
+    def set_state(self, model_id: str, state: ModelState) -> ModelRecord | None:
+        """Sets a model's state; the model after, or None when unknown."""
+        return self._update(model_id, "state = ?", state.value)
+
+    def set_pinned(self, model_id: str, pinned: bool) -> ModelRecord | None:
+        """Pins or unpins a model; the model after, or None when unknown."""
+        return self._update(model_id, "pinned = ?", int(pinned))
+
+    def _update(self, model_id: str, assignment: str, value: object) -> ModelRecord | None:
+        with self._lock:
+            self._conn.execute(
+                f"UPDATE models SET {assignment} WHERE model_id = ?",  # assignment: our literals
+                (value, model_id),
+            )
+            return self._get(model_id)
 
     def locate(self, model_id: str, node_id: str = "") -> list[ReplicaRecord]:
         """Replicas of a model, optionally on one node only."""

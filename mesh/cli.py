@@ -3,7 +3,7 @@
 llorch up                              run the home profile in the foreground
 llorch serve catalog|poolmanager|orchestrator   run one service (a fleet's processes)
 llorch generate --model M "prompt"     stream tokens from the orchestrator
-llorch models list | add NAME PATH     the catalog
+llorch models list | add NAME PATH | retire|activate|pin|unpin NAME   the catalog
 llorch pools list | drain NODE/POOL | resume NODE/POOL   pools, for operators
 llorch pools reload NODE/POOL MODEL | preload MODEL [--pool NODE/POOL]   change what pools hold
 llorch tasks get ID                    one task's state
@@ -83,7 +83,20 @@ def _parser() -> argparse.ArgumentParser:
     mlist.add_argument("--catalog", help="catalog address (LLORCH_CATALOG)")
     mlist.add_argument("--data-dir", type=Path, help="home profile data dir (LLORCH_DATA_DIR)")
     mlist.add_argument("--json", action="store_true", help="print JSON")
+    mlist.add_argument("--state", choices=["active", "retired"], help="only models in this state")
+    mlist.add_argument("--node", default="", help="only models with a copy on this node")
     mlist.set_defaults(run=_cmd_models_list)
+    for verb, help_text in (
+        ("retire", "admit no new tasks for a model (running ones finish)"),
+        ("activate", "admit tasks for a retired model again"),
+        ("pin", "never garbage-collect a model's files"),
+        ("unpin", "let garbage collection consider a model again"),
+    ):
+        mverb = models_sub.add_parser(verb, help=help_text)
+        mverb.add_argument("name")
+        mverb.add_argument("--catalog", help="catalog address (LLORCH_CATALOG)")
+        mverb.add_argument("--data-dir", type=Path, help="home profile data dir (LLORCH_DATA_DIR)")
+        mverb.set_defaults(run=_cmd_models_set, verb=verb)
     madd = models_sub.add_parser("add", help="register a GGUF file on this node")
     madd.add_argument("name")
     madd.add_argument("path", type=Path)
@@ -335,7 +348,12 @@ def _cmd_models_list(args: argparse.Namespace) -> int:
             try:
                 while True:
                     page = await stub.ListModels(
-                        catalog_pb2.ListModelsRequest(page_token=token), timeout=10
+                        catalog_pb2.ListModelsRequest(
+                            page_token=token,
+                            state=_MODEL_STATES.get(args.state or "", 0),
+                            node_id=args.node,
+                        ),
+                        timeout=10,
                     )
                     for m in page.models:
                         rows.append(
@@ -348,6 +366,7 @@ def _cmd_models_list(args: argparse.Namespace) -> int:
                                 "file_type": m.facts.file_type,
                                 "context_length": m.facts.context_length,
                                 "size_bytes": m.size_bytes,
+                                "pinned": m.pinned,
                                 "source_ref": m.source_ref,
                             }
                         )
@@ -361,8 +380,56 @@ def _cmd_models_list(args: argparse.Namespace) -> int:
         else:
             _print_table(
                 rows,
-                ["model_id", "state", "architecture", "file_type", "context_length", "size_bytes"],
+                [
+                    "model_id",
+                    "state",
+                    "pinned",
+                    "architecture",
+                    "file_type",
+                    "context_length",
+                    "size_bytes",
+                ],
             )
+        return 0
+
+    return asyncio.run(run())
+
+
+_MODEL_STATES = {"active": 1, "retired": 2}  # catalog_pb2.MODEL_STATE_*
+
+
+def _cmd_models_set(args: argparse.Namespace) -> int:
+    from llorch.catalog.v1 import catalog_pb2, catalog_pb2_grpc
+
+    address = _catalog_address(args)
+
+    async def run() -> int:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = catalog_pb2_grpc.CatalogServiceStub(channel)
+            try:
+                if args.verb in ("retire", "activate"):
+                    state = catalog_pb2.MODEL_STATE_RETIRED
+                    if args.verb == "activate":
+                        state = catalog_pb2.MODEL_STATE_ACTIVE
+                    model = (
+                        await stub.SetModelState(
+                            catalog_pb2.SetModelStateRequest(model_id=args.name, state=state),
+                            timeout=10,
+                        )
+                    ).model
+                else:
+                    model = (
+                        await stub.SetModelPinned(
+                            catalog_pb2.SetModelPinnedRequest(
+                                model_id=args.name, pinned=args.verb == "pin"
+                            ),
+                            timeout=10,
+                        )
+                    ).model
+            except grpc.aio.AioRpcError as err:
+                return _rpc_failed(err)
+        state_name = catalog_pb2.ModelState.Name(model.state).removeprefix("MODEL_STATE_").lower()
+        print(f"{model.model_id}: {state_name}{', pinned' if model.pinned else ''}")
         return 0
 
     return asyncio.run(run())

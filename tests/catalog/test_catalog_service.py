@@ -285,3 +285,81 @@ async def test_sizes_beyond_int64_are_invalid_not_internal(
         await catalog.stub.RegisterModel(catalog_pb2.RegisterModelRequest(model=model))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "model.size_bytes" in (info.value.details() or "")
+
+
+async def test_retire_activate_pin_and_unpin(catalog: Catalog, tiny_model: Path) -> None:
+    await register_local_file(catalog.stub, "m-a", tiny_model, "local")
+    retired = await catalog.stub.SetModelState(
+        catalog_pb2.SetModelStateRequest(model_id="m-a", state=catalog_pb2.MODEL_STATE_RETIRED)
+    )
+    assert retired.model.state == catalog_pb2.MODEL_STATE_RETIRED
+    got = await catalog.stub.GetModel(catalog_pb2.GetModelRequest(model_id="m-a"))
+    assert got.model.state == catalog_pb2.MODEL_STATE_RETIRED
+    pinned = await catalog.stub.SetModelPinned(
+        catalog_pb2.SetModelPinnedRequest(model_id="m-a", pinned=True)
+    )
+    assert pinned.model.pinned and pinned.model.state == catalog_pb2.MODEL_STATE_RETIRED
+    active = await catalog.stub.SetModelState(
+        catalog_pb2.SetModelStateRequest(model_id="m-a", state=catalog_pb2.MODEL_STATE_ACTIVE)
+    )
+    assert active.model.state == catalog_pb2.MODEL_STATE_ACTIVE and active.model.pinned
+    unpinned = await catalog.stub.SetModelPinned(
+        catalog_pb2.SetModelPinnedRequest(model_id="m-a", pinned=False)
+    )
+    assert not unpinned.model.pinned
+    # Everything else about the model is unchanged.
+    assert unpinned.model.sha256 == got.model.sha256 and unpinned.model.facts == got.model.facts
+
+
+async def test_state_and_pin_changes_refuse_bad_input(catalog: Catalog, tiny_model: Path) -> None:
+    await register_local_file(catalog.stub, "m-a", tiny_model, "local")
+    cases = [
+        (catalog_pb2.SetModelStateRequest(model_id="m-a"), "SetModelState", "state"),
+        (
+            catalog_pb2.SetModelStateRequest(model_id="m-a", state=7),  # type: ignore[arg-type]
+            "SetModelState",
+            "state",
+        ),
+        (catalog_pb2.SetModelStateRequest(state=1), "SetModelState", "model_id"),
+        (catalog_pb2.SetModelPinnedRequest(model_id="../x"), "SetModelPinned", "model_id"),
+        (catalog_pb2.ListModelsRequest(state=9), "ListModels", "state"),  # type: ignore[arg-type]
+        (catalog_pb2.ListModelsRequest(node_id="Bad Node"), "ListModels", "node_id"),
+    ]
+    for request, method, field in cases:
+        with pytest.raises(grpc.aio.AioRpcError) as bad:
+            await getattr(catalog.stub, method)(request)
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, request)
+        assert field in (bad.value.details() or ""), (method, bad.value.details())
+    for request, method in [
+        (catalog_pb2.SetModelStateRequest(model_id="nope", state=2), "SetModelState"),
+        (catalog_pb2.SetModelPinnedRequest(model_id="nope", pinned=True), "SetModelPinned"),
+    ]:
+        with pytest.raises(grpc.aio.AioRpcError) as missing:
+            await getattr(catalog.stub, method)(request)
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_list_models_filters_by_state_and_node(catalog: Catalog, tiny_model: Path) -> None:
+    for model_id, node in [("m-a", "n1"), ("m-b", "n2"), ("m-c", "n1"), ("m-d", "n1")]:
+        await register_local_file(catalog.stub, model_id, tiny_model, node)
+    await catalog.stub.SetModelState(
+        catalog_pb2.SetModelStateRequest(model_id="m-c", state=catalog_pb2.MODEL_STATE_RETIRED)
+    )
+
+    async def ids(**filters: object) -> list[str]:
+        seen, token = [], ""
+        while True:  # one model a page: the token carries on with the same filters
+            page = await catalog.stub.ListModels(
+                catalog_pb2.ListModelsRequest(page_size=1, page_token=token, **filters)  # type: ignore[arg-type]
+            )
+            seen += [m.model_id for m in page.models]
+            token = page.next_page_token
+            if not token:
+                return seen
+
+    assert await ids() == ["m-a", "m-b", "m-c", "m-d"]
+    assert await ids(state=catalog_pb2.MODEL_STATE_RETIRED) == ["m-c"]
+    assert await ids(state=catalog_pb2.MODEL_STATE_ACTIVE) == ["m-a", "m-b", "m-d"]
+    assert await ids(node_id="n1") == ["m-a", "m-c", "m-d"]
+    assert await ids(node_id="n1", state=catalog_pb2.MODEL_STATE_ACTIVE) == ["m-a", "m-d"]
+    assert await ids(node_id="n9") == []

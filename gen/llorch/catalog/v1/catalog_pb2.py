@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fllorch/catalog/v1/catalog.proto\x12\x11llorch.catalog.v1\x1a\x1cgoogle/api/annotations.proto\"\xf1\x01\n\x05Model\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nsource_ref\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x04\x12,\n\x05\x66\x61\x63ts\x18\x05 \x01(\x0b\x32\x1d.llorch.catalog.v1.ModelFacts\x12,\n\x05state\x18\x06 \x01(\x0e\x32\x1d.llorch.catalog.v1.ModelState\x12\x0e\n\x06pinned\x18\x07 \x01(\x08\x12\x17\n\x0f\x63reated_unix_ms\x18\x08 \x01(\x03\x12\x19\n\x11last_used_unix_ms\x18\t \x01(\x03\"\x95\x01\n\nModelFacts\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12\x17\n\x0fparameter_count\x18\x02 \x01(\x04\x12\x11\n\tfile_type\x18\x03 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\r\x12\x13\n\x0b\x62lock_count\x18\x05 \x01(\r\x12\x18\n\x10\x65mbedding_length\x18\x06 \x01(\r\"B\n\rModelLocation\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\"t\n\x14RegisterModelRequest\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.llorch.catalog.v1.Model\x12\x33\n\tlocations\x18\x02 \x03(\x0b\x32 .llorch.catalog.v1.ModelLocation\"@\n\x15RegisterModelResponse\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.llorch.catalog.v1.Model\"#\n\x0fGetModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\";\n\x10GetModelResponse\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.llorch.catalog.v1.Model\":\n\x11ListModelsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"W\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.llorch.catalog.v1.Model\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"7\n\x12LocateModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\"J\n\x13LocateModelResponse\x12\x33\n\tlocations\x18\x01 \x03(\x0b\x32 .llorch.catalog.v1.ModelLocation*Z\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12MODEL_STATE_ACTIVE\x10\x01\x12\x17\n\x13MODEL_STATE_RETIRED\x10\x02\x32\xf6\x03\n\x0e\x43\x61talogService\x12y\n\rRegisterModel\x12\'.llorch.catalog.v1.RegisterModelRequest\x1a(.llorch.catalog.v1.RegisterModelResponse\"\x15\x82\xd3\xe4\x93\x02\x0f\"\n/v1/models:\x01*\x12r\n\x08GetModel\x12\".llorch.catalog.v1.GetModelRequest\x1a#.llorch.catalog.v1.GetModelResponse\"\x1d\x82\xd3\xe4\x93\x02\x17\x12\x15/v1/models/{model_id}\x12m\n\nListModels\x12$.llorch.catalog.v1.ListModelsRequest\x1a%.llorch.catalog.v1.ListModelsResponse\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/models\x12\x85\x01\n\x0bLocateModel\x12%.llorch.catalog.v1.LocateModelRequest\x1a&.llorch.catalog.v1.LocateModelResponse\"\'\x82\xd3\xe4\x93\x02!\x12\x1f/v1/models/{model_id}/locationsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fllorch/catalog/v1/catalog.proto\x12\x11llorch.catalog.v1\x1a\x1cgoogle/api/annotations.proto\"\xf1\x01\n\x05Model\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nsource_ref\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x04\x12,\n\x05\x66\x61\x63ts\x18\x05 \x01(\x0b\x32\x1d.llorch.catalog.v1.ModelFacts\x12,\n\x05state\x18\x06 \x01(\x0e\x32\x1d.llorch.catalog.v1.ModelState\x12\x0e\n\x06pinned\x18\x07 \x01(\x08\x12\x17\n\x0f\x63reated_unix_ms\x18\x08 \x01(\x03\x12\x19\n\x11last_used_unix_ms\x18\t \x01(\x03\"\x95\x01\n\nModelFacts\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12\x17\n\x0fparameter_count\x18\x02 \x01(\x04\x12\x11\n\tfile_type\x18\x03 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x04 \x01(\r\x12\x13\n\x0b\x62lock_count\x18\x05 \x01(\r\x12\x18\n\x10\x65mbedding_length\x18\x06 \x01(\r\"B\n\rModelLocation\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\"t\n\x14RegisterModelRequest\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.llorch.catalog.v1.Model\x12\x33\n\tlocations\x18\x02 \x03(\x0b\x32 .llorch.catalog.v1.ModelLocation\"@\n\x15RegisterModelResponse\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.llorch.catalog.v1.Model\"#\n\x0fGetModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\";\n\x10GetModelResponse\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.llorch.catalog.v1.Model\"y\n\x11ListModelsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12,\n\x05state\x18\x03 \x01(\x0e\x32\x1d.llorch.catalog.v1.ModelState\x12\x0f\n\x07node_id\x18\x04 \x01(\t\"W\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.llorch.catalog.v1.Model\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"7\n\x12LocateModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\"J\n\x13LocateModelResponse\x12\x33\n\tlocations\x18\x01 \x03(\x0b\x32 .llorch.catalog.v1.ModelLocation\"V\n\x14SetModelStateRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12,\n\x05state\x18\x02 \x01(\x0e\x32\x1d.llorch.catalog.v1.ModelState\"@\n\x15SetModelStateResponse\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.llorch.catalog.v1.Model\"9\n\x15SetModelPinnedRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06pinned\x18\x02 \x01(\x08\"A\n\x16SetModelPinnedResponse\x12\'\n\x05model\x18\x01 \x01(\x0b\x32\x18.llorch.catalog.v1.Model*Z\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12MODEL_STATE_ACTIVE\x10\x01\x12\x17\n\x13MODEL_STATE_RETIRED\x10\x02\x32\x9a\x06\n\x0e\x43\x61talogService\x12y\n\rRegisterModel\x12\'.llorch.catalog.v1.RegisterModelRequest\x1a(.llorch.catalog.v1.RegisterModelResponse\"\x15\x82\xd3\xe4\x93\x02\x0f\"\n/v1/models:\x01*\x12r\n\x08GetModel\x12\".llorch.catalog.v1.GetModelRequest\x1a#.llorch.catalog.v1.GetModelResponse\"\x1d\x82\xd3\xe4\x93\x02\x17\x12\x15/v1/models/{model_id}\x12m\n\nListModels\x12$.llorch.catalog.v1.ListModelsRequest\x1a%.llorch.catalog.v1.ListModelsResponse\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/models\x12\x85\x01\n\x0bLocateModel\x12%.llorch.catalog.v1.LocateModelRequest\x1a&.llorch.catalog.v1.LocateModelResponse\"\'\x82\xd3\xe4\x93\x02!\x12\x1f/v1/models/{model_id}/locations\x12\x8d\x01\n\rSetModelState\x12\'.llorch.catalog.v1.SetModelStateRequest\x1a(.llorch.catalog.v1.SetModelStateResponse\")\x82\xd3\xe4\x93\x02#\"\x1e/v1/models/{model_id}:setState:\x01*\x12\x91\x01\n\x0eSetModelPinned\x12(.llorch.catalog.v1.SetModelPinnedRequest\x1a).llorch.catalog.v1.SetModelPinnedResponse\"*\x82\xd3\xe4\x93\x02$\"\x1f/v1/models/{model_id}:setPinned:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,8 +40,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CATALOGSERVICE'].methods_by_name['ListModels']._serialized_options = b'\202\323\344\223\002\014\022\n/v1/models'
   _globals['_CATALOGSERVICE'].methods_by_name['LocateModel']._loaded_options = None
   _globals['_CATALOGSERVICE'].methods_by_name['LocateModel']._serialized_options = b'\202\323\344\223\002!\022\037/v1/models/{model_id}/locations'
-  _globals['_MODELSTATE']._serialized_start=1112
-  _globals['_MODELSTATE']._serialized_end=1202
+  _globals['_CATALOGSERVICE'].methods_by_name['SetModelState']._loaded_options = None
+  _globals['_CATALOGSERVICE'].methods_by_name['SetModelState']._serialized_options = b'\202\323\344\223\002#\"\036/v1/models/{model_id}:setState:\001*'
+  _globals['_CATALOGSERVICE'].methods_by_name['SetModelPinned']._loaded_options = None
+  _globals['_CATALOGSERVICE'].methods_by_name['SetModelPinned']._serialized_options = b'\202\323\344\223\002$\"\037/v1/models/{model_id}:setPinned:\001*'
+  _globals['_MODELSTATE']._serialized_start=1455
+  _globals['_MODELSTATE']._serialized_end=1545
   _globals['_MODEL']._serialized_start=85
   _globals['_MODEL']._serialized_end=326
   _globals['_MODELFACTS']._serialized_start=329
@@ -57,13 +61,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETMODELRESPONSE']._serialized_start=769
   _globals['_GETMODELRESPONSE']._serialized_end=828
   _globals['_LISTMODELSREQUEST']._serialized_start=830
-  _globals['_LISTMODELSREQUEST']._serialized_end=888
-  _globals['_LISTMODELSRESPONSE']._serialized_start=890
-  _globals['_LISTMODELSRESPONSE']._serialized_end=977
-  _globals['_LOCATEMODELREQUEST']._serialized_start=979
-  _globals['_LOCATEMODELREQUEST']._serialized_end=1034
-  _globals['_LOCATEMODELRESPONSE']._serialized_start=1036
-  _globals['_LOCATEMODELRESPONSE']._serialized_end=1110
-  _globals['_CATALOGSERVICE']._serialized_start=1205
-  _globals['_CATALOGSERVICE']._serialized_end=1707
+  _globals['_LISTMODELSREQUEST']._serialized_end=951
+  _globals['_LISTMODELSRESPONSE']._serialized_start=953
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1040
+  _globals['_LOCATEMODELREQUEST']._serialized_start=1042
+  _globals['_LOCATEMODELREQUEST']._serialized_end=1097
+  _globals['_LOCATEMODELRESPONSE']._serialized_start=1099
+  _globals['_LOCATEMODELRESPONSE']._serialized_end=1173
+  _globals['_SETMODELSTATEREQUEST']._serialized_start=1175
+  _globals['_SETMODELSTATEREQUEST']._serialized_end=1261
+  _globals['_SETMODELSTATERESPONSE']._serialized_start=1263
+  _globals['_SETMODELSTATERESPONSE']._serialized_end=1327
+  _globals['_SETMODELPINNEDREQUEST']._serialized_start=1329
+  _globals['_SETMODELPINNEDREQUEST']._serialized_end=1386
+  _globals['_SETMODELPINNEDRESPONSE']._serialized_start=1388
+  _globals['_SETMODELPINNEDRESPONSE']._serialized_end=1453
+  _globals['_CATALOGSERVICE']._serialized_start=1548
+  _globals['_CATALOGSERVICE']._serialized_end=2342
 # @@protoc_insertion_point(module_scope)

@@ -55,6 +55,16 @@ class CatalogServiceStub:
                 request_serializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.LocateModelRequest.SerializeToString,
                 response_deserializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.LocateModelResponse.FromString,
                 _registered_method=True)
+        self.SetModelState = channel.unary_unary(
+                '/llorch.catalog.v1.CatalogService/SetModelState',
+                request_serializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.SetModelStateRequest.SerializeToString,
+                response_deserializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.SetModelStateResponse.FromString,
+                _registered_method=True)
+        self.SetModelPinned = channel.unary_unary(
+                '/llorch.catalog.v1.CatalogService/SetModelPinned',
+                request_serializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.SetModelPinnedRequest.SerializeToString,
+                response_deserializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.SetModelPinnedResponse.FromString,
+                _registered_method=True)
 
 
 class CatalogServiceServicer:
@@ -90,6 +100,21 @@ class CatalogServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetModelState(self, request, context):
+        """Retires a model (no new tasks are admitted for it; running ones finish) or makes it active
+        again. Orchestrators see the change within their cache time of model facts (2 s).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetModelPinned(self, request, context):
+        """Pins a model, so that garbage collection never deletes its files, or unpins it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CatalogServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -112,6 +137,16 @@ def add_CatalogServiceServicer_to_server(servicer, server):
                     servicer.LocateModel,
                     request_deserializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.LocateModelRequest.FromString,
                     response_serializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.LocateModelResponse.SerializeToString,
+            ),
+            'SetModelState': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetModelState,
+                    request_deserializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.SetModelStateRequest.FromString,
+                    response_serializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.SetModelStateResponse.SerializeToString,
+            ),
+            'SetModelPinned': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetModelPinned,
+                    request_deserializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.SetModelPinnedRequest.FromString,
+                    response_serializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.SetModelPinnedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -223,6 +258,60 @@ class CatalogService:
             '/llorch.catalog.v1.CatalogService/LocateModel',
             llorch_dot_catalog_dot_v1_dot_catalog__pb2.LocateModelRequest.SerializeToString,
             llorch_dot_catalog_dot_v1_dot_catalog__pb2.LocateModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetModelState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llorch.catalog.v1.CatalogService/SetModelState',
+            llorch_dot_catalog_dot_v1_dot_catalog__pb2.SetModelStateRequest.SerializeToString,
+            llorch_dot_catalog_dot_v1_dot_catalog__pb2.SetModelStateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetModelPinned(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llorch.catalog.v1.CatalogService/SetModelPinned',
+            llorch_dot_catalog_dot_v1_dot_catalog__pb2.SetModelPinnedRequest.SerializeToString,
+            llorch_dot_catalog_dot_v1_dot_catalog__pb2.SetModelPinnedResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,91 @@
+"""Retired models on a running mesh: new tasks are refused, running ones finish; the
+``llorch models retire|activate|pin|unpin`` commands and the list filters."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+from llorch.catalog.v1 import catalog_pb2, catalog_pb2_grpc
+
+from tests.conftest import Mesh
+from tests.e2e.helpers import collect, error_details, generate_request
+
+
+def _llorch(*args: str, catalog: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mesh.cli", *args, "--catalog", catalog],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ},
+        check=False,
+    )
+
+
+async def test_a_retired_model_takes_no_new_tasks_and_running_ones_finish(
+    long_mesh: Mesh,
+) -> None:
+    mesh = long_mesh
+    running = mesh.stub.Generate(generate_request(max_tokens=60, ignore_eos=True))
+    async for response in running:
+        if response.event.WhichOneof("kind") == "token":
+            break
+    async with grpc.aio.insecure_channel(mesh.catalog.address) as channel:
+        catalog = catalog_pb2_grpc.CatalogServiceStub(channel)
+        await catalog.SetModelState(
+            catalog_pb2.SetModelStateRequest(
+                model_id="tiny-llama", state=catalog_pb2.MODEL_STATE_RETIRED
+            )
+        )
+        # The orchestrator caches model facts for up to 2 s.
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                await collect(mesh.stub.Generate(generate_request(max_tokens=1)))
+            except grpc.aio.AioRpcError as err:
+                assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+                assert error_details(err)["reason"] == "MODEL_RETIRED"
+                break
+            assert time.monotonic() < deadline, "a retired model still takes tasks"
+            await asyncio.sleep(0.2)
+        # The task that was running when the model was retired runs to its end.
+        rest = await collect(running)
+        assert rest.finished.tokens_out == 60
+        await catalog.SetModelState(
+            catalog_pb2.SetModelStateRequest(
+                model_id="tiny-llama", state=catalog_pb2.MODEL_STATE_ACTIVE
+            )
+        )
+    await asyncio.sleep(2.1)
+    again = await collect(mesh.stub.Generate(generate_request(max_tokens=2)))
+    assert again.finished.tokens_out == 2
+
+
+@pytest.mark.parametrize("mesh", ["grpc"], indirect=True)
+async def test_model_state_commands(mesh: Mesh) -> None:
+    address = mesh.catalog.address
+    retired = await asyncio.to_thread(_llorch, "models", "retire", "tiny-llama", catalog=address)
+    assert retired.returncode == 0, retired.stderr
+    assert retired.stdout.strip() == "tiny-llama: retired"
+    pinned = await asyncio.to_thread(_llorch, "models", "pin", "tiny-llama", catalog=address)
+    assert pinned.stdout.strip() == "tiny-llama: retired, pinned"
+    listed = await asyncio.to_thread(
+        _llorch, "models", "list", "--state", "retired", "--json", catalog=address
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert '"model_id": "tiny-llama"' in listed.stdout and '"pinned": true' in listed.stdout
+    active = await asyncio.to_thread(
+        _llorch, "models", "list", "--state", "active", "--json", catalog=address
+    )
+    assert active.stdout.strip() == "[]"
+    back = await asyncio.to_thread(_llorch, "models", "activate", "tiny-llama", catalog=address)
+    unpinned = await asyncio.to_thread(_llorch, "models", "unpin", "tiny-llama", catalog=address)
+    assert back.returncode == 0 and unpinned.stdout.strip() == "tiny-llama: active"
+    missing = await asyncio.to_thread(_llorch, "models", "retire", "no-such", catalog=address)
+    assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
