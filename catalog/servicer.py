@@ -10,7 +10,14 @@ import re
 import grpc
 from llorch.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 
-from catalog.store import CatalogStore, ConflictError, ModelRecord, ModelState, ReplicaRecord
+from catalog.store import (
+    CatalogStore,
+    ConflictError,
+    EngineRecord,
+    ModelRecord,
+    ModelState,
+    ReplicaRecord,
+)
 from mesh.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
 from mesh.ids import check_name
 from mesh.server import ServiceBinding
@@ -117,12 +124,80 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
         record = await asyncio.to_thread(self._store.set_state, model_id, state)
         return catalog_pb2.SetModelStateResponse(model=model_to_pb(_found(record, model_id)))
 
+    async def RegisterEngine(
+        self, request: catalog_pb2.RegisterEngineRequest, context: grpc.aio.ServicerContext
+    ) -> catalog_pb2.RegisterEngineResponse:
+        record = _engine_from_pb(request.engine)
+        stored = await asyncio.to_thread(self._store.put_engine, record)
+        return catalog_pb2.RegisterEngineResponse(engine=engine_to_pb(stored))
+
+    async def ListEngines(
+        self, request: catalog_pb2.ListEnginesRequest, context: grpc.aio.ServicerContext
+    ) -> catalog_pb2.ListEnginesResponse:
+        if request.node_id:
+            check_name(request.node_id, "node_id")
+        records = await asyncio.to_thread(self._store.list_engines, request.node_id)
+        return catalog_pb2.ListEnginesResponse(engines=[engine_to_pb(r) for r in records])
+
     async def SetModelPinned(
         self, request: catalog_pb2.SetModelPinnedRequest, context: grpc.aio.ServicerContext
     ) -> catalog_pb2.SetModelPinnedResponse:
         model_id = check_name(request.model_id, "model_id")
         record = await asyncio.to_thread(self._store.set_pinned, model_id, request.pinned)
         return catalog_pb2.SetModelPinnedResponse(model=model_to_pb(_found(record, model_id)))
+
+
+def engine_to_pb(record: EngineRecord) -> catalog_pb2.Engine:
+    """The wire form of an engine record."""
+    return catalog_pb2.Engine(
+        node_id=record.node_id,
+        name=record.name,
+        version=record.version,
+        backend=record.backend,
+        build_info=record.build_info,
+        path=record.path,
+        gpu_offload=record.gpu_offload,
+        backend_libraries=list(record.backend_libraries),
+        checked_unix_ms=record.checked_unix_ms,
+    )
+
+
+_ENGINE_TEXT_LIMIT = 4096
+_ENGINE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
+_BACKENDS = ("cpu", "cuda", "metal", "vulkan", "rocm", "sycl", "opencl")
+
+
+def _engine_from_pb(engine: catalog_pb2.Engine) -> EngineRecord:
+    node_id = check_name(engine.node_id, "engine.node_id")
+    for name in ("name", "version"):
+        if not _ENGINE_NAME_RE.fullmatch(getattr(engine, name)):
+            raise InvalidArgumentError(
+                f"engine.{name}", "must be 1-64 letters, digits, '.', '_', '+' or '-'"
+            )
+    if engine.backend not in _BACKENDS:
+        raise InvalidArgumentError("engine.backend", f"must be one of {', '.join(_BACKENDS)}")
+    if engine.path and not engine.path.startswith("/"):
+        raise InvalidArgumentError("engine.path", "must be an absolute path")
+    for name in ("build_info", "path"):
+        if len(getattr(engine, name)) > _ENGINE_TEXT_LIMIT:
+            raise InvalidArgumentError(
+                f"engine.{name}", f"must be at most {_ENGINE_TEXT_LIMIT} characters"
+            )
+    for i, lib in enumerate(engine.backend_libraries):
+        if lib not in _BACKENDS:
+            raise InvalidArgumentError(
+                f"engine.backend_libraries[{i}]", f"must be one of {', '.join(_BACKENDS)}"
+            )
+    return EngineRecord(
+        node_id=node_id,
+        name=engine.name,
+        version=engine.version,
+        backend=engine.backend,
+        build_info=engine.build_info,
+        path=engine.path,
+        gpu_offload=engine.gpu_offload,
+        backend_libraries=tuple(engine.backend_libraries),
+    )
 
 
 def _found(record: ModelRecord | None, model_id: str) -> ModelRecord:

@@ -10,7 +10,7 @@ import enum
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 _SCHEMA = """
@@ -37,6 +37,18 @@ CREATE TABLE IF NOT EXISTS replicas (
     size_bytes INTEGER NOT NULL,
     last_used_unix_ms INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (model_id, node_id, path)
+);
+CREATE TABLE IF NOT EXISTS engines (
+    node_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    version TEXT NOT NULL,
+    backend TEXT NOT NULL,
+    build_info TEXT NOT NULL,
+    path TEXT NOT NULL,
+    gpu_offload INTEGER NOT NULL,
+    backend_libraries TEXT NOT NULL,
+    checked_unix_ms INTEGER NOT NULL,
+    PRIMARY KEY (node_id, name, version)
 );
 """
 
@@ -77,6 +89,21 @@ class ReplicaRecord:
     path: str
     size_bytes: int
     last_used_unix_ms: int = field(default=0)
+
+
+@dataclass(frozen=True)
+class EngineRecord:
+    """An inference engine installed on a node, as checked there."""
+
+    node_id: str
+    name: str
+    version: str
+    backend: str
+    build_info: str
+    path: str
+    gpu_offload: bool
+    backend_libraries: tuple[str, ...] = ()
+    checked_unix_ms: int = 0
 
 
 class ConflictError(Exception):
@@ -213,6 +240,50 @@ class CatalogStore:
                 path=row["path"],
                 size_bytes=row["size_bytes"],
                 last_used_unix_ms=row["last_used_unix_ms"],
+            )
+            for row in rows
+        ]
+
+    def put_engine(self, engine: EngineRecord) -> EngineRecord:
+        """Records an engine, replacing the entry of the same node, name and version."""
+        checked = engine.checked_unix_ms or _now_ms()
+        with self._lock:
+            self._conn.execute(
+                "INSERT OR REPLACE INTO engines VALUES (?,?,?,?,?,?,?,?,?)",
+                (
+                    engine.node_id,
+                    engine.name,
+                    engine.version,
+                    engine.backend,
+                    engine.build_info,
+                    engine.path,
+                    int(engine.gpu_offload),
+                    ",".join(engine.backend_libraries),
+                    checked,
+                ),
+            )
+        return replace(engine, checked_unix_ms=checked)
+
+    def list_engines(self, node_id: str = "") -> list[EngineRecord]:
+        """Engines, of one node or all, by node, name and version."""
+        query = "SELECT * FROM engines"
+        args: tuple[str, ...] = ()
+        if node_id:
+            query += " WHERE node_id = ?"
+            args = (node_id,)
+        with self._lock:
+            rows = self._conn.execute(query + " ORDER BY node_id, name, version", args).fetchall()
+        return [
+            EngineRecord(
+                node_id=row["node_id"],
+                name=row["name"],
+                version=row["version"],
+                backend=row["backend"],
+                build_info=row["build_info"],
+                path=row["path"],
+                gpu_offload=bool(row["gpu_offload"]),
+                backend_libraries=tuple(x for x in row["backend_libraries"].split(",") if x),
+                checked_unix_ms=row["checked_unix_ms"],
             )
             for row in rows
         ]

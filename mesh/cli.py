@@ -4,6 +4,7 @@ llorch up                              run the home profile in the foreground
 llorch serve catalog|poolmanager|orchestrator   run one service (a fleet's processes)
 llorch generate --model M "prompt"     stream tokens from the orchestrator
 llorch models list | add NAME PATH | retire|activate|pin|unpin NAME   the catalog
+llorch engines check | list              this node's engine, and every node's recorded
 llorch pools list | drain NODE/POOL | resume NODE/POOL   pools, for operators
 llorch pools reload NODE/POOL MODEL | preload MODEL [--pool NODE/POOL]   change what pools hold
 llorch tasks get ID                    one task's state
@@ -104,6 +105,21 @@ def _parser() -> argparse.ArgumentParser:
     madd.add_argument("--catalog", help="catalog address (LLORCH_CATALOG)")
     madd.add_argument("--data-dir", type=Path, help="home profile data dir (LLORCH_DATA_DIR)")
     madd.set_defaults(run=_cmd_models_add)
+
+    engines = sub.add_parser("engines", help="inference engines of the nodes")
+    engines_sub = engines.add_subparsers(title="engines commands")
+    echeck = engines_sub.add_parser(
+        "check", help="find this node's engine, say whether it can use a GPU, record it"
+    )
+    echeck.add_argument("--node-id", default="local", help="this node's id (local)")
+    echeck.set_defaults(run=_cmd_engines, action="check")
+    elist = engines_sub.add_parser("list", help="list the engines recorded in the catalog")
+    elist.add_argument("--node", default="", help="only this node's")
+    elist.set_defaults(run=_cmd_engines, action="list")
+    for p in (echeck, elist):
+        p.add_argument("--catalog", help="catalog address (LLORCH_CATALOG)")
+        p.add_argument("--data-dir", type=Path, help="home profile data dir (LLORCH_DATA_DIR)")
+        p.add_argument("--json", action="store_true", help="print JSON")
 
     pools = sub.add_parser("pools", help="the pools the orchestrator places work on")
     pools_sub = pools.add_subparsers(title="pools commands")
@@ -393,6 +409,63 @@ def _cmd_models_list(args: argparse.Namespace) -> int:
         return 0
 
     return asyncio.run(run())
+
+
+def _cmd_engines(args: argparse.Namespace) -> int:
+    from google.protobuf import json_format
+    from llorch.catalog.v1 import catalog_pb2, catalog_pb2_grpc
+
+    from catalog.servicer import engine_to_pb
+    from provisioners.engines import EngineCheckError, check_engine
+
+    address = _catalog_address(args)
+    problem = ""
+    if args.action == "check":
+        try:
+            facts = check_engine()
+        except EngineCheckError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        problem = facts.problem()
+
+    async def run() -> list[catalog_pb2.Engine] | int:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = catalog_pb2_grpc.CatalogServiceStub(channel)
+            try:
+                if args.action == "check":
+                    request = catalog_pb2.RegisterEngineRequest(
+                        engine=engine_to_pb(facts.record(args.node_id))
+                    )
+                    return [(await stub.RegisterEngine(request, timeout=10)).engine]
+                listed = await stub.ListEngines(
+                    catalog_pb2.ListEnginesRequest(node_id=args.node), timeout=10
+                )
+                return list(listed.engines)
+            except grpc.aio.AioRpcError as err:
+                return _rpc_failed(err)
+
+    engines = asyncio.run(run())
+    if isinstance(engines, int):
+        return engines
+    if args.json:
+        print(json.dumps([json_format.MessageToDict(e) for e in engines], indent=2))
+    else:
+        _print_table(
+            [
+                {
+                    "node": e.node_id,
+                    "engine": f"{e.name} {e.version}",
+                    "backend": e.backend,
+                    "gpu_offload": "yes" if e.gpu_offload else "no",
+                    "libraries": ",".join(e.backend_libraries),
+                }
+                for e in engines
+            ],
+            ["node", "engine", "backend", "gpu_offload", "libraries"],
+        )
+    if problem:
+        print(f"note: {problem}", file=sys.stderr)
+    return 0
 
 
 _MODEL_STATES = {"active": 1, "retired": 2}  # catalog_pb2.MODEL_STATE_*

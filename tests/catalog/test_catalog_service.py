@@ -363,3 +363,61 @@ async def test_list_models_filters_by_state_and_node(catalog: Catalog, tiny_mode
     assert await ids(node_id="n1") == ["m-a", "m-c", "m-d"]
     assert await ids(node_id="n1", state=catalog_pb2.MODEL_STATE_ACTIVE) == ["m-a", "m-d"]
     assert await ids(node_id="n9") == []
+
+
+def _engine(node_id: str = "n1", version: str = "0.3.36", **kw: object) -> catalog_pb2.Engine:
+    fields: dict[str, object] = {
+        "node_id": node_id,
+        "name": "llama-cpp-python",
+        "version": version,
+        "backend": "cuda",
+        "build_info": "CUDA : ARCHS = 900 |",
+        "path": "/opt/llama_cpp",
+        "gpu_offload": True,
+        "backend_libraries": ["cpu", "cuda"],
+        **kw,
+    }
+    return catalog_pb2.Engine(**fields)  # type: ignore[arg-type]
+
+
+async def test_engines_are_recorded_per_node_and_replaced_on_a_new_check(
+    catalog: Catalog,
+) -> None:
+    first = await catalog.stub.RegisterEngine(catalog_pb2.RegisterEngineRequest(engine=_engine()))
+    assert first.engine.checked_unix_ms > 0 and first.engine.backend == "cuda"
+    await catalog.stub.RegisterEngine(
+        catalog_pb2.RegisterEngineRequest(engine=_engine("n2", backend="cpu", gpu_offload=False))
+    )
+    # The same node, name and version checked again: one entry, the newer facts.
+    await catalog.stub.RegisterEngine(
+        catalog_pb2.RegisterEngineRequest(engine=_engine(gpu_offload=False))
+    )
+    listed = (await catalog.stub.ListEngines(catalog_pb2.ListEnginesRequest())).engines
+    assert [(e.node_id, e.backend, e.gpu_offload) for e in listed] == [
+        ("n1", "cuda", False),
+        ("n2", "cpu", False),
+    ]
+    assert list(listed[0].backend_libraries) == ["cpu", "cuda"]
+    only = (await catalog.stub.ListEngines(catalog_pb2.ListEnginesRequest(node_id="n2"))).engines
+    assert [e.node_id for e in only] == ["n2"]
+
+
+@pytest.mark.parametrize(
+    ("engine", "field"),
+    [
+        (_engine(node_id=""), "engine.node_id"),
+        (_engine(name=""), "engine.name"),
+        (_engine(version="0.3 36"), "engine.version"),
+        (_engine(backend="gpu"), "engine.backend"),
+        (_engine(path="relative/dir"), "engine.path"),
+        (_engine(build_info="x" * 5000), "engine.build_info"),
+        (_engine(backend_libraries=["cpu", "warp"]), "engine.backend_libraries[1]"),
+    ],
+)
+async def test_engine_fields_are_validated(
+    catalog: Catalog, engine: catalog_pb2.Engine, field: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as bad:
+        await catalog.stub.RegisterEngine(catalog_pb2.RegisterEngineRequest(engine=engine))
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in (bad.value.details() or "")

@@ -152,3 +152,49 @@ class SetModelPinnedResponse(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     model: Model
     def __init__(self, model: _Optional[_Union[Model, _Mapping]] = ...) -> None: ...
+
+class Engine(_message.Message):
+    __slots__ = ("node_id", "name", "version", "backend", "build_info", "path", "gpu_offload", "backend_libraries", "checked_unix_ms")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    BUILD_INFO_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    GPU_OFFLOAD_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_LIBRARIES_FIELD_NUMBER: _ClassVar[int]
+    CHECKED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    name: str
+    version: str
+    backend: str
+    build_info: str
+    path: str
+    gpu_offload: bool
+    backend_libraries: _containers.RepeatedScalarFieldContainer[str]
+    checked_unix_ms: int
+    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., backend: _Optional[str] = ..., build_info: _Optional[str] = ..., path: _Optional[str] = ..., gpu_offload: _Optional[bool] = ..., backend_libraries: _Optional[_Iterable[str]] = ..., checked_unix_ms: _Optional[int] = ...) -> None: ...
+
+class RegisterEngineRequest(_message.Message):
+    __slots__ = ("engine",)
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
+    engine: Engine
+    def __init__(self, engine: _Optional[_Union[Engine, _Mapping]] = ...) -> None: ...
+
+class RegisterEngineResponse(_message.Message):
+    __slots__ = ("engine",)
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
+    engine: Engine
+    def __init__(self, engine: _Optional[_Union[Engine, _Mapping]] = ...) -> None: ...
+
+class ListEnginesRequest(_message.Message):
+    __slots__ = ("node_id",)
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    def __init__(self, node_id: _Optional[str] = ...) -> None: ...
+
+class ListEnginesResponse(_message.Message):
+    __slots__ = ("engines",)
+    ENGINES_FIELD_NUMBER: _ClassVar[int]
+    engines: _containers.RepeatedCompositeFieldContainer[Engine]
+    def __init__(self, engines: _Optional[_Iterable[_Union[Engine, _Mapping]]] = ...) -> None: ...

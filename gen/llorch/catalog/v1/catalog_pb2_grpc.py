@@ -60,6 +60,16 @@ class CatalogServiceStub:
                 request_serializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.SetModelStateRequest.SerializeToString,
                 response_deserializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.SetModelStateResponse.FromString,
                 _registered_method=True)
+        self.RegisterEngine = channel.unary_unary(
+                '/llorch.catalog.v1.CatalogService/RegisterEngine',
+                request_serializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.RegisterEngineRequest.SerializeToString,
+                response_deserializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.RegisterEngineResponse.FromString,
+                _registered_method=True)
+        self.ListEngines = channel.unary_unary(
+                '/llorch.catalog.v1.CatalogService/ListEngines',
+                request_serializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.ListEnginesRequest.SerializeToString,
+                response_deserializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.ListEnginesResponse.FromString,
+                _registered_method=True)
         self.SetModelPinned = channel.unary_unary(
                 '/llorch.catalog.v1.CatalogService/SetModelPinned',
                 request_serializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.SetModelPinnedRequest.SerializeToString,
@@ -108,6 +118,21 @@ class CatalogServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RegisterEngine(self, request, context):
+        """Records the inference engine a node runs (what `llorch engines check` found there);
+        recording the same node, name and version again replaces that entry.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListEngines(self, request, context):
+        """Lists the engines recorded, by node, name and version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SetModelPinned(self, request, context):
         """Pins a model, so that garbage collection never deletes its files, or unpins it.
         """
@@ -142,6 +167,16 @@ def add_CatalogServiceServicer_to_server(servicer, server):
                     servicer.SetModelState,
                     request_deserializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.SetModelStateRequest.FromString,
                     response_serializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.SetModelStateResponse.SerializeToString,
+            ),
+            'RegisterEngine': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterEngine,
+                    request_deserializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.RegisterEngineRequest.FromString,
+                    response_serializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.RegisterEngineResponse.SerializeToString,
+            ),
+            'ListEngines': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListEngines,
+                    request_deserializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.ListEnginesRequest.FromString,
+                    response_serializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.ListEnginesResponse.SerializeToString,
             ),
             'SetModelPinned': grpc.unary_unary_rpc_method_handler(
                     servicer.SetModelPinned,
@@ -285,6 +320,60 @@ class CatalogService:
             '/llorch.catalog.v1.CatalogService/SetModelState',
             llorch_dot_catalog_dot_v1_dot_catalog__pb2.SetModelStateRequest.SerializeToString,
             llorch_dot_catalog_dot_v1_dot_catalog__pb2.SetModelStateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterEngine(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llorch.catalog.v1.CatalogService/RegisterEngine',
+            llorch_dot_catalog_dot_v1_dot_catalog__pb2.RegisterEngineRequest.SerializeToString,
+            llorch_dot_catalog_dot_v1_dot_catalog__pb2.RegisterEngineResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListEngines(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llorch.catalog.v1.CatalogService/ListEngines',
+            llorch_dot_catalog_dot_v1_dot_catalog__pb2.ListEnginesRequest.SerializeToString,
+            llorch_dot_catalog_dot_v1_dot_catalog__pb2.ListEnginesResponse.FromString,
             options,
             channel_credentials,
             insecure,
