@@ -3,7 +3,7 @@
 llorch up                              run the home profile in the foreground
 llorch serve catalog|poolmanager|orchestrator   run one service (a fleet's processes)
 llorch generate --model M "prompt"     stream tokens from the orchestrator
-llorch models list | add NAME PATH | retire|activate|pin|unpin NAME   the catalog
+llorch models list | add NAME PATH | pull REF | retire|activate|pin|unpin NAME   the catalog
 llorch engines check | list              this node's engine, and every node's recorded
 llorch pools list | drain NODE/POOL | resume NODE/POOL   pools, for operators
 llorch pools reload NODE/POOL MODEL | preload MODEL [--pool NODE/POOL]   change what pools hold
@@ -87,6 +87,17 @@ def _parser() -> argparse.ArgumentParser:
     mlist.add_argument("--state", choices=["active", "retired"], help="only models in this state")
     mlist.add_argument("--node", default="", help="only models with a copy on this node")
     mlist.set_defaults(run=_cmd_models_list)
+    mpull = models_sub.add_parser(
+        "pull", help="fetch a model (file:/path, https://...) into this node's store and add it"
+    )
+    mpull.add_argument("ref", help="file:/abs/path.gguf, https://host/path.gguf")
+    mpull.add_argument("--name", default="", help="catalog id (default: from the file name)")
+    mpull.add_argument("--sha256", default="", help="expected SHA-256; refused when it differs")
+    mpull.add_argument("--node-id", default="local", help="node the store belongs to (local)")
+    mpull.add_argument("--store", type=Path, help="model store (default: <data dir>/models)")
+    mpull.add_argument("--catalog", help="catalog address (LLORCH_CATALOG)")
+    mpull.add_argument("--data-dir", type=Path, help="home profile data dir (LLORCH_DATA_DIR)")
+    mpull.set_defaults(run=_cmd_models_pull)
     for verb, help_text in (
         ("retire", "admit no new tasks for a model (running ones finish)"),
         ("activate", "admit tasks for a retired model again"),
@@ -466,6 +477,51 @@ def _cmd_engines(args: argparse.Namespace) -> int:
     if problem:
         print(f"note: {problem}", file=sys.stderr)
     return 0
+
+
+def _cmd_models_pull(args: argparse.Namespace) -> int:
+    from llorch.catalog.v1 import catalog_pb2_grpc
+    from tqdm import tqdm
+
+    from mesh.errors import LlorchError
+    from provisioners.models import pull_model
+    from provisioners.pull import PullError
+
+    address = _catalog_address(args)
+    store = args.store or (args.data_dir or ClientSettings().data_dir) / "models"
+    bar = tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc=args.ref[-40:], file=sys.stderr)
+
+    def progress(done: int, total: int | None) -> None:
+        if total is not None and bar.total != total:
+            bar.total = total
+        bar.update(done - bar.n)
+
+    async def run() -> int:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = catalog_pb2_grpc.CatalogServiceStub(channel)
+            try:
+                model = await pull_model(
+                    stub,
+                    args.ref,
+                    store,
+                    args.node_id,
+                    name=args.name,
+                    sha256=args.sha256,
+                    progress=progress,
+                )
+            except PullError as exc:
+                bar.close()
+                print(f"error: {exc.reason}: {exc}", file=sys.stderr)
+                return 1
+            except LlorchError as err:
+                bar.close()
+                print(f"error: {err.code.name}: {err.message}", file=sys.stderr)
+                return 1
+        bar.close()
+        print(f"{model.model_id}: {model.size_bytes} bytes, sha256 {model.sha256}")
+        return 0
+
+    return asyncio.run(run())
 
 
 _MODEL_STATES = {"active": 1, "retired": 2}  # catalog_pb2.MODEL_STATE_*

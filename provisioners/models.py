@@ -3,21 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 import grpc
 from llorch.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 
-from mesh.errors import InvalidArgumentError, from_rpc_error
+from mesh.errors import AlreadyExistsError, InvalidArgumentError, from_rpc_error
 from mesh.ids import check_name
 from provisioners.gguf_facts import NotAGgufError, read_gguf_facts, sha256_file
+from provisioners.pull import Progress, PullOptions, model_name_for, parse_ref, pull
 from provisioners.tiny_model import DEFAULT_MODEL_ID, TinyModelSpec, write_tiny_model
 
 
 async def register_local_file(
-    stub: catalog_pb2_grpc.CatalogServiceStub, model_id: str, path: Path, node_id: str
+    stub: catalog_pb2_grpc.CatalogServiceStub,
+    model_id: str,
+    path: Path,
+    node_id: str,
+    source_ref: str = "",
+    sha256: str = "",
 ) -> catalog_pb2.Model:
-    """Reads the file's GGUF facts and sha256 and registers it with a replica on ``node_id``.
+    """Reads the file's GGUF facts (and its sha256, unless given) and registers it with a
+    replica on ``node_id``; ``source_ref`` says where it came from (default ``file:<path>``).
 
     Raises:
         InvalidArgumentError: the id is invalid, or the file is missing or not a GGUF.
@@ -29,12 +37,12 @@ async def register_local_file(
         facts = await asyncio.to_thread(read_gguf_facts, path)
     except NotAGgufError as exc:
         raise InvalidArgumentError("path", str(exc)) from None
-    digest = await asyncio.to_thread(sha256_file, path)
+    digest = sha256 or await asyncio.to_thread(sha256_file, path)
     size = (await asyncio.to_thread(path.stat)).st_size
     request = catalog_pb2.RegisterModelRequest(
         model=catalog_pb2.Model(
             model_id=model_id,
-            source_ref=f"file:{path}",
+            source_ref=source_ref or f"file:{path}",
             sha256=digest,
             size_bytes=size,
             facts=catalog_pb2.ModelFacts(
@@ -63,3 +71,52 @@ async def ensure_default_model(
     if not path.is_file():
         await asyncio.to_thread(write_tiny_model, path, TinyModelSpec())
     return await register_local_file(stub, DEFAULT_MODEL_ID, path, node_id)
+
+
+async def pull_model(
+    stub: catalog_pb2_grpc.CatalogServiceStub,
+    ref: str,
+    store: Path,
+    node_id: str,
+    name: str = "",
+    sha256: str = "",
+    options: PullOptions | None = None,
+    progress: Progress | None = None,
+) -> catalog_pb2.Model:
+    """``llorch models pull``: fetches ``ref`` into the node's model store, verifies it, and
+    registers it with its replica; a failure at any step leaves neither file nor record.
+
+    Raises:
+        InvalidArgumentError: a bad ref, name or sha256.
+        AlreadyExistsError: the name is taken by another file.
+        PullError: the fetch or a check failed (its reason says which).
+        LlorchError: what the catalog answered otherwise.
+    """
+    parsed = parse_ref(ref)
+    model_id = check_name(name, "name") if name else model_name_for(parsed)
+    try:
+        existing = (
+            await stub.GetModel(catalog_pb2.GetModelRequest(model_id=model_id), timeout=30)
+        ).model
+    except grpc.aio.AioRpcError as err:
+        if err.code() != grpc.StatusCode.NOT_FOUND:
+            raise from_rpc_error(err) from None
+    else:
+        if sha256 and existing.sha256 == sha256.lower() and (store / f"{model_id}.gguf").exists():
+            return existing  # pulled here before
+        if not sha256 or existing.sha256 != sha256.lower():
+            raise AlreadyExistsError(
+                f"model {model_id} is registered already (sha256 {existing.sha256}); "
+                "choose another --name",
+                reason="MODEL_EXISTS",
+            )
+    dest = store / f"{model_id}.gguf"
+    pulled = await asyncio.to_thread(pull, parsed, dest, sha256, options, progress)
+    try:
+        return await register_local_file(
+            stub, model_id, pulled.path, node_id, str(parsed), pulled.sha256
+        )
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            pulled.path.unlink()  # not registered: not kept
+        raise

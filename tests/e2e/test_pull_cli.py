@@ -1,0 +1,84 @@
+"""``llorch models pull`` from a local HTTP server into the node's store: registered with its
+replica and served by the mesh (loaded on demand); a failed pull registers nothing and leaves
+no file."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+from llorch.catalog.v1 import catalog_pb2, catalog_pb2_grpc
+
+from provisioners.tiny_model import TinyModelSpec, write_tiny_model
+from tests.conftest import Mesh
+from tests.e2e.helpers import collect, generate_request
+from tests.provisioners.model_server import ModelServer
+
+
+def _llorch(*args: str, catalog: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mesh.cli", *args, "--catalog", catalog],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ},
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("mesh", ["grpc"], indirect=True)
+async def test_pull_registers_the_file_and_the_mesh_serves_it(mesh: Mesh, tmp_path: Path) -> None:
+    data = write_tiny_model(tmp_path / "src.gguf", TinyModelSpec(seed=5)).read_bytes()
+    server = ModelServer({"Other-Llama.gguf": data}).start()
+    store = tmp_path / "store"
+    node = mesh.pool_manager.manager.node_id
+    try:
+        url = f"{server.url}/drop/Other-Llama.gguf"  # the first transfer breaks halfway
+        pulled = await asyncio.to_thread(
+            _llorch,
+            "models",
+            "pull",
+            url,
+            "--store",
+            str(store),
+            "--node-id",
+            node,
+            catalog=mesh.catalog.address,
+        )
+        assert pulled.returncode == 0, pulled.stderr
+        assert pulled.stdout.startswith("other-llama: ")
+        assert "B/s" in pulled.stderr or "iB" in pulled.stderr  # the progress bar
+        bad = await asyncio.to_thread(
+            _llorch,
+            "models",
+            "pull",
+            f"{server.url}/Other-Llama.gguf",
+            "--name",
+            "second",
+            "--sha256",
+            "0" * 64,
+            "--store",
+            str(store),
+            catalog=mesh.catalog.address,
+        )
+        assert bad.returncode == 1 and "SHA256_MISMATCH" in bad.stderr
+    finally:
+        server.stop()
+    assert sorted(p.name for p in store.iterdir()) == ["other-llama.gguf"]
+    async with grpc.aio.insecure_channel(mesh.catalog.address) as channel:
+        catalog = catalog_pb2_grpc.CatalogServiceStub(channel)
+        model = (await catalog.GetModel(catalog_pb2.GetModelRequest(model_id="other-llama"))).model
+        assert model.source_ref == url and model.size_bytes == len(data)
+        where = await catalog.LocateModel(catalog_pb2.LocateModelRequest(model_id="other-llama"))
+        assert [(loc.node_id, loc.path) for loc in where.locations] == [
+            (node, str(store / "other-llama.gguf"))
+        ]
+        with pytest.raises(grpc.aio.AioRpcError):
+            await catalog.GetModel(catalog_pb2.GetModelRequest(model_id="second"))
+    got = await collect(mesh.stub.Generate(generate_request(model_id="other-llama", max_tokens=3)))
+    assert got.finished.tokens_out == 3

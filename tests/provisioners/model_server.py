@@ -1,0 +1,98 @@
+"""A real HTTP server on loopback that serves model files the way the internet can: whole, with
+ranges, failing with 500, stalling, or dropping the connection halfway."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+
+class ModelServer:
+    """Serves ``files`` (name → bytes) under these paths:
+
+    - ``/NAME``: the file, honouring ``Range``;
+    - ``/drop/NAME``: the first response announces the whole file but the connection closes
+      after half of it; later requests are served normally (a resume finishes it);
+    - ``/stall/NAME``: the first response sends half, then nothing for ``stall_s``;
+    - ``/flaky/NAME``: 500 for the first two requests, then the file;
+    - ``/error/NAME``: always 500;
+    - ``/norange/NAME``: drops the first transfer like ``/drop`` and then ignores ``Range``
+      (the whole file again, status 200), so a resume must start over.
+    """
+
+    def __init__(self, files: dict[str, bytes], stall_s: float = 5.0) -> None:
+        self.files = files
+        self.stall_s = stall_s
+        self.requests: Counter[str] = Counter()
+        self.ranges: list[str] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:  # quiet
+                pass
+
+            def do_GET(self) -> None:
+                server.requests[self.path] += 1
+                seen = server.requests[self.path]
+                mode, _, name = self.path.strip("/").rpartition("/")
+                data = server.files.get(name)
+                if data is None:
+                    self.send_error(404)
+                    return
+                if mode == "error" or (mode == "flaky" and seen <= 2):
+                    self.send_error(500)
+                    return
+                start = 0
+                requested = self.headers.get("Range", "")
+                if requested:
+                    server.ranges.append(requested)
+                match = re.fullmatch(r"bytes=(\d+)-", requested)
+                if match and mode != "norange":
+                    start = int(match[1])
+                    if start >= len(data):
+                        self.send_response(416)
+                        self.send_header("Content-Range", f"bytes */{len(data)}")
+                        self.end_headers()
+                        return
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                else:
+                    self.send_response(200)
+                body = data[start:]
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if mode in ("drop", "stall", "norange") and seen == 1:
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    if mode == "stall":
+                        time.sleep(server.stall_s)
+                    self.close_connection = True
+                    return
+                self.wfile.write(body)
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        """Base URL, without a trailing slash."""
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def start(self) -> ModelServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+def file_bytes(path: Path) -> bytes:
+    """A file's bytes."""
+    return path.read_bytes()
