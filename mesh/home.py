@@ -25,6 +25,7 @@ from orchestrator.app import start_orchestrator
 from poolmanager.app import start_pool_manager
 from poolmanager.local import LocalPoolManagerStub
 from provisioners.models import ensure_default_model, register_local_file
+from provisioners.pull import remove_stale_partials
 from provisioners.tiny_model import DEFAULT_MODEL_ID
 
 _log = logs.get_logger("home")
@@ -72,6 +73,8 @@ async def _start_home(
     stack.append(channel.close)
     node_id = settings.pool_manager.node_id
     catalog_stub = catalog_pb2_grpc.CatalogServiceStub(channel)
+    # Temporary files of pulls that died with their process are of no use to anyone.
+    await asyncio.to_thread(remove_stale_partials, data_dir / "models")
     await ensure_default_model(catalog_stub, data_dir / "models", node_id)
     for model_id, model_path in settings.models.items():
         await register_local_file(catalog_stub, model_id, model_path, node_id)

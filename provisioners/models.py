@@ -12,7 +12,14 @@ from llorch.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from mesh.errors import AlreadyExistsError, InvalidArgumentError, from_rpc_error
 from mesh.ids import check_name
 from provisioners.gguf_facts import NotAGgufError, read_gguf_facts, sha256_file
-from provisioners.pull import Progress, PullOptions, model_name_for, parse_ref, pull
+from provisioners.pull import (
+    Progress,
+    PullOptions,
+    model_name_for,
+    parse_ref,
+    pull,
+    remove_stale_partials,
+)
 from provisioners.tiny_model import DEFAULT_MODEL_ID, TinyModelSpec, write_tiny_model
 
 
@@ -94,6 +101,7 @@ async def pull_model(
     """
     parsed = parse_ref(ref)
     model_id = check_name(name, "name") if name else model_name_for(parsed)
+    existing_record: catalog_pb2.Model | None = None
     try:
         existing = (
             await stub.GetModel(catalog_pb2.GetModelRequest(model_id=model_id), timeout=30)
@@ -102,7 +110,9 @@ async def pull_model(
         if err.code() != grpc.StatusCode.NOT_FOUND:
             raise from_rpc_error(err) from None
     else:
-        if sha256 and existing.sha256 == sha256.lower() and (store / f"{model_id}.gguf").exists():
+        existing_record = existing
+        same = existing.sha256 == sha256.lower() if sha256 else existing.source_ref == str(parsed)
+        if same and await asyncio.to_thread((store / f"{model_id}.gguf").exists):
             return existing  # pulled here before
         if not sha256 or existing.sha256 != sha256.lower():
             raise AlreadyExistsError(
@@ -111,6 +121,11 @@ async def pull_model(
                 reason="MODEL_EXISTS",
             )
     dest = store / f"{model_id}.gguf"
+    await asyncio.to_thread(remove_stale_partials, store)  # of pulls that were killed
+    if existing_record is None:
+        # A file under this name that the catalog does not know was left by a pull killed
+        # between its rename and its registration: nothing refers to it.
+        await asyncio.to_thread(_remove_if_present, dest)
     pulled = await asyncio.to_thread(pull, parsed, dest, sha256, options, progress)
     try:
         return await register_local_file(
@@ -120,3 +135,8 @@ async def pull_model(
         with contextlib.suppress(FileNotFoundError):
             pulled.path.unlink()  # not registered: not kept
         raise
+
+
+def _remove_if_present(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()

@@ -5,7 +5,11 @@ no file."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import os
+import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -82,3 +86,61 @@ async def test_pull_registers_the_file_and_the_mesh_serves_it(mesh: Mesh, tmp_pa
             await catalog.GetModel(catalog_pb2.GetModelRequest(model_id="second"))
     got = await collect(mesh.stub.Generate(generate_request(model_id="other-llama", max_tokens=3)))
     assert got.finished.tokens_out == 3
+
+
+@pytest.mark.parametrize("mesh", ["grpc"], indirect=True)
+async def test_pulls_killed_at_any_moment_leave_the_catalog_and_store_consistent(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    data = write_tiny_model(tmp_path / "src.gguf", TinyModelSpec(seed=6)).read_bytes()
+    server = ModelServer({"crashy.gguf": data}).start()
+    store = tmp_path / "store"
+    rng = random.Random(7)
+    command = [
+        sys.executable,
+        "-m",
+        "mesh.cli",
+        "models",
+        "pull",
+        f"{server.url}/slow/crashy.gguf",
+        "--store",
+        str(store),
+        "--catalog",
+        mesh.catalog.address,
+    ]
+    try:
+        for _ in range(8):
+            # SIGKILL somewhere between start-up, the transfer (~0.4 s), the checks, the
+            # rename and the registration.
+            proc = await asyncio.create_subprocess_exec(
+                *command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+            await asyncio.sleep(rng.uniform(0.3, 2.0))
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGKILL)
+            await proc.wait()
+            await _assert_consistent(mesh, store, data)
+        # The next pull cleans up after the killed ones and completes (or finds it done).
+        final = await asyncio.to_thread(
+            subprocess.run, command, capture_output=True, text=True, timeout=120, check=False
+        )
+        assert final.returncode == 0, final.stderr  # a second pull of the same ref is a no-op
+    finally:
+        server.stop()
+    assert await _assert_consistent(mesh, store, data)
+    assert not list(store.glob(".*.partial"))
+
+
+async def _assert_consistent(mesh: Mesh, store: Path, data: bytes) -> bool:
+    """A registered model always has its whole, verified file; returns whether it is there."""
+    async with grpc.aio.insecure_channel(mesh.catalog.address) as channel:
+        catalog = catalog_pb2_grpc.CatalogServiceStub(channel)
+        try:
+            model = (await catalog.GetModel(catalog_pb2.GetModelRequest(model_id="crashy"))).model
+        except grpc.aio.AioRpcError as err:
+            assert err.code() == grpc.StatusCode.NOT_FOUND
+            return False
+    path = store / "crashy.gguf"
+    assert path.read_bytes() == data
+    assert model.sha256 == hashlib.sha256(data).hexdigest()
+    return True

@@ -20,6 +20,7 @@ class ModelServer:
     - ``/stall/NAME``: the first response sends half, then nothing for ``stall_s``;
     - ``/flaky/NAME``: 500 for the first two requests, then the file;
     - ``/error/NAME``: always 500;
+    - ``/slow/NAME``: the file in 16 KiB pieces, 10 ms apart;
     - ``/norange/NAME``: drops the first transfer like ``/drop`` and then ignores ``Range``
       (the whole file again, status 200), so a resume must start over.
     """
@@ -72,9 +73,19 @@ class ModelServer:
                         time.sleep(server.stall_s)
                     self.close_connection = True
                     return
+                if mode == "slow":
+                    for at in range(0, len(body), 16 * 1024):
+                        self.wfile.write(body[at : at + 16 * 1024])
+                        self.wfile.flush()
+                        time.sleep(0.01)
+                    return
                 self.wfile.write(body)
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request: object, client_address: object) -> None:
+                pass  # clients that go away (killed pulls) are part of the tests
+
+        self._httpd = Server(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
 
