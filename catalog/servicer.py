@@ -6,6 +6,7 @@ import asyncio
 import base64
 import binascii
 import re
+from dataclasses import asdict
 
 import grpc
 from llorch.catalog.v1 import catalog_pb2, catalog_pb2_grpc
@@ -21,6 +22,7 @@ from catalog.store import (
 from mesh.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
 from mesh.ids import check_name
 from mesh.server import ServiceBinding
+from provisioners.gc import GcPolicy
 
 SERVICE_NAME = catalog_pb2.DESCRIPTOR.services_by_name["CatalogService"].full_name
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
@@ -139,12 +141,74 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
         records = await asyncio.to_thread(self._store.list_engines, request.node_id)
         return catalog_pb2.ListEnginesResponse(engines=[engine_to_pb(r) for r in records])
 
+    async def DeleteReplica(
+        self, request: catalog_pb2.DeleteReplicaRequest, context: grpc.aio.ServicerContext
+    ) -> catalog_pb2.DeleteReplicaResponse:
+        model_id = check_name(request.model_id, "model_id")
+        node_id = check_name(request.node_id, "node_id")
+        if not request.path.startswith("/"):
+            raise InvalidArgumentError("path", "must be an absolute path")
+        removed = await asyncio.to_thread(
+            self._store.delete_replica, model_id, node_id, request.path
+        )
+        return catalog_pb2.DeleteReplicaResponse(removed=removed)
+
+    async def GetGcPolicy(
+        self, request: catalog_pb2.GetGcPolicyRequest, context: grpc.aio.ServicerContext
+    ) -> catalog_pb2.GetGcPolicyResponse:
+        if request.node_id:
+            check_name(request.node_id, "node_id")
+        stored, own = await asyncio.to_thread(self._store.gc_policy, request.node_id)
+        policy = GcPolicy(**stored) if stored is not None else GcPolicy()  # type: ignore[arg-type]
+        return catalog_pb2.GetGcPolicyResponse(policy=gc_policy_to_pb(policy), node_specific=own)
+
+    async def SetGcPolicy(
+        self, request: catalog_pb2.SetGcPolicyRequest, context: grpc.aio.ServicerContext
+    ) -> catalog_pb2.SetGcPolicyResponse:
+        if request.node_id:
+            check_name(request.node_id, "node_id")
+        if not request.HasField("policy"):
+            raise InvalidArgumentError("policy", "is required")
+        policy = gc_policy_from_pb(request.policy)
+        await asyncio.to_thread(self._store.set_gc_policy, request.node_id, asdict(policy))
+        return catalog_pb2.SetGcPolicyResponse(policy=gc_policy_to_pb(policy))
+
     async def SetModelPinned(
         self, request: catalog_pb2.SetModelPinnedRequest, context: grpc.aio.ServicerContext
     ) -> catalog_pb2.SetModelPinnedResponse:
         model_id = check_name(request.model_id, "model_id")
         record = await asyncio.to_thread(self._store.set_pinned, model_id, request.pinned)
         return catalog_pb2.SetModelPinnedResponse(model=model_to_pb(_found(record, model_id)))
+
+
+def gc_policy_to_pb(policy: GcPolicy) -> catalog_pb2.GcPolicy:
+    """The wire form of a GC policy."""
+    return catalog_pb2.GcPolicy(
+        max_disk_usage_pct=policy.max_disk_usage_pct,
+        min_free_bytes=policy.min_free_bytes,
+        keep_active=policy.keep_active,
+        keep_used_within_days=policy.keep_used_within_days,
+        delete_retired_after_days=policy.delete_retired_after_days,
+    )
+
+
+def gc_policy_from_pb(policy: catalog_pb2.GcPolicy) -> GcPolicy:
+    """A GC policy from the wire, validated field by field."""
+    if not 1.0 <= policy.max_disk_usage_pct <= 100.0:
+        raise InvalidArgumentError("policy.max_disk_usage_pct", "must be between 1 and 100")
+    if policy.min_free_bytes > _MAX_INT64:
+        raise InvalidArgumentError("policy.min_free_bytes", f"must be at most {_MAX_INT64}")
+    for name in ("keep_used_within_days", "delete_retired_after_days"):
+        value = getattr(policy, name)
+        if not 0.0 <= value <= 36_500.0:
+            raise InvalidArgumentError(f"policy.{name}", "must be between 0 and 36500 days")
+    return GcPolicy(
+        max_disk_usage_pct=policy.max_disk_usage_pct,
+        min_free_bytes=policy.min_free_bytes,
+        keep_active=policy.keep_active,
+        keep_used_within_days=policy.keep_used_within_days,
+        delete_retired_after_days=policy.delete_retired_after_days,
+    )
 
 
 def engine_to_pb(record: EngineRecord) -> catalog_pb2.Engine:

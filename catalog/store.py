@@ -7,6 +7,7 @@ stalls the event loop. All writes of one call happen in one transaction.
 from __future__ import annotations
 
 import enum
+import json
 import sqlite3
 import threading
 import time
@@ -49,6 +50,10 @@ CREATE TABLE IF NOT EXISTS engines (
     backend_libraries TEXT NOT NULL,
     checked_unix_ms INTEGER NOT NULL,
     PRIMARY KEY (node_id, name, version)
+);
+CREATE TABLE IF NOT EXISTS gc_policies (
+    node_id TEXT PRIMARY KEY,
+    policy_json TEXT NOT NULL
 );
 """
 
@@ -287,6 +292,39 @@ class CatalogStore:
             )
             for row in rows
         ]
+
+    def delete_replica(self, model_id: str, node_id: str, path: str) -> bool:
+        """Removes one replica record; whether it existed."""
+        with self._lock:
+            cursor = self._conn.execute(
+                "DELETE FROM replicas WHERE model_id = ? AND node_id = ? AND path = ?",
+                (model_id, node_id, path),
+            )
+        return cursor.rowcount > 0
+
+    def gc_policy(self, node_id: str) -> tuple[dict[str, object] | None, bool]:
+        """The node's policy (as stored), else the default's; and whether it is the node's own.
+        (None, False) when neither was ever set."""
+        with self._lock:
+            rows = {
+                row["node_id"]: row["policy_json"]
+                for row in self._conn.execute(
+                    "SELECT * FROM gc_policies WHERE node_id IN (?, '')", (node_id,)
+                )
+            }
+        if node_id and node_id in rows:
+            return json.loads(rows[node_id]), True
+        if "" in rows:
+            return json.loads(rows[""]), False
+        return None, False
+
+    def set_gc_policy(self, node_id: str, policy: dict[str, object]) -> None:
+        """Stores a node's policy ('' for the default)."""
+        with self._lock:
+            self._conn.execute(
+                "INSERT OR REPLACE INTO gc_policies VALUES (?, ?)",
+                (node_id, json.dumps(policy, sort_keys=True)),
+            )
 
     def _get(self, model_id: str) -> ModelRecord | None:
         row = self._conn.execute("SELECT * FROM models WHERE model_id = ?", (model_id,)).fetchone()

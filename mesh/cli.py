@@ -5,6 +5,7 @@ llorch serve catalog|poolmanager|orchestrator   run one service (a fleet's proce
 llorch generate --model M "prompt"     stream tokens from the orchestrator
 llorch models list | add NAME PATH | pull REF | retire|activate|pin|unpin NAME   the catalog
 llorch engines check | list              this node's engine, and every node's recorded
+llorch gc [--dry-run] | gc policy [...]   delete model files by policy; show or set the policy
 llorch pools list | drain NODE/POOL | resume NODE/POOL   pools, for operators
 llorch pools reload NODE/POOL MODEL | preload MODEL [--pool NODE/POOL]   change what pools hold
 llorch tasks get ID                    one task's state
@@ -116,6 +117,23 @@ def _parser() -> argparse.ArgumentParser:
     madd.add_argument("--catalog", help="catalog address (LLORCH_CATALOG)")
     madd.add_argument("--data-dir", type=Path, help="home profile data dir (LLORCH_DATA_DIR)")
     madd.set_defaults(run=_cmd_models_add)
+
+    gc = sub.add_parser("gc", help="delete model files by the garbage collection policy")
+    gc.add_argument("--dry-run", action="store_true", help="only say what would be deleted")
+    gc.add_argument("--pool-manager", help="pool manager address (default: the home profile's)")
+    gc.add_argument("--data-dir", type=Path, help="home profile data dir (LLORCH_DATA_DIR)")
+    gc.set_defaults(run=_cmd_gc)
+    gc_sub = gc.add_subparsers(title="gc commands")
+    gpolicy = gc_sub.add_parser("policy", help="show or change the garbage collection policy")
+    gpolicy.add_argument("--node", default="", help="a node's own policy (default: every node's)")
+    gpolicy.add_argument("--max-disk-usage-pct", type=float)
+    gpolicy.add_argument("--min-free-bytes", type=int)
+    gpolicy.add_argument("--keep-active", choices=["true", "false"])
+    gpolicy.add_argument("--keep-used-within-days", type=float)
+    gpolicy.add_argument("--delete-retired-after-days", type=float)
+    gpolicy.add_argument("--catalog", help="catalog address (LLORCH_CATALOG)")
+    gpolicy.add_argument("--data-dir", type=Path, help="home profile data dir (LLORCH_DATA_DIR)")
+    gpolicy.set_defaults(run=_cmd_gc_policy)
 
     engines = sub.add_parser("engines", help="inference engines of the nodes")
     engines_sub = engines.add_subparsers(title="engines commands")
@@ -420,6 +438,90 @@ def _cmd_models_list(args: argparse.Namespace) -> int:
         return 0
 
     return asyncio.run(run())
+
+
+def _cmd_gc(args: argparse.Namespace) -> int:
+    from llorch.poolmanager.v1 import poolmanager_pb2, poolmanager_pb2_grpc
+
+    address = args.pool_manager or _home_endpoint(args, "pool_manager")
+
+    async def run() -> int:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = poolmanager_pb2_grpc.PoolManagerServiceStub(channel)
+            try:
+                done = await stub.CollectGarbage(
+                    poolmanager_pb2.CollectGarbageRequest(dry_run=args.dry_run), timeout=300
+                )
+            except grpc.aio.AioRpcError as err:
+                return _rpc_failed(err)
+        verb = "would delete" if done.dry_run else "deleted"
+        for d in done.deleted:
+            print(f"{verb}  {d.path}  ({d.model_id or '-'}, {d.size_bytes} bytes): {d.reason}")
+        for d in done.kept:
+            print(f"keep         {d.path}  ({d.model_id}, {d.size_bytes} bytes): {d.reason}")
+        freed = done.disk_free_bytes_after - done.disk_free_bytes_before
+        print(
+            f"{'dry run: ' if done.dry_run else ''}{len(done.deleted)} files, {freed} bytes; "
+            f"disk {done.disk_free_bytes_before} → {done.disk_free_bytes_after} bytes free "
+            f"of {done.disk_total_bytes}"
+        )
+        return 0
+
+    return asyncio.run(run())
+
+
+def _cmd_gc_policy(args: argparse.Namespace) -> int:
+    from google.protobuf import json_format
+    from llorch.catalog.v1 import catalog_pb2, catalog_pb2_grpc
+
+    address = _catalog_address(args)
+    changes = {
+        "max_disk_usage_pct": args.max_disk_usage_pct,
+        "min_free_bytes": args.min_free_bytes,
+        "keep_active": None if args.keep_active is None else args.keep_active == "true",
+        "keep_used_within_days": args.keep_used_within_days,
+        "delete_retired_after_days": args.delete_retired_after_days,
+    }
+
+    async def run() -> int:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = catalog_pb2_grpc.CatalogServiceStub(channel)
+            try:
+                current = await stub.GetGcPolicy(
+                    catalog_pb2.GetGcPolicyRequest(node_id=args.node), timeout=10
+                )
+                policy = current.policy
+                if any(v is not None for v in changes.values()):
+                    for name, value in changes.items():
+                        if value is not None:
+                            setattr(policy, name, value)
+                    policy = (
+                        await stub.SetGcPolicy(
+                            catalog_pb2.SetGcPolicyRequest(node_id=args.node, policy=policy),
+                            timeout=10,
+                        )
+                    ).policy
+            except grpc.aio.AioRpcError as err:
+                return _rpc_failed(err)
+        shown = json_format.MessageToDict(
+            policy, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
+        print(json.dumps(shown, indent=2))
+        return 0
+
+    return asyncio.run(run())
+
+
+def _home_endpoint(args: argparse.Namespace, name: str) -> str:
+    from mesh.home import endpoints_path
+
+    path = endpoints_path(args.data_dir or ClientSettings().data_dir)
+    try:
+        return str(json.loads(path.read_text())[name])
+    except (OSError, ValueError, KeyError):
+        raise ConfigError(
+            f"no {name} address: pass it, or run `llorch up` (which records it in {path})"
+        ) from None
 
 
 def _cmd_engines(args: argparse.Namespace) -> int:

@@ -78,7 +78,12 @@ async def _start_home(
     await ensure_default_model(catalog_stub, data_dir / "models", node_id)
     for model_id, model_path in settings.models.items():
         await register_local_file(catalog_stub, model_id, model_path, node_id)
-    pm_settings = settings.pool_manager.model_copy(update={"catalog": catalog.address})
+    pm_settings = settings.pool_manager.model_copy(
+        update={
+            "catalog": catalog.address,
+            "model_store": settings.pool_manager.model_store or data_dir / "models",
+        }
+    )
     if not pm_settings.pools:
         pm_settings.pools = [PoolSettings(pool_id="cpu-0", model_id=DEFAULT_MODEL_ID)]
     pool_manager = await start_pool_manager(pm_settings, base_env, settings.log_level)

@@ -34,7 +34,12 @@ async def serve(
         catalog = await start_catalog(settings)
         address, close = catalog.address, catalog.stop
     elif service == "poolmanager":
-        pool_manager = await start_pool_manager(settings.pool_manager, base_env, settings.log_level)
+        pm_settings = settings.pool_manager
+        if pm_settings.model_store is None:  # where `llorch models pull` puts files by default
+            pm_settings = pm_settings.model_copy(
+                update={"model_store": settings.data_dir / "models"}
+            )
+        pool_manager = await start_pool_manager(pm_settings, base_env, settings.log_level)
         address, close = pool_manager.address, pool_manager.stop
     elif service == "orchestrator":
         orch_settings = settings.orchestrator_service

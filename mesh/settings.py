@@ -131,6 +131,12 @@ class PoolManagerSettings(BaseModel):
     """Most bytes of models held in RAM; 0 turns staging off."""
     auto_stage: bool = True
     """Stage a model in RAM after it was loaded from disk, so the next load of it reads RAM."""
+    model_store: Path | None = None
+    """Directory of this node's model files (``llorch models pull`` writes there); garbage
+    collection deletes only files inside it. The home profile's default is
+    ``<data_dir>/models``; unset, garbage collection is off."""
+    gc_interval_s: float = Field(default=3600.0, ge=0, le=7 * 86400)
+    """How often garbage collection runs in this pool manager; 0: only on request."""
     spare_workers: bool = True
     """Keep one spare worker process per pool, engine started (and on GPUs its CUDA contexts
     created), so a reload or a crash restart does not wait for a process to start. Costs per

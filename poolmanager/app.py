@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import grpc
+from llorch.catalog.v1 import catalog_pb2_grpc
 
 from catalog.client import CatalogClient
+from mesh import logs
+from mesh.errors import LlorchError
 from mesh.server import MeshServer, create_server, open_channel
 from mesh.settings import PoolManagerSettings
+from poolmanager.collector import GarbageCollector
 from poolmanager.manager import PoolManager
 from poolmanager.servicer import SERVICE_NAME, PoolManagerServicer
+
+_log = logs.get_logger("poolmanager.app")
 
 
 @dataclass
@@ -22,6 +30,7 @@ class PoolManagerApp:
     manager: PoolManager
     servicer: PoolManagerServicer
     catalog_channel: grpc.aio.Channel
+    gc_timer: asyncio.Task[None] | None = None
 
     @property
     def address(self) -> str:
@@ -30,6 +39,10 @@ class PoolManagerApp:
 
     async def stop(self) -> None:
         """Stops serving, then stops every worker."""
+        if self.gc_timer is not None:
+            self.gc_timer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.gc_timer
         await self.server.stop(grace_s=1.0)
         await self.manager.stop()
         await self.catalog_channel.close()
@@ -57,8 +70,38 @@ async def start_pool_manager(
             await server_box[0].set_ready(SERVICE_NAME, ready)
 
     manager = PoolManager(settings, locate, base_env, on_change, log_level)
-    servicer = PoolManagerServicer(manager)
+    collector = None
+    if settings.model_store is not None:
+        collector = GarbageCollector(
+            catalog_pb2_grpc.CatalogServiceStub(channel),
+            settings.node_id,
+            settings.model_store,
+            manager.models_in_use,
+        )
+    servicer = PoolManagerServicer(manager, collector)
     server = await create_server(settings.listen, [servicer.binding()], ready=False)
     server_box.append(server)
     await manager.start()
-    return PoolManagerApp(server, manager, servicer, channel)
+    app = PoolManagerApp(server, manager, servicer, channel)
+    if collector is not None and settings.gc_interval_s > 0:
+        app.gc_timer = asyncio.create_task(
+            _collect_every(collector, settings.gc_interval_s), name="gc-timer"
+        )
+    return app
+
+
+async def _collect_every(collector: GarbageCollector, interval_s: float) -> None:
+    """Garbage collection on a timer; a failed round is logged and the next one comes."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            done = await collector.collect(dry_run=False)
+        except LlorchError as exc:
+            _log.warning("garbage collection failed: %s", exc.message)
+            continue
+        if done.plan.delete or done.unknown_files:
+            _log.info(
+                "garbage collection freed %d bytes",
+                done.plan.freed_bytes,
+                extra={"deleted": len(done.plan.delete) + len(done.unknown_files)},
+            )

@@ -480,6 +480,18 @@ class PoolManager:
         await self._changed()
         return removed
 
+    def models_in_use(self) -> dict[str, str]:
+        """Models this node must keep on disk now, with why: loaded or loading in a pool (or
+        held by a pool that may reload it), or staged in RAM."""
+        out: dict[str, str] = {}
+        for pool in self.pools.values():
+            if pool.worker is not None or pool.state is not PoolState.UNLOADED:
+                out[pool.model_id] = f"pool {pool.pool_id} is {pool.state.value} with it"
+        if self.staging is not None:
+            for staged in self.staging.models():
+                out.setdefault(staged.model_id, "staged in RAM")
+        return out
+
     def model_in_use(self, model_id: str) -> bool:
         """Whether a pool has the model loaded or is loading it."""
         return any(

@@ -10,9 +10,10 @@ from llorch.poolmanager.v1 import poolmanager_pb2, poolmanager_pb2_grpc
 
 from mesh import logs
 from mesh.common_types import FINISH_REASON_TO_PB, check_sampling
-from mesh.errors import InvalidArgumentError
+from mesh.errors import FailedPreconditionError, InvalidArgumentError
 from mesh.ids import check_name
 from mesh.server import ServiceBinding
+from poolmanager.collector import GarbageCollector
 from poolmanager.manager import (
     ExecFinished,
     ExecStarted,
@@ -23,6 +24,7 @@ from poolmanager.manager import (
     PoolManager,
     PoolState,
 )
+from provisioners.gc import GcReplica
 
 SERVICE_NAME = poolmanager_pb2.DESCRIPTOR.services_by_name["PoolManagerService"].full_name
 
@@ -38,8 +40,9 @@ _STATE_TO_PB = {
 class PoolManagerServicer(poolmanager_pb2_grpc.PoolManagerServiceServicer):
     """gRPC face of a PoolManager."""
 
-    def __init__(self, manager: PoolManager) -> None:
+    def __init__(self, manager: PoolManager, collector: GarbageCollector | None = None) -> None:
         self._manager = manager
+        self._collector = collector
 
     def binding(self) -> ServiceBinding:
         """How the bootstrap adds this servicer."""
@@ -120,6 +123,39 @@ class PoolManagerServicer(poolmanager_pb2_grpc.PoolManagerServiceServicer):
             pool=pool_to_pb(self._manager, self._manager.pool(request.pool_id)),
             finished=report.finished,
             cancelled=report.cancelled,
+        )
+
+    async def CollectGarbage(
+        self, request: poolmanager_pb2.CollectGarbageRequest, context: grpc.aio.ServicerContext
+    ) -> poolmanager_pb2.CollectGarbageResponse:
+        if self._collector is None:
+            raise FailedPreconditionError(
+                "this pool manager has no model store (setting pool_manager.model_store)",
+                reason="NO_MODEL_STORE",
+            )
+        done = await self._collector.collect(request.dry_run)
+        plan = done.plan
+
+        def decisions(pairs: list[tuple[GcReplica, str]]) -> list[poolmanager_pb2.GcDecision]:
+            return [
+                poolmanager_pb2.GcDecision(
+                    model_id=r.model_id, path=r.path, size_bytes=r.size_bytes, reason=why
+                )
+                for r, why in pairs
+            ]
+
+        unknown = [
+            poolmanager_pb2.GcDecision(path=path, reason="no catalog record names it")
+            for path in done.unknown_files
+        ]
+        return poolmanager_pb2.CollectGarbageResponse(
+            dry_run=done.dry_run,
+            deleted=decisions(plan.delete) + unknown,
+            kept=decisions(plan.keep),
+            disk_total_bytes=plan.disk_before.total_bytes,
+            disk_free_bytes_before=plan.disk_before.free_bytes,
+            disk_free_bytes_after=plan.disk_after.free_bytes,
+            stale_partials_removed=done.stale_partials_removed,
         )
 
     async def StageModel(

@@ -421,3 +421,77 @@ async def test_engine_fields_are_validated(
         await catalog.stub.RegisterEngine(catalog_pb2.RegisterEngineRequest(engine=engine))
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in (bad.value.details() or "")
+
+
+async def test_gc_policy_default_and_per_node(catalog: Catalog) -> None:
+    default = await catalog.stub.GetGcPolicy(catalog_pb2.GetGcPolicyRequest(node_id="n1"))
+    assert not default.node_specific
+    assert default.policy.max_disk_usage_pct == 90.0 and default.policy.keep_active
+    policy = catalog_pb2.GcPolicy(
+        max_disk_usage_pct=80,
+        min_free_bytes=5,
+        keep_active=False,
+        keep_used_within_days=1,
+        delete_retired_after_days=2,
+    )
+    await catalog.stub.SetGcPolicy(catalog_pb2.SetGcPolicyRequest(node_id="n1", policy=policy))
+    own = await catalog.stub.GetGcPolicy(catalog_pb2.GetGcPolicyRequest(node_id="n1"))
+    assert own.node_specific and own.policy == policy
+    other = await catalog.stub.GetGcPolicy(catalog_pb2.GetGcPolicyRequest(node_id="n2"))
+    assert not other.node_specific and other.policy.max_disk_usage_pct == 90.0
+    everyone = catalog_pb2.GcPolicy(max_disk_usage_pct=70, keep_active=True)
+    await catalog.stub.SetGcPolicy(catalog_pb2.SetGcPolicyRequest(policy=everyone))
+    other = await catalog.stub.GetGcPolicy(catalog_pb2.GetGcPolicyRequest(node_id="n2"))
+    assert other.policy == everyone and not other.node_specific
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (catalog_pb2.SetGcPolicyRequest(), "policy"),
+        (
+            catalog_pb2.SetGcPolicyRequest(policy=catalog_pb2.GcPolicy(max_disk_usage_pct=0)),
+            "policy.max_disk_usage_pct",
+        ),
+        (
+            catalog_pb2.SetGcPolicyRequest(
+                policy=catalog_pb2.GcPolicy(max_disk_usage_pct=90, keep_used_within_days=-1)
+            ),
+            "policy.keep_used_within_days",
+        ),
+        (
+            catalog_pb2.SetGcPolicyRequest(
+                node_id="Bad", policy=catalog_pb2.GcPolicy(max_disk_usage_pct=90)
+            ),
+            "node_id",
+        ),
+    ],
+)
+async def test_gc_policy_is_validated(
+    catalog: Catalog, request_: catalog_pb2.SetGcPolicyRequest, field: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as bad:
+        await catalog.stub.SetGcPolicy(request_)
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in (bad.value.details() or "")
+
+
+async def test_delete_replica(
+    catalog: Catalog, tiny_model: Path, tiny_file: tuple[str, int]
+) -> None:
+    await register_local_file(catalog.stub, "m-a", tiny_model, "n1")
+    path = tiny_file[0]
+    removed = await catalog.stub.DeleteReplica(
+        catalog_pb2.DeleteReplicaRequest(model_id="m-a", node_id="n1", path=path)
+    )
+    again = await catalog.stub.DeleteReplica(
+        catalog_pb2.DeleteReplicaRequest(model_id="m-a", node_id="n1", path=path)
+    )
+    assert removed.removed and not again.removed
+    where = await catalog.stub.LocateModel(catalog_pb2.LocateModelRequest(model_id="m-a"))
+    assert list(where.locations) == []
+    with pytest.raises(grpc.aio.AioRpcError) as bad:
+        await catalog.stub.DeleteReplica(
+            catalog_pb2.DeleteReplicaRequest(model_id="m-a", node_id="n1", path="rel")
+        )
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -198,3 +198,61 @@ class ListEnginesResponse(_message.Message):
     ENGINES_FIELD_NUMBER: _ClassVar[int]
     engines: _containers.RepeatedCompositeFieldContainer[Engine]
     def __init__(self, engines: _Optional[_Iterable[_Union[Engine, _Mapping]]] = ...) -> None: ...
+
+class DeleteReplicaRequest(_message.Message):
+    __slots__ = ("model_id", "node_id", "path")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    node_id: str
+    path: str
+    def __init__(self, model_id: _Optional[str] = ..., node_id: _Optional[str] = ..., path: _Optional[str] = ...) -> None: ...
+
+class DeleteReplicaResponse(_message.Message):
+    __slots__ = ("removed",)
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    removed: bool
+    def __init__(self, removed: _Optional[bool] = ...) -> None: ...
+
+class GcPolicy(_message.Message):
+    __slots__ = ("max_disk_usage_pct", "min_free_bytes", "keep_active", "keep_used_within_days", "delete_retired_after_days")
+    MAX_DISK_USAGE_PCT_FIELD_NUMBER: _ClassVar[int]
+    MIN_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KEEP_ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    KEEP_USED_WITHIN_DAYS_FIELD_NUMBER: _ClassVar[int]
+    DELETE_RETIRED_AFTER_DAYS_FIELD_NUMBER: _ClassVar[int]
+    max_disk_usage_pct: float
+    min_free_bytes: int
+    keep_active: bool
+    keep_used_within_days: float
+    delete_retired_after_days: float
+    def __init__(self, max_disk_usage_pct: _Optional[float] = ..., min_free_bytes: _Optional[int] = ..., keep_active: _Optional[bool] = ..., keep_used_within_days: _Optional[float] = ..., delete_retired_after_days: _Optional[float] = ...) -> None: ...
+
+class GetGcPolicyRequest(_message.Message):
+    __slots__ = ("node_id",)
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    def __init__(self, node_id: _Optional[str] = ...) -> None: ...
+
+class GetGcPolicyResponse(_message.Message):
+    __slots__ = ("policy", "node_specific")
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    NODE_SPECIFIC_FIELD_NUMBER: _ClassVar[int]
+    policy: GcPolicy
+    node_specific: bool
+    def __init__(self, policy: _Optional[_Union[GcPolicy, _Mapping]] = ..., node_specific: _Optional[bool] = ...) -> None: ...
+
+class SetGcPolicyRequest(_message.Message):
+    __slots__ = ("node_id", "policy")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    policy: GcPolicy
+    def __init__(self, node_id: _Optional[str] = ..., policy: _Optional[_Union[GcPolicy, _Mapping]] = ...) -> None: ...
+
+class SetGcPolicyResponse(_message.Message):
+    __slots__ = ("policy",)
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    policy: GcPolicy
+    def __init__(self, policy: _Optional[_Union[GcPolicy, _Mapping]] = ...) -> None: ...

@@ -70,6 +70,21 @@ class CatalogServiceStub:
                 request_serializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.ListEnginesRequest.SerializeToString,
                 response_deserializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.ListEnginesResponse.FromString,
                 _registered_method=True)
+        self.DeleteReplica = channel.unary_unary(
+                '/llorch.catalog.v1.CatalogService/DeleteReplica',
+                request_serializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.DeleteReplicaRequest.SerializeToString,
+                response_deserializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.DeleteReplicaResponse.FromString,
+                _registered_method=True)
+        self.GetGcPolicy = channel.unary_unary(
+                '/llorch.catalog.v1.CatalogService/GetGcPolicy',
+                request_serializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.GetGcPolicyRequest.SerializeToString,
+                response_deserializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.GetGcPolicyResponse.FromString,
+                _registered_method=True)
+        self.SetGcPolicy = channel.unary_unary(
+                '/llorch.catalog.v1.CatalogService/SetGcPolicy',
+                request_serializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.SetGcPolicyRequest.SerializeToString,
+                response_deserializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.SetGcPolicyResponse.FromString,
+                _registered_method=True)
         self.SetModelPinned = channel.unary_unary(
                 '/llorch.catalog.v1.CatalogService/SetModelPinned',
                 request_serializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.SetModelPinnedRequest.SerializeToString,
@@ -133,6 +148,28 @@ class CatalogServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteReplica(self, request, context):
+        """Removes the record of one copy of a model's file (garbage collection, before it deletes
+        the file). Removing a record that does not exist is not an error.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetGcPolicy(self, request, context):
+        """Returns the garbage collection policy of a node (its own, or the default for every node).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetGcPolicy(self, request, context):
+        """Sets the garbage collection policy of one node, or the default for every node.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SetModelPinned(self, request, context):
         """Pins a model, so that garbage collection never deletes its files, or unpins it.
         """
@@ -177,6 +214,21 @@ def add_CatalogServiceServicer_to_server(servicer, server):
                     servicer.ListEngines,
                     request_deserializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.ListEnginesRequest.FromString,
                     response_serializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.ListEnginesResponse.SerializeToString,
+            ),
+            'DeleteReplica': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteReplica,
+                    request_deserializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.DeleteReplicaRequest.FromString,
+                    response_serializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.DeleteReplicaResponse.SerializeToString,
+            ),
+            'GetGcPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetGcPolicy,
+                    request_deserializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.GetGcPolicyRequest.FromString,
+                    response_serializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.GetGcPolicyResponse.SerializeToString,
+            ),
+            'SetGcPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetGcPolicy,
+                    request_deserializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.SetGcPolicyRequest.FromString,
+                    response_serializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.SetGcPolicyResponse.SerializeToString,
             ),
             'SetModelPinned': grpc.unary_unary_rpc_method_handler(
                     servicer.SetModelPinned,
@@ -374,6 +426,87 @@ class CatalogService:
             '/llorch.catalog.v1.CatalogService/ListEngines',
             llorch_dot_catalog_dot_v1_dot_catalog__pb2.ListEnginesRequest.SerializeToString,
             llorch_dot_catalog_dot_v1_dot_catalog__pb2.ListEnginesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteReplica(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llorch.catalog.v1.CatalogService/DeleteReplica',
+            llorch_dot_catalog_dot_v1_dot_catalog__pb2.DeleteReplicaRequest.SerializeToString,
+            llorch_dot_catalog_dot_v1_dot_catalog__pb2.DeleteReplicaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetGcPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llorch.catalog.v1.CatalogService/GetGcPolicy',
+            llorch_dot_catalog_dot_v1_dot_catalog__pb2.GetGcPolicyRequest.SerializeToString,
+            llorch_dot_catalog_dot_v1_dot_catalog__pb2.GetGcPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetGcPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llorch.catalog.v1.CatalogService/SetGcPolicy',
+            llorch_dot_catalog_dot_v1_dot_catalog__pb2.SetGcPolicyRequest.SerializeToString,
+            llorch_dot_catalog_dot_v1_dot_catalog__pb2.SetGcPolicyResponse.FromString,
             options,
             channel_credentials,
             insecure,

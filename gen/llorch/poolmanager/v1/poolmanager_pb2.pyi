@@ -272,3 +272,39 @@ class CancelExecutionResponse(_message.Message):
     CANCELLED_FIELD_NUMBER: _ClassVar[int]
     cancelled: bool
     def __init__(self, cancelled: _Optional[bool] = ...) -> None: ...
+
+class CollectGarbageRequest(_message.Message):
+    __slots__ = ("dry_run",)
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    dry_run: bool
+    def __init__(self, dry_run: _Optional[bool] = ...) -> None: ...
+
+class GcDecision(_message.Message):
+    __slots__ = ("model_id", "path", "size_bytes", "reason")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    path: str
+    size_bytes: int
+    reason: str
+    def __init__(self, model_id: _Optional[str] = ..., path: _Optional[str] = ..., size_bytes: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class CollectGarbageResponse(_message.Message):
+    __slots__ = ("dry_run", "deleted", "kept", "disk_total_bytes", "disk_free_bytes_before", "disk_free_bytes_after", "stale_partials_removed")
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    KEPT_FIELD_NUMBER: _ClassVar[int]
+    DISK_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DISK_FREE_BYTES_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    DISK_FREE_BYTES_AFTER_FIELD_NUMBER: _ClassVar[int]
+    STALE_PARTIALS_REMOVED_FIELD_NUMBER: _ClassVar[int]
+    dry_run: bool
+    deleted: _containers.RepeatedCompositeFieldContainer[GcDecision]
+    kept: _containers.RepeatedCompositeFieldContainer[GcDecision]
+    disk_total_bytes: int
+    disk_free_bytes_before: int
+    disk_free_bytes_after: int
+    stale_partials_removed: int
+    def __init__(self, dry_run: _Optional[bool] = ..., deleted: _Optional[_Iterable[_Union[GcDecision, _Mapping]]] = ..., kept: _Optional[_Iterable[_Union[GcDecision, _Mapping]]] = ..., disk_total_bytes: _Optional[int] = ..., disk_free_bytes_before: _Optional[int] = ..., disk_free_bytes_after: _Optional[int] = ..., stale_partials_removed: _Optional[int] = ...) -> None: ...

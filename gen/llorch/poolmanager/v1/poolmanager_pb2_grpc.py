@@ -81,6 +81,11 @@ class PoolManagerServiceStub:
                 request_serializer=llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.UnstageModelRequest.SerializeToString,
                 response_deserializer=llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.UnstageModelResponse.FromString,
                 _registered_method=True)
+        self.CollectGarbage = channel.unary_unary(
+                '/llorch.poolmanager.v1.PoolManagerService/CollectGarbage',
+                request_serializer=llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.CollectGarbageRequest.SerializeToString,
+                response_deserializer=llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.CollectGarbageResponse.FromString,
+                _registered_method=True)
 
 
 class PoolManagerServiceServicer:
@@ -159,6 +164,15 @@ class PoolManagerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CollectGarbage(self, request, context):
+        """Deletes model files from this node's store by the catalog's garbage collection policy (or
+        only says what it would delete, dry_run). Never a file that is loaded, being loaded, staged
+        in RAM or being pulled. Each file's replica record is removed first, then the file.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PoolManagerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -206,6 +220,11 @@ def add_PoolManagerServiceServicer_to_server(servicer, server):
                     servicer.UnstageModel,
                     request_deserializer=llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.UnstageModelRequest.FromString,
                     response_serializer=llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.UnstageModelResponse.SerializeToString,
+            ),
+            'CollectGarbage': grpc.unary_unary_rpc_method_handler(
+                    servicer.CollectGarbage,
+                    request_deserializer=llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.CollectGarbageRequest.FromString,
+                    response_serializer=llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.CollectGarbageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -453,6 +472,33 @@ class PoolManagerService:
             '/llorch.poolmanager.v1.PoolManagerService/UnstageModel',
             llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.UnstageModelRequest.SerializeToString,
             llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.UnstageModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CollectGarbage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llorch.poolmanager.v1.PoolManagerService/CollectGarbage',
+            llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.CollectGarbageRequest.SerializeToString,
+            llorch_dot_poolmanager_dot_v1_dot_poolmanager__pb2.CollectGarbageResponse.FromString,
             options,
             channel_credentials,
             insecure,
