@@ -248,9 +248,9 @@ def _engine_from_pb(engine: catalog_pb2.Engine) -> EngineRecord:
                 f"engine.{name}", f"must be at most {_ENGINE_TEXT_LIMIT} characters"
             )
     for i, lib in enumerate(engine.backend_libraries):
-        if lib not in _BACKENDS:
+        if not re.fullmatch(r"[a-z0-9]{1,16}", lib):  # ggml's library names: cpu, cuda, blas, rpc
             raise InvalidArgumentError(
-                f"engine.backend_libraries[{i}]", f"must be one of {', '.join(_BACKENDS)}"
+                f"engine.backend_libraries[{i}]", "must be 1-16 lowercase letters or digits"
             )
     return EngineRecord(
         node_id=node_id,
@@ -289,6 +289,7 @@ def model_to_pb(record: ModelRecord) -> catalog_pb2.Model:
         pinned=record.pinned,
         created_unix_ms=record.created_unix_ms,
         last_used_unix_ms=record.last_used_unix_ms,
+        state_changed_unix_ms=record.state_changed_unix_ms,
     )
 
 

@@ -29,7 +29,8 @@ CREATE TABLE IF NOT EXISTS models (
     state TEXT NOT NULL,
     pinned INTEGER NOT NULL DEFAULT 0,
     created_unix_ms INTEGER NOT NULL,
-    last_used_unix_ms INTEGER NOT NULL DEFAULT 0
+    last_used_unix_ms INTEGER NOT NULL DEFAULT 0,
+    state_changed_unix_ms INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS replicas (
     model_id TEXT NOT NULL REFERENCES models(model_id) ON DELETE CASCADE,
@@ -83,6 +84,8 @@ class ModelRecord:
     pinned: bool = False
     created_unix_ms: int = 0
     last_used_unix_ms: int = 0
+    state_changed_unix_ms: int = 0
+    """When the state last changed (0: never since registration)."""
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,11 @@ class CatalogStore:
             self._conn.execute("PRAGMA foreign_keys=ON")
             self._conn.execute("PRAGMA busy_timeout=5000")
             self._conn.executescript(_SCHEMA)
+            columns = {row["name"] for row in self._conn.execute("PRAGMA table_info(models)")}
+            if "state_changed_unix_ms" not in columns:  # a catalog from before the column
+                self._conn.execute(
+                    "ALTER TABLE models ADD COLUMN state_changed_unix_ms INTEGER NOT NULL DEFAULT 0"
+                )
 
     def close(self) -> None:
         """Closes the database."""
@@ -150,7 +158,7 @@ class CatalogStore:
                     )
                 if existing is None:
                     self._conn.execute(
-                        "INSERT INTO models VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                        "INSERT INTO models VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                         (
                             model.model_id,
                             model.source_ref,
@@ -165,6 +173,7 @@ class CatalogStore:
                             model.state.value,
                             int(model.pinned),
                             model.created_unix_ms or _now_ms(),
+                            0,
                             0,
                         ),
                     )
@@ -215,7 +224,13 @@ class CatalogStore:
 
     def set_state(self, model_id: str, state: ModelState) -> ModelRecord | None:
         """Sets a model's state; the model after, or None when unknown."""
-        return self._update(model_id, "state = ?", state.value)
+        with self._lock:
+            self._conn.execute(
+                "UPDATE models SET state = ?, state_changed_unix_ms = ? "
+                "WHERE model_id = ? AND state != ?",
+                (state.value, _now_ms(), model_id, state.value),
+            )
+            return self._get(model_id)
 
     def set_pinned(self, model_id: str, pinned: bool) -> ModelRecord | None:
         """Pins or unpins a model; the model after, or None when unknown."""
@@ -347,6 +362,7 @@ def _model(row: sqlite3.Row) -> ModelRecord:
         pinned=bool(row["pinned"]),
         created_unix_ms=row["created_unix_ms"],
         last_used_unix_ms=row["last_used_unix_ms"],
+        state_changed_unix_ms=row["state_changed_unix_ms"],
     )
 
 

@@ -127,7 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     gpolicy = gc_sub.add_parser("policy", help="show or change the garbage collection policy")
     gpolicy.add_argument("--node", default="", help="a node's own policy (default: every node's)")
     gpolicy.add_argument("--max-disk-usage-pct", type=float)
-    gpolicy.add_argument("--min-free-bytes", type=int)
+    gpolicy.add_argument("--min-free-bytes", type=_non_negative_int)
     gpolicy.add_argument("--keep-active", choices=["true", "false"])
     gpolicy.add_argument("--keep-used-within-days", type=float)
     gpolicy.add_argument("--delete-retired-after-days", type=float)
@@ -187,6 +187,13 @@ def _parser() -> argparse.ArgumentParser:
     tget.add_argument("--orchestrator", help="orchestrator address (LLORCH_ORCHESTRATOR)")
     tget.set_defaults(run=_cmd_tasks_get)
     return parser
+
+
+def _non_negative_int(text: str) -> int:
+    """A count flag: a whole number, at least 0."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 0")
+    return int(text)
 
 
 def _seconds(text: str) -> float:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -41,8 +40,7 @@ class PoolManagerApp:
         """Stops serving, then stops every worker."""
         if self.gc_timer is not None:
             self.gc_timer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.gc_timer
+            await asyncio.gather(self.gc_timer, return_exceptions=True)
         await self.server.stop(grace_s=1.0)
         await self.manager.stop()
         await self.catalog_channel.close()
@@ -98,6 +96,9 @@ async def _collect_every(collector: GarbageCollector, interval_s: float) -> None
             done = await collector.collect(dry_run=False)
         except LlorchError as exc:
             _log.warning("garbage collection failed: %s", exc.message)
+            continue
+        except Exception:  # a bug: log it; the timer goes on
+            _log.exception("garbage collection failed")
             continue
         if done.plan.delete or done.unknown_files:
             _log.info(

@@ -21,7 +21,7 @@ import grpc
 from llorch.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 
 from mesh import logs
-from mesh.errors import from_rpc_error
+from mesh.errors import FailedPreconditionError, from_rpc_error
 from provisioners.gc import Disk, GcPlan, GcPolicy, GcReplica, plan_gc
 from provisioners.pull import remove_stale_partials
 
@@ -65,9 +65,17 @@ class GarbageCollector:
         """Plans a collection and, unless ``dry_run``, carries it out.
 
         Raises:
-            LlorchError: the catalog could not be read (nothing was deleted).
+            LlorchError: the catalog could not be read (nothing was deleted) or answered a
+                deletion with an error (what was deleted before stays deleted).
         """
         async with self._lock:
+            try:
+                await asyncio.to_thread(self._store.mkdir, parents=True, exist_ok=True)
+            except OSError as exc:
+                raise FailedPreconditionError(
+                    f"the model store {self._store} cannot be used: {exc}",
+                    reason="MODEL_STORE_UNUSABLE",
+                ) from None
             partials = (
                 0 if dry_run else len(await asyncio.to_thread(remove_stale_partials, self._store))
             )
@@ -76,19 +84,19 @@ class GarbageCollector:
                 in_use.setdefault(name, "being pulled")
             try:
                 policy, replicas, known = await self._catalog_facts()
+                usage = await asyncio.to_thread(shutil.disk_usage, self._store)
+                plan = plan_gc(
+                    replicas,
+                    policy,
+                    Disk(usage.total, usage.free),
+                    in_use,
+                    int(self._clock() * 1000),
+                )
+                if not dry_run:
+                    for replica, reason in plan.delete:
+                        await self._delete(replica, reason)
             except grpc.aio.AioRpcError as err:
                 raise from_rpc_error(err) from None
-            usage = await asyncio.to_thread(shutil.disk_usage, self._store)
-            plan = plan_gc(
-                replicas,
-                policy,
-                Disk(usage.total, usage.free),
-                in_use,
-                int(self._clock() * 1000),
-            )
-            if not dry_run:
-                for replica, reason in plan.delete:
-                    await self._delete(replica, reason)
             unknown = await asyncio.to_thread(self._unknown_files, known, not dry_run)
             return Collection(plan, dry_run, partials, unknown)
 
@@ -105,22 +113,23 @@ class GarbageCollector:
             delete_retired_after_days=p.delete_retired_after_days,
         )
         replicas: list[GcReplica] = []
-        known: set[str] = set()  # every path on this node the catalog knows, in the store or not
+        # Every path any record names, of any node: a store shared by two node ids (or files
+        # pulled under another node id) must never look unknown.
+        known: set[str] = set()
         token = ""
         while True:
             page = await self._catalog.ListModels(
-                catalog_pb2.ListModelsRequest(node_id=self._node_id, page_token=token),
-                timeout=_CALL_TIMEOUT_S,
+                catalog_pb2.ListModelsRequest(page_token=token), timeout=_CALL_TIMEOUT_S
             )
             for model in page.models:
                 where = await self._catalog.LocateModel(
-                    catalog_pb2.LocateModelRequest(model_id=model.model_id, node_id=self._node_id),
+                    catalog_pb2.LocateModelRequest(model_id=model.model_id),
                     timeout=_CALL_TIMEOUT_S,
                 )
                 for location in where.locations:
                     known.add(location.path)
-                    if not self._in_store(location.path):
-                        continue  # registered from elsewhere: the operator's file
+                    if location.node_id != self._node_id or not self._in_store(location.path):
+                        continue  # another node's, or registered from elsewhere: not ours
                     replicas.append(
                         GcReplica(
                             model_id=model.model_id,
@@ -129,6 +138,8 @@ class GarbageCollector:
                             active=model.state == catalog_pb2.MODEL_STATE_ACTIVE,
                             pinned=model.pinned,
                             last_used_unix_ms=model.last_used_unix_ms,
+                            state_changed_unix_ms=model.state_changed_unix_ms,
+                            created_unix_ms=model.created_unix_ms,
                         )
                     )
             token = page.next_page_token
@@ -145,8 +156,11 @@ class GarbageCollector:
             ),
             timeout=_CALL_TIMEOUT_S,
         )
-        with contextlib.suppress(FileNotFoundError):
-            await asyncio.to_thread(Path(replica.path).unlink)
+        try:
+            await asyncio.to_thread(Path(replica.path).unlink, missing_ok=True)
+        except OSError as exc:  # the record is gone; the next collection retries the file
+            _log.warning("gc could not delete %s: %s", replica.path, exc)
+            return
         _log.info(
             "gc deleted %s",
             replica.path,
@@ -177,7 +191,11 @@ class GarbageCollector:
                 if now - path.stat().st_mtime < UNKNOWN_GRACE_S:
                     continue
                 if remove:
-                    path.unlink()
+                    try:
+                        path.unlink()
+                    except OSError as exc:
+                        _log.warning("gc could not delete %s: %s", path, exc)
+                        continue
                     _log.info("gc deleted %s: no catalog record names it", path)
                 found.append(str(path))
         return found

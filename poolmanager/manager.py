@@ -95,6 +95,8 @@ class Pool:
     spare: SpareWorker | None = None
     """A warm worker process without a model, for the next load (see ``spare_workers``)."""
     spare_task: asyncio.Task[None] | None = None
+    rollback_model_id: str = ""
+    """During a reload, the model it rolls back to if the new one fails (kept on disk)."""
     loaded_in_spare: bool = False
     """The running worker was a spare: its load did not wait for a process to start."""
 
@@ -428,30 +430,44 @@ class PoolManager:
             had_model = pool.state in (PoolState.READY, PoolState.DRAINING, PoolState.LOADING)
             if pool.state is PoolState.READY and not pool.cpu_only:
                 await self._check_reload_fits(pool, model_id)
-            report = await self._halt(pool, self._deadline(deadline_s))
-            pool.model_id = model_id
-            pool.crash_times.clear()
-            pool.breaker_open = False
+            pool.rollback_model_id = previous
+            try:
+                return await self._reload_locked(pool, previous, had_model, model_id, deadline_s)
+            finally:
+                pool.rollback_model_id = ""
+
+    async def _reload_locked(
+        self,
+        pool: Pool,
+        previous: str,
+        had_model: bool,
+        model_id: str,
+        deadline_s: float | None,
+    ) -> DrainReport:
+        """The body of ``reload()``, under the pool's lock."""
+        pool_id = pool.pool_id
+        report = await self._halt(pool, self._deadline(deadline_s))
+        pool.model_id = model_id
+        pool.crash_times.clear()
+        pool.breaker_open = False
+        try:
+            await self._bring_up(pool)
+        except LoadError as exc:
+            failure = f"reload of pool {pool_id} to {model_id} failed: {exc}"
+            _log.error("%s", failure, extra={"pool_id": pool_id, "node_id": self.node_id})
+            pool.model_id = previous
+            if not had_model:
+                await self._fail(pool, failure)
+                raise FailedPreconditionError(failure, reason="RELOAD_FAILED") from None
             try:
                 await self._bring_up(pool)
-            except LoadError as exc:
-                failure = f"reload of pool {pool_id} to {model_id} failed: {exc}"
-                _log.error("%s", failure, extra={"pool_id": pool_id, "node_id": self.node_id})
-                pool.model_id = previous
-                if not had_model:
-                    await self._fail(pool, failure)
-                    raise FailedPreconditionError(failure, reason="RELOAD_FAILED") from None
-                try:
-                    await self._bring_up(pool)
-                except LoadError as rollback:
-                    await self._fail(pool, f"{failure}; rollback to {previous} failed: {rollback}")
-                    raise FailedPreconditionError(pool.last_error, reason="RELOAD_FAILED") from None
-                pool.last_error = f"{failure}; rolled back to {previous}"
-                await self._changed()
-                raise FailedPreconditionError(
-                    pool.last_error, reason="RELOAD_ROLLED_BACK"
-                ) from None
-            return report
+            except LoadError as rollback:
+                await self._fail(pool, f"{failure}; rollback to {previous} failed: {rollback}")
+                raise FailedPreconditionError(pool.last_error, reason="RELOAD_FAILED") from None
+            pool.last_error = f"{failure}; rolled back to {previous}"
+            await self._changed()
+            raise FailedPreconditionError(pool.last_error, reason="RELOAD_ROLLED_BACK") from None
+        return report
 
     async def stage(self, model_id: str) -> None:
         """Copies a model into the RAM staging cache.
@@ -487,6 +503,11 @@ class PoolManager:
         for pool in self.pools.values():
             if pool.worker is not None or pool.state is not PoolState.UNLOADED:
                 out[pool.model_id] = f"pool {pool.pool_id} is {pool.state.value} with it"
+            if pool.rollback_model_id:
+                out.setdefault(
+                    pool.rollback_model_id,
+                    f"pool {pool.pool_id} rolls back to it if its reload fails",
+                )
         if self.staging is not None:
             for staged in self.staging.models():
                 out.setdefault(staged.model_id, "staged in RAM")

@@ -5,7 +5,8 @@ Rules, in order, for each replica in the node's model store:
 
 1. in use on the node (loaded or loading in a pool, staged in RAM, being pulled): kept;
 2. pinned: kept;
-3. retired and not used for ``delete_retired_after_days``: deleted;
+3. retired, and neither used, retired nor registered within ``delete_retired_after_days``:
+   deleted;
 4. then, while the disk is over ``max_disk_usage_pct`` or under ``min_free_bytes`` free, the least
    recently used of the rest are deleted — never an Active model when ``keep_active``, never one
    used within ``keep_used_within_days`` — until the disk is within the policy again.
@@ -42,6 +43,9 @@ class GcReplica:
     active: bool
     pinned: bool
     last_used_unix_ms: int
+    state_changed_unix_ms: int = 0
+    """When the model was retired (or its state last changed); 0: unknown."""
+    created_unix_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -93,11 +97,14 @@ def plan_gc(
             keep.append((replica, f"in use: {in_use[replica.model_id]}"))
         elif replica.pinned:
             keep.append((replica, "pinned"))
-        elif not replica.active and idle_days >= policy.delete_retired_after_days:
+        elif not replica.active and _quiet_days(replica, now_unix_ms) >= (
+            policy.delete_retired_after_days
+        ):
             delete.append(
                 (
                     replica,
-                    f"retired and {_unused(idle_days)} "
+                    f"retired, and neither used nor changed for "
+                    f"{_quiet_days(replica, now_unix_ms):.1f} days "
                     f"(policy: {policy.delete_retired_after_days:g} days)",
                 )
             )
@@ -156,6 +163,12 @@ def _idle_days(replica: GcReplica, now_unix_ms: int) -> float:
     if replica.last_used_unix_ms <= 0:
         return float("inf")
     return max(0.0, (now_unix_ms - replica.last_used_unix_ms) / _DAY_MS)
+
+
+def _quiet_days(replica: GcReplica, now_unix_ms: int) -> float:
+    """Days since the model was last used, retired or registered, whichever came last."""
+    since = max(replica.last_used_unix_ms, replica.state_changed_unix_ms, replica.created_unix_ms)
+    return max(0.0, (now_unix_ms - since) / _DAY_MS) if since > 0 else float("inf")
 
 
 def _unused(days: float) -> str:

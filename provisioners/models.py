@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import threading
 from pathlib import Path
 
 import grpc
@@ -101,42 +103,51 @@ async def pull_model(
     """
     parsed = parse_ref(ref)
     model_id = check_name(name, "name") if name else model_name_for(parsed)
-    existing_record: catalog_pb2.Model | None = None
     try:
-        existing = (
+        existing: catalog_pb2.Model | None = (
             await stub.GetModel(catalog_pb2.GetModelRequest(model_id=model_id), timeout=30)
         ).model
     except grpc.aio.AioRpcError as err:
         if err.code() != grpc.StatusCode.NOT_FOUND:
             raise from_rpc_error(err) from None
-    else:
-        existing_record = existing
+        existing = None
+    if existing is not None:
         same = existing.sha256 == sha256.lower() if sha256 else existing.source_ref == str(parsed)
-        if same and await asyncio.to_thread((store / f"{model_id}.gguf").exists):
-            return existing  # pulled here before
-        if not sha256 or existing.sha256 != sha256.lower():
+        if not same:
             raise AlreadyExistsError(
-                f"model {model_id} is registered already (sha256 {existing.sha256}); "
-                "choose another --name",
+                f"model {model_id} is registered already (sha256 {existing.sha256}, from "
+                f"{existing.source_ref}); choose another --name",
                 reason="MODEL_EXISTS",
             )
+        sha256 = existing.sha256  # the same model again: it must be the same file
     dest = store / f"{model_id}.gguf"
+    if existing is not None and await asyncio.to_thread(_holds, dest, existing.sha256):
+        # Pulled here before: make sure the replica is recorded, and that is all.
+        return await register_local_file(stub, model_id, dest, node_id, str(parsed), sha256)
     await asyncio.to_thread(remove_stale_partials, store)  # of pulls that were killed
-    if existing_record is None:
-        # A file under this name that the catalog does not know was left by a pull killed
-        # between its rename and its registration: nothing refers to it.
-        await asyncio.to_thread(_remove_if_present, dest)
-    pulled = await asyncio.to_thread(pull, parsed, dest, sha256, options, progress)
+    stop = threading.Event()
+    fetch = asyncio.get_running_loop().run_in_executor(
+        None, functools.partial(pull, parsed, dest, sha256, options, progress, stop)
+    )
     try:
+        pulled = await asyncio.shield(fetch)
+    except asyncio.CancelledError:  # Ctrl-C: stop the transfer and clean up before leaving
+        stop.set()
+        with contextlib.suppress(Exception):
+            await fetch
+        raise
+    try:
+        # Registering again is idempotent: it re-adds this node's replica if it was removed.
         return await register_local_file(
             stub, model_id, pulled.path, node_id, str(parsed), pulled.sha256
         )
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            pulled.path.unlink()  # not registered: not kept
+        if existing is None:
+            with contextlib.suppress(FileNotFoundError):
+                pulled.path.unlink()  # not registered: not kept
         raise
 
 
-def _remove_if_present(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
+def _holds(path: Path, sha256: str) -> bool:
+    """Whether ``path`` is a file with this content."""
+    return path.is_file() and sha256_file(path) == sha256

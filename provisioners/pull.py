@@ -16,6 +16,7 @@ import hashlib
 import http.client
 import os
 import re
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -26,7 +27,7 @@ from typing import BinaryIO
 
 from mesh.errors import InvalidArgumentError
 from mesh.ids import NAME_PATTERN, is_valid_name
-from provisioners.gguf_facts import GgufFacts, NotAGgufError, read_gguf_facts
+from provisioners.gguf_facts import GgufFacts, NotAGgufError, read_gguf_facts, sha256_file
 
 Progress = Callable[[int, int | None], None]
 """Called with (bytes so far, total bytes or None) as a pull proceeds."""
@@ -106,18 +107,34 @@ class PullOptions:
     chunk_bytes: int = 1 << 20
 
 
+class _StoreWriteError(Exception):
+    """Writing the temporary file failed (told apart from network errors, which are retried)."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 class _Sink:
     """The temporary file, the running hash and the byte count of one pull."""
 
-    def __init__(self, out: BinaryIO, progress: Progress | None) -> None:
+    def __init__(
+        self, out: BinaryIO, progress: Progress | None, cancel: threading.Event | None
+    ) -> None:
         self._out = out
         self._progress = progress
+        self._cancel = cancel
         self.digest = hashlib.sha256()
         self.done = 0
         self.total: int | None = None
 
     def write(self, chunk: bytes) -> None:
-        self._out.write(chunk)
+        if self._cancel is not None and self._cancel.is_set():
+            raise PullError("the pull was cancelled", "CANCELLED")
+        try:
+            self._out.write(chunk)
+        except OSError as exc:  # the store's disk, not the network: never retried
+            raise _StoreWriteError(exc) from exc
         self.digest.update(chunk)
         self.done += len(chunk)
         if self._progress is not None:
@@ -147,6 +164,7 @@ def pull(
     expected_sha256: str = "",
     options: PullOptions | None = None,
     progress: Progress | None = None,
+    cancel: threading.Event | None = None,
 ) -> Pulled:
     """Fetches ``ref`` to ``dest`` (see the module docstring). Blocking; run it in a thread.
 
@@ -158,13 +176,11 @@ def pull(
     expected = expected_sha256.lower()
     if expected and not _SHA256_RE.fullmatch(expected):
         raise InvalidArgumentError("sha256", "must be 64 hex digits")
-    if dest.exists():
-        raise PullError(f"{dest} exists already", "DESTINATION_EXISTS")
     dest.parent.mkdir(parents=True, exist_ok=True)
     partial = dest.with_name(f".{dest.name}.{os.getpid()}.partial")
     try:
         with open(partial, "wb") as out:
-            sink = _Sink(out, progress)
+            sink = _Sink(out, progress, cancel)
             if ref.scheme == "file":
                 _copy_file(Path(ref.location), sink, options)
             else:
@@ -183,13 +199,24 @@ def pull(
             raise PullError(
                 f"{ref} is not a GGUF model llama.cpp can load: {exc}", "NOT_GGUF"
             ) from None
+        if dest.exists():
+            # Left by a pull of the same file that was killed before it registered: adopt it.
+            # Anything else under that name is not ours to replace.
+            if sha256_file(dest) != actual:
+                raise PullError(
+                    f"{dest} exists already with other content; remove it or pull under "
+                    "another --name",
+                    "DESTINATION_EXISTS",
+                )
+            return Pulled(dest, actual, size, facts)
         os.replace(partial, dest)
         _fsync_dir(dest.parent)
         return Pulled(dest, actual, size, facts)
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    except (OSError, _StoreWriteError) as failure:
+        error = failure.error if isinstance(failure, _StoreWriteError) else failure
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
             raise PullError(f"no space left in {dest.parent} for {ref}", "DISK_FULL") from None
-        raise PullError(f"cannot write {dest}: {exc}", "DOWNLOAD_FAILED") from None
+        raise PullError(f"cannot write {dest}: {error}", "DOWNLOAD_FAILED") from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             partial.unlink()
@@ -222,6 +249,7 @@ def _copy_file(source: Path, sink: _Sink, options: PullOptions) -> None:
 
 def _download(url: str, sink: _Sink, options: PullOptions) -> None:
     failures = 0
+    done_at_last_failure = 0
     backoff = options.backoff_s
     while True:
         request = urllib.request.Request(url, headers={"User-Agent": "llorch-provisioner"})
@@ -229,8 +257,8 @@ def _download(url: str, sink: _Sink, options: PullOptions) -> None:
             request.add_header("Range", f"bytes={sink.done}-")
         try:
             with urllib.request.urlopen(request, timeout=options.read_timeout_s) as response:
-                if sink.done and response.status != 206:
-                    sink.restart()  # the server ignored the range
+                if sink.done and (response.status != 206 or _range_start(response) != sink.done):
+                    sink.restart()  # the server ignored the range, or answered another one
                 sink.total = _total_size(response, sink.done) or sink.total
                 while chunk := response.read(options.chunk_bytes):
                     sink.write(chunk)
@@ -247,13 +275,11 @@ def _download(url: str, sink: _Sink, options: PullOptions) -> None:
                     f"{url} answered {exc.code} {exc.reason}", "DOWNLOAD_FAILED"
                 ) from None
             why = f"HTTP {exc.code}"
-        except (
-            urllib.error.URLError,
-            http.client.HTTPException,
-            TimeoutError,
-            ConnectionError,
-        ) as exc:
+        except (http.client.HTTPException, OSError) as exc:  # URLError, TLS, timeouts too
             why = str(getattr(exc, "reason", exc)) or type(exc).__name__
+        if sink.done > done_at_last_failure:
+            failures = 0  # it made progress: a long transfer on a flaky link keeps going
+        done_at_last_failure = sink.done
         failures += 1
         if failures > options.retries:
             raise PullError(
@@ -262,6 +288,11 @@ def _download(url: str, sink: _Sink, options: PullOptions) -> None:
             )
         time.sleep(backoff)
         backoff = min(backoff * 2, options.backoff_max_s)
+
+
+def _range_start(response: http.client.HTTPResponse) -> int:
+    match = re.fullmatch(r"bytes (\d+)-\d+/\d+", response.headers.get("Content-Range", "").strip())
+    return int(match[1]) if match else -1
 
 
 def _total_size(response: http.client.HTTPResponse, offset: int) -> int | None:

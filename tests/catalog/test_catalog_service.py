@@ -411,7 +411,7 @@ async def test_engines_are_recorded_per_node_and_replaced_on_a_new_check(
         (_engine(backend="gpu"), "engine.backend"),
         (_engine(path="relative/dir"), "engine.path"),
         (_engine(build_info="x" * 5000), "engine.build_info"),
-        (_engine(backend_libraries=["cpu", "warp"]), "engine.backend_libraries[1]"),
+        (_engine(backend_libraries=["cpu", "Warp Drive"]), "engine.backend_libraries[1]"),
     ],
 )
 async def test_engine_fields_are_validated(

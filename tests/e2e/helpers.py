@@ -25,7 +25,10 @@ if TYPE_CHECKING:
 def generate_request(
     prompt: str = "Hello there", model_id: str = "tiny-llama", **sampling: Any
 ) -> orchestrator_pb2.GenerateRequest:
-    """A GenerateRequest; keyword arguments go into SamplingParams."""
+    """A GenerateRequest; keyword arguments go into SamplingParams. The tiny model has random
+    weights and may sample its end-of-sequence token at any point, so unless a test says
+    otherwise the end of sequence is ignored and max_tokens is what arrives."""
+    sampling.setdefault("ignore_eos", True)
     return orchestrator_pb2.GenerateRequest(
         model_id=model_id, prompt=prompt, sampling=common_pb2.SamplingParams(**sampling)
     )

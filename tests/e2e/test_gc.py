@@ -69,6 +69,23 @@ async def test_gc_deletes_by_policy_and_never_what_is_in_use(
         pm = poolmanager_pb2_grpc.PoolManagerServiceStub(pm_channel)
         for name in ("old", "pinned-old", "busy"):
             await _retire(catalog, name)
+        # Retired models go once unused (and unchanged) for this long; 0: at once.
+        await catalog.SetGcPolicy(
+            catalog_pb2.SetGcPolicyRequest(
+                policy=catalog_pb2.GcPolicy(
+                    max_disk_usage_pct=90, keep_active=True, keep_used_within_days=7
+                )
+            )
+        )
+        # A file in the store that another node's record names is never this node's to delete.
+        theirs = write_tiny_model(store / "theirs.gguf", TinyModelSpec(33))
+        os.utime(theirs, (hour_ago, hour_ago))
+        async with grpc.aio.insecure_channel(mesh.catalog.address) as c2:
+            from provisioners.models import register_local_file
+
+            await register_local_file(
+                catalog_pb2_grpc.CatalogServiceStub(c2), "theirs", theirs, "other-node"
+            )
         await catalog.SetModelPinned(
             catalog_pb2.SetModelPinnedRequest(model_id="pinned-old", pinned=True)
         )
@@ -79,7 +96,8 @@ async def test_gc_deletes_by_policy_and_never_what_is_in_use(
         assert dry.dry_run and _names(dry.deleted) == ["old.gguf", "stray.gguf"]
         assert (store / "old.gguf").exists() and stray.exists() and dead_partial.exists()
         reasons = {Path(d.path).name: d.reason for d in [*dry.deleted, *dry.kept]}
-        assert reasons["old.gguf"].startswith("retired and never used")
+        assert reasons["old.gguf"].startswith("retired, and neither used nor changed for 0.0 days")
+        assert "theirs.gguf" not in reasons
         assert reasons["stray.gguf"] == "no catalog record names it"
         assert reasons["pinned-old.gguf"] == "pinned"
         assert reasons["busy.gguf"].startswith("in use: pool cpu-0 is ready with it")
@@ -93,6 +111,7 @@ async def test_gc_deletes_by_policy_and_never_what_is_in_use(
             "fresh.gguf",
             "keep-me.gguf",
             "pinned-old.gguf",
+            "theirs.gguf",
         ]
         assert fresh.exists()  # unknown but new: left for its pull to register
         gone = await catalog.LocateModel(catalog_pb2.LocateModelRequest(model_id="old"))

@@ -86,6 +86,46 @@ async def test_pull_registers_the_file_and_the_mesh_serves_it(mesh: Mesh, tmp_pa
             await catalog.GetModel(catalog_pb2.GetModelRequest(model_id="second"))
     got = await collect(mesh.stub.Generate(generate_request(model_id="other-llama", max_tokens=3)))
     assert got.finished.tokens_out == 3
+    # The file lost (a disk swap, a GC elsewhere): pulling the same ref again restores it.
+    (store / "other-llama.gguf").unlink()
+    server = ModelServer({"Other-Llama.gguf": data}).start()
+    try:
+        again = await asyncio.to_thread(
+            _llorch,
+            "models",
+            "pull",
+            f"{server.url}/Other-Llama.gguf",
+            "--name",
+            "other-llama",
+            "--store",
+            str(store),
+            "--node-id",
+            node,
+            catalog=mesh.catalog.address,
+        )
+    finally:
+        server.stop()
+    assert again.returncode == 1 and "ALREADY_EXISTS" in again.stderr  # another ref: refused
+    server = ModelServer({"Other-Llama.gguf": data}).start()
+    try:
+        same_ref = f"{server.url}/drop/Other-Llama.gguf"
+        restored = await asyncio.to_thread(
+            _llorch,
+            "models",
+            "pull",
+            same_ref,
+            "--sha256",
+            model.sha256,
+            "--store",
+            str(store),
+            "--node-id",
+            node,
+            catalog=mesh.catalog.address,
+        )
+    finally:
+        server.stop()
+    assert restored.returncode == 0, restored.stderr
+    assert (store / "other-llama.gguf").read_bytes() == data
 
 
 @pytest.mark.parametrize("mesh", ["grpc"], indirect=True)

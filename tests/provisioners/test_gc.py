@@ -43,11 +43,19 @@ def test_a_retired_model_unused_past_the_policy_goes_even_with_room() -> None:
         NOW,
     )
     assert names(plan.delete) == ["old"]
-    assert plan.delete[0][1] == "retired and unused for 40.0 days (policy: 30 days)"
+    assert plan.delete[0][1] == (
+        "retired, and neither used nor changed for 40.0 days (policy: 30 days)"
+    )
     assert dict((r.model_id, why) for r, why in plan.keep)["recent"] == (
         "used 3.0 days ago (policy: 7 days)"
     )
     assert plan.freed_bytes == GIB and plan.disk_after.free_bytes == 901 * GIB
+
+
+def test_a_model_retired_recently_is_kept_however_long_unused() -> None:
+    retired_today = GcReplica("m", "/store/m.gguf", GIB, False, False, 0, NOW - DAY // 2, 1)
+    plan = plan_gc([retired_today], GcPolicy(), ROOMY, {}, NOW)
+    assert plan.delete == []
 
 
 def test_in_use_and_pinned_models_are_never_deleted() -> None:

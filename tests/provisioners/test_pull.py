@@ -147,6 +147,11 @@ def test_a_missing_local_file_and_an_existing_destination(tmp_path: Path, tiny_m
     with pytest.raises(PullError) as exists:
         pull(parse_ref(f"file:{tiny_model}"), dest, "", FAST)
     assert exists.value.reason == "DESTINATION_EXISTS" and dest.read_bytes() == b"someone else's"
+    # The same content under the name (a pull killed before it registered) is adopted.
+    same = tmp_path / "s" / "same.gguf"
+    same.write_bytes(tiny_model.read_bytes())
+    adopted = pull(parse_ref(f"file:{tiny_model}"), same, "", FAST)
+    assert adopted.path == same and not list(same.parent.glob(".*.partial"))
     with pytest.raises(InvalidArgumentError):
         pull(parse_ref(f"file:{tiny_model}"), tmp_path / "s" / "x.gguf", "xyz", FAST)
 

@@ -18,7 +18,7 @@ MODEL_STATE_ACTIVE: ModelState
 MODEL_STATE_RETIRED: ModelState
 
 class Model(_message.Message):
-    __slots__ = ("model_id", "source_ref", "sha256", "size_bytes", "facts", "state", "pinned", "created_unix_ms", "last_used_unix_ms")
+    __slots__ = ("model_id", "source_ref", "sha256", "size_bytes", "facts", "state", "pinned", "created_unix_ms", "last_used_unix_ms", "state_changed_unix_ms")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     SOURCE_REF_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,7 @@ class Model(_message.Message):
     PINNED_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     LAST_USED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    STATE_CHANGED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     source_ref: str
     sha256: str
@@ -37,7 +38,8 @@ class Model(_message.Message):
     pinned: bool
     created_unix_ms: int
     last_used_unix_ms: int
-    def __init__(self, model_id: _Optional[str] = ..., source_ref: _Optional[str] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., facts: _Optional[_Union[ModelFacts, _Mapping]] = ..., state: _Optional[_Union[ModelState, str]] = ..., pinned: _Optional[bool] = ..., created_unix_ms: _Optional[int] = ..., last_used_unix_ms: _Optional[int] = ...) -> None: ...
+    state_changed_unix_ms: int
+    def __init__(self, model_id: _Optional[str] = ..., source_ref: _Optional[str] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., facts: _Optional[_Union[ModelFacts, _Mapping]] = ..., state: _Optional[_Union[ModelState, str]] = ..., pinned: _Optional[bool] = ..., created_unix_ms: _Optional[int] = ..., last_used_unix_ms: _Optional[int] = ..., state_changed_unix_ms: _Optional[int] = ...) -> None: ...
 
 class ModelFacts(_message.Message):
     __slots__ = ("architecture", "parameter_count", "file_type", "context_length", "block_count", "embedding_length")
