@@ -111,7 +111,12 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
         replicas = await asyncio.to_thread(self._store.locate, model_id, request.node_id)
         return catalog_pb2.LocateModelResponse(
             locations=[
-                catalog_pb2.ModelLocation(node_id=r.node_id, path=r.path, size_bytes=r.size_bytes)
+                catalog_pb2.ModelLocation(
+                    node_id=r.node_id,
+                    path=r.path,
+                    size_bytes=r.size_bytes,
+                    last_used_unix_ms=r.last_used_unix_ms,
+                )
                 for r in replicas
             ]
         )
@@ -140,6 +145,16 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
             check_name(request.node_id, "node_id")
         records = await asyncio.to_thread(self._store.list_engines, request.node_id)
         return catalog_pb2.ListEnginesResponse(engines=[engine_to_pb(r) for r in records])
+
+    async def MarkModelsUsed(
+        self, request: catalog_pb2.MarkModelsUsedRequest, context: grpc.aio.ServicerContext
+    ) -> catalog_pb2.MarkModelsUsedResponse:
+        node_id = check_name(request.node_id, "node_id")
+        if len(request.model_ids) > _MAX_PAGE:
+            raise InvalidArgumentError("model_ids", f"at most {_MAX_PAGE} at once")
+        ids = [check_name(m, f"model_ids[{i}]") for i, m in enumerate(request.model_ids)]
+        await asyncio.to_thread(self._store.mark_used, node_id, ids)
+        return catalog_pb2.MarkModelsUsedResponse()
 
     async def DeleteReplica(
         self, request: catalog_pb2.DeleteReplicaRequest, context: grpc.aio.ServicerContext

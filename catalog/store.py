@@ -308,6 +308,29 @@ class CatalogStore:
             for row in rows
         ]
 
+    def mark_used(self, node_id: str, model_ids: list[str]) -> None:
+        """Sets the last-used time of the models, and of their copies on ``node_id``, to now."""
+        if not model_ids:
+            return
+        now = _now_ms()
+        marks = ",".join("?" * len(model_ids))
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._conn.execute(
+                    f"UPDATE models SET last_used_unix_ms = ? WHERE model_id IN ({marks})",
+                    (now, *model_ids),
+                )
+                self._conn.execute(
+                    "UPDATE replicas SET last_used_unix_ms = ? "
+                    f"WHERE node_id = ? AND model_id IN ({marks})",
+                    (now, node_id, *model_ids),
+                )
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+
     def delete_replica(self, model_id: str, node_id: str, path: str) -> bool:
         """Removes one replica record; whether it existed."""
         with self._lock:

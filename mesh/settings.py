@@ -135,6 +135,9 @@ class PoolManagerSettings(BaseModel):
     """Directory of this node's model files (``llorch models pull`` writes there); garbage
     collection deletes only files inside it. The home profile's default is
     ``<data_dir>/models``; unset, garbage collection is off."""
+    usage_report_s: float = Field(default=60.0, gt=0, le=86400)
+    """How often the models that ran here are reported to the catalog (their last-used times,
+    which garbage collection reads)."""
     gc_interval_s: float = Field(default=3600.0, ge=0, le=7 * 86400)
     """How often garbage collection runs in this pool manager; 0: only on request."""
     spare_workers: bool = True

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import grpc
-from llorch.catalog.v1 import catalog_pb2_grpc
+from llorch.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 
 from catalog.client import CatalogClient
 from mesh import logs
@@ -30,6 +30,24 @@ class PoolManagerApp:
     servicer: PoolManagerServicer
     catalog_channel: grpc.aio.Channel
     gc_timer: asyncio.Task[None] | None = None
+    usage_timer: asyncio.Task[None] | None = None
+
+    async def report_usage(self, timeout_s: float = 10.0) -> None:
+        """Tells the catalog which models ran here since the last report (kept for the next
+        report when the catalog cannot be reached)."""
+        used = self.manager.take_used()
+        if not used:
+            return
+        try:
+            await catalog_pb2_grpc.CatalogServiceStub(self.catalog_channel).MarkModelsUsed(
+                catalog_pb2.MarkModelsUsedRequest(
+                    node_id=self.manager.node_id, model_ids=sorted(used)
+                ),
+                timeout=timeout_s,
+            )
+        except grpc.aio.AioRpcError as err:
+            self.manager.give_back_used(used)
+            _log.warning("could not report model use to the catalog: %s", err.code().name)
 
     @property
     def address(self) -> str:
@@ -38,9 +56,11 @@ class PoolManagerApp:
 
     async def stop(self) -> None:
         """Stops serving, then stops every worker."""
-        if self.gc_timer is not None:
-            self.gc_timer.cancel()
-            await asyncio.gather(self.gc_timer, return_exceptions=True)
+        for timer in (self.gc_timer, self.usage_timer):
+            if timer is not None:
+                timer.cancel()
+                await asyncio.gather(timer, return_exceptions=True)
+        await self.report_usage(timeout_s=2.0)  # the last minute's use is not lost
         await self.server.stop(grace_s=1.0)
         await self.manager.stop()
         await self.catalog_channel.close()
@@ -81,11 +101,20 @@ async def start_pool_manager(
     server_box.append(server)
     await manager.start()
     app = PoolManagerApp(server, manager, servicer, channel)
+    app.usage_timer = asyncio.create_task(
+        _report_every(app, settings.usage_report_s), name="usage-report"
+    )
     if collector is not None and settings.gc_interval_s > 0:
         app.gc_timer = asyncio.create_task(
             _collect_every(collector, settings.gc_interval_s), name="gc-timer"
         )
     return app
+
+
+async def _report_every(app: PoolManagerApp, interval_s: float) -> None:
+    while True:
+        await asyncio.sleep(interval_s)
+        await app.report_usage()
 
 
 async def _collect_every(collector: GarbageCollector, interval_s: float) -> None:

@@ -137,7 +137,8 @@ class GarbageCollector:
                             size_bytes=location.size_bytes,
                             active=model.state == catalog_pb2.MODEL_STATE_ACTIVE,
                             pinned=model.pinned,
-                            last_used_unix_ms=model.last_used_unix_ms,
+                            # This node's copy's, or the model's if the copy has none.
+                            last_used_unix_ms=location.last_used_unix_ms or model.last_used_unix_ms,
                             state_changed_unix_ms=model.state_changed_unix_ms,
                             created_unix_ms=model.created_unix_ms,
                         )

@@ -234,6 +234,7 @@ class PoolManager:
             else None
         )
         self._executions: dict[str, Execution] = {}
+        self._used: set[str] = set()  # models asked for since the last take_used()
         self._background: set[asyncio.Task[Any]] = set()
         self._stopping = False
         self.version = 0
@@ -326,6 +327,7 @@ class PoolManager:
                 (retriable).
         """
         pool = self.pool(spec.pool_id)
+        self._used.add(spec.model_id)
         if pool.model_id != spec.model_id:
             raise FailedPreconditionError(
                 f"pool {spec.pool_id} holds {pool.model_id}, not {spec.model_id}",
@@ -495,6 +497,16 @@ class PoolManager:
         removed = self.staging.unstage(model_id)
         await self._changed()
         return removed
+
+    def take_used(self) -> set[str]:
+        """Models executions asked for since the last call (for the catalog's last-used
+        times); the caller gives them back with ``give_back_used`` if it could not report."""
+        used, self._used = self._used, set()
+        return used
+
+    def give_back_used(self, models: set[str]) -> None:
+        """Puts back what ``take_used`` returned when the report failed."""
+        self._used |= models
 
     def models_in_use(self) -> dict[str, str]:
         """Models this node must keep on disk now, with why: loaded or loading in a pool (or

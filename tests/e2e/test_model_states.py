@@ -89,3 +89,29 @@ async def test_model_state_commands(mesh: Mesh) -> None:
     assert back.returncode == 0 and unpinned.stdout.strip() == "tiny-llama: active"
     missing = await asyncio.to_thread(_llorch, "models", "retire", "no-such", catalog=address)
     assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
+
+
+@pytest.mark.parametrize("mesh", ["grpc"], indirect=True)
+async def test_pool_managers_report_when_models_ran(mesh: Mesh) -> None:
+    async with grpc.aio.insecure_channel(mesh.catalog.address) as channel:
+        catalog = catalog_pb2_grpc.CatalogServiceStub(channel)
+        before = (await catalog.GetModel(catalog_pb2.GetModelRequest(model_id="tiny-llama"))).model
+        await mesh.pool_manager.report_usage()  # nothing ran yet: nothing is reported
+        assert before.last_used_unix_ms == 0
+        started = int(time.time() * 1000)
+        await collect(mesh.stub.Generate(generate_request(max_tokens=2)))
+        await mesh.pool_manager.report_usage()  # what the minute timer does
+        after = (await catalog.GetModel(catalog_pb2.GetModelRequest(model_id="tiny-llama"))).model
+        assert after.last_used_unix_ms >= started
+        where = await catalog.LocateModel(
+            catalog_pb2.LocateModelRequest(
+                model_id="tiny-llama", node_id=mesh.pool_manager.manager.node_id
+            )
+        )
+        assert where.locations[0].last_used_unix_ms >= started
+        with pytest.raises(grpc.aio.AioRpcError) as bad:
+            await catalog.MarkModelsUsed(
+                catalog_pb2.MarkModelsUsedRequest(node_id="n1", model_ids=["ok", "Not OK"])
+            )
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "model_ids[1]" in (bad.value.details() or "")

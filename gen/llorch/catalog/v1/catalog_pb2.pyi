@@ -58,14 +58,16 @@ class ModelFacts(_message.Message):
     def __init__(self, architecture: _Optional[str] = ..., parameter_count: _Optional[int] = ..., file_type: _Optional[str] = ..., context_length: _Optional[int] = ..., block_count: _Optional[int] = ..., embedding_length: _Optional[int] = ...) -> None: ...
 
 class ModelLocation(_message.Message):
-    __slots__ = ("node_id", "path", "size_bytes")
+    __slots__ = ("node_id", "path", "size_bytes", "last_used_unix_ms")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LAST_USED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     path: str
     size_bytes: int
-    def __init__(self, node_id: _Optional[str] = ..., path: _Optional[str] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+    last_used_unix_ms: int
+    def __init__(self, node_id: _Optional[str] = ..., path: _Optional[str] = ..., size_bytes: _Optional[int] = ..., last_used_unix_ms: _Optional[int] = ...) -> None: ...
 
 class RegisterModelRequest(_message.Message):
     __slots__ = ("model", "locations")
@@ -258,3 +260,15 @@ class SetGcPolicyResponse(_message.Message):
     POLICY_FIELD_NUMBER: _ClassVar[int]
     policy: GcPolicy
     def __init__(self, policy: _Optional[_Union[GcPolicy, _Mapping]] = ...) -> None: ...
+
+class MarkModelsUsedRequest(_message.Message):
+    __slots__ = ("node_id", "model_ids")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_IDS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    model_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, node_id: _Optional[str] = ..., model_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class MarkModelsUsedResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -70,6 +70,11 @@ class CatalogServiceStub:
                 request_serializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.ListEnginesRequest.SerializeToString,
                 response_deserializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.ListEnginesResponse.FromString,
                 _registered_method=True)
+        self.MarkModelsUsed = channel.unary_unary(
+                '/llorch.catalog.v1.CatalogService/MarkModelsUsed',
+                request_serializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.MarkModelsUsedRequest.SerializeToString,
+                response_deserializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.MarkModelsUsedResponse.FromString,
+                _registered_method=True)
         self.DeleteReplica = channel.unary_unary(
                 '/llorch.catalog.v1.CatalogService/DeleteReplica',
                 request_serializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.DeleteReplicaRequest.SerializeToString,
@@ -148,6 +153,14 @@ class CatalogServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MarkModelsUsed(self, request, context):
+        """Records that models ran on a node (pool managers report it about once a minute): the
+        models' and that node's copies' last-used times move to now. Unknown models are ignored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DeleteReplica(self, request, context):
         """Removes the record of one copy of a model's file (garbage collection, before it deletes
         the file). Removing a record that does not exist is not an error.
@@ -214,6 +227,11 @@ def add_CatalogServiceServicer_to_server(servicer, server):
                     servicer.ListEngines,
                     request_deserializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.ListEnginesRequest.FromString,
                     response_serializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.ListEnginesResponse.SerializeToString,
+            ),
+            'MarkModelsUsed': grpc.unary_unary_rpc_method_handler(
+                    servicer.MarkModelsUsed,
+                    request_deserializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.MarkModelsUsedRequest.FromString,
+                    response_serializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.MarkModelsUsedResponse.SerializeToString,
             ),
             'DeleteReplica': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteReplica,
@@ -426,6 +444,33 @@ class CatalogService:
             '/llorch.catalog.v1.CatalogService/ListEngines',
             llorch_dot_catalog_dot_v1_dot_catalog__pb2.ListEnginesRequest.SerializeToString,
             llorch_dot_catalog_dot_v1_dot_catalog__pb2.ListEnginesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MarkModelsUsed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llorch.catalog.v1.CatalogService/MarkModelsUsed',
+            llorch_dot_catalog_dot_v1_dot_catalog__pb2.MarkModelsUsedRequest.SerializeToString,
+            llorch_dot_catalog_dot_v1_dot_catalog__pb2.MarkModelsUsedResponse.FromString,
             options,
             channel_credentials,
             insecure,
