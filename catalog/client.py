@@ -51,6 +51,19 @@ class CatalogClient:
         self._cache[model_id] = (now, info)
         return info
 
+    async def delete_model(self, model_id: str) -> list[catalog_pb2.ModelLocation]:
+        """Deletes a model and its file records; the records. NotFoundError when unknown."""
+        self._cache.pop(model_id, None)
+        try:
+            response = await self._stub.DeleteModel(
+                catalog_pb2.DeleteModelRequest(model_id=model_id), timeout=_CALL_TIMEOUT_S
+            )
+        except grpc.aio.AioRpcError as err:
+            raise _catalog_error(err) from None
+        finally:
+            self._cache.pop(model_id, None)
+        return list(response.locations)
+
     async def local_path(self, model_id: str, node_id: str) -> str:
         """Path of a model's file on ``node_id``; NotFoundError when the node holds none."""
         try:

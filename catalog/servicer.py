@@ -146,6 +146,20 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
         records = await asyncio.to_thread(self._store.list_engines, request.node_id)
         return catalog_pb2.ListEnginesResponse(engines=[engine_to_pb(r) for r in records])
 
+    async def DeleteModel(
+        self, request: catalog_pb2.DeleteModelRequest, context: grpc.aio.ServicerContext
+    ) -> catalog_pb2.DeleteModelResponse:
+        model_id = check_name(request.model_id, "model_id")
+        replicas = await asyncio.to_thread(self._store.delete_model, model_id)
+        if replicas is None:
+            raise NotFoundError(f"model {model_id} is not in the catalog", reason="MODEL_NOT_FOUND")
+        return catalog_pb2.DeleteModelResponse(
+            locations=[
+                catalog_pb2.ModelLocation(node_id=r.node_id, path=r.path, size_bytes=r.size_bytes)
+                for r in replicas
+            ]
+        )
+
     async def MarkModelsUsed(
         self, request: catalog_pb2.MarkModelsUsedRequest, context: grpc.aio.ServicerContext
     ) -> catalog_pb2.MarkModelsUsedResponse:

@@ -308,6 +308,14 @@ class CatalogStore:
             for row in rows
         ]
 
+    def delete_model(self, model_id: str) -> list[ReplicaRecord] | None:
+        """Deletes a model and its replica records; the records as they were, None when the
+        model is unknown."""
+        replicas = self.locate(model_id)
+        with self._lock:
+            cursor = self._conn.execute("DELETE FROM models WHERE model_id = ?", (model_id,))
+        return replicas if cursor.rowcount else None
+
     def mark_used(self, node_id: str, model_ids: list[str]) -> None:
         """Sets the last-used time of the models, and of their copies on ``node_id``, to now."""
         if not model_ids:

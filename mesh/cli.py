@@ -3,7 +3,7 @@
 llorch up                              run the home profile in the foreground
 llorch serve catalog|poolmanager|orchestrator   run one service (a fleet's processes)
 llorch generate --model M "prompt"     stream tokens from the orchestrator
-llorch models list | add NAME PATH | pull REF | retire|activate|pin|unpin NAME   the catalog
+llorch models list | add NAME PATH | pull REF | rm NAME | retire|activate|pin|unpin NAME
 llorch engines check | list              this node's engine, and every node's recorded
 llorch gc [--dry-run] | gc policy [...]   delete model files by policy; show or set the policy
 llorch pools list | drain NODE/POOL | resume NODE/POOL   pools, for operators
@@ -88,6 +88,15 @@ def _parser() -> argparse.ArgumentParser:
     mlist.add_argument("--state", choices=["active", "retired"], help="only models in this state")
     mlist.add_argument("--node", default="", help="only models with a copy on this node")
     mlist.set_defaults(run=_cmd_models_list)
+    mrm = models_sub.add_parser(
+        "rm", help="delete a model (refused while in use unless --drain); its files follow"
+    )
+    mrm.add_argument("name")
+    mrm.add_argument(
+        "--drain", action="store_true", help="unload the pools holding it and end its tasks"
+    )
+    mrm.add_argument("--orchestrator", help="orchestrator address (LLORCH_ORCHESTRATOR)")
+    mrm.set_defaults(run=_cmd_models_rm)
     mpull = models_sub.add_parser(
         "pull", help="fetch a model (file:/path, https://...) into this node's store and add it"
     )
@@ -586,6 +595,33 @@ def _cmd_engines(args: argparse.Namespace) -> int:
     if problem:
         print(f"note: {problem}", file=sys.stderr)
     return 0
+
+
+def _cmd_models_rm(args: argparse.Namespace) -> int:
+    from llorch.orchestrator.v1 import control_pb2, control_pb2_grpc
+
+    address = args.orchestrator or ClientSettings().orchestrator
+
+    async def run() -> int:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = control_pb2_grpc.ControlServiceStub(channel)
+            try:
+                done = await stub.DeleteModel(
+                    control_pb2.DeleteModelRequest(model_id=args.name, drain=args.drain),
+                    timeout=300,
+                )
+            except grpc.aio.AioRpcError as err:
+                return _rpc_failed(err)
+        for pool in done.drained_pools:
+            print(f"unloaded {pool}")
+        if done.tasks_ended:
+            print(f"ended {done.tasks_ended} tasks")
+        for file in done.files:
+            print(f"forgot {file}")
+        print(f"{args.name}: deleted")
+        return 0
+
+    return asyncio.run(run())
 
 
 def _cmd_models_pull(args: argparse.Namespace) -> int:

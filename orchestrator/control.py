@@ -86,6 +86,15 @@ class ControlServicer(control_pb2_grpc.ControlServiceServicer):
             already_loaded=action is PreloadAction.NONE,
         )
 
+    async def DeleteModel(
+        self, request: control_pb2.DeleteModelRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.DeleteModelResponse:
+        model_id = check_name(request.model_id, "model_id")
+        drained, ended, files = await self._orch.delete_model(model_id, request.drain)
+        return control_pb2.DeleteModelResponse(
+            drained_pools=drained, tasks_ended=ended, files=files
+        )
+
     async def GetCapabilities(
         self, request: control_pb2.GetCapabilitiesRequest, context: grpc.aio.ServicerContext
     ) -> control_pb2.GetCapabilitiesResponse:

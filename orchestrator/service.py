@@ -487,6 +487,72 @@ class Orchestrator:
             _log.exception("loading a model on demand failed", extra={"pool": pool.key})
         self._wake.set()
 
+    async def delete_model(self, model_id: str, drain: bool) -> tuple[list[str], int, list[str]]:
+        """Deletes a model from the catalog: refused while pools hold it or tasks want it,
+        unless ``drain`` (then its tasks end MODEL_DELETED and its pools are unloaded first).
+        Then asks every reachable pool manager to collect its model store. Returns the pools
+        drained, the tasks ended and the files whose records went (node:path).
+
+        Raises:
+            NotFoundError: no such model.
+            FailedPreconditionError: in use and not ``drain`` (MODEL_IN_USE, saying where).
+        """
+        await self._catalog.model_info(model_id)  # NOT_FOUND before anything else
+        holding = [
+            (node_id, pool)
+            for node_id, _, pool in self._registry.pools()
+            if pool.model_id == model_id and pool.state != poolmanager_pb2.POOL_STATE_UNLOADED
+        ]
+        tasks = [
+            t
+            for t in self._tasks.values()
+            if t.spec.model_id == model_id and t.state in (TaskState.QUEUED, TaskState.RUNNING)
+        ]
+        if (holding or tasks) and not drain:
+            where = ", ".join(f"{n}/{p.pool_id}" for n, p in holding) or "no pool"
+            raise FailedPreconditionError(
+                f"model {model_id} is in use: held by {where}; {len(tasks)} tasks queued or "
+                "running; delete with drain to unload it and end its tasks",
+                reason="MODEL_IN_USE",
+            )
+        deleted = FailedPreconditionError(
+            f"model {model_id} was deleted by an operator", reason="MODEL_DELETED"
+        )
+        for task in tasks:
+            self._end(task, deleted)
+        drained = []
+        for node_id, pool in holding:
+            try:
+                async with asyncio.timeout(60):
+                    await self._registry.stub(node_id).DrainPool(
+                        poolmanager_pb2.DrainPoolRequest(pool_id=pool.pool_id, deadline_ms=0)
+                    )
+            except (grpc.aio.AioRpcError, LlorchError, TimeoutError) as err:
+                why = "no answer in 60 s" if isinstance(err, TimeoutError) else _message(err)
+                raise UnavailableError(
+                    f"pool {node_id}/{pool.pool_id} could not be unloaded; model {model_id} was "
+                    f"not deleted: {why}",
+                    reason="DRAIN_FAILED",
+                    retry_delay_s=1.0,
+                ) from None
+            drained.append(f"{node_id}/{pool.pool_id}")
+        locations = await self._catalog.delete_model(model_id)
+        _log.info(
+            "model deleted",
+            extra={"model": model_id, "drained": drained, "tasks_ended": len(tasks)},
+        )
+        for node_id in sorted({node for node, reachable, _ in self._registry.pools() if reachable}):
+            try:  # its files go now (those past the store's grace period)
+                async with asyncio.timeout(60):
+                    await self._registry.stub(node_id).CollectGarbage(
+                        poolmanager_pb2.CollectGarbageRequest()
+                    )
+            except (grpc.aio.AioRpcError, LlorchError, TimeoutError) as err:
+                why = str(err) if isinstance(err, TimeoutError) else _message(err)
+                _log.info("garbage collection on %s after a deletion: %s", node_id, why)
+        self._wake.set()
+        return drained, len(tasks), [f"{loc.node_id}:{loc.path}" for loc in locations]
+
     async def _check_loadable(self, model_id: str) -> None:
         info = await self._catalog.model_info(model_id)
         if not info.active:
@@ -1301,6 +1367,10 @@ class _ServiceTime:
 def _placement_key(task: Task) -> tuple[object, ...]:
     """What a placement decision depends on when no pool can swap models."""
     return (task.spec.model_id, task.spec.sampling.max_tokens + 1)
+
+
+def _message(err: grpc.aio.AioRpcError | LlorchError) -> str:
+    return err.message if isinstance(err, LlorchError) else str(err.details())
 
 
 def _has_details(err: grpc.aio.AioRpcError) -> bool:

@@ -44,6 +44,18 @@ class LocalPoolManagerStub:
         """As ``PoolManagerServiceStub.ReloadPool`` (errors raised as ``LlorchError``)."""
         return await self._servicer.ReloadPool(request, None)
 
+    async def DrainPool(
+        self, request: poolmanager_pb2.DrainPoolRequest
+    ) -> poolmanager_pb2.DrainPoolResponse:
+        """As ``PoolManagerServiceStub.DrainPool`` (errors raised as ``LlorchError``)."""
+        return await self._servicer.DrainPool(request, None)
+
+    async def CollectGarbage(
+        self, request: poolmanager_pb2.CollectGarbageRequest
+    ) -> poolmanager_pb2.CollectGarbageResponse:
+        """As ``PoolManagerServiceStub.CollectGarbage`` (errors raised as ``LlorchError``)."""
+        return await self._servicer.CollectGarbage(request, None)
+
     def Execute(
         self,
         request: poolmanager_pb2.ExecuteRequest,

@@ -272,3 +272,15 @@ class MarkModelsUsedRequest(_message.Message):
 class MarkModelsUsedResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class DeleteModelRequest(_message.Message):
+    __slots__ = ("model_id",)
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    def __init__(self, model_id: _Optional[str] = ...) -> None: ...
+
+class DeleteModelResponse(_message.Message):
+    __slots__ = ("locations",)
+    LOCATIONS_FIELD_NUMBER: _ClassVar[int]
+    locations: _containers.RepeatedCompositeFieldContainer[ModelLocation]
+    def __init__(self, locations: _Optional[_Iterable[_Union[ModelLocation, _Mapping]]] = ...) -> None: ...

@@ -70,6 +70,11 @@ class CatalogServiceStub:
                 request_serializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.ListEnginesRequest.SerializeToString,
                 response_deserializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.ListEnginesResponse.FromString,
                 _registered_method=True)
+        self.DeleteModel = channel.unary_unary(
+                '/llorch.catalog.v1.CatalogService/DeleteModel',
+                request_serializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.DeleteModelRequest.SerializeToString,
+                response_deserializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.DeleteModelResponse.FromString,
+                _registered_method=True)
         self.MarkModelsUsed = channel.unary_unary(
                 '/llorch.catalog.v1.CatalogService/MarkModelsUsed',
                 request_serializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.MarkModelsUsedRequest.SerializeToString,
@@ -153,6 +158,15 @@ class CatalogServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteModel(self, request, context):
+        """Deletes a model and the records of its files (the files themselves go with each node's
+        next garbage collection). The catalog cannot see pools: operators delete through
+        ControlService.DeleteModel, which refuses while the model is loaded or has work.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def MarkModelsUsed(self, request, context):
         """Records that models ran on a node (pool managers report it about once a minute): the
         models' and that node's copies' last-used times move to now. Unknown models are ignored.
@@ -227,6 +241,11 @@ def add_CatalogServiceServicer_to_server(servicer, server):
                     servicer.ListEngines,
                     request_deserializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.ListEnginesRequest.FromString,
                     response_serializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.ListEnginesResponse.SerializeToString,
+            ),
+            'DeleteModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteModel,
+                    request_deserializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.DeleteModelRequest.FromString,
+                    response_serializer=llorch_dot_catalog_dot_v1_dot_catalog__pb2.DeleteModelResponse.SerializeToString,
             ),
             'MarkModelsUsed': grpc.unary_unary_rpc_method_handler(
                     servicer.MarkModelsUsed,
@@ -444,6 +463,33 @@ class CatalogService:
             '/llorch.catalog.v1.CatalogService/ListEngines',
             llorch_dot_catalog_dot_v1_dot_catalog__pb2.ListEnginesRequest.SerializeToString,
             llorch_dot_catalog_dot_v1_dot_catalog__pb2.ListEnginesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llorch.catalog.v1.CatalogService/DeleteModel',
+            llorch_dot_catalog_dot_v1_dot_catalog__pb2.DeleteModelRequest.SerializeToString,
+            llorch_dot_catalog_dot_v1_dot_catalog__pb2.DeleteModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

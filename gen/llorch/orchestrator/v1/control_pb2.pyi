@@ -164,3 +164,21 @@ class GetCapabilitiesResponse(_message.Message):
     MODELS_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelCapability]
     def __init__(self, models: _Optional[_Iterable[_Union[ModelCapability, _Mapping]]] = ...) -> None: ...
+
+class DeleteModelRequest(_message.Message):
+    __slots__ = ("model_id", "drain")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    drain: bool
+    def __init__(self, model_id: _Optional[str] = ..., drain: _Optional[bool] = ...) -> None: ...
+
+class DeleteModelResponse(_message.Message):
+    __slots__ = ("drained_pools", "tasks_ended", "files")
+    DRAINED_POOLS_FIELD_NUMBER: _ClassVar[int]
+    TASKS_ENDED_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    drained_pools: _containers.RepeatedScalarFieldContainer[str]
+    tasks_ended: int
+    files: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, drained_pools: _Optional[_Iterable[str]] = ..., tasks_ended: _Optional[int] = ..., files: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -66,6 +66,11 @@ class ControlServiceStub:
                 request_serializer=llorch_dot_orchestrator_dot_v1_dot_control__pb2.PreloadModelRequest.SerializeToString,
                 response_deserializer=llorch_dot_orchestrator_dot_v1_dot_control__pb2.PreloadModelResponse.FromString,
                 _registered_method=True)
+        self.DeleteModel = channel.unary_unary(
+                '/llorch.orchestrator.v1.ControlService/DeleteModel',
+                request_serializer=llorch_dot_orchestrator_dot_v1_dot_control__pb2.DeleteModelRequest.SerializeToString,
+                response_deserializer=llorch_dot_orchestrator_dot_v1_dot_control__pb2.DeleteModelResponse.FromString,
+                _registered_method=True)
         self.GetCapabilities = channel.unary_unary(
                 '/llorch.orchestrator.v1.ControlService/GetCapabilities',
                 request_serializer=llorch_dot_orchestrator_dot_v1_dot_control__pb2.GetCapabilitiesRequest.SerializeToString,
@@ -135,6 +140,18 @@ class ControlServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteModel(self, request, context):
+        """Deletes a model from the catalog. Refused (FAILED_PRECONDITION, MODEL_IN_USE, naming the
+        pools and tasks) while a pool holds it or tasks want it, unless drain is set: then the
+        pools holding it are drained and unloaded and its queued tasks end FAILED_PRECONDITION
+        (MODEL_DELETED) first. Each node's pool manager then collects its model store, so files of
+        the model older than its grace period (10 minutes) go at once, newer ones at its next
+        collection.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetCapabilities(self, request, context):
         """Returns what the mesh can serve now: models, their context limits and engines.
         """
@@ -174,6 +191,11 @@ def add_ControlServiceServicer_to_server(servicer, server):
                     servicer.PreloadModel,
                     request_deserializer=llorch_dot_orchestrator_dot_v1_dot_control__pb2.PreloadModelRequest.FromString,
                     response_serializer=llorch_dot_orchestrator_dot_v1_dot_control__pb2.PreloadModelResponse.SerializeToString,
+            ),
+            'DeleteModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteModel,
+                    request_deserializer=llorch_dot_orchestrator_dot_v1_dot_control__pb2.DeleteModelRequest.FromString,
+                    response_serializer=llorch_dot_orchestrator_dot_v1_dot_control__pb2.DeleteModelResponse.SerializeToString,
             ),
             'GetCapabilities': grpc.unary_unary_rpc_method_handler(
                     servicer.GetCapabilities,
@@ -345,6 +367,33 @@ class ControlService:
             '/llorch.orchestrator.v1.ControlService/PreloadModel',
             llorch_dot_orchestrator_dot_v1_dot_control__pb2.PreloadModelRequest.SerializeToString,
             llorch_dot_orchestrator_dot_v1_dot_control__pb2.PreloadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llorch.orchestrator.v1.ControlService/DeleteModel',
+            llorch_dot_orchestrator_dot_v1_dot_control__pb2.DeleteModelRequest.SerializeToString,
+            llorch_dot_orchestrator_dot_v1_dot_control__pb2.DeleteModelResponse.FromString,
             options,
             channel_credentials,
             insecure,
