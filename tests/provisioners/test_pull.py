@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -163,3 +164,30 @@ def test_partials_of_dead_pulls_are_removed(tmp_path: Path) -> None:
     live.write_bytes(b"x")
     assert remove_stale_partials(tmp_path) == [dead]
     assert live.exists() and not dead.exists()
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 256 KiB tmpfs: a disk that fills up (needs root and mount; skipped where refused)."""
+    mountpoint = tmp_path / "small-disk"
+    mountpoint.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mountpoint)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=False)
+
+
+def test_a_full_disk_is_a_clear_error_and_leaves_nothing(tiny_disk: Path, tiny_model: Path) -> None:
+    with pytest.raises(PullError) as full:
+        pull(parse_ref(f"file:{tiny_model}"), tiny_disk / "tiny.gguf", "", FAST)
+    assert full.value.reason == "DISK_FULL"
+    assert "no space left" in str(full.value)
+    assert _left(tiny_disk) == []
