@@ -429,19 +429,17 @@ class Orchestrator:
             "model preload",
             extra={"pool": view.key, "model": model_id, "action": action.value},
         )
-        if action is PreloadAction.LOAD:
-            await self._pool_call(
-                view.node_id,
-                view.pool_id,
-                "PreloadPool",
-                poolmanager_pb2.PreloadPoolRequest(pool_id=view.pool_id, model_id=model_id),
+        if action is not PreloadAction.NONE:
+            # An unloaded or failed pool is loaded; one holding another model is reloaded.
+            load = action is PreloadAction.LOAD
+            request_type = (
+                poolmanager_pb2.PreloadPoolRequest if load else poolmanager_pb2.ReloadPoolRequest
             )
-        elif action is PreloadAction.SWAP:
             await self._pool_call(
                 view.node_id,
                 view.pool_id,
-                "ReloadPool",
-                poolmanager_pb2.ReloadPoolRequest(pool_id=view.pool_id, model_id=model_id),
+                "PreloadPool" if load else "ReloadPool",
+                request_type(pool_id=view.pool_id, model_id=model_id),
             )
         return view, action, previous
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import grpc
 from llorch.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 
+from catalog.servicer import gc_policy_from_pb
 from mesh import logs
 from mesh.errors import FailedPreconditionError, from_rpc_error
 from provisioners.gc import Disk, GcPlan, GcPolicy, GcReplica, plan_gc
@@ -104,14 +105,7 @@ class GarbageCollector:
         answer = await self._catalog.GetGcPolicy(
             catalog_pb2.GetGcPolicyRequest(node_id=self._node_id), timeout=_CALL_TIMEOUT_S
         )
-        p = answer.policy
-        policy = GcPolicy(
-            max_disk_usage_pct=p.max_disk_usage_pct,
-            min_free_bytes=p.min_free_bytes,
-            keep_active=p.keep_active,
-            keep_used_within_days=p.keep_used_within_days,
-            delete_retired_after_days=p.delete_retired_after_days,
-        )
+        policy = gc_policy_from_pb(answer.policy)
         replicas: list[GcReplica] = []
         # Every path any record names, of any node: a store shared by two node ids (or files
         # pulled under another node id) must never look unknown.

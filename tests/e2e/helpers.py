@@ -114,6 +114,18 @@ def start_llorch(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen
     return proc, line.split()[3]
 
 
+def run_llorch(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Runs ``llorch <args>`` as a user would, to its end, with its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "mesh.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ},
+        check=False,
+    )
+
+
 async def register_model(mesh: Mesh, model_id: str, path: Path) -> None:
     """Registers a GGUF file of the mesh's node in its catalog."""
     channel = open_channel(mesh.catalog.address)

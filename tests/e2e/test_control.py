@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import grpc
@@ -19,7 +17,7 @@ from llorch.orchestrator.v1 import (
 from provisioners.tiny_model import DEFAULT_MODEL_ID as MODEL
 from provisioners.tiny_model import TinyModelSpec, write_tiny_model
 from tests.conftest import Mesh
-from tests.e2e.helpers import collect, error_details, generate_request, register_model
+from tests.e2e.helpers import collect, error_details, generate_request, register_model, run_llorch
 
 LONG = 30_000
 
@@ -100,54 +98,55 @@ async def test_drain_ends_running_work_at_the_deadline_and_resume_serves_the_que
     assert done.kinds[-1] == "finished"
 
 
-def _llorch(*args: str, address: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "mesh.cli", *args, "--orchestrator", address],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ},
-        check=False,
-    )
-
-
 async def test_operator_commands(mesh: Mesh) -> None:
     node = mesh.pool_manager.manager.node_id
-    listed = await asyncio.to_thread(_llorch, "pools", "list", address=mesh.address)
+    listed = await asyncio.to_thread(run_llorch, "pools", "list", "--orchestrator", mesh.address)
     assert listed.returncode == 0, listed.stderr
     assert f"{node}/cpu-0" in listed.stdout and "tiny-llama" in listed.stdout
     drained = await asyncio.to_thread(
-        _llorch, "pools", "drain", f"{node}/cpu-0", "--deadline", "1", address=mesh.address
+        run_llorch,
+        "pools",
+        "drain",
+        f"{node}/cpu-0",
+        "--deadline",
+        "1",
+        "--orchestrator",
+        mesh.address,
     )
     assert drained.returncode == 0, drained.stderr
     assert "drained" in drained.stdout
     resumed = await asyncio.to_thread(
-        _llorch, "pools", "resume", f"{node}/cpu-0", address=mesh.address
+        run_llorch, "pools", "resume", f"{node}/cpu-0", "--orchestrator", mesh.address
     )
     assert resumed.returncode == 0 and "drained" not in resumed.stdout
     reloaded = await asyncio.to_thread(
-        _llorch,
+        run_llorch,
         "pools",
         "reload",
         f"{node}/cpu-0",
         "tiny-llama",
         "--deadline",
         "1",
-        address=mesh.address,
+        "--orchestrator",
+        mesh.address,
     )
     assert reloaded.returncode == 0, reloaded.stderr
     assert "ready" in reloaded.stdout
     preloaded = await asyncio.to_thread(
-        _llorch, "pools", "preload", "tiny-llama", address=mesh.address
+        run_llorch, "pools", "preload", "tiny-llama", "--orchestrator", mesh.address
     )
     assert preloaded.returncode == 0 and f"{node}/cpu-0" in preloaded.stdout, preloaded.stderr
-    unknown = await asyncio.to_thread(_llorch, "pools", "preload", "no-such", address=mesh.address)
+    unknown = await asyncio.to_thread(
+        run_llorch, "pools", "preload", "no-such", "--orchestrator", mesh.address
+    )
     assert unknown.returncode == 1 and "NOT_FOUND" in unknown.stderr
-    missing = await asyncio.to_thread(_llorch, "pools", "drain", "x/y", address=mesh.address)
+    missing = await asyncio.to_thread(
+        run_llorch, "pools", "drain", "x/y", "--orchestrator", mesh.address
+    )
     assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
     done = await collect(mesh.stub.Generate(generate_request(max_tokens=2)))
     task = await asyncio.to_thread(
-        _llorch, "tasks", "get", done.events[0].task_id, address=mesh.address
+        run_llorch, "tasks", "get", done.events[0].task_id, "--orchestrator", mesh.address
     )
     assert task.returncode == 0, task.stderr
     assert '"state": "TASK_STATE_SUCCEEDED"' in task.stdout

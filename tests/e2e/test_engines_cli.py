@@ -5,24 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from tests.conftest import Mesh
-
-
-def _llorch(*args: str, catalog: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "mesh.cli", *args, "--catalog", catalog],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ},
-        check=False,
-    )
+from tests.e2e.helpers import run_llorch
 
 
 @pytest.mark.parametrize("mesh", ["grpc"], indirect=True)
@@ -31,14 +18,14 @@ async def test_engines_check_records_the_engine_and_says_a_gpu_pool_needs_cuda(
 ) -> None:
     address = mesh.catalog.address
     checked = await asyncio.to_thread(
-        _llorch, "engines", "check", "--node-id", "node-a", catalog=address
+        run_llorch, "engines", "check", "--node-id", "node-a", "--catalog", address
     )
     assert checked.returncode == 0, checked.stderr
     assert "node-a" in checked.stdout and "llama-cpp-python" in checked.stdout
     assert "cpu" in checked.stdout
     # This machine's engine is a CPU build: the note says how to get one for GPU pools.
     assert "built for the CPU only" in checked.stderr and "-DGGML_CUDA=on" in checked.stderr
-    listed = await asyncio.to_thread(_llorch, "engines", "list", "--json", catalog=address)
+    listed = await asyncio.to_thread(run_llorch, "engines", "list", "--json", "--catalog", address)
     assert listed.returncode == 0, listed.stderr
     engines = json.loads(listed.stdout)
     assert [(e["nodeId"], e["backend"]) for e in engines] == [("node-a", "cpu")]

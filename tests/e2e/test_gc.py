@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,7 +17,7 @@ from llorch.poolmanager.v1 import poolmanager_pb2, poolmanager_pb2_grpc
 
 from provisioners.tiny_model import TinyModelSpec, write_tiny_model
 from tests.conftest import Mesh, start_mesh, stop_mesh
-from tests.e2e.helpers import register_model
+from tests.e2e.helpers import register_model, run_llorch
 
 
 @pytest.fixture
@@ -123,18 +121,8 @@ async def test_policy_and_gc_commands(gc_mesh: tuple[Mesh, Path]) -> None:
     old = write_tiny_model(store / "old.gguf", TinyModelSpec(40))
     await register_model(mesh, "old", old)
 
-    def llorch(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "mesh.cli", *args],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={**os.environ},
-            check=False,
-        )
-
     shown = await asyncio.to_thread(
-        llorch,
+        run_llorch,
         "gc",
         "policy",
         "--catalog",
@@ -146,7 +134,7 @@ async def test_policy_and_gc_commands(gc_mesh: tuple[Mesh, Path]) -> None:
     )
     assert shown.returncode == 1 and "policy.max_disk_usage_pct" in shown.stderr
     shown = await asyncio.to_thread(
-        llorch,
+        run_llorch,
         "gc",
         "policy",
         "--catalog",
@@ -162,12 +150,12 @@ async def test_policy_and_gc_commands(gc_mesh: tuple[Mesh, Path]) -> None:
     assert '"keep_active": false' in shown.stdout and '"keep_used_within_days": 0.0' in shown.stdout
     # Now the disk is "full" by the policy: the unused, unpinned, not-in-use file goes.
     dry = await asyncio.to_thread(
-        llorch, "gc", "--dry-run", "--pool-manager", mesh.pool_manager.address
+        run_llorch, "gc", "--dry-run", "--pool-manager", mesh.pool_manager.address
     )
     assert dry.returncode == 0, dry.stderr
     assert (
         "would delete" in dry.stdout and "old.gguf" in dry.stdout and "disk pressure" in dry.stdout
     )
     assert old.exists()
-    real = await asyncio.to_thread(llorch, "gc", "--pool-manager", mesh.pool_manager.address)
+    real = await asyncio.to_thread(run_llorch, "gc", "--pool-manager", mesh.pool_manager.address)
     assert real.returncode == 0 and "deleted" in real.stdout and not old.exists()

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +15,13 @@ from llorch.orchestrator.v1 import control_pb2, control_pb2_grpc
 
 from provisioners.tiny_model import TinyModelSpec, write_tiny_model
 from tests.conftest import Mesh, start_mesh, stop_mesh
-from tests.e2e.helpers import collect, error_details, generate_request, register_model
+from tests.e2e.helpers import (
+    collect,
+    error_details,
+    generate_request,
+    register_model,
+    run_llorch,
+)
 
 
 def control(mesh: Mesh) -> control_pb2_grpc.ControlServiceStub:
@@ -93,22 +97,7 @@ async def test_the_file_goes_with_the_next_collection(tmp_path: Path, tiny_model
         hour_ago = time.time() - 3600  # past the store's grace period for unknown files
         os.utime(old, (hour_ago, hour_ago))
         removed = await asyncio.to_thread(
-            subprocess.run,
-            [
-                sys.executable,
-                "-m",
-                "mesh.cli",
-                "models",
-                "rm",
-                "old",
-                "--orchestrator",
-                mesh.address,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={**os.environ},
-            check=False,
+            run_llorch, "models", "rm", "old", "--orchestrator", mesh.address
         )
         assert removed.returncode == 0, removed.stderr
         assert "old: deleted" in removed.stdout and f"forgot local:{old}" in removed.stdout

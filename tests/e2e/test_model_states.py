@@ -4,9 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import time
 
 import grpc
@@ -14,18 +11,7 @@ import pytest
 from llorch.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 
 from tests.conftest import Mesh
-from tests.e2e.helpers import collect, error_details, generate_request
-
-
-def _llorch(*args: str, catalog: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "mesh.cli", *args, "--catalog", catalog],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ},
-        check=False,
-    )
+from tests.e2e.helpers import collect, error_details, generate_request, run_llorch
 
 
 async def test_a_retired_model_takes_no_new_tasks_and_running_ones_finish(
@@ -70,24 +56,34 @@ async def test_a_retired_model_takes_no_new_tasks_and_running_ones_finish(
 @pytest.mark.parametrize("mesh", ["grpc"], indirect=True)
 async def test_model_state_commands(mesh: Mesh) -> None:
     address = mesh.catalog.address
-    retired = await asyncio.to_thread(_llorch, "models", "retire", "tiny-llama", catalog=address)
+    retired = await asyncio.to_thread(
+        run_llorch, "models", "retire", "tiny-llama", "--catalog", address
+    )
     assert retired.returncode == 0, retired.stderr
     assert retired.stdout.strip() == "tiny-llama: retired"
-    pinned = await asyncio.to_thread(_llorch, "models", "pin", "tiny-llama", catalog=address)
+    pinned = await asyncio.to_thread(
+        run_llorch, "models", "pin", "tiny-llama", "--catalog", address
+    )
     assert pinned.stdout.strip() == "tiny-llama: retired, pinned"
     listed = await asyncio.to_thread(
-        _llorch, "models", "list", "--state", "retired", "--json", catalog=address
+        run_llorch, "models", "list", "--state", "retired", "--json", "--catalog", address
     )
     assert listed.returncode == 0, listed.stderr
     assert '"model_id": "tiny-llama"' in listed.stdout and '"pinned": true' in listed.stdout
     active = await asyncio.to_thread(
-        _llorch, "models", "list", "--state", "active", "--json", catalog=address
+        run_llorch, "models", "list", "--state", "active", "--json", "--catalog", address
     )
     assert active.stdout.strip() == "[]"
-    back = await asyncio.to_thread(_llorch, "models", "activate", "tiny-llama", catalog=address)
-    unpinned = await asyncio.to_thread(_llorch, "models", "unpin", "tiny-llama", catalog=address)
+    back = await asyncio.to_thread(
+        run_llorch, "models", "activate", "tiny-llama", "--catalog", address
+    )
+    unpinned = await asyncio.to_thread(
+        run_llorch, "models", "unpin", "tiny-llama", "--catalog", address
+    )
     assert back.returncode == 0 and unpinned.stdout.strip() == "tiny-llama: active"
-    missing = await asyncio.to_thread(_llorch, "models", "retire", "no-such", catalog=address)
+    missing = await asyncio.to_thread(
+        run_llorch, "models", "retire", "no-such", "--catalog", address
+    )
     assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
 
 

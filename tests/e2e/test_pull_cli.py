@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import os
 import random
 import signal
 import subprocess
@@ -20,19 +19,8 @@ from llorch.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 
 from provisioners.tiny_model import TinyModelSpec, write_tiny_model
 from tests.conftest import Mesh
-from tests.e2e.helpers import collect, generate_request
+from tests.e2e.helpers import collect, generate_request, run_llorch
 from tests.provisioners.model_server import ModelServer
-
-
-def _llorch(*args: str, catalog: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "mesh.cli", *args, "--catalog", catalog],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ},
-        check=False,
-    )
 
 
 @pytest.mark.parametrize("mesh", ["grpc"], indirect=True)
@@ -44,7 +32,7 @@ async def test_pull_registers_the_file_and_the_mesh_serves_it(mesh: Mesh, tmp_pa
     try:
         url = f"{server.url}/drop/Other-Llama.gguf"  # the first transfer breaks halfway
         pulled = await asyncio.to_thread(
-            _llorch,
+            run_llorch,
             "models",
             "pull",
             url,
@@ -52,13 +40,14 @@ async def test_pull_registers_the_file_and_the_mesh_serves_it(mesh: Mesh, tmp_pa
             str(store),
             "--node-id",
             node,
-            catalog=mesh.catalog.address,
+            "--catalog",
+            mesh.catalog.address,
         )
         assert pulled.returncode == 0, pulled.stderr
         assert pulled.stdout.startswith("other-llama: ")
         assert "B/s" in pulled.stderr or "iB" in pulled.stderr  # the progress bar
         bad = await asyncio.to_thread(
-            _llorch,
+            run_llorch,
             "models",
             "pull",
             f"{server.url}/Other-Llama.gguf",
@@ -68,7 +57,8 @@ async def test_pull_registers_the_file_and_the_mesh_serves_it(mesh: Mesh, tmp_pa
             "0" * 64,
             "--store",
             str(store),
-            catalog=mesh.catalog.address,
+            "--catalog",
+            mesh.catalog.address,
         )
         assert bad.returncode == 1 and "SHA256_MISMATCH" in bad.stderr
     finally:
@@ -91,7 +81,7 @@ async def test_pull_registers_the_file_and_the_mesh_serves_it(mesh: Mesh, tmp_pa
     server = ModelServer({"Other-Llama.gguf": data}).start()
     try:
         again = await asyncio.to_thread(
-            _llorch,
+            run_llorch,
             "models",
             "pull",
             f"{server.url}/Other-Llama.gguf",
@@ -101,7 +91,8 @@ async def test_pull_registers_the_file_and_the_mesh_serves_it(mesh: Mesh, tmp_pa
             str(store),
             "--node-id",
             node,
-            catalog=mesh.catalog.address,
+            "--catalog",
+            mesh.catalog.address,
         )
     finally:
         server.stop()
@@ -110,7 +101,7 @@ async def test_pull_registers_the_file_and_the_mesh_serves_it(mesh: Mesh, tmp_pa
     try:
         same_ref = f"{server.url}/drop/Other-Llama.gguf"
         restored = await asyncio.to_thread(
-            _llorch,
+            run_llorch,
             "models",
             "pull",
             same_ref,
@@ -120,7 +111,8 @@ async def test_pull_registers_the_file_and_the_mesh_serves_it(mesh: Mesh, tmp_pa
             str(store),
             "--node-id",
             node,
-            catalog=mesh.catalog.address,
+            "--catalog",
+            mesh.catalog.address,
         )
     finally:
         server.stop()
