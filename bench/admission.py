@@ -7,9 +7,11 @@ tiny-llama, and a 32k-context copy of it), then runs client processes that each 
 - ``queueing``: one long generation holds the 32k pool and every submitted task waits behind
   it, so the figure is admission alone, with a queue growing to thousands;
 - ``serving``: one-token tasks for tiny-llama, which its pool runs meanwhile, so the same
-  process also places, relays and finishes tasks.
+  process also places, relays and finishes tasks;
+- ``batched``: as ``queueing``, but each call is a SubmitTasks of ``--batch`` tasks (the path
+  for clients with many tasks at once: one round trip and one journal commit per batch).
 
-Counts accepted submissions per second over the measured window and prints them beside the
+Counts accepted tasks per second over the measured window and prints them beside the
 targets (ours: 3,000/s; the seed's: 1,000/s) as ratios, then one line of JSON. The baseline in
 the same run: GetTask (a unary RPC on the same server through the same interceptors, admitting
 nothing) at the same concurrency, which bounds what any RPC reaches on this machine.
@@ -61,10 +63,13 @@ def start_orchestrator(data_dir: Path, journal: bool) -> tuple[subprocess.Popen[
     )
 
 
-async def _drive(address: str, kind: str, concurrency: int, start_at: float, stop_at: float) -> int:
-    """Keeps ``concurrency`` calls in flight until ``stop_at``; counts those done after start."""
+async def _drive(
+    address: str, kind: str, concurrency: int, start_at: float, stop_at: float, batch: int
+) -> int:
+    """Keeps ``concurrency`` calls in flight until ``stop_at``; counts the tasks they admitted
+    (or the GetTask calls they made) after ``start_at``."""
     request = orchestrator_pb2.SubmitTaskRequest(
-        model_id=LONG_MODEL if kind == "queueing" else "tiny-llama",
+        model_id="tiny-llama" if kind == "serving" else LONG_MODEL,
         prompt="Hi",
         priority=common_pb2.PRIORITY_BATCH,
         sampling=common_pb2.SamplingParams(max_tokens=1),
@@ -73,33 +78,42 @@ async def _drive(address: str, kind: str, concurrency: int, start_at: float, sto
         stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
         probe = await stub.SubmitTask(request)
         get = orchestrator_pb2.GetTaskRequest(task_id=probe.task_id)
+        many = orchestrator_pb2.SubmitTasksRequest(requests=[request] * batch)
         done = 0
 
         async def loop() -> None:
             nonlocal done
             while time.time() < stop_at:
+                count = 1
                 if kind == "get":
                     await stub.GetTask(get)
+                elif kind == "batched":
+                    response = await stub.SubmitTasks(many)
+                    count = sum(1 for r in response.results if r.HasField("task"))
                 else:
                     await stub.SubmitTask(request)
                 if time.time() >= start_at:
-                    done += 1
+                    done += count
 
         await asyncio.gather(*(loop() for _ in range(concurrency)))
         return done
 
 
-def _client(args: tuple[str, str, int, float, float]) -> int:
+def _client(args: tuple[str, str, int, float, float, int]) -> int:
     return asyncio.run(_drive(*args))
 
 
-def measure(address: str, kind: str, clients: int, concurrency: int, seconds: float) -> float:
-    """Calls per second of ``kind`` over ``seconds`` (after a 1 s warm-up)."""
+def measure(
+    address: str, kind: str, clients: int, concurrency: int, seconds: float, batch: int = 1
+) -> float:
+    """Tasks admitted (or calls made) per second of ``kind`` over ``seconds``, after a warm-up."""
     start_at = time.time() + 1.5  # client processes start, then warm up
     stop_at = start_at + seconds
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(clients) as pool:
-        counts = pool.map(_client, [(address, kind, concurrency, start_at, stop_at)] * clients)
+        counts = pool.map(
+            _client, [(address, kind, concurrency, start_at, stop_at, batch)] * clients
+        )
     return sum(counts) / seconds
 
 
@@ -108,6 +122,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--clients", type=int, default=2, help="client processes")
     parser.add_argument("--concurrency", type=int, default=32, help="calls in flight per client")
+    parser.add_argument(
+        "--batch", type=int, default=100, help="tasks per SubmitTasks call (batched case)"
+    )
+    parser.add_argument(
+        "--batch-concurrency", type=int, default=4, help="SubmitTasks calls in flight per client"
+    )
     parser.add_argument("--no-journal", action="store_true", help="run without the task journal")
     parser.add_argument("--hog", metavar="ADDRESS", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -126,6 +146,14 @@ def main() -> None:
                 rates["queueing"] = measure(
                     address, "queueing", args.clients, args.concurrency, args.seconds
                 )
+                rates["batched"] = measure(
+                    address,
+                    "batched",
+                    args.clients,
+                    args.batch_concurrency,
+                    args.seconds,
+                    args.batch,
+                )
             finally:
                 holder.kill()
                 holder.wait()
@@ -138,10 +166,11 @@ def main() -> None:
         "clients": args.clients,
         "concurrency": args.concurrency,
         "seconds": args.seconds,
+        "batch": args.batch,
     }
-    print(f"{'case':<10} {'calls/s':>9} {'vs GetTask':>11} {'vs 3,000/s':>11} {'vs 1,000/s':>11}")
+    print(f"{'case':<10} {'tasks/s':>9} {'vs GetTask':>11} {'vs 3,000/s':>11} {'vs 1,000/s':>11}")
     print(f"{'GetTask':<10} {baseline:>9.1f}")
-    for case in ("queueing", "serving"):
+    for case in ("queueing", "serving", "batched"):
         rate = rates[case]
         figures = {
             "admissions_per_s": round(rate, 1),

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -22,6 +21,7 @@ from grpc_interceptor import AsyncServerInterceptor
 
 from mesh import logs
 from mesh.errors import LlorchError
+from mesh.ids import random_id
 
 CORRELATION_HEADER = "x-correlation-id"
 _CORRELATION_RE = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
@@ -30,7 +30,7 @@ _log = logs.get_logger("rpc")
 
 def new_correlation_id() -> str:
     """A fresh correlation id."""
-    return uuid.uuid4().hex
+    return random_id()
 
 
 def correlation_from_metadata(metadata: Any) -> str:

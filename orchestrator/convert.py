@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import secrets
+import random
 from typing import Protocol
 
 from llorch.common.v1 import common_pb2
@@ -87,7 +87,8 @@ def spec_from_pb(
     top_p = s.top_p if s.HasField("top_p") else DEFAULT_TOP_P
     top_k = s.top_k if s.HasField("top_k") else DEFAULT_TOP_K
     check_sampling(temperature, top_p, top_k, s.stop)
-    seed = s.seed if s.HasField("seed") else secrets.randbits(32)
+    # A sampling seed is no secret: the fast generator will do (os.urandom per task showed).
+    seed = s.seed if s.HasField("seed") else random.getrandbits(32)
     spec = TaskSpec(
         model_id=model_id,
         prompt=request.prompt,

@@ -17,11 +17,11 @@ same message boundaries the live stream had, up to the last commit before a cras
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,7 +79,8 @@ class _Write:
     sql: str
     args: tuple[Any, ...]
     """Parameters; a callable among them is called on the writer thread (deferred encoding)."""
-    done: Callable[[], None] | None = None
+    committed: asyncio.Future[None] | None = None
+    """Resolved on its event loop once the write is committed (or has failed, logged)."""
 
 
 class Journal:
@@ -118,12 +119,7 @@ class Journal:
 
         ``urgent``: the caller awaits the future, so commit now rather than within flush_s.
         """
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-
-        def done() -> None:
-            loop.call_soon_threadsafe(_resolve, future)
-
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._seq += 1
         self._pending.put(
             _Write(
@@ -138,12 +134,16 @@ class Journal:
                     row.deadline_unix_s,
                     row.state,
                 ),
-                done,
+                future,
             )
         )
         if urgent:
             self._urgent.set()
         return future
+
+    def commit_now(self) -> None:
+        """Commits what is pending without waiting for the flush interval."""
+        self._urgent.set()
 
     def record_start(self, task_id: str, pool_id: str, node_id: str) -> None:
         """The task started on a pool."""
@@ -248,9 +248,12 @@ class Journal:
     def _commit(self, writes: list[_Write]) -> None:
         try:
             self._conn.execute("BEGIN")
-            for write in writes:
-                args = tuple(a() if callable(a) else a for a in write.args)
-                self._conn.execute(write.sql, args)
+            # Runs of the same statement (a batch of new tasks, a stream of tokens) go to
+            # SQLite in one executemany: one Python call per run rather than per record.
+            for sql, run in itertools.groupby(writes, key=lambda w: w.sql):
+                self._conn.executemany(
+                    sql, [tuple(a() if callable(a) else a for a in w.args) for w in run]
+                )
             self._conn.execute("COMMIT")
             self.commits += 1
         except sqlite3.Error:
@@ -259,14 +262,22 @@ class Journal:
             _log.exception("journal write failed; %d records not saved", len(writes))
             if self._conn.in_transaction:
                 self._conn.execute("ROLLBACK")
+        # One wake-up of each waiting event loop per commit, not one per record.
+        waiting: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
         for write in writes:
-            if write.done is not None:
-                write.done()
+            if write.committed is not None:
+                waiting.setdefault(write.committed.get_loop(), []).append(write.committed)
+        for loop, futures in waiting.items():
+            try:
+                loop.call_soon_threadsafe(_resolve, futures)
+            except RuntimeError:
+                pass  # that loop has closed: nobody waits any more
 
 
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
+def _resolve(futures: list[asyncio.Future[None]]) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_result(None)
 
 
 def spec_to_json(spec: TaskSpec) -> dict[str, Any]:

@@ -68,6 +68,7 @@ class PoolRegistry:
         self._drained: set[str] = set()  # pools an operator took out of placement
         # Pools whose model is being changed (by an operator, or on demand), and to what.
         self._changing: dict[str, str] = {}
+        self._views: tuple[PoolView, ...] | None = None  # built by views(); None when stale
         self._on_change: Callable[[], None] = lambda: None
 
     async def start(self, on_change: Callable[[], None]) -> None:
@@ -88,7 +89,13 @@ class PoolRegistry:
                 await node.channel.close()
 
     def views(self) -> tuple[PoolView, ...]:
-        """Every known pool, as placement sees it."""
+        """Every known pool, as placement sees it. Built again only after something changed:
+        admission asks for it several times per task."""
+        if self._views is None:
+            self._views = self._build_views()
+        return self._views
+
+    def _build_views(self) -> tuple[PoolView, ...]:
         out: list[PoolView] = []
         for node in self._nodes:
             for pool in node.pools:
@@ -123,10 +130,12 @@ class PoolRegistry:
     def acquire(self, pool: PoolView) -> None:
         """Counts a slot of ``pool`` as filled."""
         self._in_flight[pool.key] = self._in_flight.get(pool.key, 0) + 1
+        self._views = None
 
     def release(self, pool: PoolView) -> None:
         """Frees a slot filled by ``acquire``."""
         self._in_flight[pool.key] = max(0, self._in_flight.get(pool.key, 0) - 1)
+        self._views = None
 
     def stub(self, node_id: str) -> Any:
         """The stub of a node's pool manager."""
@@ -141,6 +150,7 @@ class PoolRegistry:
             self._drained.add(key)
         else:
             self._drained.discard(key)
+        self._views = None
 
     def set_changing(self, key: str, model_id: str | None) -> None:
         """Marks the pool ``node/pool`` as loading ``model_id`` (placement sees it loading that
@@ -149,6 +159,7 @@ class PoolRegistry:
             self._changing[key] = model_id
         else:
             self._changing.pop(key, None)
+        self._views = None
         self._on_change()
 
     def changing(self, key: str) -> bool:
@@ -161,6 +172,7 @@ class PoolRegistry:
         for node in self._nodes:
             if node.node_id == node_id:
                 node.pools = tuple(pool if p.pool_id == pool.pool_id else p for p in node.pools)
+                self._views = None
                 self._on_change()
                 return
 
@@ -214,6 +226,7 @@ class PoolRegistry:
         if node.reachable:
             _log.warning("pool manager %s lost (%s)", node.address, reason)
             node.reachable = False
+            self._views = None
             self._on_change()
 
     def _apply(self, node: _Node, state: poolmanager_pb2.Node) -> None:
@@ -233,6 +246,7 @@ class PoolRegistry:
                 node.conflict = True
                 node.reachable = False
                 node.pools = ()
+                self._views = None
                 self._on_change()
             return
         node.conflict = False
@@ -244,5 +258,6 @@ class PoolRegistry:
         node.node_id = node_id
         node.pools = pools
         node.reachable = True
+        self._views = None  # the VRAM figures at least
         if changed:
             self._on_change()

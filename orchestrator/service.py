@@ -14,7 +14,6 @@ import functools
 import heapq
 import math
 import time
-import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
@@ -41,6 +40,7 @@ from mesh.errors import (
     error_to_dict,
     from_rpc_error,
 )
+from mesh.ids import random_id
 from mesh.interceptors import CORRELATION_HEADER
 from mesh.settings import OrchestratorSettings
 from orchestrator.admission import AdmissionQueue, DrainMeter, QueueFullError, WhenFull
@@ -70,6 +70,10 @@ from orchestrator.tasks import (
 )
 
 _log = logs.get_logger("orchestrator")
+
+_VIEWS_FRESH_S = 0.005
+"""How long pool views with their slot ETAs are reused while no pool changes (ETAs are
+estimates in ms; 5 ms of age changes no decision)."""
 
 
 class ExecuteCall(Protocol):
@@ -102,6 +106,7 @@ class Orchestrator:
         self._wall_clock = wall_clock
         self._catalog = catalog
         self._registry = registry
+        self._views_cache: tuple[tuple[PoolView, ...], float, list[PoolView]] | None = None
         self._clock = clock
         self._queue = AdmissionQueue(
             settings.queue_capacity,
@@ -185,16 +190,69 @@ class Orchestrator:
     ) -> Task:
         """Admits a task: checks it against the model and the queue, then enqueues it.
 
+        ``durable``: return only once the task is journaled, so a restart would not lose it.
+
         Raises:
             NotFoundError: the model is not in the catalog.
             FailedPreconditionError: the model is retired, or no pool serves it.
             InvalidArgumentError: max_tokens exceeds the model's context.
             ResourceExhaustedError: the queue is full (retriable, with a delay).
         """
+        task, committed = await self._admit(
+            spec, correlation_id=correlation_id, timeout_s=timeout_s, commit_now=durable
+        )
+        if durable and committed is not None:
+            # The caller is told the task exists only once a restart would not lose it.
+            await committed
+        return task
+
+    async def submit_many(
+        self, specs: list[TaskSpec | LlorchError], *, correlation_id: str
+    ) -> list[Task | LlorchError]:
+        """Admits tasks in order, each as a durable ``submit`` without a deadline would.
+
+        An entry of ``specs`` may already be the error that refused its request (a bad field);
+        it is passed through. Each result is the admitted task or the error that refused it.
+        Returns once every admitted task is journaled: all of them in as few commits as the
+        journal needs, rather than one commit wait per task.
+        """
+        results: list[Task | LlorchError] = []
+        commits: list[asyncio.Future[None]] = []
+        for spec in specs:
+            if isinstance(spec, LlorchError):
+                results.append(spec)
+                continue
+            try:
+                task, committed = await self._admit(
+                    spec, correlation_id=correlation_id, timeout_s=None, commit_now=False
+                )
+            except LlorchError as err:
+                results.append(err)
+                continue
+            results.append(task)
+            if committed is not None:
+                commits.append(committed)
+        if commits and self._journal is not None:
+            self._journal.commit_now()
+            await asyncio.gather(*commits)
+        return results
+
+    async def _admit(
+        self,
+        spec: TaskSpec,
+        *,
+        correlation_id: str,
+        timeout_s: float | None,
+        commit_now: bool,
+    ) -> tuple[Task, asyncio.Future[None] | None]:
+        """Admits a task (see ``submit``); returns it and the future of its journal commit
+        (None without a journal, or when an earlier submission with its request id is returned).
+        ``commit_now``: commit at once rather than within the journal's flush interval.
+        """
         if spec.request_id and spec.request_id in self._by_request_id:
             existing = self._tasks.get(self._by_request_id[spec.request_id])
             if existing is not None:
-                return existing
+                return existing, None
         info = await self._catalog.model_info(spec.model_id)
         if not info.active:
             raise FailedPreconditionError(
@@ -218,10 +276,10 @@ class Orchestrator:
             spec = replace(spec, sampling=replace(spec.sampling, max_tokens=max(1, limit - 1)))
         if spec.request_id and spec.request_id in self._by_request_id:
             # A submission with the same key won the race while the catalog answered.
-            return self.get(self._by_request_id[spec.request_id])
+            return self.get(self._by_request_id[spec.request_id]), None
         now = self._clock()
         task = Task(
-            uuid.uuid4().hex,
+            random_id(),
             spec,
             correlation_id=correlation_id,
             created=now,
@@ -250,7 +308,7 @@ class Orchestrator:
                 "task dropped from the full queue", extra={"task_id": admitted.dropped.task_id}
             )
         self._tasks[task.task_id] = task
-        committed = self._journal_new(task, urgent=durable)
+        committed = self._journal_new(task, urgent=commit_now)
         if task.deadline is not None:
             self._arrivals += 1
             heapq.heappush(self._deadlines, (task.deadline, self._arrivals, task))
@@ -283,10 +341,7 @@ class Orchestrator:
                 "position": position,
             },
         )
-        if durable and committed is not None:
-            # The caller is told the task exists only once a restart would not lose it.
-            await committed
-        return task
+        return task, committed
 
     def get(self, task_id: str) -> Task:
         """A task by id; NotFoundError when unknown or expired."""
@@ -641,8 +696,17 @@ class Orchestrator:
                 _log.exception("dispatch pass failed")
 
     def _views(self, now: float) -> list[PoolView]:
+        """Every pool with the ETA of its next free slot. Reused while no pool changed and for
+        at most ``_VIEWS_FRESH_S``: a batch of submissions would otherwise build it per task.
+        Callers must not modify the list."""
+        pools = self._registry.views()
+        cached = self._views_cache
+        if cached is not None and cached[0] is pools and 0 <= now - cached[1] < _VIEWS_FRESH_S:
+            return cached[2]
         etas = self._pool_etas_ms(now)
-        return [replace(v, eta_free_ms=etas.get(v.key, 0)) for v in self._registry.views()]
+        views = [replace(v, eta_free_ms=etas.get(v.key, 0)) for v in pools]
+        self._views_cache = (pools, now, views)
+        return views
 
     @staticmethod
     def _open_models(views: Iterable[PoolView]) -> set[str] | None:
@@ -1166,7 +1230,7 @@ class Orchestrator:
         spec = task.spec
         s = spec.sampling
         request = poolmanager_pb2.ExecuteRequest(
-            execution_id=uuid.uuid4().hex,
+            execution_id=random_id(),
             task_id=task.task_id,
             pool_id=pool.pool_id,
             model_id=spec.model_id,

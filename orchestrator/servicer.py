@@ -8,13 +8,13 @@ import grpc
 from llorch.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 from mesh import logs
-from mesh.errors import InvalidArgumentError
+from mesh.errors import InvalidArgumentError, LlorchError
 from mesh.ids import check_name
 from mesh.server import ServiceBinding
 from mesh.settings import OrchestratorSettings
 from orchestrator import convert
 from orchestrator.service import Orchestrator
-from orchestrator.tasks import Failed, Task
+from orchestrator.tasks import Failed, Task, TaskSpec
 
 SERVICE_NAME = orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"].full_name
 
@@ -58,6 +58,37 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             predicted_start_ms=task.predicted_start_ms,
         )
 
+    async def SubmitTasks(
+        self, request: orchestrator_pb2.SubmitTasksRequest, context: grpc.aio.ServicerContext
+    ) -> orchestrator_pb2.SubmitTasksResponse:
+        if not request.requests:
+            raise InvalidArgumentError("requests", "is empty; give at least one task")
+        if len(request.requests) > MAX_BATCH:
+            raise InvalidArgumentError(
+                "requests", f"has {len(request.requests)} tasks; at most {MAX_BATCH} per call"
+            )
+        tenant = _tenant(context)
+        specs: list[TaskSpec | LlorchError] = []
+        for one in request.requests:
+            try:
+                specs.append(self._spec(one, one.request_id, tenant))
+            except LlorchError as err:
+                specs.append(err)
+        results = await self._orch.submit_many(specs, correlation_id=logs.correlation_id.get())
+        response = orchestrator_pb2.SubmitTasksResponse()
+        for i, result in enumerate(results):
+            if isinstance(result, Task):
+                response.results.add(
+                    task=orchestrator_pb2.SubmitTaskResponse(
+                        task_id=result.task_id,
+                        queue_position=result.queue_position,
+                        predicted_start_ms=result.predicted_start_ms,
+                    )
+                )
+            else:
+                response.results.add(error=_in_batch(result, i).to_rpc_status())
+        return response
+
     async def StreamTask(
         self, request: orchestrator_pb2.StreamTaskRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[orchestrator_pb2.StreamTaskResponse]:
@@ -87,13 +118,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         *,
         durable: bool = False,
     ) -> Task:
-        spec = convert.spec_from_pb(
-            request,
-            request_id=request_id,
-            max_prompt_bytes=self._settings.max_prompt_bytes,
-            default_max_tokens=self._settings.default_max_tokens,
-            tenant=_tenant(context),
-        )
+        spec = self._spec(request, request_id, _tenant(context))
         task = await self._orch.submit(
             spec,
             correlation_id=logs.correlation_id.get(),
@@ -102,6 +127,15 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         )
         logs.task_id.set(task.task_id)
         return task
+
+    def _spec(self, request: convert.TaskRequest, request_id: str, tenant: str) -> TaskSpec:
+        return convert.spec_from_pb(
+            request,
+            request_id=request_id,
+            max_prompt_bytes=self._settings.max_prompt_bytes,
+            default_max_tokens=self._settings.default_max_tokens,
+            tenant=tenant,
+        )
 
 
 async def _events(task: Task, from_index: int) -> AsyncIterator[orchestrator_pb2.TaskEvent]:
@@ -124,6 +158,20 @@ def _tenant(context: grpc.aio.ServicerContext) -> str:
         if key == TENANT_HEADER:
             return check_name(str(value), TENANT_HEADER)
     return DEFAULT_TENANT
+
+
+MAX_BATCH = 1000
+"""Most tasks one SubmitTasks call takes."""
+
+
+def _in_batch(error: LlorchError, index: int) -> LlorchError:
+    """``error`` as refusing the request at ``index`` of a batch: its fields get the prefix."""
+    if isinstance(error, InvalidArgumentError):
+        description = error.field_violations[0][1] if error.field_violations else error.message
+        return InvalidArgumentError(
+            f"requests[{index}].{error.field}", description, reason=error.reason
+        )
+    return error
 
 
 def _task_id(value: str) -> str:

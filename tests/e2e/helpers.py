@@ -75,25 +75,29 @@ async def collect(call: Any) -> Collected:
 
 def error_details(err: grpc.aio.AioRpcError) -> dict[str, Any]:
     """ErrorInfo reason/retriable, RetryInfo delay and BadRequest fields of a failed call."""
-    found: dict[str, Any] = {"fields": []}
     for key, value in err.trailing_metadata() or ():
-        if key != "grpc-status-details-bin":
-            continue
-        status = status_pb2.Status.FromString(value)
-        for detail in status.details:
-            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                info = error_details_pb2.ErrorInfo()
-                detail.Unpack(info)
-                found["reason"] = info.reason
-                found["retriable"] = info.metadata["retriable"] == "true"
-            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-                retry = error_details_pb2.RetryInfo()
-                detail.Unpack(retry)
-                found["retry_delay_ms"] = retry.retry_delay.ToMilliseconds()
-            elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                bad = error_details_pb2.BadRequest()
-                detail.Unpack(bad)
-                found["fields"] = [v.field for v in bad.field_violations]
+        if key == "grpc-status-details-bin":
+            return status_details(status_pb2.Status.FromString(value))
+    return {"fields": []}
+
+
+def status_details(status: status_pb2.Status) -> dict[str, Any]:
+    """ErrorInfo reason/retriable, RetryInfo delay and BadRequest fields of a google.rpc.Status."""
+    found: dict[str, Any] = {"fields": []}
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            found["reason"] = info.reason
+            found["retriable"] = info.metadata["retriable"] == "true"
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            found["retry_delay_ms"] = retry.retry_delay.ToMilliseconds()
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            found["fields"] = [v.field for v in bad.field_violations]
     return found
 
 

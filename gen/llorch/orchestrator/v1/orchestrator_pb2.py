@@ -23,10 +23,11 @@ _sym_db = _symbol_database.Default()
 
 
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
+from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 from llorch.common.v1 import common_pb2 as llorch_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)llorch/orchestrator/v1/orchestrator.proto\x12\x16llorch.orchestrator.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1dllorch/common/v1/common.proto\"\x95\x01\n\x0fGenerateRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x32\n\x08sampling\x18\x03 \x01(\x0b\x32 .llorch.common.v1.SamplingParams\x12,\n\x08priority\x18\x04 \x01(\x0e\x32\x1a.llorch.common.v1.Priority\"D\n\x10GenerateResponse\x12\x30\n\x05\x65vent\x18\x01 \x01(\x0b\x32!.llorch.orchestrator.v1.TaskEvent\"\xab\x01\n\x11SubmitTaskRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x32\n\x08sampling\x18\x03 \x01(\x0b\x32 .llorch.common.v1.SamplingParams\x12,\n\x08priority\x18\x04 \x01(\x0e\x32\x1a.llorch.common.v1.Priority\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"Y\n\x12SubmitTaskResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x16\n\x0equeue_position\x18\x02 \x01(\r\x12\x1a\n\x12predicted_start_ms\x18\x03 \x01(\x04\"8\n\x11StreamTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x12\n\nfrom_index\x18\x02 \x01(\r\"F\n\x12StreamTaskResponse\x12\x30\n\x05\x65vent\x18\x01 \x01(\x0b\x32!.llorch.orchestrator.v1.TaskEvent\"\x98\x02\n\tTaskEvent\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x30\n\x06queued\x18\x02 \x01(\x0b\x32\x1e.llorch.orchestrator.v1.QueuedH\x00\x12\x32\n\x07started\x18\x03 \x01(\x0b\x32\x1f.llorch.orchestrator.v1.StartedH\x00\x12(\n\x05token\x18\x04 \x01(\x0b\x32\x17.llorch.common.v1.TokenH\x00\x12\x32\n\x07metrics\x18\x05 \x01(\x0b\x32\x1f.llorch.orchestrator.v1.MetricsH\x00\x12.\n\x08\x66inished\x18\x06 \x01(\x0b\x32\x1a.llorch.common.v1.FinishedH\x00\x42\x06\n\x04kind\"6\n\x06Queued\x12\x10\n\x08position\x18\x01 \x01(\r\x12\x1a\n\x12predicted_start_ms\x18\x02 \x01(\x04\"g\n\x07Started\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x16\n\x0e\x65ngine_version\x18\x04 \x01(\t\x12\x10\n\x08queue_ms\x18\x05 \x01(\x01\"=\n\x07Metrics\x12 \n\x18\x64\x65\x63ode_tokens_per_second\x18\x01 \x01(\x01\x12\x10\n\x08total_ms\x18\x02 \x01(\x01\"$\n\x11\x43\x61ncelTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"F\n\x12\x43\x61ncelTaskResponse\x12\x30\n\x05state\x18\x01 \x01(\x0e\x32!.llorch.orchestrator.v1.TaskState\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"=\n\x0fGetTaskResponse\x12*\n\x04task\x18\x01 \x01(\x0b\x32\x1c.llorch.orchestrator.v1.Task\"\xb3\x03\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x30\n\x05state\x18\x03 \x01(\x0e\x32!.llorch.orchestrator.v1.TaskState\x12,\n\x08priority\x18\x04 \x01(\x0e\x32\x1a.llorch.common.v1.Priority\x12\x16\n\x0equeue_position\x18\x05 \x01(\r\x12\x0f\n\x07pool_id\x18\x06 \x01(\t\x12\x12\n\ntokens_out\x18\x07 \x01(\r\x12,\n\x08\x66inished\x18\x08 \x01(\x0b\x32\x1a.llorch.common.v1.Finished\x12\x30\n\x05\x65rror\x18\t \x01(\x0b\x32!.llorch.orchestrator.v1.TaskError\x12\x16\n\x0e\x63orrelation_id\x18\n \x01(\t\x12\x0e\n\x06tenant\x18\x0b \x01(\t\x12\x0f\n\x07node_id\x18\x0c \x01(\t\x12\x13\n\x0bwait_reason\x18\r \x01(\t\x12=\n\x0e\x65xcluded_pools\x18\x0e \x03(\x0b\x32%.llorch.orchestrator.v1.PoolExclusion\"-\n\rPoolExclusion\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"M\n\tTaskError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x11\n\tretriable\x18\x04 \x01(\x08*\xa1\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11TASK_STATE_QUEUED\x10\x01\x12\x16\n\x12TASK_STATE_RUNNING\x10\x02\x12\x18\n\x14TASK_STATE_SUCCEEDED\x10\x03\x12\x15\n\x11TASK_STATE_FAILED\x10\x04\x12\x18\n\x14TASK_STATE_CANCELLED\x10\x05\x32\x9c\x05\n\x13OrchestratorService\x12x\n\x08Generate\x12\'.llorch.orchestrator.v1.GenerateRequest\x1a(.llorch.orchestrator.v1.GenerateResponse\"\x17\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/generate:\x01*0\x01\x12y\n\nSubmitTask\x12).llorch.orchestrator.v1.SubmitTaskRequest\x1a*.llorch.orchestrator.v1.SubmitTaskResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\"\t/v1/tasks:\x01*\x12\x89\x01\n\nStreamTask\x12).llorch.orchestrator.v1.StreamTaskRequest\x1a*.llorch.orchestrator.v1.StreamTaskResponse\"\"\x82\xd3\xe4\x93\x02\x1c\x12\x1a/v1/tasks/{task_id}/events0\x01\x12\x8a\x01\n\nCancelTask\x12).llorch.orchestrator.v1.CancelTaskRequest\x1a*.llorch.orchestrator.v1.CancelTaskResponse\"%\x82\xd3\xe4\x93\x02\x1f\"\x1a/v1/tasks/{task_id}:cancel:\x01*\x12w\n\x07GetTask\x12&.llorch.orchestrator.v1.GetTaskRequest\x1a\'.llorch.orchestrator.v1.GetTaskResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\x12\x13/v1/tasks/{task_id}b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)llorch/orchestrator/v1/orchestrator.proto\x12\x16llorch.orchestrator.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x17google/rpc/status.proto\x1a\x1dllorch/common/v1/common.proto\"\x95\x01\n\x0fGenerateRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x32\n\x08sampling\x18\x03 \x01(\x0b\x32 .llorch.common.v1.SamplingParams\x12,\n\x08priority\x18\x04 \x01(\x0e\x32\x1a.llorch.common.v1.Priority\"D\n\x10GenerateResponse\x12\x30\n\x05\x65vent\x18\x01 \x01(\x0b\x32!.llorch.orchestrator.v1.TaskEvent\"\xab\x01\n\x11SubmitTaskRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x32\n\x08sampling\x18\x03 \x01(\x0b\x32 .llorch.common.v1.SamplingParams\x12,\n\x08priority\x18\x04 \x01(\x0e\x32\x1a.llorch.common.v1.Priority\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"Y\n\x12SubmitTaskResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x16\n\x0equeue_position\x18\x02 \x01(\r\x12\x1a\n\x12predicted_start_ms\x18\x03 \x01(\x04\"Q\n\x12SubmitTasksRequest\x12;\n\x08requests\x18\x01 \x03(\x0b\x32).llorch.orchestrator.v1.SubmitTaskRequest\"P\n\x13SubmitTasksResponse\x12\x39\n\x07results\x18\x01 \x03(\x0b\x32(.llorch.orchestrator.v1.SubmitTaskResult\"}\n\x10SubmitTaskResult\x12:\n\x04task\x18\x01 \x01(\x0b\x32*.llorch.orchestrator.v1.SubmitTaskResponseH\x00\x12#\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\x08\n\x06result\"8\n\x11StreamTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x12\n\nfrom_index\x18\x02 \x01(\r\"F\n\x12StreamTaskResponse\x12\x30\n\x05\x65vent\x18\x01 \x01(\x0b\x32!.llorch.orchestrator.v1.TaskEvent\"\x98\x02\n\tTaskEvent\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x30\n\x06queued\x18\x02 \x01(\x0b\x32\x1e.llorch.orchestrator.v1.QueuedH\x00\x12\x32\n\x07started\x18\x03 \x01(\x0b\x32\x1f.llorch.orchestrator.v1.StartedH\x00\x12(\n\x05token\x18\x04 \x01(\x0b\x32\x17.llorch.common.v1.TokenH\x00\x12\x32\n\x07metrics\x18\x05 \x01(\x0b\x32\x1f.llorch.orchestrator.v1.MetricsH\x00\x12.\n\x08\x66inished\x18\x06 \x01(\x0b\x32\x1a.llorch.common.v1.FinishedH\x00\x42\x06\n\x04kind\"6\n\x06Queued\x12\x10\n\x08position\x18\x01 \x01(\r\x12\x1a\n\x12predicted_start_ms\x18\x02 \x01(\x04\"g\n\x07Started\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x16\n\x0e\x65ngine_version\x18\x04 \x01(\t\x12\x10\n\x08queue_ms\x18\x05 \x01(\x01\"=\n\x07Metrics\x12 \n\x18\x64\x65\x63ode_tokens_per_second\x18\x01 \x01(\x01\x12\x10\n\x08total_ms\x18\x02 \x01(\x01\"$\n\x11\x43\x61ncelTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"F\n\x12\x43\x61ncelTaskResponse\x12\x30\n\x05state\x18\x01 \x01(\x0e\x32!.llorch.orchestrator.v1.TaskState\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"=\n\x0fGetTaskResponse\x12*\n\x04task\x18\x01 \x01(\x0b\x32\x1c.llorch.orchestrator.v1.Task\"\xb3\x03\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x30\n\x05state\x18\x03 \x01(\x0e\x32!.llorch.orchestrator.v1.TaskState\x12,\n\x08priority\x18\x04 \x01(\x0e\x32\x1a.llorch.common.v1.Priority\x12\x16\n\x0equeue_position\x18\x05 \x01(\r\x12\x0f\n\x07pool_id\x18\x06 \x01(\t\x12\x12\n\ntokens_out\x18\x07 \x01(\r\x12,\n\x08\x66inished\x18\x08 \x01(\x0b\x32\x1a.llorch.common.v1.Finished\x12\x30\n\x05\x65rror\x18\t \x01(\x0b\x32!.llorch.orchestrator.v1.TaskError\x12\x16\n\x0e\x63orrelation_id\x18\n \x01(\t\x12\x0e\n\x06tenant\x18\x0b \x01(\t\x12\x0f\n\x07node_id\x18\x0c \x01(\t\x12\x13\n\x0bwait_reason\x18\r \x01(\t\x12=\n\x0e\x65xcluded_pools\x18\x0e \x03(\x0b\x32%.llorch.orchestrator.v1.PoolExclusion\"-\n\rPoolExclusion\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"M\n\tTaskError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x11\n\tretriable\x18\x04 \x01(\x08*\xa1\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11TASK_STATE_QUEUED\x10\x01\x12\x16\n\x12TASK_STATE_RUNNING\x10\x02\x12\x18\n\x14TASK_STATE_SUCCEEDED\x10\x03\x12\x15\n\x11TASK_STATE_FAILED\x10\x04\x12\x18\n\x14TASK_STATE_CANCELLED\x10\x05\x32\xa7\x06\n\x13OrchestratorService\x12x\n\x08Generate\x12\'.llorch.orchestrator.v1.GenerateRequest\x1a(.llorch.orchestrator.v1.GenerateResponse\"\x17\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/generate:\x01*0\x01\x12y\n\nSubmitTask\x12).llorch.orchestrator.v1.SubmitTaskRequest\x1a*.llorch.orchestrator.v1.SubmitTaskResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\"\t/v1/tasks:\x01*\x12\x88\x01\n\x0bSubmitTasks\x12*.llorch.orchestrator.v1.SubmitTasksRequest\x1a+.llorch.orchestrator.v1.SubmitTasksResponse\" \x82\xd3\xe4\x93\x02\x1a\"\x15/v1/tasks:batchSubmit:\x01*\x12\x89\x01\n\nStreamTask\x12).llorch.orchestrator.v1.StreamTaskRequest\x1a*.llorch.orchestrator.v1.StreamTaskResponse\"\"\x82\xd3\xe4\x93\x02\x1c\x12\x1a/v1/tasks/{task_id}/events0\x01\x12\x8a\x01\n\nCancelTask\x12).llorch.orchestrator.v1.CancelTaskRequest\x1a*.llorch.orchestrator.v1.CancelTaskResponse\"%\x82\xd3\xe4\x93\x02\x1f\"\x1a/v1/tasks/{task_id}:cancel:\x01*\x12w\n\x07GetTask\x12&.llorch.orchestrator.v1.GetTaskRequest\x1a\'.llorch.orchestrator.v1.GetTaskResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\x12\x13/v1/tasks/{task_id}b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,48 +38,56 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ORCHESTRATORSERVICE'].methods_by_name['Generate']._serialized_options = b'\202\323\344\223\002\021\"\014/v1/generate:\001*'
   _globals['_ORCHESTRATORSERVICE'].methods_by_name['SubmitTask']._loaded_options = None
   _globals['_ORCHESTRATORSERVICE'].methods_by_name['SubmitTask']._serialized_options = b'\202\323\344\223\002\016\"\t/v1/tasks:\001*'
+  _globals['_ORCHESTRATORSERVICE'].methods_by_name['SubmitTasks']._loaded_options = None
+  _globals['_ORCHESTRATORSERVICE'].methods_by_name['SubmitTasks']._serialized_options = b'\202\323\344\223\002\032\"\025/v1/tasks:batchSubmit:\001*'
   _globals['_ORCHESTRATORSERVICE'].methods_by_name['StreamTask']._loaded_options = None
   _globals['_ORCHESTRATORSERVICE'].methods_by_name['StreamTask']._serialized_options = b'\202\323\344\223\002\034\022\032/v1/tasks/{task_id}/events'
   _globals['_ORCHESTRATORSERVICE'].methods_by_name['CancelTask']._loaded_options = None
   _globals['_ORCHESTRATORSERVICE'].methods_by_name['CancelTask']._serialized_options = b'\202\323\344\223\002\037\"\032/v1/tasks/{task_id}:cancel:\001*'
   _globals['_ORCHESTRATORSERVICE'].methods_by_name['GetTask']._loaded_options = None
   _globals['_ORCHESTRATORSERVICE'].methods_by_name['GetTask']._serialized_options = b'\202\323\344\223\002\025\022\023/v1/tasks/{task_id}'
-  _globals['_TASKSTATE']._serialized_start=2027
-  _globals['_TASKSTATE']._serialized_end=2188
-  _globals['_GENERATEREQUEST']._serialized_start=131
-  _globals['_GENERATEREQUEST']._serialized_end=280
-  _globals['_GENERATERESPONSE']._serialized_start=282
-  _globals['_GENERATERESPONSE']._serialized_end=350
-  _globals['_SUBMITTASKREQUEST']._serialized_start=353
-  _globals['_SUBMITTASKREQUEST']._serialized_end=524
-  _globals['_SUBMITTASKRESPONSE']._serialized_start=526
-  _globals['_SUBMITTASKRESPONSE']._serialized_end=615
-  _globals['_STREAMTASKREQUEST']._serialized_start=617
-  _globals['_STREAMTASKREQUEST']._serialized_end=673
-  _globals['_STREAMTASKRESPONSE']._serialized_start=675
-  _globals['_STREAMTASKRESPONSE']._serialized_end=745
-  _globals['_TASKEVENT']._serialized_start=748
-  _globals['_TASKEVENT']._serialized_end=1028
-  _globals['_QUEUED']._serialized_start=1030
-  _globals['_QUEUED']._serialized_end=1084
-  _globals['_STARTED']._serialized_start=1086
-  _globals['_STARTED']._serialized_end=1189
-  _globals['_METRICS']._serialized_start=1191
-  _globals['_METRICS']._serialized_end=1252
-  _globals['_CANCELTASKREQUEST']._serialized_start=1254
-  _globals['_CANCELTASKREQUEST']._serialized_end=1290
-  _globals['_CANCELTASKRESPONSE']._serialized_start=1292
-  _globals['_CANCELTASKRESPONSE']._serialized_end=1362
-  _globals['_GETTASKREQUEST']._serialized_start=1364
-  _globals['_GETTASKREQUEST']._serialized_end=1397
-  _globals['_GETTASKRESPONSE']._serialized_start=1399
-  _globals['_GETTASKRESPONSE']._serialized_end=1460
-  _globals['_TASK']._serialized_start=1463
-  _globals['_TASK']._serialized_end=1898
-  _globals['_POOLEXCLUSION']._serialized_start=1900
-  _globals['_POOLEXCLUSION']._serialized_end=1945
-  _globals['_TASKERROR']._serialized_start=1947
-  _globals['_TASKERROR']._serialized_end=2024
-  _globals['_ORCHESTRATORSERVICE']._serialized_start=2191
-  _globals['_ORCHESTRATORSERVICE']._serialized_end=2859
+  _globals['_TASKSTATE']._serialized_start=2344
+  _globals['_TASKSTATE']._serialized_end=2505
+  _globals['_GENERATEREQUEST']._serialized_start=156
+  _globals['_GENERATEREQUEST']._serialized_end=305
+  _globals['_GENERATERESPONSE']._serialized_start=307
+  _globals['_GENERATERESPONSE']._serialized_end=375
+  _globals['_SUBMITTASKREQUEST']._serialized_start=378
+  _globals['_SUBMITTASKREQUEST']._serialized_end=549
+  _globals['_SUBMITTASKRESPONSE']._serialized_start=551
+  _globals['_SUBMITTASKRESPONSE']._serialized_end=640
+  _globals['_SUBMITTASKSREQUEST']._serialized_start=642
+  _globals['_SUBMITTASKSREQUEST']._serialized_end=723
+  _globals['_SUBMITTASKSRESPONSE']._serialized_start=725
+  _globals['_SUBMITTASKSRESPONSE']._serialized_end=805
+  _globals['_SUBMITTASKRESULT']._serialized_start=807
+  _globals['_SUBMITTASKRESULT']._serialized_end=932
+  _globals['_STREAMTASKREQUEST']._serialized_start=934
+  _globals['_STREAMTASKREQUEST']._serialized_end=990
+  _globals['_STREAMTASKRESPONSE']._serialized_start=992
+  _globals['_STREAMTASKRESPONSE']._serialized_end=1062
+  _globals['_TASKEVENT']._serialized_start=1065
+  _globals['_TASKEVENT']._serialized_end=1345
+  _globals['_QUEUED']._serialized_start=1347
+  _globals['_QUEUED']._serialized_end=1401
+  _globals['_STARTED']._serialized_start=1403
+  _globals['_STARTED']._serialized_end=1506
+  _globals['_METRICS']._serialized_start=1508
+  _globals['_METRICS']._serialized_end=1569
+  _globals['_CANCELTASKREQUEST']._serialized_start=1571
+  _globals['_CANCELTASKREQUEST']._serialized_end=1607
+  _globals['_CANCELTASKRESPONSE']._serialized_start=1609
+  _globals['_CANCELTASKRESPONSE']._serialized_end=1679
+  _globals['_GETTASKREQUEST']._serialized_start=1681
+  _globals['_GETTASKREQUEST']._serialized_end=1714
+  _globals['_GETTASKRESPONSE']._serialized_start=1716
+  _globals['_GETTASKRESPONSE']._serialized_end=1777
+  _globals['_TASK']._serialized_start=1780
+  _globals['_TASK']._serialized_end=2215
+  _globals['_POOLEXCLUSION']._serialized_start=2217
+  _globals['_POOLEXCLUSION']._serialized_end=2262
+  _globals['_TASKERROR']._serialized_start=2264
+  _globals['_TASKERROR']._serialized_end=2341
+  _globals['_ORCHESTRATORSERVICE']._serialized_start=2508
+  _globals['_ORCHESTRATORSERVICE']._serialized_end=3315
 # @@protoc_insertion_point(module_scope)

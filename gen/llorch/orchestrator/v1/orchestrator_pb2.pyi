@@ -1,4 +1,5 @@
 from google.api import annotations_pb2 as _annotations_pb2
+from google.rpc import status_pb2 as _status_pb2
 from llorch.common.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -65,6 +66,26 @@ class SubmitTaskResponse(_message.Message):
     queue_position: int
     predicted_start_ms: int
     def __init__(self, task_id: _Optional[str] = ..., queue_position: _Optional[int] = ..., predicted_start_ms: _Optional[int] = ...) -> None: ...
+
+class SubmitTasksRequest(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[SubmitTaskRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[SubmitTaskRequest, _Mapping]]] = ...) -> None: ...
+
+class SubmitTasksResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[SubmitTaskResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[SubmitTaskResult, _Mapping]]] = ...) -> None: ...
+
+class SubmitTaskResult(_message.Message):
+    __slots__ = ("task", "error")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    task: SubmitTaskResponse
+    error: _status_pb2.Status
+    def __init__(self, task: _Optional[_Union[SubmitTaskResponse, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
 
 class StreamTaskRequest(_message.Message):
     __slots__ = ("task_id", "from_index")

@@ -48,6 +48,11 @@ class OrchestratorServiceStub:
                 request_serializer=llorch_dot_orchestrator_dot_v1_dot_orchestrator__pb2.SubmitTaskRequest.SerializeToString,
                 response_deserializer=llorch_dot_orchestrator_dot_v1_dot_orchestrator__pb2.SubmitTaskResponse.FromString,
                 _registered_method=True)
+        self.SubmitTasks = channel.unary_unary(
+                '/llorch.orchestrator.v1.OrchestratorService/SubmitTasks',
+                request_serializer=llorch_dot_orchestrator_dot_v1_dot_orchestrator__pb2.SubmitTasksRequest.SerializeToString,
+                response_deserializer=llorch_dot_orchestrator_dot_v1_dot_orchestrator__pb2.SubmitTasksResponse.FromString,
+                _registered_method=True)
         self.StreamTask = channel.unary_stream(
                 '/llorch.orchestrator.v1.OrchestratorService/StreamTask',
                 request_serializer=llorch_dot_orchestrator_dot_v1_dot_orchestrator__pb2.StreamTaskRequest.SerializeToString,
@@ -81,6 +86,15 @@ class OrchestratorServiceServicer:
 
     def SubmitTask(self, request, context):
         """Submits a task and returns at once with its id and queue position.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitTasks(self, request, context):
+        """Submits up to 1,000 tasks in one call, each admitted or refused on its own as SubmitTask
+        would: for clients with many tasks at once, whose submissions then share one round trip and
+        one journal commit. Fails as a whole only when the batch itself is malformed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -120,6 +134,11 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
                     servicer.SubmitTask,
                     request_deserializer=llorch_dot_orchestrator_dot_v1_dot_orchestrator__pb2.SubmitTaskRequest.FromString,
                     response_serializer=llorch_dot_orchestrator_dot_v1_dot_orchestrator__pb2.SubmitTaskResponse.SerializeToString,
+            ),
+            'SubmitTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitTasks,
+                    request_deserializer=llorch_dot_orchestrator_dot_v1_dot_orchestrator__pb2.SubmitTasksRequest.FromString,
+                    response_serializer=llorch_dot_orchestrator_dot_v1_dot_orchestrator__pb2.SubmitTasksResponse.SerializeToString,
             ),
             'StreamTask': grpc.unary_stream_rpc_method_handler(
                     servicer.StreamTask,
@@ -195,6 +214,33 @@ class OrchestratorService:
             '/llorch.orchestrator.v1.OrchestratorService/SubmitTask',
             llorch_dot_orchestrator_dot_v1_dot_orchestrator__pb2.SubmitTaskRequest.SerializeToString,
             llorch_dot_orchestrator_dot_v1_dot_orchestrator__pb2.SubmitTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llorch.orchestrator.v1.OrchestratorService/SubmitTasks',
+            llorch_dot_orchestrator_dot_v1_dot_orchestrator__pb2.SubmitTasksRequest.SerializeToString,
+            llorch_dot_orchestrator_dot_v1_dot_orchestrator__pb2.SubmitTasksResponse.FromString,
             options,
             channel_credentials,
             insecure,
