@@ -100,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     mpull = models_sub.add_parser(
         "pull", help="fetch a model (file:/path, https://...) into this node's store and add it"
     )
-    mpull.add_argument("ref", help="file:/abs/path.gguf, https://host/path.gguf")
+    mpull.add_argument("ref", help="file:/abs/path.gguf, https://host/path.gguf or hf:ORG/REPO[@REVISION]/PATH.gguf")
     mpull.add_argument("--name", default="", help="catalog id (default: from the file name)")
     mpull.add_argument("--sha256", default="", help="expected SHA-256; refused when it differs")
     mpull.add_argument("--node-id", default="local", help="node the store belongs to (local)")
@@ -634,12 +634,27 @@ def _cmd_models_pull(args: argparse.Namespace) -> int:
 
     address = _catalog_address(args)
     store = args.store or (args.data_dir or ClientSettings().data_dir) / "models"
-    bar = tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc=args.ref[-40:], file=sys.stderr)
+    bars: list[tqdm[Any]] = []  # made at the first byte: a pull refused at once shows none
 
     def progress(done: int, total: int | None) -> None:
+        if not bars:
+            bars.append(
+                tqdm(
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1024,
+                    desc=args.ref.rstrip("/").rsplit("/", 1)[-1][:40],
+                    file=sys.stderr,
+                )
+            )
+        bar = bars[0]
         if total is not None and bar.total != total:
             bar.total = total
         bar.update(done - bar.n)
+
+    def close_bar() -> None:
+        for bar in bars:
+            bar.close()
 
     async def run() -> int:
         async with grpc.aio.insecure_channel(address) as channel:
@@ -655,14 +670,14 @@ def _cmd_models_pull(args: argparse.Namespace) -> int:
                     progress=progress,
                 )
             except PullError as exc:
-                bar.close()
+                close_bar()
                 print(f"error: {exc.reason}: {exc}", file=sys.stderr)
                 return 1
             except LlorchError as err:
-                bar.close()
+                close_bar()
                 print(f"error: {err.code.name}: {err.message}", file=sys.stderr)
                 return 1
-        bar.close()
+        close_bar()
         print(f"{model.model_id}: {model.size_bytes} bytes, sha256 {model.sha256}")
         return 0
 

@@ -1,6 +1,10 @@
 """The model provisioner's fetch: a model file from a ref into this node's model store.
 
-Refs: ``file:/abs/path``, ``https://…`` (``http://`` for a local mirror). A pull writes to a
+Refs: ``file:/abs/path``, ``https://…`` (``http://`` for a local mirror), and
+``hf:ORG/REPO[@REVISION]/PATH`` for a file of a Hugging Face Hub repository, fetched by the
+``huggingface_hub`` library into its own cache (so ``HF_ENDPOINT``, ``HF_HUB_CACHE``/``HF_HOME``,
+``HF_TOKEN`` and ``HF_HUB_OFFLINE`` apply) and copied from there; the hub's sha256 of the file is
+the expected one when none is given. A pull writes to a
 temporary file beside its destination, hashing as it goes; an HTTP transfer that breaks or stalls
 is resumed from where it stopped (``Range``) with backoff, up to ``retries`` times. The file is
 then checked: the sha256 (when one was given) and the GGUF header (a file llama.cpp cannot read is
@@ -34,6 +38,9 @@ Progress = Callable[[int, int | None], None]
 
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _RETRIABLE_HTTP = {408, 425, 429, 500, 502, 503, 504}
+_HF_REF_RE = re.compile(
+    r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<rev>[\w.-]+))?/(?P<path>[^\s@]+)"
+)
 
 
 @dataclass(frozen=True)
@@ -41,9 +48,13 @@ class Ref:
     """Where a model file comes from."""
 
     scheme: str
-    """``file``, ``https`` or ``http``."""
+    """``file``, ``https``, ``http`` or ``hf``."""
     location: str
-    """The absolute path, or the URL."""
+    """The absolute path, the URL, or (hf) the path of the file in its repository."""
+    repo_id: str = ""
+    """hf: ``org/repo``."""
+    revision: str = ""
+    """hf: a branch, tag or commit; empty for the repository's default branch."""
 
     @property
     def filename(self) -> str:
@@ -51,6 +62,9 @@ class Ref:
         return self.location.rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0]
 
     def __str__(self) -> str:
+        if self.scheme == "hf":
+            at = f"@{self.revision}" if self.revision else ""
+            return f"hf:{self.repo_id}{at}/{self.location}"
         return f"file:{self.location}" if self.scheme == "file" else self.location
 
 
@@ -73,8 +87,13 @@ def parse_ref(ref: str) -> Ref:
                 raise InvalidArgumentError("ref", f"{ref!r} is not a URL of a file")
             return Ref(scheme, ref)
     if ref.startswith("hf:"):
-        raise InvalidArgumentError("ref", "hf: refs are not supported yet; use the file's URL")
-    raise InvalidArgumentError("ref", "must start with file:/, https:// or http://")
+        match = _HF_REF_RE.fullmatch(ref.removeprefix("hf:"))
+        if match is None or ".." in match["path"].split("/"):
+            raise InvalidArgumentError(
+                "ref", f"{ref!r} is not hf:ORG/REPO/PATH or hf:ORG/REPO@REVISION/PATH"
+            )
+        return Ref("hf", match["path"], repo_id=match["repo"], revision=match["rev"] or "")
+    raise InvalidArgumentError("ref", "must start with file:/, https://, http:// or hf:")
 
 
 def model_name_for(ref: Ref) -> str:
@@ -140,6 +159,10 @@ class _Sink:
         if self._progress is not None:
             self._progress(self.done, self.total)
 
+    def quiet(self) -> None:
+        """Stops reporting progress."""
+        self._progress = None
+
     def restart(self) -> None:
         """Drops what was written (a server that ignored the range sends everything again)."""
         self._out.seek(0)
@@ -183,6 +206,11 @@ def pull(
             sink = _Sink(out, progress, cancel)
             if ref.scheme == "file":
                 _copy_file(Path(ref.location), sink, options)
+            elif ref.scheme == "hf":
+                cached, hub_sha256 = _from_hub(ref, progress, cancel)
+                expected = expected or hub_sha256
+                sink.quiet()  # the bar was the download's; the copy is local
+                _copy_file(cached, sink, options)
             else:
                 _download(ref.location, sink, options)
             out.flush()
@@ -245,6 +273,70 @@ def _copy_file(source: Path, sink: _Sink, options: PullOptions) -> None:
         sink.total = os.fstat(handle.fileno()).st_size
         while chunk := handle.read(options.chunk_bytes):
             sink.write(chunk)
+
+
+def _from_hub(
+    ref: Ref, progress: Progress | None, cancel: threading.Event | None
+) -> tuple[Path, str]:
+    """Fetches an hf: ref into the huggingface_hub cache; returns the cached file and the hub's
+    sha256 of it ("" when the hub gives none: a file not stored with LFS, or offline)."""
+    import httpx2
+    import huggingface_hub
+    from huggingface_hub import constants as hub_constants
+    from huggingface_hub import errors as hub_errors
+    from tqdm.auto import tqdm
+
+    revision = ref.revision or None
+
+    class _Bar(tqdm):
+        """The library's progress bar, turned into our progress calls and cancel checks."""
+
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+        def update(self, n: float | None = 1) -> bool | None:
+            if cancel is not None and cancel.is_set():
+                raise PullError("the pull was cancelled", "CANCELLED")
+            self.n += n or 0
+            if progress is not None:
+                progress(int(self.n), int(self.total) if self.total else None)
+            return None
+
+    try:
+        hub_sha256 = ""
+        if not hub_constants.is_offline_mode():
+            url = huggingface_hub.hf_hub_url(ref.repo_id, ref.location, revision=revision)
+            meta = huggingface_hub.get_hf_file_metadata(url, retry_on_errors=True)
+            etag = (meta.etag or "").lower()
+            hub_sha256 = etag if _SHA256_RE.fullmatch(etag) else ""
+        path = huggingface_hub.hf_hub_download(
+            ref.repo_id, ref.location, revision=revision, tqdm_class=_Bar
+        )
+    except (
+        hub_errors.RepositoryNotFoundError,
+        hub_errors.RevisionNotFoundError,
+        hub_errors.EntryNotFoundError,
+    ) as exc:
+        raise PullError(f"{ref}: {_first_line(exc)}", "SOURCE_NOT_FOUND") from None
+    except hub_errors.HfHubHTTPError as exc:
+        raise PullError(f"{ref}: {_first_line(exc)}", "DOWNLOAD_FAILED") from None
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise PullError(
+                f"no space left in the huggingface_hub cache for {ref}", "DISK_FULL"
+            ) from None
+        raise PullError(f"{ref}: {_first_line(exc)}", "DOWNLOAD_FAILED") from None
+    except httpx2.HTTPError as exc:  # the hub unreachable, a transfer broken past its retries
+        raise PullError(
+            f"{ref}: {type(exc).__name__}: {_first_line(exc)}", "DOWNLOAD_FAILED"
+        ) from None
+    return Path(path), hub_sha256
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _download(url: str, sink: _Sink, options: PullOptions) -> None:

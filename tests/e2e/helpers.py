@@ -118,14 +118,17 @@ def start_llorch(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen
     return proc, line.split()[3]
 
 
-def run_llorch(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """Runs ``llorch <args>`` as a user would, to its end, with its output captured."""
+def run_llorch(
+    *args: str, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Runs ``llorch <args>`` as a user would, to its end, with its output captured; ``env``
+    adds to this process's environment."""
     return subprocess.run(
         [sys.executable, "-m", "mesh.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ},
+        env={**os.environ, **(env or {})},
         check=False,
     )
 

@@ -121,6 +121,71 @@ async def test_pull_registers_the_file_and_the_mesh_serves_it(mesh: Mesh, tmp_pa
 
 
 @pytest.mark.parametrize("mesh", ["grpc"], indirect=True)
+async def test_hf_refs_pull_through_huggingface_hub_with_its_endpoint_cache_and_token(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    data = write_tiny_model(tmp_path / "src.gguf", TinyModelSpec(seed=9)).read_bytes()
+    server = ModelServer({"tiny.gguf": data, "corrupt.gguf": data}).start()
+    server.hub_sha256["corrupt.gguf"] = hashlib.sha256(b"what the hub published").hexdigest()
+    store = tmp_path / "store"
+    cache = tmp_path / "hf-cache"
+    hub_env = {
+        "HF_ENDPOINT": server.url,
+        "HF_HUB_CACHE": str(cache),
+        "HF_TOKEN": "hf_stand_in_token",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+    }
+    node = mesh.pool_manager.manager.node_id
+
+    def pull(ref: str, *extra: str) -> subprocess.CompletedProcess[str]:
+        return run_llorch(
+            "models",
+            "pull",
+            ref,
+            *extra,
+            "--store",
+            str(store),
+            "--node-id",
+            node,
+            "--catalog",
+            mesh.catalog.address,
+            env=hub_env,
+        )
+
+    try:
+        ref = "hf:org/tiny-repo@main/tiny.gguf"
+        pulled = await asyncio.to_thread(pull, ref)
+        assert pulled.returncode == 0, pulled.stderr
+        assert pulled.stdout.startswith("tiny: ")
+        assert "B/s" in pulled.stderr or "iB" in pulled.stderr  # the progress bar
+        assert "Bearer hf_stand_in_token" in server.authorization
+        assert list(cache.glob("models--org--tiny-repo/snapshots/*/tiny.gguf"))
+
+        refused = {
+            "hf:org/tiny-repo/corrupt.gguf": "SHA256_MISMATCH",  # not what the hub published
+            "hf:missing/repo/tiny.gguf": "SOURCE_NOT_FOUND",
+            "hf:org/tiny-repo@nope/tiny.gguf": "SOURCE_NOT_FOUND",
+            "hf:org/tiny-repo/absent.gguf": "SOURCE_NOT_FOUND",
+            "hf:no-repo.gguf": "INVALID_ARGUMENT",
+        }
+        for i, (bad, reason) in enumerate(refused.items()):
+            failed = await asyncio.to_thread(pull, bad, "--name", f"bad-{i}")
+            assert failed.returncode != 0 and reason in failed.stderr, (bad, failed.stderr)
+    finally:
+        server.stop()
+    assert sorted(p.name for p in store.iterdir()) == ["tiny.gguf"]
+    async with grpc.aio.insecure_channel(mesh.catalog.address) as channel:
+        catalog = catalog_pb2_grpc.CatalogServiceStub(channel)
+        model = (await catalog.GetModel(catalog_pb2.GetModelRequest(model_id="tiny"))).model
+        assert model.source_ref == ref
+        assert model.sha256 == hashlib.sha256(data).hexdigest()
+        listed = await catalog.ListModels(catalog_pb2.ListModelsRequest())
+        assert {m.model_id for m in listed.models}.isdisjoint(f"bad-{i}" for i in range(5))
+    got = await collect(mesh.stub.Generate(generate_request(model_id="tiny", max_tokens=3)))
+    assert got.finished.tokens_out == 3
+
+
+@pytest.mark.parametrize("mesh", ["grpc"], indirect=True)
 async def test_pulls_killed_at_any_moment_leave_the_catalog_and_store_consistent(
     mesh: Mesh, tmp_path: Path
 ) -> None:

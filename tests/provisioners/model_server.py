@@ -3,6 +3,7 @@ ranges, failing with 500, stalling, or dropping the connection halfway."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 import threading
 import time
@@ -22,7 +23,12 @@ class ModelServer:
     - ``/error/NAME``: always 500;
     - ``/slow/NAME``: the file in 16 KiB pieces, 10 ms apart;
     - ``/norange/NAME``: drops the first transfer like ``/drop`` and then ignores ``Range``
-      (the whole file again, status 200), so a resume must start over.
+      (the whole file again, status 200), so a resume must start over;
+    - ``/ORG/REPO/resolve/REVISION/NAME`` (HEAD and GET): a stand-in for the Hugging Face Hub as
+      ``huggingface_hub`` reads it: ``X-Repo-Commit``, the file's sha256 as its ``X-Linked-Etag``
+      (or the one in ``hub_sha256``, to serve content that does not match), its size, ranges, and
+      404s with the hub's ``X-Error-Code`` for ORG ``missing`` (RepoNotFound), REVISION ``nope``
+      (RevisionNotFound) and an unknown NAME (EntryNotFound).
     """
 
     def __init__(self, files: dict[str, bytes], stall_s: float = 5.0) -> None:
@@ -30,13 +36,62 @@ class ModelServer:
         self.stall_s = stall_s
         self.requests: Counter[str] = Counter()
         self.ranges: list[str] = []
+        self.hub_sha256: dict[str, str] = {}
+        self.authorization: list[str] = []  # Authorization headers of hub requests
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args: object) -> None:  # quiet
                 pass
 
+            def do_HEAD(self) -> None:
+                self._hub(body=False)
+
+            def _hub(self, body: bool) -> None:
+                server.requests[f"{self.command} {self.path}"] += 1
+                server.authorization.append(self.headers.get("Authorization", ""))
+                match = re.fullmatch(
+                    r"/(?P<org>[^/]+)/(?P<repo>[^/]+)/resolve/(?P<rev>[^/]+)/(?P<name>.+)",
+                    self.path,
+                )
+                data = server.files.get(match["name"]) if match else None
+                error = (
+                    "RepoNotFound"
+                    if match is None or match["org"] == "missing"
+                    else "RevisionNotFound"
+                    if match["rev"] == "nope"
+                    else "EntryNotFound"
+                    if data is None
+                    else ""
+                )
+                if error or data is None or match is None:
+                    self.send_response(404)
+                    self.send_header("X-Error-Code", error)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                sha = server.hub_sha256.get(match["name"]) or hashlib.sha256(data).hexdigest()
+                start = 0
+                range_match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
+                if range_match and body:
+                    start = min(int(range_match[1]), len(data))
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                else:
+                    self.send_response(200)
+                self.send_header("X-Repo-Commit", "0123456789abcdef0123456789abcdef01234567")
+                self.send_header("X-Linked-Etag", f'"{sha}"')
+                self.send_header("ETag", f'"{sha}"')
+                self.send_header("X-Linked-Size", str(len(data)))
+                self.send_header("Content-Length", str(len(data) - start))
+                self.end_headers()
+                if body:
+                    self.wfile.write(data[start:])
+
             def do_GET(self) -> None:
+                if "/resolve/" in self.path:
+                    self._hub(body=True)
+                    return
                 server.requests[self.path] += 1
                 seen = server.requests[self.path]
                 mode, _, name = self.path.strip("/").rpartition("/")

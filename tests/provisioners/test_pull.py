@@ -50,7 +50,25 @@ def test_refs_parse_and_name_models() -> None:
     web = parse_ref("https://example.org/org/Llama-3-8B.Q4_K_M.gguf?download=1")
     assert web.scheme == "https" and web.filename == "Llama-3-8B.Q4_K_M.gguf"
     assert model_name_for(web) == "llama-3-8b.q4_k_m"
-    for bad in ["m.gguf", "file:relative.gguf", "ftp://x/y.gguf", "https://", "hf:org/repo/f.gguf"]:
+    hub = parse_ref("hf:TheOrg/Some-Repo@v1.0/quant/Model.Q4_K_M.gguf")
+    assert (hub.scheme, hub.repo_id, hub.revision, hub.location) == (
+        "hf",
+        "TheOrg/Some-Repo",
+        "v1.0",
+        "quant/Model.Q4_K_M.gguf",
+    )
+    assert str(hub) == "hf:TheOrg/Some-Repo@v1.0/quant/Model.Q4_K_M.gguf"
+    assert model_name_for(hub) == "model.q4_k_m"
+    assert parse_ref("hf:org/repo/f.gguf").revision == ""
+    for bad in [
+        "m.gguf",
+        "file:relative.gguf",
+        "ftp://x/y.gguf",
+        "https://",
+        "hf:repo-only.gguf",
+        "hf:org/repo/../escape.gguf",
+        "hf:org/repo@/f.gguf",
+    ]:
         with pytest.raises(InvalidArgumentError) as err:
             parse_ref(bad)
         assert err.value.field_violations[0][0] == "ref"
