@@ -98,9 +98,11 @@ def _parser() -> argparse.ArgumentParser:
     mrm.add_argument("--orchestrator", help="orchestrator address (LLORCH_ORCHESTRATOR)")
     mrm.set_defaults(run=_cmd_models_rm)
     mpull = models_sub.add_parser(
-        "pull", help="fetch a model (file:/path, https://...) into this node's store and add it"
+        "pull", help="fetch a model (file:, https:, hf:) into this node's store and add it"
     )
-    mpull.add_argument("ref", help="file:/abs/path.gguf, https://host/path.gguf or hf:ORG/REPO[@REVISION]/PATH.gguf")
+    mpull.add_argument(
+        "ref", help="file:/abs/path.gguf, https://host/path.gguf or hf:ORG/REPO[@REVISION]/PATH"
+    )
     mpull.add_argument("--name", default="", help="catalog id (default: from the file name)")
     mpull.add_argument("--sha256", default="", help="expected SHA-256; refused when it differs")
     mpull.add_argument("--node-id", default="local", help="node the store belongs to (local)")
