@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from catalog.servicer import CatalogServicer
 from catalog.store import CatalogStore
-from mesh.server import MeshServer, create_server
+from mesh.server import MeshServer, create_server, service_security
 from mesh.settings import Settings
 
 
@@ -33,5 +33,11 @@ async def start_catalog(settings: Settings) -> CatalogApp:
     db_path = settings.catalog_service.db_path or settings.data_dir / "catalog.db"
     store = CatalogStore(db_path)
     servicer = CatalogServicer(store)
-    server = await create_server(settings.catalog_service.listen, [servicer.binding()])
+    credentials, authorize = service_security(settings.tls.files())
+    server = await create_server(
+        settings.catalog_service.listen,
+        [servicer.binding()],
+        credentials=credentials,
+        authorize=authorize,
+    )
     return CatalogApp(server, store)

@@ -24,7 +24,9 @@ from typing import Any
 
 import grpc
 
+from mesh import cli_security
 from mesh.settings import ClientSettings, ConfigError, Settings, load_settings
+from mesh.tls import channel_credentials
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,6 +43,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def client_channel(address: str) -> grpc.aio.Channel:
+    """A channel of the client commands: over TLS when ``LLORCH_CA_FILE`` is set (presenting
+    ``LLORCH_CERT_FILE`` to mTLS service ports), with ``LLORCH_API_KEY`` on every call."""
+    settings = ClientSettings()
+    files = settings.tls_files()
+    if files is None:
+        return grpc.aio.insecure_channel(address)
+    credentials = channel_credentials(files)
+    if settings.api_key:
+        credentials = grpc.composite_channel_credentials(
+            credentials, grpc.access_token_call_credentials(settings.api_key)
+        )
+    return grpc.aio.secure_channel(address, credentials)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -191,6 +208,8 @@ def _parser() -> argparse.ArgumentParser:
     for p in (plist, pdrain, presume, reloadp, preloadp):
         p.add_argument("--orchestrator", help="orchestrator address (LLORCH_ORCHESTRATOR)")
 
+    cli_security.add_parsers(sub)
+
     tasks = sub.add_parser("tasks", help="tasks")
     tasks_sub = tasks.add_subparsers(title="tasks commands")
     tget = tasks_sub.add_parser("get", help="print one task's state as JSON")
@@ -252,7 +271,7 @@ def _cmd_pools(args: argparse.Namespace) -> int:
     node_id, _, pool_id = getattr(args, "pool", "").partition("/")
 
     async def run() -> int:
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with client_channel(address) as channel:
             stub = control_pb2_grpc.ControlServiceStub(channel)
             try:
                 if args.action == "drain":
@@ -312,7 +331,7 @@ def _cmd_tasks_get(args: argparse.Namespace) -> int:
     address = args.orchestrator or ClientSettings().orchestrator
 
     async def run() -> int:
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with client_channel(address) as channel:
             stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
             try:
                 got = await stub.GetTask(orchestrator_pb2.GetTaskRequest(task_id=args.task_id))
@@ -352,7 +371,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     async def run() -> int:
         from google.protobuf import json_format
 
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with client_channel(address) as channel:
             stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
             started = time.perf_counter()
             try:
@@ -405,7 +424,7 @@ def _cmd_models_list(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         rows: list[dict[str, Any]] = []
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with client_channel(address) as channel:
             stub = catalog_pb2_grpc.CatalogServiceStub(channel)
             token = ""
             try:
@@ -464,7 +483,7 @@ def _cmd_gc(args: argparse.Namespace) -> int:
     address = args.pool_manager or _home_endpoint(args, "pool_manager")
 
     async def run() -> int:
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with client_channel(address) as channel:
             stub = poolmanager_pb2_grpc.PoolManagerServiceStub(channel)
             try:
                 done = await stub.CollectGarbage(
@@ -502,7 +521,7 @@ def _cmd_gc_policy(args: argparse.Namespace) -> int:
     }
 
     async def run() -> int:
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with client_channel(address) as channel:
             stub = catalog_pb2_grpc.CatalogServiceStub(channel)
             try:
                 current = await stub.GetGcPolicy(
@@ -560,7 +579,7 @@ def _cmd_engines(args: argparse.Namespace) -> int:
         problem = facts.problem()
 
     async def run() -> list[catalog_pb2.Engine] | int:
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with client_channel(address) as channel:
             stub = catalog_pb2_grpc.CatalogServiceStub(channel)
             try:
                 if args.action == "check":
@@ -605,7 +624,7 @@ def _cmd_models_rm(args: argparse.Namespace) -> int:
     address = args.orchestrator or ClientSettings().orchestrator
 
     async def run() -> int:
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with client_channel(address) as channel:
             stub = control_pb2_grpc.ControlServiceStub(channel)
             try:
                 done = await stub.DeleteModel(
@@ -659,7 +678,7 @@ def _cmd_models_pull(args: argparse.Namespace) -> int:
             bar.close()
 
     async def run() -> int:
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with client_channel(address) as channel:
             stub = catalog_pb2_grpc.CatalogServiceStub(channel)
             try:
                 model = await pull_model(
@@ -695,7 +714,7 @@ def _cmd_models_set(args: argparse.Namespace) -> int:
     address = _catalog_address(args)
 
     async def run() -> int:
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with client_channel(address) as channel:
             stub = catalog_pb2_grpc.CatalogServiceStub(channel)
             try:
                 if args.verb in ("retire", "activate"):
@@ -735,7 +754,7 @@ def _cmd_models_add(args: argparse.Namespace) -> int:
     address = _catalog_address(args)
 
     async def run() -> int:
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with client_channel(address) as channel:
             stub = catalog_pb2_grpc.CatalogServiceStub(channel)
             try:
                 model = await register_local_file(stub, args.name, args.path, args.node_id)

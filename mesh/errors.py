@@ -141,6 +141,20 @@ class CancelledError(LlorchError):
     default_reason = "CANCELLED"
 
 
+class UnauthenticatedError(LlorchError):
+    """The caller did not prove who it is (no certificate, no key, a bad or revoked key)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+    default_reason = "UNAUTHENTICATED"
+
+
+class PermissionDeniedError(LlorchError):
+    """The caller is known but may not do this (its role, its tenant, its model list)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    default_reason = "PERMISSION_DENIED"
+
+
 class InternalError(LlorchError):
     """A bug. The wire gets a short message, never a traceback."""
 
@@ -158,6 +172,8 @@ _BY_CODE: dict[grpc.StatusCode, type[LlorchError]] = {
         UnavailableError,
         DeadlineExceededError,
         CancelledError,
+        UnauthenticatedError,
+        PermissionDeniedError,
         InternalError,
     )
 }

@@ -67,6 +67,13 @@ async def _start_home(
     """Starts every service, pushing each one's stop onto ``stack``; returns the endpoints file."""
     data_dir = settings.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
+    if settings.tls.files() is not None:
+        # One process holds one certificate, hence one role; the home profile plays them all.
+        raise ValueError(
+            "the home profile (llorch up) runs on loopback without TLS; for TLS run each "
+            "service with `llorch serve` and its own certificate (docs/cloud.md)"
+        )
+    _log.warning("no TLS and no authentication: every service listens on loopback only")
     catalog = await start_catalog(settings)
     stack.append(catalog.stop)
     channel = open_channel(catalog.address)

@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 from grpc_interceptor import AsyncServerInterceptor
 
-from mesh import logs
+from mesh import auth, logs
 from mesh.errors import LlorchError
 from mesh.ids import random_id
 
@@ -46,7 +46,11 @@ def correlation_from_metadata(metadata: Any) -> str:
 
 
 class MeshServerInterceptor(AsyncServerInterceptor):
-    """Correlation ids and error mapping for every RPC of a server."""
+    """Correlation ids, authorization (when the server has an authorizer) and error mapping for
+    every RPC of a server."""
+
+    def __init__(self, authorize: auth.Authorizer | None = None) -> None:
+        self._authorize = authorize
 
     async def intercept(
         self,
@@ -57,6 +61,11 @@ class MeshServerInterceptor(AsyncServerInterceptor):
     ) -> Any:
         cid = correlation_from_metadata(context.invocation_metadata())
         logs.correlation_id.set(cid)
+        if self._authorize is not None:
+            try:
+                auth.caller.set(self._authorize(method_name, context, request_or_iterator))
+            except LlorchError as err:
+                await _abort(context, err, method_name)
         # The echo goes out while the handler works instead of before it starts, so it costs
         # the first response nothing; every response and status waits for it, keeping the order.
         echo = asyncio.ensure_future(context.send_initial_metadata(((CORRELATION_HEADER, cid),)))

@@ -39,7 +39,9 @@ async def serve(
             pm_settings = pm_settings.model_copy(
                 update={"model_store": settings.data_dir / "models"}
             )
-        pool_manager = await start_pool_manager(pm_settings, base_env, settings.log_level)
+        pool_manager = await start_pool_manager(
+            pm_settings, base_env, settings.log_level, settings.tls.files()
+        )
         address, close = pool_manager.address, pool_manager.stop
     elif service == "orchestrator":
         orch_settings = settings.orchestrator_service
@@ -47,7 +49,13 @@ async def serve(
             orch_settings = orch_settings.model_copy(
                 update={"journal_path": settings.data_dir / "orchestrator" / "journal.db"}
             )
-        orchestrator = await start_orchestrator(orch_settings, settings.listen)
+        if orch_settings.keys_path is None:
+            orch_settings = orch_settings.model_copy(
+                update={"keys_path": settings.data_dir / "orchestrator" / "keys.db"}
+            )
+        orchestrator = await start_orchestrator(
+            orch_settings, settings.listen, tls=settings.tls.files()
+        )
         host = settings.listen.rsplit(":", 1)[0]
         address, close = f"{host}:{orchestrator.port}", orchestrator.stop
     else:

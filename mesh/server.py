@@ -7,6 +7,7 @@ of the mesh does not change when it does.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -14,7 +15,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from mesh.apikeys import ApiKeyStore
+from mesh.auth import Authorizer, CertAuthorizer, KeyAuthorizer
 from mesh.interceptors import MeshServerInterceptor, client_interceptors
+from mesh.tls import TlsFiles, channel_credentials, server_credentials
 
 # Tokens are small, prompts are bounded by settings; 16 MiB leaves room for large prompts.
 _MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -28,6 +32,21 @@ _OPTIONS = [
 ]
 
 AddServicer = Callable[[grpc.aio.Server], None]
+
+
+class InsecureListenError(ValueError):
+    """A server was asked to listen off loopback without TLS and auth."""
+
+
+def is_loopback(address: str) -> bool:
+    """Whether ``host:port`` names a loopback host (127.0.0.0/8, ::1, localhost)."""
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -68,6 +87,7 @@ async def create_server(
     services: Sequence[ServiceBinding],
     *,
     credentials: grpc.ServerCredentials | None = None,
+    authorize: Authorizer | None = None,
     ready: bool = True,
 ) -> MeshServer:
     """Builds, binds and starts a server; ``address`` may use port 0.
@@ -75,10 +95,20 @@ async def create_server(
     Args:
         address: host:port to bind; port 0 picks a free port (see ``MeshServer.port``).
         services: servicers to add.
-        credentials: TLS credentials; None serves plaintext (loopback home profile only).
+        credentials: TLS credentials; None serves plaintext, on loopback only.
+        authorize: checks every call's caller (mesh.auth); None: no auth, on loopback only.
         ready: initial readiness of every named service. Liveness ("") is SERVING once started.
+
+    Raises:
+        InsecureListenError: plaintext or no auth asked for off loopback.
     """
-    server = grpc.aio.server(interceptors=[MeshServerInterceptor()], options=_OPTIONS)
+    if (credentials is None or authorize is None) and not is_loopback(address):
+        raise InsecureListenError(
+            f"refusing to listen on {address} without TLS and auth: off loopback every service "
+            "needs tls.ca_file, tls.cert_file and tls.key_file (make them with `llorch certs "
+            "init` and `llorch certs issue`), or listen on 127.0.0.1"
+        )
+    server = grpc.aio.server(interceptors=[MeshServerInterceptor(authorize)], options=_OPTIONS)
     for binding in services:
         binding.add(server)
     health_servicer = health.aio.HealthServicer()
@@ -101,14 +131,33 @@ async def create_server(
     return mesh_server
 
 
-def open_channel(
-    address: str, *, credentials: grpc.ChannelCredentials | None = None
-) -> grpc.aio.Channel:
-    """A channel to another mesh service, carrying the correlation id on every call."""
-    if credentials is None:
+def open_channel(address: str, *, tls: TlsFiles | None = None) -> grpc.aio.Channel:
+    """A channel to another mesh service, carrying the correlation id on every call; over TLS,
+    presenting this process's certificate, when ``tls`` is given."""
+    if tls is None:
         return grpc.aio.insecure_channel(
             address, options=_OPTIONS, interceptors=client_interceptors()
         )
     return grpc.aio.secure_channel(
-        address, credentials, options=_OPTIONS, interceptors=client_interceptors()
+        address, channel_credentials(tls), options=_OPTIONS, interceptors=client_interceptors()
     )
+
+
+def service_security(
+    tls: TlsFiles | None,
+) -> tuple[grpc.ServerCredentials | None, Authorizer | None]:
+    """Credentials and authorizer of a service port: mTLS with role checks, or none without
+    TLS (loopback only)."""
+    if tls is None:
+        return None, None
+    return server_credentials(tls, require_client_cert=True), CertAuthorizer()
+
+
+def client_port_security(
+    tls: TlsFiles | None, keys: ApiKeyStore | None
+) -> tuple[grpc.ServerCredentials | None, Authorizer | None]:
+    """Credentials and authorizer of the orchestrator's client port: TLS and API keys, or none
+    without TLS (loopback only)."""
+    if tls is None or keys is None:
+        return None, None
+    return server_credentials(tls, require_client_cert=False), KeyAuthorizer(keys)

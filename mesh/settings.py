@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import platformdirs
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -22,6 +22,7 @@ from pydantic_settings import (
 )
 
 from mesh.ids import NAME_PATTERN, is_valid_name
+from mesh.tls import TlsFiles
 
 
 class ConfigError(Exception):
@@ -30,6 +31,38 @@ class ConfigError(Exception):
 
 def _default_data_dir() -> Path:
     return platformdirs.user_data_path("llorch")
+
+
+class TlsSettings(BaseModel):
+    """TLS of this process (the cloud profile): the CA it trusts, its certificate and key.
+
+    All three set: service ports (catalog, pool manager) take mTLS and check each caller's role;
+    the orchestrator's client port takes TLS and API keys; every call to another service
+    presents this certificate. None set: plaintext without auth, on loopback only.
+    """
+
+    ca_file: Path | None = None
+    """CA certificate (``llorch certs init`` writes ``<dir>/ca.pem``)."""
+    cert_file: Path | None = None
+    """This process's certificate (``llorch certs issue`` writes ``<name>.pem``)."""
+    key_file: Path | None = None
+    """This process's private key (``<name>.key``, mode 0600)."""
+
+    @model_validator(mode="after")
+    def _all_or_none(self) -> TlsSettings:
+        given = [self.ca_file, self.cert_file, self.key_file]
+        if any(given) and not all(given):
+            raise ValueError("set all of ca_file, cert_file and key_file, or none")
+        for path in given:
+            if path is not None and not path.is_file():
+                raise ValueError(f"{path} does not exist")
+        return self
+
+    def files(self) -> TlsFiles | None:
+        """The files, or None without TLS."""
+        if self.ca_file is None:
+            return None
+        return TlsFiles(self.ca_file, self.cert_file, self.key_file)
 
 
 class CatalogSettings(BaseModel):
@@ -196,6 +229,9 @@ class OrchestratorSettings(BaseModel):
     journal_path: Path | None = None
     """SQLite file of the journal; the home profile's default is
     ``<data_dir>/orchestrator/journal.db``."""
+    keys_path: Path | None = None
+    """SQLite file of the API keys (``llorch keys``), used when TLS is on; default
+    ``<data_dir>/orchestrator/keys.db``."""
 
 
 class Settings(BaseSettings):
@@ -215,6 +251,8 @@ class Settings(BaseSettings):
     """JSON lines (for collectors) or text (for people)."""
     models: dict[str, Path] = Field(default_factory=dict)
     """Home profile: GGUF files to register at start, model id → path (besides tiny-llama)."""
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+    """TLS and authentication (the cloud profile); unset: loopback only, no auth."""
     in_process_link: bool = True
     """Home profile: the orchestrator calls its co-located pool manager in-process rather than over
     loopback gRPC (same messages and errors, ~3 ms less to the first token). Off: the fleet path."""
@@ -282,3 +320,17 @@ class ClientSettings(BaseSettings):
     """Catalog address for model commands; empty reads the one ``llorch up`` recorded."""
     data_dir: Path = Field(default_factory=_default_data_dir)
     """Data dir of the home profile, where ``llorch up`` records its service addresses."""
+    ca_file: Path | None = None
+    """CA certificate to trust: calls go over TLS when set (``LLORCH_CA_FILE``)."""
+    cert_file: Path | None = None
+    """Certificate to present to mTLS service ports (an operator's, from ``llorch certs``)."""
+    key_file: Path | None = None
+    """Private key of ``cert_file``."""
+    api_key: str = ""
+    """API key for the orchestrator's client port (``LLORCH_API_KEY``), sent as a bearer token."""
+
+    def tls_files(self) -> TlsFiles | None:
+        """The TLS files the client commands use, or None for plaintext."""
+        if self.ca_file is None:
+            return None
+        return TlsFiles(self.ca_file, self.cert_file, self.key_file)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -9,8 +10,10 @@ import grpc
 
 from catalog.client import CatalogClient
 from mesh import logs
-from mesh.server import MeshServer, create_server, open_channel
+from mesh.apikeys import ApiKeyStore
+from mesh.server import MeshServer, client_port_security, create_server, open_channel
 from mesh.settings import OrchestratorSettings
+from mesh.tls import TlsFiles
 from orchestrator.control import ControlServicer
 from orchestrator.journal import Journal
 from orchestrator.pools import PoolRegistry
@@ -27,6 +30,7 @@ class OrchestratorApp:
     server: MeshServer
     orchestrator: Orchestrator
     catalog_channel: grpc.aio.Channel
+    keys: ApiKeyStore | None = None
 
     @property
     def port(self) -> int:
@@ -38,26 +42,33 @@ class OrchestratorApp:
         await self.orchestrator.stop()
         await self.server.stop(grace_s=1.0)
         await self.catalog_channel.close()
+        if self.keys is not None:
+            self.keys.close()
 
 
 async def start_orchestrator(
     settings: OrchestratorSettings,
     listen: str,
     local_pool_managers: Mapping[str, object] | None = None,
+    tls: TlsFiles | None = None,
 ) -> OrchestratorApp:
     """Connects to the catalog and pool managers and starts serving on ``listen``.
 
     ``local_pool_managers`` maps addresses of pool managers in this process to their
     in-process stubs (poolmanager.local), which the orchestrator then calls without a socket.
+    With ``tls``: its client port takes TLS and the API keys in ``settings.keys_path``, and it
+    calls the catalog and pool managers with its certificate.
     """
     if not settings.catalog:
         raise ValueError("orchestrator_service.catalog: the catalog address is required")
-    channel = open_channel(settings.catalog)
+    if tls is not None and settings.keys_path is None:
+        raise ValueError("orchestrator_service.keys_path: API keys are needed with TLS")
+    channel = open_channel(settings.catalog, tls=tls)
     registry = PoolRegistry(
         settings.pool_managers,
         settings.node_heartbeat_s,
         settings.node_lost_s,
-        open_channel,
+        functools.partial(open_channel, tls=tls),
         local_pool_managers,
     )
     journal = Journal(settings.journal_path) if settings.journal and settings.journal_path else None
@@ -67,5 +78,14 @@ async def start_orchestrator(
     await orchestrator.start()
     servicer = OrchestratorServicer(orchestrator, settings)
     control = ControlServicer(orchestrator)
-    server = await create_server(listen, [servicer.binding(), control.binding()])
-    return OrchestratorApp(server, orchestrator, channel)
+    keys = ApiKeyStore(settings.keys_path) if tls is not None and settings.keys_path else None
+    credentials, authorize = client_port_security(tls, keys)
+    if authorize is None:
+        _log.warning("the client port takes no API keys: loopback only, every caller trusted")
+    server = await create_server(
+        listen,
+        [servicer.binding(), control.binding()],
+        credentials=credentials,
+        authorize=authorize,
+    )
+    return OrchestratorApp(server, orchestrator, channel, keys)

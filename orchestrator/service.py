@@ -116,7 +116,8 @@ class Orchestrator:
         )
         self._drain = DrainMeter()
         self._tasks: dict[str, Task] = {}
-        self._by_request_id: dict[str, str] = {}
+        # (tenant, request id) → task id: one tenant's idempotency keys never find another's.
+        self._by_request_id: dict[tuple[str, str], str] = {}
         self._relays: dict[str, asyncio.Task[None]] = {}
         # Measured service times, EWMA: by (pool key, model) and by ("", model).
         self._service: dict[tuple[str, str], _ServiceTime] = {}
@@ -249,8 +250,9 @@ class Orchestrator:
         (None without a journal, or when an earlier submission with its request id is returned).
         ``commit_now``: commit at once rather than within the journal's flush interval.
         """
-        if spec.request_id and spec.request_id in self._by_request_id:
-            existing = self._tasks.get(self._by_request_id[spec.request_id])
+        request_key = (spec.tenant, spec.request_id)
+        if spec.request_id and request_key in self._by_request_id:
+            existing = self._tasks.get(self._by_request_id[request_key])
             if existing is not None:
                 return existing, None
         info = await self._catalog.model_info(spec.model_id)
@@ -274,9 +276,9 @@ class Orchestrator:
                     "and its pools",
                 )
             spec = replace(spec, sampling=replace(spec.sampling, max_tokens=max(1, limit - 1)))
-        if spec.request_id and spec.request_id in self._by_request_id:
+        if spec.request_id and request_key in self._by_request_id:
             # A submission with the same key won the race while the catalog answered.
-            return self.get(self._by_request_id[spec.request_id]), None
+            return self.get(self._by_request_id[request_key]), None
         now = self._clock()
         task = Task(
             random_id(),
@@ -313,7 +315,7 @@ class Orchestrator:
             self._arrivals += 1
             heapq.heappush(self._deadlines, (task.deadline, self._arrivals, task))
         if spec.request_id:
-            self._by_request_id[spec.request_id] = task.task_id
+            self._by_request_id[request_key] = task.task_id
         # Every task's stream begins with Queued, even one placed in this same call. Last in
         # line, its prediction continues the slot simulation of the last pass (no pass over the
         # whole queue per submit); otherwise the pass below corrects it.
@@ -1070,7 +1072,7 @@ class Orchestrator:
                 del self._tasks[task_id]
                 expired.append(task_id)
                 if task.spec.request_id:
-                    self._by_request_id.pop(task.spec.request_id, None)
+                    self._by_request_id.pop((task.spec.tenant, task.spec.request_id), None)
         if expired and self._journal is not None:
             self._journal.forget(expired)
 
@@ -1148,7 +1150,7 @@ class Orchestrator:
                 continue
             self._tasks[task.task_id] = task
             if spec.request_id:
-                self._by_request_id[spec.request_id] = task.task_id
+                self._by_request_id[(spec.tenant, spec.request_id)] = task.task_id
             if row.state == TaskState.QUEUED.value or (
                 row.state == TaskState.RUNNING.value and not row.tokens
             ):

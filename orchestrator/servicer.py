@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 import grpc
 from llorch.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
-from mesh import logs
-from mesh.errors import InvalidArgumentError, LlorchError
+from mesh import auth, logs
+from mesh.errors import InvalidArgumentError, LlorchError, NotFoundError, PermissionDeniedError
 from mesh.ids import check_name
 from mesh.server import ServiceBinding
 from mesh.settings import OrchestratorSettings
@@ -92,7 +92,7 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     async def StreamTask(
         self, request: orchestrator_pb2.StreamTaskRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[orchestrator_pb2.StreamTaskResponse]:
-        task = self._orch.get(_task_id(request.task_id))
+        task = _own(self._orch.get(_task_id(request.task_id)))
         logs.task_id.set(task.task_id)
         async for event in _events(task, request.from_index):
             yield orchestrator_pb2.StreamTaskResponse(event=event)
@@ -100,13 +100,13 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     async def CancelTask(
         self, request: orchestrator_pb2.CancelTaskRequest, context: grpc.aio.ServicerContext
     ) -> orchestrator_pb2.CancelTaskResponse:
-        task = self._orch.cancel(_task_id(request.task_id))
+        task = self._orch.cancel(_own(self._orch.get(_task_id(request.task_id))).task_id)
         return orchestrator_pb2.CancelTaskResponse(state=convert.state_to_pb(task.state))
 
     async def GetTask(
         self, request: orchestrator_pb2.GetTaskRequest, context: grpc.aio.ServicerContext
     ) -> orchestrator_pb2.GetTaskResponse:
-        task = self._orch.get(_task_id(request.task_id))
+        task = _own(self._orch.get(_task_id(request.task_id)))
         return orchestrator_pb2.GetTaskResponse(task=convert.task_to_pb(task))
 
     async def _submit(
@@ -129,13 +129,19 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         return task
 
     def _spec(self, request: convert.TaskRequest, request_id: str, tenant: str) -> TaskSpec:
-        return convert.spec_from_pb(
+        spec = convert.spec_from_pb(
             request,
             request_id=request_id,
             max_prompt_bytes=self._settings.max_prompt_bytes,
             default_max_tokens=self._settings.default_max_tokens,
             tenant=tenant,
         )
+        who = auth.caller.get()
+        if who is not None and not who.may_use(spec.model_id):
+            raise PermissionDeniedError(
+                f"key {who.name} may not use model {spec.model_id}", reason="MODEL_NOT_ALLOWED"
+            )
+        return spec
 
 
 async def _events(task: Task, from_index: int) -> AsyncIterator[orchestrator_pb2.TaskEvent]:
@@ -150,10 +156,11 @@ DEFAULT_TENANT = "default"
 
 
 def _tenant(context: grpc.aio.ServicerContext) -> str:
-    """The caller's tenant: the ``x-llorch-tenant`` metadata value, or ``default``.
-
-    Taken on trust from the caller for now; API keys (the cloud profile) will carry it instead.
-    """
+    """The caller's tenant: its API key's; without auth (loopback), the ``x-llorch-tenant``
+    metadata value, taken on trust, or ``default``."""
+    who = auth.caller.get()
+    if who is not None:
+        return who.tenant
     for key, value in context.invocation_metadata() or ():
         if key == TENANT_HEADER:
             return check_name(str(value), TENANT_HEADER)
@@ -172,6 +179,15 @@ def _in_batch(error: LlorchError, index: int) -> LlorchError:
             f"requests[{index}].{error.field}", description, reason=error.reason
         )
     return error
+
+
+def _own(task: Task) -> Task:
+    """``task`` if the caller may see it: a client key sees only its tenant's tasks, and any
+    other task does not exist for it (NOT_FOUND, as for an unknown id: ids are not probed)."""
+    who = auth.caller.get()
+    if who is not None and not who.sees_every_tenant and task.spec.tenant != who.tenant:
+        raise NotFoundError(f"task {task.task_id} does not exist", reason="TASK_NOT_FOUND")
+    return task
 
 
 def _task_id(value: str) -> str:

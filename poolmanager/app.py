@@ -12,8 +12,9 @@ from llorch.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from catalog.client import CatalogClient
 from mesh import logs
 from mesh.errors import LlorchError
-from mesh.server import MeshServer, create_server, open_channel
+from mesh.server import MeshServer, create_server, open_channel, service_security
 from mesh.settings import PoolManagerSettings
+from mesh.tls import TlsFiles
 from poolmanager.collector import GarbageCollector
 from poolmanager.manager import PoolManager
 from poolmanager.servicer import SERVICE_NAME, PoolManagerServicer
@@ -67,12 +68,16 @@ class PoolManagerApp:
 
 
 async def start_pool_manager(
-    settings: PoolManagerSettings, base_env: Mapping[str, str], log_level: str = "INFO"
+    settings: PoolManagerSettings,
+    base_env: Mapping[str, str],
+    log_level: str = "INFO",
+    tls: TlsFiles | None = None,
 ) -> PoolManagerApp:
-    """Starts serving (NOT_SERVING until every pool is ready) and starts the pools' workers."""
+    """Starts serving (NOT_SERVING until every pool is ready) and starts the pools' workers.
+    With ``tls``: mTLS on its port and to the catalog."""
     if not settings.catalog:
         raise ValueError("pool_manager.catalog: the catalog address is required")
-    channel = open_channel(settings.catalog)
+    channel = open_channel(settings.catalog, tls=tls)
     catalog = CatalogClient(channel)
 
     async def locate(model_id: str) -> str:
@@ -97,7 +102,14 @@ async def start_pool_manager(
             manager.models_in_use,
         )
     servicer = PoolManagerServicer(manager, collector)
-    server = await create_server(settings.listen, [servicer.binding()], ready=False)
+    credentials, authorize = service_security(tls)
+    server = await create_server(
+        settings.listen,
+        [servicer.binding()],
+        credentials=credentials,
+        authorize=authorize,
+        ready=False,
+    )
     server_box.append(server)
     await manager.start()
     app = PoolManagerApp(server, manager, servicer, channel)

@@ -1,0 +1,204 @@
+"""Who may call what: the role each RPC allows, and the two ways a caller proves its role.
+
+- Service ports (catalog, pool managers) take mTLS: the caller's certificate, verified against
+  the CA in the handshake, carries its role (mesh.tls); ``CertAuthorizer`` checks it.
+- The orchestrator's client port takes TLS plus an API key in ``authorization: Bearer``;
+  ``KeyAuthorizer`` checks the key, its rate limit, and its role.
+
+Every RPC is denied unless ``POLICY`` names it; grpc.health.v1 is open to anyone (probes and load
+balancers carry no identity) and reflection to any authenticated caller. A refusal is
+UNAUTHENTICATED (no identity, a bad or revoked key) or PERMISSION_DENIED (a role the RPC does not
+allow), and is logged with the caller's identity or key fingerprint, never the key.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from mesh import logs
+from mesh.apikeys import ApiKeyStore, RateLimiter
+from mesh.errors import PermissionDeniedError, ResourceExhaustedError, UnauthenticatedError
+from mesh.tls import peer_identity
+
+_log = logs.get_logger("auth")
+
+_PM = "/llorch.poolmanager.v1.PoolManagerService/"
+_CAT = "/llorch.catalog.v1.CatalogService/"
+_ORCH = "/llorch.orchestrator.v1.OrchestratorService/"
+_CTL = "/llorch.orchestrator.v1.ControlService/"
+
+_SERVICES = frozenset({"orchestrator", "poolmanager", "operator"})
+
+POLICY: dict[str, frozenset[str]] = {
+    # Pool managers: the orchestrator runs and watches work; operators inspect and maintain.
+    # Nobody but the orchestrator executes: that would bypass admission and tenants.
+    _PM + "Execute": frozenset({"orchestrator"}),
+    _PM + "CancelExecution": frozenset({"orchestrator"}),
+    _PM + "GetNode": frozenset({"orchestrator", "operator"}),
+    _PM + "WatchNode": frozenset({"orchestrator", "operator"}),
+    **{
+        _PM + name: frozenset({"orchestrator", "operator"})
+        for name in (
+            "PreloadPool",
+            "DrainPool",
+            "ReloadPool",
+            "StageModel",
+            "UnstageModel",
+            "CollectGarbage",
+        )
+    },
+    # Catalog: every service reads; pool managers report what their node holds and uses;
+    # operators change models and policy (the orchestrator deletes for ControlService).
+    **{
+        _CAT + name: _SERVICES
+        for name in ("GetModel", "ListModels", "LocateModel", "ListEngines", "GetGcPolicy")
+    },
+    _CAT + "RegisterModel": frozenset({"poolmanager", "operator"}),
+    _CAT + "RegisterEngine": frozenset({"poolmanager", "operator"}),
+    _CAT + "MarkModelsUsed": frozenset({"poolmanager"}),
+    _CAT + "DeleteReplica": frozenset({"poolmanager", "operator"}),
+    _CAT + "SetModelState": frozenset({"operator"}),
+    _CAT + "SetModelPinned": frozenset({"operator"}),
+    _CAT + "SetGcPolicy": frozenset({"operator"}),
+    _CAT + "DeleteModel": frozenset({"orchestrator", "operator"}),
+    # The client port: API keys of clients (their own tenant's tasks) and operators.
+    **{
+        _ORCH + name: frozenset({"client", "operator"})
+        for name in (
+            "Generate",
+            "SubmitTask",
+            "SubmitTasks",
+            "StreamTask",
+            "CancelTask",
+            "GetTask",
+        )
+    },
+    **{
+        _CTL + name: frozenset({"operator"})
+        for name in (
+            "ListPools",
+            "GetPool",
+            "DrainPool",
+            "ResumePool",
+            "ReloadPool",
+            "PreloadModel",
+            "DeleteModel",
+            "GetCapabilities",
+        )
+    },
+}
+
+_OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
+_ANY_IDENTITY_PREFIXES = ("/grpc.reflection.",)
+_TASK_CREATING = frozenset({_ORCH + "Generate", _ORCH + "SubmitTask", _ORCH + "SubmitTasks"})
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling, once authenticated."""
+
+    role: str
+    name: str
+    """The certificate's name, or the key's fingerprint."""
+    tenant: str = ""
+    """The key's tenant (API keys only)."""
+    models: frozenset[str] = field(default_factory=frozenset)
+    """Model ids the key may use; empty: all."""
+
+    def may_use(self, model_id: str) -> bool:
+        return not self.models or model_id in self.models
+
+    @property
+    def sees_every_tenant(self) -> bool:
+        """Operators see and cancel every tenant's tasks; clients only their own."""
+        return self.role == "operator"
+
+
+caller: ContextVar[Caller | None] = ContextVar("caller", default=None)
+"""The authenticated caller of the current RPC; None where the server runs without auth."""
+
+Authorizer = Callable[[str, grpc.aio.ServicerContext, Any], Caller | None]
+"""Checks one call (full method name, context, request or request iterator); returns the
+caller, None for open methods, or raises UnauthenticatedError / PermissionDeniedError."""
+
+
+def _allowed(method: str, role: str, who: str) -> None:
+    if method.startswith(_ANY_IDENTITY_PREFIXES):
+        return
+    roles = POLICY.get(method)
+    if roles is None or role not in roles:
+        _log.warning("permission denied", extra={"method": method, "peer": who, "role": role})
+        raise PermissionDeniedError(
+            f"{who} (role {role}) may not call {method.rsplit('/', 1)[-1]}",
+            reason="ROLE_NOT_ALLOWED",
+        )
+
+
+class CertAuthorizer:
+    """mTLS service ports: the role comes from the verified client certificate."""
+
+    def __call__(
+        self, method: str, context: grpc.aio.ServicerContext, request: Any
+    ) -> Caller | None:
+        if method.startswith(_OPEN_PREFIXES):
+            return None
+        identity = peer_identity(context)
+        if identity is None:
+            _log.warning("unauthenticated call", extra={"method": method, "peer": context.peer()})
+            raise UnauthenticatedError(
+                "this port needs a client certificate with a llama-orch role (llorch certs issue)",
+                reason="NO_CLIENT_CERTIFICATE",
+            )
+        _allowed(method, identity.role, str(identity))
+        return Caller(identity.role, identity.name)
+
+
+class KeyAuthorizer:
+    """The orchestrator's client port: ``authorization: Bearer <API key>``."""
+
+    def __init__(self, keys: ApiKeyStore, clock: Callable[[], float] = time.monotonic) -> None:
+        self._keys = keys
+        self._limiter = RateLimiter()
+        self._clock = clock
+
+    def __call__(
+        self, method: str, context: grpc.aio.ServicerContext, request: Any
+    ) -> Caller | None:
+        if method.startswith(_OPEN_PREFIXES):
+            return None
+        presented = ""
+        for name, value in context.invocation_metadata() or ():
+            if name == "authorization" and isinstance(value, str):
+                presented = value.removeprefix("Bearer ").strip()
+                break
+        if not presented:
+            _log.warning(
+                "call without an API key", extra={"method": method, "peer": context.peer()}
+            )
+            raise UnauthenticatedError(
+                "an API key is required: send `authorization: Bearer <key>` (llorch keys create)",
+                reason="API_KEY_MISSING",
+            )
+        key = self._keys.verify(presented)
+        if key is None:
+            _log.warning("bad API key", extra={"method": method, "peer": context.peer()})
+            raise UnauthenticatedError(
+                "the API key is unknown, malformed or revoked", reason="API_KEY_INVALID"
+            )
+        _allowed(method, key.role, key.fingerprint)
+        if method in _TASK_CREATING:
+            count = len(getattr(request, "requests", ())) or 1
+            wait_s = self._limiter.take(key, count, self._clock())
+            if wait_s > 0:
+                raise ResourceExhaustedError(
+                    f"key {key.fingerprint} is limited to {key.rate_per_s:g} tasks/s",
+                    reason="RATE_LIMITED",
+                    retry_delay_s=wait_s,
+                )
+        return Caller(key.role, key.fingerprint, key.tenant, frozenset(key.models))
