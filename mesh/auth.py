@@ -90,8 +90,11 @@ POLICY: dict[str, frozenset[str]] = {
             "PreloadModel",
             "DeleteModel",
             "GetCapabilities",
+            "ListNodes",
         )
     },
+    # The orchestrator's node port: pool managers announce themselves.
+    "/llorch.orchestrator.v1.NodeService/RegisterNode": frozenset({"poolmanager"}),
 }
 
 _OPEN_PREFIXES = ("/grpc.health.v1.Health/",)

@@ -138,6 +138,12 @@ def _parser() -> argparse.ArgumentParser:
         mverb.add_argument("--catalog", help="catalog address (LLORCH_CATALOG)")
         mverb.add_argument("--data-dir", type=Path, help="home profile data dir (LLORCH_DATA_DIR)")
         mverb.set_defaults(run=_cmd_models_set, verb=verb)
+    mtiny = models_sub.add_parser(
+        "write-tiny",
+        help="write the embedded tiny model (random weights, for trying the mesh) to a file",
+    )
+    mtiny.add_argument("path", type=Path)
+    mtiny.set_defaults(run=_cmd_models_write_tiny)
     madd = models_sub.add_parser("add", help="register a GGUF file on this node")
     madd.add_argument("name")
     madd.add_argument("path", type=Path)
@@ -177,6 +183,13 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--catalog", help="catalog address (LLORCH_CATALOG)")
         p.add_argument("--data-dir", type=Path, help="home profile data dir (LLORCH_DATA_DIR)")
         p.add_argument("--json", action="store_true", help="print JSON")
+
+    nodes = sub.add_parser("nodes", help="the pool managers the orchestrator knows")
+    nodes_sub = nodes.add_subparsers(title="nodes commands")
+    nlist = nodes_sub.add_parser("list", help="list nodes: address, reachable, pools")
+    nlist.add_argument("--json", action="store_true", help="print JSON")
+    nlist.add_argument("--orchestrator", help="orchestrator address (LLORCH_ORCHESTRATOR)")
+    nlist.set_defaults(run=_cmd_nodes_list)
 
     pools = sub.add_parser("pools", help="the pools the orchestrator places work on")
     pools_sub = pools.add_subparsers(title="pools commands")
@@ -319,6 +332,41 @@ def _cmd_pools(args: argparse.Namespace) -> int:
                 f"{s.node_id + '/' + s.pool_id:<24} {s.model_id:<20} {s.state:<9} "
                 f"{f'{s.slots_busy}/{s.slots_total}':>7} {s.queued:>6}  {note}"
             )
+        return 0
+
+    return asyncio.run(run())
+
+
+def _cmd_nodes_list(args: argparse.Namespace) -> int:
+    from google.protobuf import json_format
+    from llorch.orchestrator.v1 import control_pb2, control_pb2_grpc
+
+    address = args.orchestrator or ClientSettings().orchestrator
+
+    async def run() -> int:
+        async with client_channel(address) as channel:
+            stub = control_pb2_grpc.ControlServiceStub(channel)
+            try:
+                nodes = (await stub.ListNodes(control_pb2.ListNodesRequest())).nodes
+            except grpc.aio.AioRpcError as err:
+                return _rpc_failed(err)
+        if args.json:
+            print(json.dumps([json_format.MessageToDict(n) for n in nodes], indent=2))
+            return 0
+        rows = [
+            {
+                "node": n.node_id or "?",
+                "address": n.address,
+                "state": "reachable" if n.reachable else "unreachable",
+                "joined": "registered" if n.registered else "settings",
+                "last_seen": f"{n.last_seen_ms_ago / 1000:.1f}s ago"
+                if n.last_seen_ms_ago
+                else "never",
+                "pools": ",".join(n.pool_ids),
+            }
+            for n in nodes
+        ]
+        _print_table(rows, ["node", "address", "state", "joined", "last_seen", "pools"])
         return 0
 
     return asyncio.run(run())
@@ -643,6 +691,14 @@ def _cmd_models_rm(args: argparse.Namespace) -> int:
         return 0
 
     return asyncio.run(run())
+
+
+def _cmd_models_write_tiny(args: argparse.Namespace) -> int:
+    from provisioners.tiny_model import write_tiny_model
+
+    path = write_tiny_model(args.path)
+    print(f"{path}: {path.stat().st_size} bytes (tiny-llama, random weights)")
+    return 0
 
 
 def _cmd_models_pull(args: argparse.Namespace) -> int:

@@ -136,6 +136,13 @@ class PoolManagerSettings(BaseModel):
 
     catalog: str = ""
     """Catalog address; the home profile fills it in."""
+    orchestrator: str = ""
+    """The orchestrator's node port (its ``node_listen``): announce this pool manager there
+    (NodeService.RegisterNode) at start and every few seconds. Empty: the orchestrator lists it
+    in its settings instead."""
+    advertise_address: str = ""
+    """host:port the orchestrator reaches this pool manager at, as its certificate names it;
+    empty: ``localhost:<port>`` when listening on loopback (required otherwise)."""
     pools: list[PoolSettings] = Field(default_factory=list)
     """Pools to run. The home profile adds one CPU pool for the default model when empty."""
     worker_start_timeout_s: float = Field(default=120.0, gt=0, le=3600)
@@ -185,7 +192,14 @@ class OrchestratorSettings(BaseModel):
     catalog: str = ""
     """Catalog address; the home profile fills it in."""
     pool_managers: list[str] = Field(default_factory=list)
-    """Pool manager addresses; the home profile fills it in."""
+    """Pool manager addresses; the home profile fills it in. Pool managers may also register
+    themselves on ``node_listen``."""
+    node_listen: str = ""
+    """Address of the node port, where pool managers register themselves (NodeService; mTLS with
+    TLS on). Empty: no node port, only ``pool_managers``."""
+    node_register_interval_s: float = Field(default=5.0, ge=0.5, le=600)
+    """How often a registered pool manager announces itself again (so an orchestrator that
+    restarted finds every node within this time)."""
     queue_capacity: int = Field(default=1024, ge=1, le=1_000_000)
     """Most tasks waiting at once; what happens to one more is ``queue_full_policy``."""
     queue_full_policy: Literal["reject", "drop-oldest-batch"] = "reject"

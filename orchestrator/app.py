@@ -11,11 +11,18 @@ import grpc
 from catalog.client import CatalogClient
 from mesh import logs
 from mesh.apikeys import ApiKeyStore
-from mesh.server import MeshServer, client_port_security, create_server, open_channel
+from mesh.server import (
+    MeshServer,
+    client_port_security,
+    create_server,
+    open_channel,
+    service_security,
+)
 from mesh.settings import OrchestratorSettings
 from mesh.tls import TlsFiles
 from orchestrator.control import ControlServicer
 from orchestrator.journal import Journal
+from orchestrator.nodes import NodeServicer
 from orchestrator.pools import PoolRegistry
 from orchestrator.service import Orchestrator
 from orchestrator.servicer import OrchestratorServicer
@@ -31,6 +38,8 @@ class OrchestratorApp:
     orchestrator: Orchestrator
     catalog_channel: grpc.aio.Channel
     keys: ApiKeyStore | None = None
+    node_server: MeshServer | None = None
+    """The node port, where pool managers register (``node_listen``)."""
 
     @property
     def port(self) -> int:
@@ -39,6 +48,8 @@ class OrchestratorApp:
 
     async def stop(self) -> None:
         """Stops taking calls, ends open tasks (UNAVAILABLE), closes channels."""
+        if self.node_server is not None:
+            await self.node_server.stop(grace_s=0.5)
         await self.orchestrator.stop()
         await self.server.stop(grace_s=1.0)
         await self.catalog_channel.close()
@@ -88,4 +99,13 @@ async def start_orchestrator(
         credentials=credentials,
         authorize=authorize,
     )
-    return OrchestratorApp(server, orchestrator, channel, keys)
+    node_server = None
+    if settings.node_listen:
+        node_credentials, node_authorize = service_security(tls)
+        node_server = await create_server(
+            settings.node_listen,
+            [NodeServicer(registry, settings.node_register_interval_s).binding()],
+            credentials=node_credentials,
+            authorize=node_authorize,
+        )
+    return OrchestratorApp(server, orchestrator, channel, keys, node_server)

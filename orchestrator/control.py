@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import grpc
 from llorch.orchestrator.v1 import control_pb2, control_pb2_grpc
 from llorch.poolmanager.v1 import poolmanager_pb2
@@ -33,6 +35,26 @@ class ControlServicer(control_pb2_grpc.ControlServiceServicer):
         self, request: control_pb2.ListPoolsRequest, context: grpc.aio.ServicerContext
     ) -> control_pb2.ListPoolsResponse:
         return control_pb2.ListPoolsResponse(pools=self._statuses())
+
+    async def ListNodes(
+        self, request: control_pb2.ListNodesRequest, context: grpc.aio.ServicerContext
+    ) -> control_pb2.ListNodesResponse:
+        now = time.monotonic()
+        return control_pb2.ListNodesResponse(
+            nodes=[
+                control_pb2.NodeStatus(
+                    node_id=node.node_id or node.expected_node_id,
+                    address=node.address,
+                    reachable=node.reachable,
+                    registered=node.registered,
+                    last_seen_ms_ago=0
+                    if node.last_seen is None
+                    else max(1, round((now - node.last_seen) * 1000)),
+                    pool_ids=[p.pool_id for p in node.pools],
+                )
+                for node in self._orch.registry_nodes()
+            ]
+        )
 
     async def GetPool(
         self, request: control_pb2.GetPoolRequest, context: grpc.aio.ServicerContext

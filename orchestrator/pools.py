@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -37,6 +38,12 @@ class _Node:
     gpus: tuple[poolmanager_pb2.Gpu, ...] = ()
     reachable: bool = False
     conflict: bool = False
+    registered: bool = False
+    """It announced itself (NodeService.RegisterNode) rather than being in the settings."""
+    expected_node_id: str = ""
+    """The node id it registered under; its watch stream must report the same."""
+    last_seen: float | None = None
+    """When it last answered (time.monotonic)."""
     answered: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     poller: asyncio.Task[None] | None = field(default=None, repr=False)
 
@@ -55,6 +62,8 @@ class PoolRegistry:
         """Pool managers at ``addresses``; those in ``local_stubs`` are called in-process."""
         self._heartbeat_s = heartbeat_s
         self._lost_s = lost_s
+        self._open_channel = open_channel
+        self._started = False
         self._nodes: list[_Node] = []
         local = local_stubs or {}
         for address in addresses:
@@ -74,19 +83,57 @@ class PoolRegistry:
     async def start(self, on_change: Callable[[], None]) -> None:
         """Starts watching every node; returns once each has answered or been found lost."""
         self._on_change = on_change
+        self._started = True
         for node in self._nodes:
             node.poller = asyncio.create_task(self._watch(node), name=f"watch-{node.address}")
         await asyncio.gather(*(self._first_answer(node) for node in self._nodes))
 
+    async def register(self, node_id: str, address: str) -> None:
+        """A pool manager announced itself: watch it from now on. The same node at the same
+        address changes nothing; at a new address it replaces its old entry (a restarted pool
+        manager on another port or host)."""
+        for node in self._nodes:
+            if node.address == address:
+                if node.registered:
+                    node.expected_node_id = node_id
+                return
+        stale = [n for n in self._nodes if n.registered and n.expected_node_id == node_id]
+        for node in stale:
+            _log.info("node %s moved from %s to %s", node_id, node.address, address)
+            self._nodes.remove(node)
+            await self._close(node)
+        channel = self._open_channel(address)
+        node = _Node(
+            address,
+            channel,
+            poolmanager_pb2_grpc.PoolManagerServiceStub(channel),
+            registered=True,
+            expected_node_id=node_id,
+        )
+        self._nodes.append(node)
+        _log.info("node %s registered at %s", node_id, address)
+        if self._started:
+            node.poller = asyncio.create_task(self._watch(node), name=f"watch-{address}")
+        self._views = None
+        self._on_change()
+
+    def nodes(self) -> list[_Node]:
+        """Every node known, in order of node id (then address)."""
+        return sorted(self._nodes, key=lambda n: (n.node_id or n.expected_node_id, n.address))
+
+    @staticmethod
+    async def _close(node: _Node) -> None:
+        if node.poller is not None:
+            node.poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await node.poller
+        if node.channel is not None:
+            await node.channel.close()
+
     async def stop(self) -> None:
         """Stops watching and closes the channels."""
         for node in self._nodes:
-            if node.poller is not None:
-                node.poller.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await node.poller
-            if node.channel is not None:
-                await node.channel.close()
+            await self._close(node)
 
     def views(self) -> tuple[PoolView, ...]:
         """Every known pool, as placement sees it. Built again only after something changed:
@@ -231,7 +278,23 @@ class PoolRegistry:
 
     def _apply(self, node: _Node, state: poolmanager_pb2.Node) -> None:
         node.answered.set()
+        node.last_seen = time.monotonic()
         node_id = state.node_id
+        if node.expected_node_id and node_id != node.expected_node_id:
+            # It registered as one node and answers as another: trust neither.
+            if not node.conflict:
+                _log.error(
+                    "pool manager %s registered as node %s but reports node %s; ignoring it",
+                    node.address,
+                    node.expected_node_id,
+                    node_id,
+                )
+                node.conflict = True
+                node.reachable = False
+                node.pools = ()
+                self._views = None
+                self._on_change()
+            return
         twin = next((n for n in self._nodes if n is not node and n.node_id == node_id), None)
         if twin is not None:
             # Two pool managers with one node id would share slot counts and stubs.

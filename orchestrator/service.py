@@ -370,6 +370,10 @@ class Orchestrator:
         """Every pool as placement sees it now (drained pools show as draining)."""
         return self._views(self._clock())
 
+    def registry_nodes(self) -> list[Any]:
+        """Every node the registry knows (orchestrator.pools._Node), by node id."""
+        return self._registry.nodes()
+
     def registry_pools(self) -> list[tuple[str, bool, poolmanager_pb2.Pool]]:
         """Every pool as its pool manager reported it: (node id, node reachable, pool)."""
         return self._registry.pools()

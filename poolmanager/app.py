@@ -8,11 +8,18 @@ from dataclasses import dataclass
 
 import grpc
 from llorch.catalog.v1 import catalog_pb2, catalog_pb2_grpc
+from llorch.orchestrator.v1 import nodes_pb2, nodes_pb2_grpc
 
 from catalog.client import CatalogClient
 from mesh import logs
 from mesh.errors import LlorchError
-from mesh.server import MeshServer, create_server, open_channel, service_security
+from mesh.server import (
+    MeshServer,
+    create_server,
+    is_loopback,
+    open_channel,
+    service_security,
+)
 from mesh.settings import PoolManagerSettings
 from mesh.tls import TlsFiles
 from poolmanager.collector import GarbageCollector
@@ -32,6 +39,7 @@ class PoolManagerApp:
     catalog_channel: grpc.aio.Channel
     gc_timer: asyncio.Task[None] | None = None
     usage_timer: asyncio.Task[None] | None = None
+    registration: asyncio.Task[None] | None = None
 
     async def report_usage(self, timeout_s: float = 10.0) -> None:
         """Tells the catalog which models ran here since the last report (kept for the next
@@ -57,7 +65,7 @@ class PoolManagerApp:
 
     async def stop(self) -> None:
         """Stops serving, then stops every worker."""
-        for timer in (self.gc_timer, self.usage_timer):
+        for timer in (self.registration, self.gc_timer, self.usage_timer):
             if timer is not None:
                 timer.cancel()
                 await asyncio.gather(timer, return_exceptions=True)
@@ -77,6 +85,15 @@ async def start_pool_manager(
     With ``tls``: mTLS on its port and to the catalog."""
     if not settings.catalog:
         raise ValueError("pool_manager.catalog: the catalog address is required")
+    if (
+        settings.orchestrator
+        and not settings.advertise_address
+        and not is_loopback(settings.listen)
+    ):
+        raise ValueError(
+            "pool_manager.advertise_address: required to register with the orchestrator when "
+            f"listening on {settings.listen} (the host:port the orchestrator dials)"
+        )
     channel = open_channel(settings.catalog, tls=tls)
     catalog = CatalogClient(channel)
 
@@ -120,7 +137,44 @@ async def start_pool_manager(
         app.gc_timer = asyncio.create_task(
             _collect_every(collector, settings.gc_interval_s), name="gc-timer"
         )
+    if settings.orchestrator:
+        advertise = settings.advertise_address or f"localhost:{server.port}"
+        app.registration = asyncio.create_task(
+            _register_every(settings.orchestrator, tls, settings.node_id, advertise),
+            name="node-registration",
+        )
     return app
+
+
+async def _register_every(
+    orchestrator: str, tls: TlsFiles | None, node_id: str, address: str
+) -> None:
+    """Announces this node to the orchestrator's node port now and whenever it asks to hear
+    again; retries with backoff while it cannot be reached."""
+    backoff_s = 0.2
+    async with open_channel(orchestrator, tls=tls) as channel:
+        stub = nodes_pb2_grpc.NodeServiceStub(channel)
+        request = nodes_pb2.RegisterNodeRequest(node_id=node_id, address=address)
+        registered = False
+        while True:
+            try:
+                answer = await stub.RegisterNode(request, timeout=5.0)
+            except grpc.aio.AioRpcError as err:
+                if registered or backoff_s >= 3.2:
+                    _log.warning(
+                        "cannot register with the orchestrator at %s: %s %s",
+                        orchestrator,
+                        err.code().name,
+                        err.details(),
+                    )
+                registered = False
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 5.0)
+                continue
+            if not registered:
+                _log.info("registered with the orchestrator at %s as %s", orchestrator, address)
+            registered, backoff_s = True, 0.2
+            await asyncio.sleep(max(0.5, answer.register_again_ms / 1000))
 
 
 async def _report_every(app: PoolManagerApp, interval_s: float) -> None:

@@ -105,6 +105,11 @@ class SecureMesh:
         return f"localhost:{self.catalog.server.port}"
 
     @property
+    def node_port_address(self) -> str:
+        assert self.orchestrator.node_server is not None
+        return f"localhost:{self.orchestrator.node_server.port}"
+
+    @property
     def pool_manager_address(self) -> str:
         return f"localhost:{self.pool_manager.server.port}"
 
@@ -129,12 +134,13 @@ async def start_secure_mesh(root: Path, model_path: Path) -> SecureMesh:
     channel = open_channel(catalog_address, tls=pki.files("alice"))  # an operator registers
     try:
         await register_local_file(
-            catalog_pb2_grpc.CatalogServiceStub(channel), DEFAULT_MODEL_ID, model_path, "local"
+            catalog_pb2_grpc.CatalogServiceStub(channel), DEFAULT_MODEL_ID, model_path, "node-a"
         )
     finally:
         await channel.close()
     pm = await start_pool_manager(
         PoolManagerSettings(
+            node_id="node-a",  # as its certificate names it
             catalog=catalog_address,
             pools=[PoolSettings(pool_id="cpu-0", model_id=DEFAULT_MODEL_ID, n_threads=1)],
         ),
@@ -150,6 +156,7 @@ async def start_secure_mesh(root: Path, model_path: Path) -> SecureMesh:
             node_heartbeat_s=0.2,
             journal_path=root / "orchestrator" / "journal.db",
             keys_path=keys_path,
+            node_listen="127.0.0.1:0",
         ),
         "127.0.0.1:0",
         tls=pki.files("orch"),

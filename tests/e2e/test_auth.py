@@ -19,7 +19,14 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from llorch.catalog.v1 import catalog_pb2
 from llorch.common.v1 import common_pb2
-from llorch.orchestrator.v1 import control_pb2, orchestrator_pb2, orchestrator_pb2_grpc
+from llorch.orchestrator.v1 import (
+    control_pb2,
+    control_pb2_grpc,
+    nodes_pb2,
+    nodes_pb2_grpc,
+    orchestrator_pb2,
+    orchestrator_pb2_grpc,
+)
 from llorch.poolmanager.v1 import poolmanager_pb2
 
 from mesh.apikeys import ApiKeyStore
@@ -30,6 +37,7 @@ from tests.e2e.secure_mesh import SecureMesh, start_secure_mesh
 SERVICE_PORT_SERVICES = {
     "catalog": catalog_pb2.DESCRIPTOR.services_by_name["CatalogService"],
     "poolmanager": poolmanager_pb2.DESCRIPTOR.services_by_name["PoolManagerService"],
+    "node port": nodes_pb2.DESCRIPTOR.services_by_name["NodeService"],
 }
 CLIENT_PORT_SERVICES = [
     orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"],
@@ -102,7 +110,11 @@ async def test_every_rpc_has_a_policy() -> None:
 
 
 async def test_service_ports_check_the_certificate_and_its_role(secure: SecureMesh) -> None:
-    addresses = {"catalog": secure.catalog_address, "poolmanager": secure.pool_manager_address}
+    addresses = {
+        "catalog": secure.catalog_address,
+        "poolmanager": secure.pool_manager_address,
+        "node port": secure.node_port_address,
+    }
     table: list[tuple[str, str, str]] = []
     for kind, service in SERVICE_PORT_SERVICES.items():
         for caller, (cert, other_ca) in CERT_CALLERS.items():
@@ -131,6 +143,8 @@ async def test_service_ports_check_the_certificate_and_its_role(secure: SecureMe
     assert outcome[("SetModelState", "role operator")] != "PERMISSION_DENIED"
     assert outcome[("SetModelState", "role orchestrator")] == "PERMISSION_DENIED"
     assert outcome[("GetModel", "role client")] == "PERMISSION_DENIED"
+    assert outcome[("RegisterNode", "role poolmanager")] != "PERMISSION_DENIED"
+    assert outcome[("RegisterNode", "role orchestrator")] == "PERMISSION_DENIED"
     _print_table(table)
 
 
@@ -265,3 +279,39 @@ def _print_table(rows: list[tuple[str, str, str]]) -> None:
 
 def _short(code: str) -> str:
     return {"UNAVAILABLE": "handshake refused", "OK": "ok"}.get(code, code)
+
+
+async def test_a_pool_manager_registers_only_as_the_node_its_certificate_names(
+    secure: SecureMesh,
+) -> None:
+    channel = secure.pki.channel(secure.node_port_address, "node-a")
+    operator_key, _ = secure.keys.create("ops", "operator")
+    ops = secure.pki.key_channel(secure.orchestrator_address, operator_key)
+    try:
+        stub = nodes_pb2_grpc.NodeServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as other:
+            await stub.RegisterNode(
+                nodes_pb2.RegisterNodeRequest(node_id="node-b", address="localhost:1")
+            )
+        assert other.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert error_details(other.value)["reason"] == "NODE_ID_MISMATCH"
+        with pytest.raises(grpc.aio.AioRpcError) as bad:
+            await stub.RegisterNode(
+                nodes_pb2.RegisterNodeRequest(node_id="node-a", address="no port")
+            )
+        assert error_details(bad.value)["fields"] == ["address"]
+        # Its own node id at its real address: the orchestrator knows it already (settings)
+        # and still answers when to register again.
+        again = await stub.RegisterNode(
+            nodes_pb2.RegisterNodeRequest(node_id="node-a", address=secure.pool_manager_address)
+        )
+        assert again.register_again_ms == 5000
+        listed = await control_pb2_grpc.ControlServiceStub(ops).ListNodes(
+            control_pb2.ListNodesRequest()
+        )
+        assert [(n.node_id, n.reachable, n.registered) for n in listed.nodes] == [
+            ("node-a", True, False)
+        ]
+    finally:
+        await channel.close()
+        await ops.close()

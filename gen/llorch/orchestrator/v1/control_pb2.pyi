@@ -182,3 +182,29 @@ class DeleteModelResponse(_message.Message):
     tasks_ended: int
     files: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, drained_pools: _Optional[_Iterable[str]] = ..., tasks_ended: _Optional[int] = ..., files: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ListNodesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListNodesResponse(_message.Message):
+    __slots__ = ("nodes",)
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    nodes: _containers.RepeatedCompositeFieldContainer[NodeStatus]
+    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ...) -> None: ...
+
+class NodeStatus(_message.Message):
+    __slots__ = ("node_id", "address", "reachable", "registered", "last_seen_ms_ago", "pool_ids")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    REACHABLE_FIELD_NUMBER: _ClassVar[int]
+    REGISTERED_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_MS_AGO_FIELD_NUMBER: _ClassVar[int]
+    POOL_IDS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    address: str
+    reachable: bool
+    registered: bool
+    last_seen_ms_ago: int
+    pool_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., reachable: _Optional[bool] = ..., registered: _Optional[bool] = ..., last_seen_ms_ago: _Optional[int] = ..., pool_ids: _Optional[_Iterable[str]] = ...) -> None: ...

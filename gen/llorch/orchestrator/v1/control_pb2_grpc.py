@@ -71,6 +71,11 @@ class ControlServiceStub:
                 request_serializer=llorch_dot_orchestrator_dot_v1_dot_control__pb2.DeleteModelRequest.SerializeToString,
                 response_deserializer=llorch_dot_orchestrator_dot_v1_dot_control__pb2.DeleteModelResponse.FromString,
                 _registered_method=True)
+        self.ListNodes = channel.unary_unary(
+                '/llorch.orchestrator.v1.ControlService/ListNodes',
+                request_serializer=llorch_dot_orchestrator_dot_v1_dot_control__pb2.ListNodesRequest.SerializeToString,
+                response_deserializer=llorch_dot_orchestrator_dot_v1_dot_control__pb2.ListNodesResponse.FromString,
+                _registered_method=True)
         self.GetCapabilities = channel.unary_unary(
                 '/llorch.orchestrator.v1.ControlService/GetCapabilities',
                 request_serializer=llorch_dot_orchestrator_dot_v1_dot_control__pb2.GetCapabilitiesRequest.SerializeToString,
@@ -152,6 +157,14 @@ class ControlServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListNodes(self, request, context):
+        """Lists the nodes (pool managers) the orchestrator knows: those in its settings and those that
+        registered, whether each is reachable, and its pools.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetCapabilities(self, request, context):
         """Returns what the mesh can serve now: models, their context limits and engines.
         """
@@ -196,6 +209,11 @@ def add_ControlServiceServicer_to_server(servicer, server):
                     servicer.DeleteModel,
                     request_deserializer=llorch_dot_orchestrator_dot_v1_dot_control__pb2.DeleteModelRequest.FromString,
                     response_serializer=llorch_dot_orchestrator_dot_v1_dot_control__pb2.DeleteModelResponse.SerializeToString,
+            ),
+            'ListNodes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListNodes,
+                    request_deserializer=llorch_dot_orchestrator_dot_v1_dot_control__pb2.ListNodesRequest.FromString,
+                    response_serializer=llorch_dot_orchestrator_dot_v1_dot_control__pb2.ListNodesResponse.SerializeToString,
             ),
             'GetCapabilities': grpc.unary_unary_rpc_method_handler(
                     servicer.GetCapabilities,
@@ -394,6 +412,33 @@ class ControlService:
             '/llorch.orchestrator.v1.ControlService/DeleteModel',
             llorch_dot_orchestrator_dot_v1_dot_control__pb2.DeleteModelRequest.SerializeToString,
             llorch_dot_orchestrator_dot_v1_dot_control__pb2.DeleteModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListNodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llorch.orchestrator.v1.ControlService/ListNodes',
+            llorch_dot_orchestrator_dot_v1_dot_control__pb2.ListNodesRequest.SerializeToString,
+            llorch_dot_orchestrator_dot_v1_dot_control__pb2.ListNodesResponse.FromString,
             options,
             channel_credentials,
             insecure,
