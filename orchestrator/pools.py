@@ -36,6 +36,10 @@ class _Node:
     node_id: str = ""
     pools: tuple[poolmanager_pb2.Pool, ...] = ()
     gpus: tuple[poolmanager_pb2.Gpu, ...] = ()
+    stored: frozenset[str] = frozenset()
+    """Models in the node's store (placement prefers not to fetch)."""
+    staged: frozenset[str] = frozenset()
+    """Models in the node's RAM staging cache."""
     reachable: bool = False
     conflict: bool = False
     registered: bool = False
@@ -166,6 +170,8 @@ class PoolRegistry:
                     gpu=any(d != "cpu" for d in pool.devices),
                     vram_total_bytes=sum(g.vram_total_bytes for g in gpus),
                     vram_free_bytes=sum(g.vram_free_bytes for g in gpus),
+                    disk_models=node.stored,
+                    staged_models=node.staged,
                 )
                 target = self._changing.get(key)
                 if target is not None:
@@ -314,7 +320,16 @@ class PoolRegistry:
             return
         node.conflict = False
         pools = tuple(state.pools)
-        changed = (not node.reachable) or pools != node.pools or node.node_id != node_id
+        stored = frozenset(state.stored_models)
+        staged = frozenset(m.model_id for m in state.staging.models)
+        changed = (
+            (not node.reachable)
+            or pools != node.pools
+            or node.node_id != node_id
+            or stored != node.stored
+            or staged != node.staged
+        )
+        node.stored, node.staged = stored, staged
         node.gpus = tuple(state.gpus)  # VRAM figures move all the time; not a change by itself
         if not node.reachable:
             _log.info("pool manager %s (node %s) is reachable", node.address, node_id)

@@ -40,6 +40,30 @@ class PoolManagerApp:
     gc_timer: asyncio.Task[None] | None = None
     usage_timer: asyncio.Task[None] | None = None
     registration: asyncio.Task[None] | None = None
+    store_timer: asyncio.Task[None] | None = None
+
+    async def refresh_store(self) -> None:
+        """Reads which models the catalog records in this node's store; keeps the last answer
+        when the catalog cannot be reached."""
+        stub = catalog_pb2_grpc.CatalogServiceStub(self.catalog_channel)
+        found: list[str] = []
+        token = ""
+        try:
+            while True:
+                page = await stub.ListModels(
+                    catalog_pb2.ListModelsRequest(
+                        node_id=self.manager.node_id, page_size=500, page_token=token
+                    ),
+                    timeout=10.0,
+                )
+                found.extend(m.model_id for m in page.models)
+                token = page.next_page_token
+                if not token:
+                    break
+        except grpc.aio.AioRpcError as err:
+            _log.warning("could not read this node's models from the catalog: %s", err.code().name)
+            return
+        await self.manager.set_stored_models(found)
 
     async def report_usage(self, timeout_s: float = 10.0) -> None:
         """Tells the catalog which models ran here since the last report (kept for the next
@@ -65,7 +89,7 @@ class PoolManagerApp:
 
     async def stop(self) -> None:
         """Stops serving, then stops every worker."""
-        for timer in (self.registration, self.gc_timer, self.usage_timer):
+        for timer in (self.registration, self.store_timer, self.gc_timer, self.usage_timer):
             if timer is not None:
                 timer.cancel()
                 await asyncio.gather(timer, return_exceptions=True)
@@ -110,6 +134,7 @@ async def start_pool_manager(
             await server_box[0].set_ready(SERVICE_NAME, ready)
 
     manager = PoolManager(settings, locate, base_env, on_change, log_level)
+    app_box: list[PoolManagerApp] = []  # the collector refreshes the app's store index
     collector = None
     if settings.model_store is not None:
         collector = GarbageCollector(
@@ -117,6 +142,7 @@ async def start_pool_manager(
             settings.node_id,
             settings.model_store,
             manager.models_in_use,
+            after_collect=lambda: app_box[0].refresh_store(),
         )
     servicer = PoolManagerServicer(manager, collector)
     credentials, authorize = service_security(tls)
@@ -130,6 +156,9 @@ async def start_pool_manager(
     server_box.append(server)
     await manager.start()
     app = PoolManagerApp(server, manager, servicer, channel)
+    app_box.append(app)
+    await app.refresh_store()
+    app.store_timer = asyncio.create_task(_refresh_every(app, STORE_REFRESH_S), name="store")
     app.usage_timer = asyncio.create_task(
         _report_every(app, settings.usage_report_s), name="usage-report"
     )
@@ -175,6 +204,17 @@ async def _register_every(
                 _log.info("registered with the orchestrator at %s as %s", orchestrator, address)
             registered, backoff_s = True, 0.2
             await asyncio.sleep(max(0.5, answer.register_again_ms / 1000))
+
+
+STORE_REFRESH_S = 30.0
+"""How often a pool manager reads again which models its store holds (pulls by operators
+land in the catalog, not here)."""
+
+
+async def _refresh_every(app: PoolManagerApp, interval_s: float) -> None:
+    while True:
+        await asyncio.sleep(interval_s)
+        await app.refresh_store()
 
 
 async def _report_every(app: PoolManagerApp, interval_s: float) -> None:

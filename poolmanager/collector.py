@@ -13,7 +13,7 @@ import contextlib
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,7 +54,10 @@ class GarbageCollector:
         store: Path,
         in_use: Callable[[], dict[str, str]],
         clock: Callable[[], float] = time.time,
+        after_collect: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        """``after_collect`` runs after each collection that deleted something."""
+        self._after_collect = after_collect
         self._catalog = catalog
         self._node_id = node_id
         self._store = store
@@ -99,7 +102,9 @@ class GarbageCollector:
             except grpc.aio.AioRpcError as err:
                 raise from_rpc_error(err) from None
             unknown = await asyncio.to_thread(self._unknown_files, known, not dry_run)
-            return Collection(plan, dry_run, partials, unknown)
+        if not dry_run and plan.delete and self._after_collect is not None:
+            await self._after_collect()
+        return Collection(plan, dry_run, partials, unknown)
 
     async def _catalog_facts(self) -> tuple[GcPolicy, list[GcReplica], set[str]]:
         answer = await self._catalog.GetGcPolicy(

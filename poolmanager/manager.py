@@ -22,7 +22,7 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -238,6 +238,8 @@ class PoolManager:
         self._background: set[asyncio.Task[Any]] = set()
         self._stopping = False
         self.version = 0
+        self.stored_models: frozenset[str] = frozenset()
+        """Models the catalog records in this node's store (see ``set_stored_models``)."""
         """Counts changes of the node's state (pool states, slots in use)."""
         self._change = asyncio.Event()
 
@@ -949,6 +951,13 @@ class PoolManager:
         self._change = asyncio.Event()
         if self._on_change is not None:
             await self._on_change()
+
+    async def set_stored_models(self, models: Iterable[str]) -> None:
+        """What the node's store holds, by the catalog; a change is pushed to watchers."""
+        stored = frozenset(models)
+        if stored != self.stored_models:
+            self.stored_models = stored
+            await self._changed()
 
     async def wait_change(self, version: int, timeout_s: float) -> None:
         """Returns once the state moved past ``version``, or after ``timeout_s``."""

@@ -204,6 +204,7 @@ def node_to_pb(manager: PoolManager) -> poolmanager_pb2.Node:
         ],
         gpu_status=manager.inventory.unavailable_reason,
         staging=staging_to_pb(manager),
+        stored_models=sorted(manager.stored_models),
     )
 
 

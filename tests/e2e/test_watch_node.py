@@ -13,7 +13,9 @@ import grpc
 from llorch.orchestrator.v1 import orchestrator_pb2
 from llorch.poolmanager.v1 import poolmanager_pb2, poolmanager_pb2_grpc
 
+from provisioners.tiny_model import TinyModelSpec, write_tiny_model
 from tests.conftest import Mesh, start_mesh, stop_mesh
+from tests.e2e.helpers import register_model
 
 
 async def test_state_is_pushed_on_change_and_repeated_on_heartbeat(mesh: Mesh) -> None:
@@ -86,3 +88,29 @@ async def test_the_orchestrator_marks_a_lost_pool_manager_unreachable(
         assert "unreachable" in got.task.excluded_pools[0].reason
     finally:
         await stop_mesh(mesh)
+
+
+async def test_the_models_a_node_stores_reach_placement(mesh: Mesh, tmp_path: Path) -> None:
+    await mesh.settle()
+    assert mesh.pool_manager.manager.stored_models == {"tiny-llama"}  # read at start
+    await register_model(
+        mesh, "other-llama", write_tiny_model(tmp_path / "other.gguf", TinyModelSpec(seed=9))
+    )
+    async with grpc.aio.insecure_channel(mesh.pool_manager.address) as channel:
+        stub = poolmanager_pb2_grpc.PoolManagerServiceStub(channel)
+        call = stub.WatchNode(poolmanager_pb2.WatchNodeRequest(heartbeat_ms=5000))
+        stream = aiter(call)
+        first = await anext(stream)
+        assert list(first.node.stored_models) == ["tiny-llama"]
+        await mesh.pool_manager.refresh_store()  # as its 30 s timer would
+        async with asyncio.timeout(2):  # pushed at once, well before the heartbeat
+            pushed = await anext(stream)
+        assert list(pushed.node.stored_models) == ["other-llama", "tiny-llama"]
+        call.cancel()
+    registry = mesh.orchestrator.orchestrator._registry
+    for _ in range(100):  # the orchestrator's own watch stream brings it within a heartbeat
+        if registry.views()[0].disk_models == {"other-llama", "tiny-llama"}:
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError(f"placement never saw it: {registry.views()[0].disk_models}")

@@ -48,18 +48,20 @@ class WatchNodeResponse(_message.Message):
     def __init__(self, node: _Optional[_Union[Node, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
 
 class Node(_message.Message):
-    __slots__ = ("node_id", "pools", "gpus", "gpu_status", "staging")
+    __slots__ = ("node_id", "pools", "gpus", "gpu_status", "staging", "stored_models")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     POOLS_FIELD_NUMBER: _ClassVar[int]
     GPUS_FIELD_NUMBER: _ClassVar[int]
     GPU_STATUS_FIELD_NUMBER: _ClassVar[int]
     STAGING_FIELD_NUMBER: _ClassVar[int]
+    STORED_MODELS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     pools: _containers.RepeatedCompositeFieldContainer[Pool]
     gpus: _containers.RepeatedCompositeFieldContainer[Gpu]
     gpu_status: str
     staging: Staging
-    def __init__(self, node_id: _Optional[str] = ..., pools: _Optional[_Iterable[_Union[Pool, _Mapping]]] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., gpu_status: _Optional[str] = ..., staging: _Optional[_Union[Staging, _Mapping]] = ...) -> None: ...
+    stored_models: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, node_id: _Optional[str] = ..., pools: _Optional[_Iterable[_Union[Pool, _Mapping]]] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., gpu_status: _Optional[str] = ..., staging: _Optional[_Union[Staging, _Mapping]] = ..., stored_models: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Gpu(_message.Message):
     __slots__ = ("index", "uuid", "name", "vram_total_bytes", "vram_free_bytes", "vram_used_bytes", "utilization_pct", "compute_capability")
