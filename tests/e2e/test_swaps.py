@@ -12,8 +12,11 @@ from pathlib import Path
 
 import grpc
 import pytest
+from llorch.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from llorch.orchestrator.v1 import orchestrator_pb2
 
+from mesh.server import open_channel
+from provisioners.models import register_local_file
 from provisioners.tiny_model import TinyModelSpec, write_tiny_model
 from tests.conftest import Mesh, start_mesh, stop_mesh
 from tests.e2e.helpers import collect, error_details, generate_request, register_model
@@ -126,5 +129,37 @@ async def test_a_pool_that_may_not_swap_refuses_other_models_at_admission(
             )
         assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert error_details(refused.value)["reason"] == "NO_POOL_FOR_MODEL"
+    finally:
+        await stop_mesh(mesh)
+
+
+async def test_a_model_the_node_lacks_is_fetched_into_its_store_and_recorded(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    store = tmp_path / "store"
+    mesh = await start_mesh(tmp_path, tiny_model, pool_manager={"model_store": store})
+    try:
+        source = write_tiny_model(tmp_path / "elsewhere" / "other.gguf", TinyModelSpec(seed=9))
+        channel = open_channel(mesh.catalog.address)
+        catalog = catalog_pb2_grpc.CatalogServiceStub(channel)
+        # Only another node holds it; its ref says where it came from.
+        await register_local_file(catalog, "other-llama", source, "node-elsewhere")
+        broken = write_tiny_model(tmp_path / "gone" / "broken.gguf", TinyModelSpec(seed=3))
+        await register_local_file(catalog, "gone-llama", broken, "node-elsewhere")
+        broken.unlink()  # its source is gone: fetching it must fail, and say why
+        got = await collect(
+            mesh.stub.Generate(generate_request(model_id="other-llama", max_tokens=3))
+        )
+        assert got.finished.tokens_out == 3
+        assert (store / "other-llama.gguf").read_bytes() == source.read_bytes()
+        where = await catalog.LocateModel(catalog_pb2.LocateModelRequest(model_id="other-llama"))
+        assert sorted(loc.node_id for loc in where.locations) == ["local", "node-elsewhere"]
+        assert "other-llama" in mesh.pool_manager.manager.stored_models
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await collect(mesh.stub.Generate(generate_request(model_id="gone-llama")))
+        assert failed.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "SOURCE_NOT_FOUND" in (failed.value.details() or "")
+        assert not (store / "gone-llama.gguf").exists()
+        await channel.close()
     finally:
         await stop_mesh(mesh)
