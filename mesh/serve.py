@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from catalog.app import start_catalog
 from mesh import logs
 from mesh.errors import LlorchError
+from mesh.server import MeshServer
 from mesh.settings import Settings
 from orchestrator.app import start_orchestrator
 from poolmanager.app import start_pool_manager
@@ -30,9 +31,10 @@ async def serve(
 ) -> None:
     """Runs one service until ``stop`` is set."""
     close: Callable[[], Awaitable[None]]
+    server: MeshServer
     if service == "catalog":
         catalog = await start_catalog(settings)
-        address, close = catalog.address, catalog.stop
+        address, close, server = catalog.address, catalog.stop, catalog.server
     elif service == "poolmanager":
         pm_settings = settings.pool_manager
         if pm_settings.model_store is None:  # where `llorch models pull` puts files by default
@@ -42,7 +44,7 @@ async def serve(
         pool_manager = await start_pool_manager(
             pm_settings, base_env, settings.log_level, settings.tls.files()
         )
-        address, close = pool_manager.address, pool_manager.stop
+        address, close, server = pool_manager.address, pool_manager.stop, pool_manager.server
     elif service == "orchestrator":
         orch_settings = settings.orchestrator_service
         if orch_settings.journal and orch_settings.journal_path is None:
@@ -58,9 +60,13 @@ async def serve(
         )
         host = settings.listen.rsplit(":", 1)[0]
         address, close = f"{host}:{orchestrator.port}", orchestrator.stop
+        server = orchestrator.server
     else:
         raise ValueError(f"unknown service {service!r}; one of {', '.join(SERVICES)}")
     try:
+        if settings.health_listen:
+            port = await server.serve_health(settings.health_listen)
+            _log.info("health probes answered on port %d", port)
         print(f"llorch ready: {service} {address}", flush=True)
         await stop.wait()
         _log.info("stopping")

@@ -66,6 +66,7 @@ class MeshServer:
         self.server = server
         self.port = port
         self._health = health_servicer
+        self._probes: list[grpc.aio.Server] = []
 
     async def set_ready(self, service_name: str, ready: bool) -> None:
         """Readiness of one named service, as grpc.health.v1 reports it."""
@@ -76,9 +77,24 @@ class MeshServer:
         )
         await self._health.set(service_name, status)
 
+    async def serve_health(self, address: str) -> int:
+        """Also answers grpc.health.v1 alone, in plaintext, on ``address`` (its port): for
+        probes that cannot speak TLS, such as the kubelet's gRPC probes. Nothing but health is
+        there, so it may listen off loopback; it stops with this server."""
+        probe = grpc.aio.server(options=_OPTIONS)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, probe)
+        port = probe.add_insecure_port(address)
+        if port == 0:
+            raise OSError(f"cannot listen on {address}")
+        await probe.start()
+        self._probes.append(probe)
+        return int(port)
+
     async def stop(self, grace_s: float | None = 1.0) -> None:
         """Stops accepting calls; running calls get ``grace_s`` to finish."""
         await self._health.enter_graceful_shutdown()
+        for probe in self._probes:
+            await probe.stop(0)
         await self.server.stop(grace_s)
 
 

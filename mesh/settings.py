@@ -265,6 +265,9 @@ class Settings(BaseSettings):
     """JSON lines (for collectors) or text (for people)."""
     models: dict[str, Path] = Field(default_factory=dict)
     """Home profile: GGUF files to register at start, model id → path (besides tiny-llama)."""
+    health_listen: str = ""
+    """``llorch serve``: also answer grpc.health.v1 (and nothing else) in plaintext here, for
+    probes that cannot speak TLS (Kubernetes gRPC probes); empty: no such port."""
     tls: TlsSettings = Field(default_factory=TlsSettings)
     """TLS and authentication (the cloud profile); unset: loopback only, no auth."""
     in_process_link: bool = True

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 
 from mesh.tls import identity_of_uri
@@ -81,3 +82,52 @@ def test_a_service_refuses_to_listen_off_loopback_without_tls(tmp_path: Path) ->
     assert refused.returncode == 1
     assert "refusing to listen on 0.0.0.0:0 without TLS" in refused.stderr
     assert "tls.ca_file" in refused.stderr and "llorch certs" in refused.stderr
+
+
+async def test_probes_get_plaintext_health_and_nothing_else(tmp_path: Path) -> None:
+    import asyncio
+    import socket
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from llorch.catalog.v1 import catalog_pb2, catalog_pb2_grpc
+
+    from tests.e2e.helpers import start_llorch
+    from tests.e2e.secure_mesh import Pki
+
+    pki = Pki(tmp_path / "pki")
+    files = pki.files("catalog")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        probe_port = s.getsockname()[1]
+    proc, address = await asyncio.to_thread(
+        start_llorch,
+        ["serve", "catalog", "--data-dir", str(tmp_path / "catalog")],
+        {
+            "LLORCH_TLS__CA_FILE": str(files.ca),
+            "LLORCH_TLS__CERT_FILE": str(files.cert),
+            "LLORCH_TLS__KEY_FILE": str(files.key),
+            "LLORCH_HEALTH_LISTEN": f"0.0.0.0:{probe_port}",  # off loopback: health only
+            "GRPC_VERBOSITY": "ERROR",
+        },
+    )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{probe_port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            for service in ("", "llorch.catalog.v1.CatalogService"):
+                answer = await health.Check(health_pb2.HealthCheckRequest(service=service))
+                assert answer.status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.aio.AioRpcError) as nothing_else:
+                await catalog_pb2_grpc.CatalogServiceStub(channel).ListModels(
+                    catalog_pb2.ListModelsRequest()
+                )
+            assert nothing_else.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        async with grpc.aio.insecure_channel(address) as channel:  # the real port: TLS only
+            with pytest.raises(grpc.aio.AioRpcError) as plaintext:
+                await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=5
+                )
+            assert plaintext.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
