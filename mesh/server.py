@@ -147,15 +147,21 @@ async def create_server(
     return mesh_server
 
 
-def open_channel(address: str, *, tls: TlsFiles | None = None) -> grpc.aio.Channel:
+def open_channel(
+    address: str, *, tls: TlsFiles | None = None, server_name: str = ""
+) -> grpc.aio.Channel:
     """A channel to another mesh service, carrying the correlation id on every call; over TLS,
-    presenting this process's certificate, when ``tls`` is given."""
+    presenting this process's certificate, when ``tls`` is given. ``server_name``: the name the
+    server's certificate must carry, when it is not the host dialled (a pod's IP)."""
     if tls is None:
         return grpc.aio.insecure_channel(
             address, options=_OPTIONS, interceptors=client_interceptors()
         )
+    options: list[tuple[str, int | str]] = list(_OPTIONS)
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
     return grpc.aio.secure_channel(
-        address, channel_credentials(tls), options=_OPTIONS, interceptors=client_interceptors()
+        address, channel_credentials(tls), options=options, interceptors=client_interceptors()
     )
 
 

@@ -197,6 +197,14 @@ class OrchestratorSettings(BaseModel):
     node_listen: str = ""
     """Address of the node port, where pool managers register themselves (NodeService; mTLS with
     TLS on). Empty: no node port, only ``pool_managers``."""
+    pool_manager_tls_name: str = ""
+    """With TLS: the DNS name pool managers' certificates carry, checked instead of the host
+    dialled, for pool managers reached by IP (Kubernetes pods). Empty: the host dialled."""
+    node_identity: Literal["certificate", "any"] = "certificate"
+    """Which node ids a pool manager may register under: ``certificate``, only the name in its
+    certificate (one certificate per node); ``any``, any node id, for fleets whose pool managers
+    share one certificate (a Kubernetes DaemonSet). With ``any``, a compromised node can pose
+    as another."""
     node_register_interval_s: float = Field(default=5.0, ge=0.5, le=600)
     """How often a registered pool manager announces itself again (so an orchestrator that
     restarted finds every node within this time)."""

@@ -79,7 +79,7 @@ async def start_orchestrator(
         settings.pool_managers,
         settings.node_heartbeat_s,
         settings.node_lost_s,
-        functools.partial(open_channel, tls=tls),
+        functools.partial(open_channel, tls=tls, server_name=settings.pool_manager_tls_name),
         local_pool_managers,
     )
     journal = Journal(settings.journal_path) if settings.journal and settings.journal_path else None
@@ -104,7 +104,13 @@ async def start_orchestrator(
         node_credentials, node_authorize = service_security(tls)
         node_server = await create_server(
             settings.node_listen,
-            [NodeServicer(registry, settings.node_register_interval_s).binding()],
+            [
+                NodeServicer(
+                    registry,
+                    settings.node_register_interval_s,
+                    any_node_id=settings.node_identity == "any",
+                ).binding()
+            ],
             credentials=node_credentials,
             authorize=node_authorize,
         )

@@ -24,9 +24,14 @@ _ADDRESS_RE = re.compile(r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]{1,253}):(\d{1,5})")
 class NodeServicer(nodes_pb2_grpc.NodeServiceServicer):
     """Registration of pool managers into the orchestrator's pool registry."""
 
-    def __init__(self, registry: PoolRegistry, register_again_s: float) -> None:
+    def __init__(
+        self, registry: PoolRegistry, register_again_s: float, any_node_id: bool = False
+    ) -> None:
+        """``any_node_id``: a pool manager's certificate need not name its node id (fleets
+        sharing one certificate; orchestrator_service.node_identity = "any")."""
         self._registry = registry
         self._again_ms = round(register_again_s * 1000)
+        self._any_node_id = any_node_id
 
     def binding(self) -> ServiceBinding:
         return ServiceBinding(
@@ -41,7 +46,7 @@ class NodeServicer(nodes_pb2_grpc.NodeServiceServicer):
         if match is None or not 0 < int(match[2]) < 65536:
             raise InvalidArgumentError("address", "must be host:port, as the pool manager serves")
         who = auth.caller.get()
-        if who is not None and who.name != node_id:
+        if who is not None and who.name != node_id and not self._any_node_id:
             raise PermissionDeniedError(
                 f"certificate {who.role}/{who.name} may not register node {node_id}",
                 reason="NODE_ID_MISMATCH",
