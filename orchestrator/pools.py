@@ -282,41 +282,37 @@ class PoolRegistry:
             self._views = None
             self._on_change()
 
+    def _ignore(self, node: _Node, why: str) -> None:
+        """Takes a node whose identity is in doubt out of placement (logged once)."""
+        if node.conflict:
+            return
+        _log.error(why)
+        node.conflict = True
+        node.reachable = False
+        node.pools = ()
+        self._views = None
+        self._on_change()
+
     def _apply(self, node: _Node, state: poolmanager_pb2.Node) -> None:
         node.answered.set()
         node.last_seen = time.monotonic()
         node_id = state.node_id
         if node.expected_node_id and node_id != node.expected_node_id:
             # It registered as one node and answers as another: trust neither.
-            if not node.conflict:
-                _log.error(
-                    "pool manager %s registered as node %s but reports node %s; ignoring it",
-                    node.address,
-                    node.expected_node_id,
-                    node_id,
-                )
-                node.conflict = True
-                node.reachable = False
-                node.pools = ()
-                self._views = None
-                self._on_change()
+            self._ignore(
+                node,
+                f"pool manager {node.address} registered as node {node.expected_node_id} but "
+                f"reports node {node_id}; ignoring it",
+            )
             return
         twin = next((n for n in self._nodes if n is not node and n.node_id == node_id), None)
         if twin is not None:
             # Two pool managers with one node id would share slot counts and stubs.
-            if not node.conflict:
-                _log.error(
-                    "pool managers %s and %s both call themselves node %s; ignoring %s",
-                    twin.address,
-                    node.address,
-                    node_id,
-                    node.address,
-                )
-                node.conflict = True
-                node.reachable = False
-                node.pools = ()
-                self._views = None
-                self._on_change()
+            self._ignore(
+                node,
+                f"pool managers {twin.address} and {node.address} both call themselves node "
+                f"{node_id}; ignoring {node.address}",
+            )
             return
         node.conflict = False
         pools = tuple(state.pools)

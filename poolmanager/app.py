@@ -176,7 +176,7 @@ async def start_pool_manager(
     await manager.start()
     app = PoolManagerApp(server, manager, servicer, channel)
     app_box.append(app)
-    await app.refresh_store()
+    # In the background: serving must not wait for the catalog (it may be down, or slow).
     app.store_timer = asyncio.create_task(_refresh_every(app, STORE_REFRESH_S), name="store")
     app.usage_timer = asyncio.create_task(
         _report_every(app, settings.usage_report_s), name="usage-report"
@@ -232,8 +232,8 @@ land in the catalog, not here)."""
 
 async def _refresh_every(app: PoolManagerApp, interval_s: float) -> None:
     while True:
-        await asyncio.sleep(interval_s)
         await app.refresh_store()
+        await asyncio.sleep(interval_s)
 
 
 async def _report_every(app: PoolManagerApp, interval_s: float) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -145,3 +146,10 @@ async def register_model(mesh: Mesh, model_id: str, path: Path) -> None:
         )
     finally:
         await channel.close()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on ``host`` now (for settings that need one before a service starts)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])

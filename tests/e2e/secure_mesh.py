@@ -67,6 +67,15 @@ class Pki:
         folder = self.root / ("other" if other_ca else "certs")
         return TlsFiles(self.ca, folder / f"{name}.pem", folder / f"{name}.key")
 
+    def env(self, name: str) -> dict[str, str]:
+        """The ``LLORCH_TLS__*`` variables of a process with certificate ``name``."""
+        files = self.files(name)
+        return {
+            "LLORCH_TLS__CA_FILE": str(files.ca),
+            "LLORCH_TLS__CERT_FILE": str(files.cert),
+            "LLORCH_TLS__KEY_FILE": str(files.key),
+        }
+
     def settings(self, name: str) -> TlsSettings:
         files = self.files(name)
         return TlsSettings(ca_file=files.ca, cert_file=files.cert, key_file=files.key)

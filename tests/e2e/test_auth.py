@@ -9,6 +9,7 @@ entry shows up here as denied to everyone (and fails the test that every RPC has
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -148,7 +149,10 @@ async def test_service_ports_check_the_certificate_and_its_role(secure: SecureMe
     _print_table(table)
 
 
-async def test_the_client_port_takes_api_keys_by_role(secure: SecureMesh) -> None:
+async def test_the_client_port_takes_api_keys_by_role(
+    secure: SecureMesh, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
     client_key, _ = secure.keys.create("tenant-a", "client")
     operator_key, _ = secure.keys.create("ops", "operator")
     revoked_key, revoked = secure.keys.create("tenant-a", "client")
@@ -178,6 +182,11 @@ async def test_the_client_port_takes_api_keys_by_role(secure: SecureMesh) -> Non
         finally:
             await channel.close()
     _print_table(table)
+    # Refusals are logged with the key's fingerprint (in the record's fields), never the key.
+    logged = "\n".join(str(record.__dict__) for record in caplog.records)
+    assert client_key[: len("llk_") + 12] in logged
+    for key in (client_key, operator_key, revoked_key):
+        assert key.split("_", 2)[2] not in logged
 
 
 async def test_tenants_see_only_their_tasks_and_models_their_keys_allow(secure: SecureMesh) -> None:

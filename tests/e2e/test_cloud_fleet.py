@@ -31,7 +31,7 @@ from mesh.server import open_channel
 from mesh.tls import issue
 from provisioners.models import register_local_file
 from provisioners.tiny_model import DEFAULT_MODEL_ID
-from tests.e2e.helpers import collect, error_details, start_llorch
+from tests.e2e.helpers import collect, error_details, free_port, start_llorch
 from tests.e2e.secure_mesh import Pki
 
 NODES = ("node-a", "node-b", "node-c")
@@ -39,14 +39,7 @@ LONG = 30_000
 
 
 def _tls_env(pki: Pki, name: str) -> dict[str, str]:
-    files = pki.files(name)
-    return {
-        "LLORCH_TLS__CA_FILE": str(files.ca),
-        "LLORCH_TLS__CERT_FILE": str(files.cert),
-        "LLORCH_TLS__KEY_FILE": str(files.key),
-        "GRPC_VERBOSITY": "ERROR",
-        "LLORCH_LOG_LEVEL": "WARNING",
-    }
+    return {**pki.env(name), "GRPC_VERBOSITY": "ERROR", "LLORCH_LOG_LEVEL": "WARNING"}
 
 
 class Fleet:
@@ -103,7 +96,7 @@ class Fleet:
         self.client_key, _ = keys.create("team-a", "client")
         self.operator_key, _ = keys.create("ops", "operator")
         keys.close()
-        self.node_port = f"localhost:{_free_port()}"
+        self.node_port = f"localhost:{free_port()}"
         self.orchestrator = await asyncio.to_thread(
             self.start,
             "orchestrator",
@@ -129,14 +122,6 @@ class Fleet:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

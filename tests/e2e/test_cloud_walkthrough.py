@@ -8,18 +8,13 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from tests.e2e.helpers import free_port
+
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_the_cloud_walkthrough_runs_as_written(tmp_path: Path) -> None:
@@ -33,7 +28,7 @@ def test_the_cloud_walkthrough_runs_as_written(tmp_path: Path) -> None:
         "ROOT": str(tmp_path / "llorch-cloud"),
         "GRPC_VERBOSITY": "ERROR",
         **{
-            name: str(_free_port())
+            name: str(free_port())
             for name in (
                 "CATALOG_PORT",
                 "NODE_A_PORT",

@@ -35,7 +35,7 @@ from mesh.server import open_channel
 from mesh.tls import issue
 from provisioners.models import register_local_file
 from provisioners.tiny_model import DEFAULT_MODEL_ID
-from tests.e2e.helpers import error_details
+from tests.e2e.helpers import error_details, free_port
 from tests.e2e.secure_mesh import Pki
 
 SUFFIX = f"{os.getpid() % 10000}"
@@ -92,23 +92,6 @@ def _serve(
     return proc, line.split()[3]
 
 
-def _tls(pki: Pki, name: str) -> dict[str, str]:
-    files = pki.files(name)
-    return {
-        "LLORCH_TLS__CA_FILE": str(files.ca),
-        "LLORCH_TLS__CERT_FILE": str(files.cert),
-        "LLORCH_TLS__KEY_FILE": str(files.key),
-    }
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind((HOST_IP, 0))
-        return int(s.getsockname()[1])
-
-
 async def test_a_node_cut_off_by_the_network_is_lost_in_3_s_and_comes_back(
     netns: None, tmp_path: Path, long_model: Path
 ) -> None:
@@ -122,7 +105,7 @@ async def test_a_node_cut_off_by_the_network_is_lost_in_3_s_and_comes_back(
         proc, catalog = await asyncio.to_thread(
             _serve,
             ["serve", "catalog", "--data-dir", str(tmp_path / "catalog")],
-            {**_tls(pki, "cat"), "LLORCH_CATALOG_SERVICE__LISTEN": f"{HOST_IP}:0"},
+            {**pki.env("cat"), "LLORCH_CATALOG_SERVICE__LISTEN": f"{HOST_IP}:0"},
         )
         procs.append(proc)
         catalog = catalog.replace("127.0.0.1", HOST_IP)
@@ -136,12 +119,12 @@ async def test_a_node_cut_off_by_the_network_is_lost_in_3_s_and_comes_back(
         client_key, _ = keys.create("team", "client")
         ops_key, _ = keys.create("ops", "operator")
         keys.close()
-        node_port = f"{HOST_IP}:{_free_port()}"
+        node_port = f"{HOST_IP}:{free_port(HOST_IP)}"
         proc, orchestrator = await asyncio.to_thread(
             _serve,
             ["serve", "orchestrator", "--data-dir", str(tmp_path / "orch")],
             {
-                **_tls(pki, "orch-net"),
+                **pki.env("orch-net"),
                 "LLORCH_LISTEN": "127.0.0.1:0",
                 "LLORCH_ORCHESTRATOR_SERVICE__CATALOG": catalog,
                 "LLORCH_ORCHESTRATOR_SERVICE__NODE_LISTEN": node_port,
@@ -154,7 +137,7 @@ async def test_a_node_cut_off_by_the_network_is_lost_in_3_s_and_comes_back(
                 _serve,
                 ["serve", "poolmanager", "--data-dir", str(tmp_path / node)],
                 {
-                    **_tls(pki, node),
+                    **pki.env(node),
                     "LLORCH_POOL_MANAGER__NODE_ID": node,
                     "LLORCH_POOL_MANAGER__LISTEN": f"{ip}:7101",
                     "LLORCH_POOL_MANAGER__ADVERTISE_ADDRESS": f"{ip}:7101",
