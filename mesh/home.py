@@ -19,11 +19,13 @@ from llorch.catalog.v1 import catalog_pb2_grpc
 
 from catalog.app import start_catalog
 from mesh import logs
+from mesh.metrics import serve_metrics
 from mesh.server import open_channel
 from mesh.settings import PoolSettings, Settings
 from orchestrator.app import start_orchestrator
 from poolmanager.app import start_pool_manager
 from poolmanager.local import LocalPoolManagerStub
+from poolmanager.metrics import pool_manager_registry
 from provisioners.models import ensure_default_model, register_local_file
 from provisioners.pull import remove_stale_partials
 from provisioners.tiny_model import DEFAULT_MODEL_ID
@@ -119,12 +121,23 @@ async def _start_home(
     orchestrator = await start_orchestrator(orch_settings, settings.listen, local)
     stack.append(orchestrator.stop)
     host = settings.listen.rsplit(":", 1)[0]
-    endpoints = {
+    endpoints: dict[str, object] = {
         "orchestrator": f"{host}:{orchestrator.port}",
         "catalog": catalog.address,
         "pool_manager": pool_manager.address,
         "pid": os.getpid(),
     }
+    if settings.metrics_listen:
+        metrics = serve_metrics(
+            settings.metrics_listen,
+            [
+                orchestrator.orchestrator.metrics.registry,
+                pool_manager_registry(pool_manager.manager),
+            ],
+            None,
+        )
+        stack.append(lambda: asyncio.to_thread(metrics.stop))
+        endpoints["metrics"] = f"127.0.0.1:{metrics.port}"
     path = endpoints_path(data_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(endpoints))

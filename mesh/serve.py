@@ -13,13 +13,17 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 
+from prometheus_client import CollectorRegistry
+
 from catalog.app import start_catalog
 from mesh import logs
 from mesh.errors import LlorchError
+from mesh.metrics import serve_metrics
 from mesh.server import MeshServer
 from mesh.settings import Settings
 from orchestrator.app import start_orchestrator
 from poolmanager.app import start_pool_manager
+from poolmanager.metrics import pool_manager_registry
 
 _log = logs.get_logger("serve")
 
@@ -32,6 +36,7 @@ async def serve(
     """Runs one service until ``stop`` is set."""
     close: Callable[[], Awaitable[None]]
     server: MeshServer
+    registries: list[CollectorRegistry] = []
     if service == "catalog":
         catalog = await start_catalog(settings)
         address, close, server = catalog.address, catalog.stop, catalog.server
@@ -45,6 +50,7 @@ async def serve(
             pm_settings, base_env, settings.log_level, settings.tls.files()
         )
         address, close, server = pool_manager.address, pool_manager.stop, pool_manager.server
+        registries.append(pool_manager_registry(pool_manager.manager))
     elif service == "orchestrator":
         orch_settings = settings.orchestrator_service
         if orch_settings.journal and orch_settings.journal_path is None:
@@ -61,9 +67,14 @@ async def serve(
         host = settings.listen.rsplit(":", 1)[0]
         address, close = f"{host}:{orchestrator.port}", orchestrator.stop
         server = orchestrator.server
+        registries.append(orchestrator.orchestrator.metrics.registry)
     else:
         raise ValueError(f"unknown service {service!r}; one of {', '.join(SERVICES)}")
+    endpoint = None
     try:
+        if settings.metrics_listen:
+            endpoint = serve_metrics(settings.metrics_listen, registries, settings.tls.files())
+            _log.info("metrics at port %d", endpoint.port)
         if settings.health_listen:
             port = await server.serve_health(settings.health_listen)
             _log.info("health probes answered on port %d", port)
@@ -71,6 +82,8 @@ async def serve(
         await stop.wait()
         _log.info("stopping")
     finally:
+        if endpoint is not None:
+            endpoint.stop()
         await close()
 
 

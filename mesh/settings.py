@@ -273,6 +273,9 @@ class Settings(BaseSettings):
     """JSON lines (for collectors) or text (for people)."""
     models: dict[str, Path] = Field(default_factory=dict)
     """Home profile: GGUF files to register at start, model id → path (besides tiny-llama)."""
+    metrics_listen: str = ""
+    """Prometheus metrics of this process at ``http://<address>/metrics`` (HTTPS asking for a
+    client certificate from the CA when ``tls`` is set; loopback only otherwise); empty: none."""
     health_listen: str = ""
     """``llorch serve``: also answer grpc.health.v1 (and nothing else) in plaintext here, for
     probes that cannot speak TLS (Kubernetes gRPC probes); empty: no such port."""

@@ -110,6 +110,13 @@ class AdmissionQueue:
         """Models with queued tasks."""
         return sorted(self._by_model)
 
+    def depth_by_priority(self) -> dict[str, int]:
+        """Queued tasks per priority (``interactive``, ``batch``); O(n), for metrics scrapes."""
+        depth = {p.name.lower(): 0 for p in Priority}
+        for entry in self._order:
+            depth[entry.task.spec.priority.name.lower()] += 1
+        return depth
+
     def count(self, model_id: str) -> int:
         """Queued tasks of one model."""
         return len(self._by_model.get(model_id, ()))

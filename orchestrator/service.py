@@ -45,6 +45,7 @@ from mesh.interceptors import CORRELATION_HEADER
 from mesh.settings import OrchestratorSettings
 from orchestrator.admission import AdmissionQueue, DrainMeter, QueueFullError, WhenFull
 from orchestrator.journal import Journal, TaskRow, spec_from_json, spec_to_json
+from orchestrator.metrics import OrchestratorMetrics
 from orchestrator.placement import (
     Outcome,
     PlacementDecision,
@@ -107,6 +108,7 @@ class Orchestrator:
         self._catalog = catalog
         self._registry = registry
         self._views_cache: tuple[tuple[PoolView, ...], float, list[PoolView]] | None = None
+        self.metrics = OrchestratorMetrics(lambda: self._queue.depth_by_priority())
         self._clock = clock
         self._queue = AdmissionQueue(
             settings.queue_capacity,
@@ -199,9 +201,13 @@ class Orchestrator:
             InvalidArgumentError: max_tokens exceeds the model's context.
             ResourceExhaustedError: the queue is full (retriable, with a delay).
         """
-        task, committed = await self._admit(
-            spec, correlation_id=correlation_id, timeout_s=timeout_s, commit_now=durable
-        )
+        try:
+            task, committed = await self._admit(
+                spec, correlation_id=correlation_id, timeout_s=timeout_s, commit_now=durable
+            )
+        except LlorchError as err:
+            self.metrics.rejected.labels(err.reason).inc()
+            raise
         if durable and committed is not None:
             # The caller is told the task exists only once a restart would not lose it.
             await committed
@@ -228,6 +234,7 @@ class Orchestrator:
                     spec, correlation_id=correlation_id, timeout_s=None, commit_now=False
                 )
             except LlorchError as err:
+                self.metrics.rejected.labels(err.reason).inc()
                 results.append(err)
                 continue
             results.append(task)
@@ -290,13 +297,16 @@ class Orchestrator:
         try:
             admitted = self._queue.push(task, now)
         except QueueFullError:
+            self.metrics.backpressure.labels("queue_full").inc()
             raise ResourceExhaustedError(
                 f"the queue is full ({self._queue.capacity} tasks)",
                 reason="QUEUE_FULL",
                 retry_delay_s=self._retry_delay_s(spec.model_id, now),
             ) from None
         position = admitted.position
+        self.metrics.enqueued.labels(spec.model_id, spec.priority.name.lower()).inc()
         if admitted.dropped is not None:
+            self.metrics.backpressure.labels("dropped").inc()
             self._end(
                 admitted.dropped,
                 ResourceExhaustedError(
@@ -758,7 +768,7 @@ class Orchestrator:
                 key = (*key, is_starving(task.spec.priority, now - task.created))
             decision = memo.get(key)
             if decision is None:
-                decision = decide(self._placement_input(task, views, demand, now))
+                decision = self._decide(self._placement_input(task, views, demand, now))
                 memo[key] = decision
             self._note_placement(task, decision)
             if decision.outcome is Outcome.REJECT and views:
@@ -820,10 +830,13 @@ class Orchestrator:
             if model in open_models:
                 continue
             head = self._queue.window(0, 1, model)[0]
-            if decide(self._placement_input(head, views, {}, now)).outcome is not Outcome.REJECT:
+            if (
+                self._decide(self._placement_input(head, views, {}, now)).outcome
+                is not Outcome.REJECT
+            ):
                 continue
             for task in self._queue.window(0, self._queue.count(model), model):
-                decision = decide(self._placement_input(task, views, {}, now))
+                decision = self._decide(self._placement_input(task, views, {}, now))
                 if decision.outcome is Outcome.REJECT:
                     self._note_placement(task, decision)
                     self._end(
@@ -853,7 +866,13 @@ class Orchestrator:
         task is placeable, and a whole pass per submission would cost a pass over the queue
         each time; a task that must wait changes nothing for the others, so only one that can
         start (or must be refused) runs the pass."""
-        return decide(self._placement_input(task, self._views(now), self._demand(), now))
+        return self._decide(self._placement_input(task, self._views(now), self._demand(), now))
+
+    def _decide(self, inp: PlacementInput) -> PlacementDecision:
+        """``placement.decide``, counted by outcome."""
+        decision = decide(inp)
+        self.metrics.decisions.labels(decision.outcome.name.lower()).inc()
+        return decision
 
     def _placement_input(
         self, task: Task, views: list[PoolView], demand: Mapping[str, int], now: float
@@ -882,7 +901,7 @@ class Orchestrator:
         decision = decision or self._memo.get(key)
         if decision is None:
             views = self._views(now)
-            decision = decide(self._placement_input(task, views, {}, now))
+            decision = self._decide(self._placement_input(task, views, {}, now))
             self._memo[key] = decision
         self._note_placement(task, decision)
 
@@ -1083,7 +1102,9 @@ class Orchestrator:
     # --- journal ---------------------------------------------------------------------------
 
     def _journal_new(self, task: Task, urgent: bool) -> asyncio.Future[None] | None:
-        """Journals a new task and everything that happens to it from now on."""
+        """Journals a new task and everything that happens to it from now on (and counts it in
+        the metrics, journal or not)."""
+        task.observer = self._on_event
         if self._journal is None:
             return None
         now, wall = self._clock(), self._wall_clock()
@@ -1104,10 +1125,11 @@ class Orchestrator:
             ),
             urgent=urgent,
         )
-        task.observer = self._journal_event
         return committed
 
-    def _journal_event(self, task: Task, event: TaskEvent) -> None:
+    def _on_event(self, task: Task, event: TaskEvent) -> None:
+        if not isinstance(event, Tokens):
+            self.metrics.on_event(task, event)
         journal = self._journal
         if journal is None:
             return
@@ -1182,7 +1204,7 @@ class Orchestrator:
                 if deadline is not None:
                     self._arrivals += 1
                     heapq.heappush(self._deadlines, (deadline, self._arrivals, task))
-                task.observer = self._journal_event
+                task.observer = self._on_event
                 requeued += 1
                 continue
             task.set_queued(0, 0)
@@ -1196,7 +1218,7 @@ class Orchestrator:
             elif "error" in outcome:
                 task.fail(error_from_dict(outcome["error"]), ended or now)
             else:  # it was running when the previous run ended
-                task.observer = self._journal_event
+                task.observer = self._on_event
                 task.fail(
                     UnavailableError(
                         f"the orchestrator restarted while task {task.task_id} ran; "
