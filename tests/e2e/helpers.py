@@ -102,17 +102,22 @@ def status_details(status: status_pb2.Status) -> dict[str, Any]:
     return found
 
 
-def start_llorch(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
+def start_llorch(
+    args: list[str], env: dict[str, str], log: Path | None = None
+) -> tuple[subprocess.Popen[str], str]:
     """Starts ``llorch <args>`` (``up`` or ``serve ...``) with ``env`` added to this process's
-    environment; returns the process and the address from its ready line. Its logs are dropped:
-    tests look at what it serves."""
+    environment; returns the process and the address from its ready line. Its logs go to
+    ``log`` (appended), or are dropped: most tests look at what it serves."""
+    stderr = log.open("a") if log is not None else subprocess.DEVNULL
     proc = subprocess.Popen(
         [sys.executable, "-m", "mesh.cli", *args],
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=stderr,
         text=True,
         env={**os.environ, **env},
     )
+    if log is not None:
+        stderr.close()  # type: ignore[union-attr]  # the child has its own copy
     assert proc.stdout is not None
     line = proc.stdout.readline()
     assert line.startswith("llorch ready: "), line

@@ -38,13 +38,16 @@ NODES = ("node-a", "node-b", "node-c")
 LONG = 30_000
 
 
-def _tls_env(pki: Pki, name: str) -> dict[str, str]:
-    return {**pki.env(name), "GRPC_VERBOSITY": "ERROR", "LLORCH_LOG_LEVEL": "WARNING"}
+def _tls_env(pki: Pki, name: str, log_level: str = "WARNING") -> dict[str, str]:
+    return {**pki.env(name), "GRPC_VERBOSITY": "ERROR", "LLORCH_LOG_LEVEL": log_level}
 
 
 class Fleet:
-    def __init__(self, root: Path, model: Path) -> None:
+    def __init__(self, root: Path, model: Path, log_level: str = "WARNING") -> None:
         self.root = root
+        self.log_level = log_level
+        self.logs = root / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
         self.model = model
         self.pki = Pki(root / "pki")
         for node in NODES[1:]:
@@ -57,7 +60,8 @@ class Fleet:
         self.operator_key = ""
 
     def start(self, name: str, args: list[str], env: dict[str, str]) -> str:
-        proc, address = start_llorch(args, env)
+        env = {**env, "LLORCH_LOG_LEVEL": self.log_level}
+        proc, address = start_llorch(args, env, self.logs / f"{name}.log")
         self.procs[name] = proc
         return address.replace("127.0.0.1", "localhost")
 
@@ -229,3 +233,50 @@ async def test_a_killed_pool_manager_fails_its_streams_only_and_rejoins_after_re
     finally:
         await client.close()
         await ops.close()
+
+
+@pytest.fixture
+async def chatty_fleet(tmp_path: Path, long_model: Path) -> AsyncIterator[Fleet]:
+    """The fleet with every service logging at DEBUG, into files."""
+    running = Fleet(tmp_path, long_model, log_level="DEBUG")
+    try:
+        await running.boot()
+        yield running
+    finally:
+        await asyncio.to_thread(running.stop)
+
+
+async def test_no_log_line_holds_an_api_key_or_a_prompt(chatty_fleet: Fleet) -> None:
+    fleet = chatty_fleet
+    prompt = "the secret plan is purple-elephant-42"
+    bad_key = fleet.client_key[:-8] + "Zz9Yy8Xx"  # right id, wrong secret
+    client = fleet.pki.key_channel(fleet.orchestrator, fleet.client_key)
+    bad = fleet.pki.key_channel(fleet.orchestrator, bad_key)
+    try:
+        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(client)
+        request = orchestrator_pb2.GenerateRequest(
+            model_id=DEFAULT_MODEL_ID,
+            prompt=prompt,
+            sampling=common_pb2.SamplingParams(max_tokens=4, ignore_eos=True),
+        )
+        done = await collect(stub.Generate(request))
+        assert done.finished.tokens_out == 4
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await orchestrator_pb2_grpc.OrchestratorServiceStub(bad).Generate(request).read()
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        await client.close()
+        await bad.close()
+    await asyncio.to_thread(fleet.stop)  # every line written
+    logs = {p.name: p.read_text() for p in fleet.logs.glob("*.log")}
+    assert set(logs) == {"catalog.log", "orchestrator.log", *(f"{n}.log" for n in NODES)}
+    everything = "\n".join(logs.values())
+    assert "execution finished" in everything  # the workers' lines are here too
+    assert '"task_id": ' in logs["orchestrator.log"] and '"correlation_id": ' in everything
+    assert "bad API key" in logs["orchestrator.log"]
+    for secret in (
+        "purple-elephant-42",
+        fleet.client_key.split("_", 2)[2],
+        bad_key.split("_", 2)[2],
+    ):
+        assert secret not in everything, secret
