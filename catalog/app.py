@@ -32,7 +32,7 @@ async def start_catalog(settings: Settings) -> CatalogApp:
     """Opens the store and starts serving."""
     db_path = settings.catalog_service.db_path or settings.data_dir / "catalog.db"
     store = CatalogStore(db_path)
-    servicer = CatalogServicer(store)
+    servicer = CatalogServicer(store, any_node_id=settings.catalog_service.node_identity == "any")
     credentials, authorize = service_security(settings.tls.files())
     server = await create_server(
         settings.catalog_service.listen,

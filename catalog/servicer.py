@@ -19,7 +19,13 @@ from catalog.store import (
     ModelState,
     ReplicaRecord,
 )
-from mesh.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
+from mesh import auth
+from mesh.errors import (
+    AlreadyExistsError,
+    InvalidArgumentError,
+    NotFoundError,
+    PermissionDeniedError,
+)
 from mesh.ids import check_name
 from mesh.server import ServiceBinding
 from provisioners.gc import GcPolicy
@@ -40,8 +46,26 @@ _STATE_FROM_PB = {v: k for k, v in _STATE_TO_PB.items()}
 class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
     """gRPC face of the catalog store."""
 
-    def __init__(self, store: CatalogStore) -> None:
+    def __init__(self, store: CatalogStore, any_node_id: bool = False) -> None:
+        """``any_node_id``: a pool manager's certificate need not name the node it writes for
+        (fleets sharing one certificate; catalog_service.node_identity = "any")."""
         self._store = store
+        self._any_node_id = any_node_id
+
+    def _may_write_for(self, node_id: str, field: str) -> None:
+        """A pool manager writes only its own node's records (its certificate's name)."""
+        who = auth.caller.get()
+        if (
+            who is not None
+            and who.role == "poolmanager"
+            and who.name != node_id
+            and not self._any_node_id
+        ):
+            raise PermissionDeniedError(
+                f"certificate poolmanager/{who.name} may not write records of node {node_id} "
+                f"({field})",
+                reason="NODE_ID_MISMATCH",
+            )
 
     def binding(self) -> ServiceBinding:
         """How the bootstrap adds this servicer."""
@@ -56,6 +80,7 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
         replicas = []
         for i, loc in enumerate(request.locations):
             check_name(loc.node_id, f"locations[{i}].node_id")
+            self._may_write_for(loc.node_id, f"locations[{i}].node_id")
             if not loc.path.startswith("/"):
                 raise InvalidArgumentError(f"locations[{i}].path", "must be an absolute path")
             if loc.size_bytes > _MAX_INT64:
@@ -135,6 +160,7 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
         self, request: catalog_pb2.RegisterEngineRequest, context: grpc.aio.ServicerContext
     ) -> catalog_pb2.RegisterEngineResponse:
         record = _engine_from_pb(request.engine)
+        self._may_write_for(record.node_id, "engine.node_id")
         stored = await asyncio.to_thread(self._store.put_engine, record)
         return catalog_pb2.RegisterEngineResponse(engine=engine_to_pb(stored))
 
@@ -164,6 +190,7 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
         self, request: catalog_pb2.MarkModelsUsedRequest, context: grpc.aio.ServicerContext
     ) -> catalog_pb2.MarkModelsUsedResponse:
         node_id = check_name(request.node_id, "node_id")
+        self._may_write_for(node_id, "node_id")
         if len(request.model_ids) > _MAX_PAGE:
             raise InvalidArgumentError("model_ids", f"at most {_MAX_PAGE} at once")
         ids = [check_name(m, f"model_ids[{i}]") for i, m in enumerate(request.model_ids)]
@@ -175,6 +202,7 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
     ) -> catalog_pb2.DeleteReplicaResponse:
         model_id = check_name(request.model_id, "model_id")
         node_id = check_name(request.node_id, "node_id")
+        self._may_write_for(node_id, "node_id")
         if not request.path.startswith("/"):
             raise InvalidArgumentError("path", "must be an absolute path")
         removed = await asyncio.to_thread(

@@ -18,6 +18,7 @@ import base64
 import hashlib
 import hmac
 import json
+import os
 import re
 import secrets
 import sqlite3
@@ -84,11 +85,13 @@ class ApiKeyStore:
         self.path = path
         self._refresh_s = refresh_s
         self._lock = threading.Lock()
+        # Made owner-only before SQLite opens it: its -wal and -shm files take the same mode.
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        path.chmod(0o600)
         self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA busy_timeout=5000")
         self._conn.executescript(_SCHEMA)
-        path.chmod(0o600)
         self._keys: dict[str, tuple[str, ApiKey]] = {}
         self._version = -1
         self._dirty = True
@@ -172,7 +175,8 @@ class ApiKeyStore:
         """The live key ``presented`` is, or None (unknown, malformed, wrong secret, revoked).
 
         The secret's hash is compared in constant time, and a key of an unknown id costs the
-        same comparison, so timing tells nothing about which part was wrong.
+        same comparison, so timing tells nothing about the secret. (Whether an id exists may
+        show: an unknown one also costs a look at the file's version.)
         """
         match = _KEY_RE.fullmatch(presented)
         with self._lock:
@@ -225,12 +229,17 @@ class RateLimiter:
     def __init__(self) -> None:
         self._buckets: dict[str, tuple[float, float]] = {}  # key id → (tokens, at)
 
+    @staticmethod
+    def burst(key: ApiKey) -> float:
+        """Most tasks the key may submit at once (one second's worth, at least one)."""
+        return max(1.0, key.rate_per_s)
+
     def take(self, key: ApiKey, count: int, now: float) -> float:
         """Takes ``count`` tasks from the key's bucket; returns 0 when allowed, else the seconds
         until they would be."""
         if key.rate_per_s <= 0:
             return 0.0
-        burst = max(1.0, key.rate_per_s)
+        burst = self.burst(key)
         tokens, at = self._buckets.get(key.key_id, (burst, now))
         tokens = min(burst, tokens + (now - at) * key.rate_per_s)
         if tokens >= count:

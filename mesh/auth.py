@@ -23,7 +23,12 @@ import grpc
 
 from mesh import logs
 from mesh.apikeys import ApiKeyStore, RateLimiter
-from mesh.errors import PermissionDeniedError, ResourceExhaustedError, UnauthenticatedError
+from mesh.errors import (
+    InvalidArgumentError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    UnauthenticatedError,
+)
 from mesh.tls import peer_identity
 
 _log = logs.get_logger("auth")
@@ -197,6 +202,12 @@ class KeyAuthorizer:
         _allowed(method, key.role, key.fingerprint)
         if method in _TASK_CREATING:
             count = len(getattr(request, "requests", ())) or 1
+            if key.rate_per_s > 0 and count > self._limiter.burst(key):
+                raise InvalidArgumentError(
+                    "requests",
+                    f"{count} tasks in one call exceed what key {key.fingerprint} may submit "
+                    f"at once ({self._limiter.burst(key):g}); send smaller batches",
+                )
             wait_s = self._limiter.take(key, count, self._clock())
             if wait_s > 0:
                 raise ResourceExhaustedError(

@@ -72,6 +72,10 @@ class CatalogSettings(BaseModel):
     """Address the catalog listens on; port 0 picks a free port (home profile)."""
     db_path: Path | None = None
     """SQLite file; default ``<data_dir>/catalog.db``."""
+    node_identity: Literal["certificate", "any"] = "certificate"
+    """Which nodes' records (replicas, engines, use) a pool manager may write: ``certificate``,
+    only those of the node its certificate names; ``any``, every node's, for fleets whose pool
+    managers share one certificate (see orchestrator_service.node_identity)."""
 
 
 class PoolSettings(BaseModel):

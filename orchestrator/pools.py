@@ -20,7 +20,7 @@ import grpc
 from llorch.poolmanager.v1 import poolmanager_pb2, poolmanager_pb2_grpc
 
 from mesh import logs
-from mesh.errors import LlorchError
+from mesh.errors import LlorchError, PermissionDeniedError
 from orchestrator.placement import PoolView
 
 _log = logs.get_logger("orchestrator.pools")
@@ -98,6 +98,12 @@ class PoolRegistry:
         manager on another port or host)."""
         for node in self._nodes:
             if node.address == address:
+                owner = node.expected_node_id or node.node_id
+                if owner and owner != node_id and node.reachable:
+                    # Another live node answers there: taking its entry would take it out.
+                    raise PermissionDeniedError(
+                        f"{address} is node {owner}'s address", reason="ADDRESS_TAKEN"
+                    )
                 if node.registered:
                     node.expected_node_id = node_id
                 return

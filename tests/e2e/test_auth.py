@@ -18,7 +18,7 @@ import pytest
 import pytest_asyncio
 from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
-from llorch.catalog.v1 import catalog_pb2
+from llorch.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 from llorch.common.v1 import common_pb2
 from llorch.orchestrator.v1 import (
     control_pb2,
@@ -32,6 +32,7 @@ from llorch.poolmanager.v1 import poolmanager_pb2
 
 from mesh.apikeys import ApiKeyStore
 from mesh.auth import POLICY
+from mesh.tls import issue
 from tests.e2e.helpers import collect, error_details
 from tests.e2e.secure_mesh import SecureMesh, start_secure_mesh
 
@@ -324,3 +325,48 @@ async def test_a_pool_manager_registers_only_as_the_node_its_certificate_names(
     finally:
         await channel.close()
         await ops.close()
+
+
+async def test_a_pool_manager_cannot_take_another_nodes_address_or_write_its_records(
+    secure: SecureMesh,
+) -> None:
+    issue(secure.pki.root / "ca", "poolmanager", "node-b", secure.pki.root / "certs")
+    channel = secure.pki.channel(secure.node_port_address, "node-b")
+    catalog_channel = secure.pki.channel(secure.catalog_address, "node-a")
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as taken:
+            await nodes_pb2_grpc.NodeServiceStub(channel).RegisterNode(
+                nodes_pb2.RegisterNodeRequest(node_id="node-b", address=secure.pool_manager_address)
+            )
+        assert taken.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert error_details(taken.value)["reason"] == "ADDRESS_TAKEN"
+        catalog = catalog_pb2_grpc.CatalogServiceStub(catalog_channel)
+        with pytest.raises(grpc.aio.AioRpcError) as other:
+            await catalog.MarkModelsUsed(
+                catalog_pb2.MarkModelsUsedRequest(node_id="node-b", model_ids=["tiny-llama"])
+            )
+        assert other.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert error_details(other.value)["reason"] == "NODE_ID_MISMATCH"
+        await catalog.MarkModelsUsed(  # its own node: fine
+            catalog_pb2.MarkModelsUsedRequest(node_id="node-a", model_ids=["tiny-llama"])
+        )
+    finally:
+        await channel.close()
+        await catalog_channel.close()
+
+
+async def test_a_batch_larger_than_a_keys_burst_is_refused_as_such(secure: SecureMesh) -> None:
+    key, _ = secure.keys.create("tenant-batch", "client", rate_per_s=2.0)
+    channel = secure.pki.key_channel(secure.orchestrator_address, key)
+    try:
+        one = orchestrator_pb2.SubmitTaskRequest(
+            model_id="tiny-llama", prompt="x", sampling=common_pb2.SamplingParams(max_tokens=1)
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await orchestrator_pb2_grpc.OrchestratorServiceStub(channel).SubmitTasks(
+                orchestrator_pb2.SubmitTasksRequest(requests=[one] * 3)
+            )
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error_details(refused.value)["fields"] == ["requests"]
+    finally:
+        await channel.close()

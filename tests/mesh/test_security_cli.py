@@ -65,7 +65,8 @@ def test_keys_are_shown_once_listed_by_fingerprint_and_revoked(tmp_path: Path) -
     assert after["revoked"].endswith("Z")
     stored = (tmp_path / "keys.db").read_bytes()
     assert key.split("_")[2].encode() not in stored  # only the hash is kept
-    assert stat.S_IMODE((tmp_path / "keys.db").stat().st_mode) == 0o600
+    for made in tmp_path.glob("keys.db*"):  # the -wal and -shm files too
+        assert stat.S_IMODE(made.stat().st_mode) == 0o600, made
     unknown = run_llorch("keys", "revoke", "llk_000000000000", "--keys-db", db)
     assert unknown.returncode == 1 and "no key" in unknown.stderr
 
