@@ -20,12 +20,7 @@ from catalog.store import (
     ReplicaRecord,
 )
 from mesh import auth
-from mesh.errors import (
-    AlreadyExistsError,
-    InvalidArgumentError,
-    NotFoundError,
-    PermissionDeniedError,
-)
+from mesh.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
 from mesh.ids import check_name
 from mesh.server import ServiceBinding
 from provisioners.gc import GcPolicy
@@ -53,19 +48,9 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
         self._any_node_id = any_node_id
 
     def _may_write_for(self, node_id: str, field: str) -> None:
-        """A pool manager writes only its own node's records (its certificate's name)."""
-        who = auth.caller.get()
-        if (
-            who is not None
-            and who.role == "poolmanager"
-            and who.name != node_id
-            and not self._any_node_id
-        ):
-            raise PermissionDeniedError(
-                f"certificate poolmanager/{who.name} may not write records of node {node_id} "
-                f"({field})",
-                reason="NODE_ID_MISMATCH",
-            )
+        auth.require_own_node(
+            node_id, f"write the records ({field})", any_node_id=self._any_node_id
+        )
 
     def binding(self) -> ServiceBinding:
         """How the bootstrap adds this servicer."""

@@ -148,6 +148,23 @@ def _allowed(method: str, role: str, who: str) -> None:
         )
 
 
+def require_own_node(node_id: str, what: str, *, any_node_id: bool = False) -> None:
+    """A pool manager acts only for the node its certificate names: registers it, writes its
+    records. ``any_node_id``: fleets whose pool managers share one certificate (node_identity
+    = "any"). Other roles, and servers without auth, pass.
+
+    Raises:
+        PermissionDeniedError: NODE_ID_MISMATCH.
+    """
+    who = caller.get()
+    if who is None or who.role != "poolmanager" or who.name == node_id or any_node_id:
+        return
+    raise PermissionDeniedError(
+        f"certificate poolmanager/{who.name} may not {what} of node {node_id}",
+        reason="NODE_ID_MISMATCH",
+    )
+
+
 class CertAuthorizer:
     """mTLS service ports: the role comes from the verified client certificate."""
 

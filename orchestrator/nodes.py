@@ -12,7 +12,7 @@ import grpc
 from llorch.orchestrator.v1 import nodes_pb2, nodes_pb2_grpc
 
 from mesh import auth
-from mesh.errors import InvalidArgumentError, PermissionDeniedError
+from mesh.errors import InvalidArgumentError
 from mesh.ids import check_name
 from mesh.server import ServiceBinding
 from orchestrator.pools import PoolRegistry
@@ -45,11 +45,8 @@ class NodeServicer(nodes_pb2_grpc.NodeServiceServicer):
         match = _ADDRESS_RE.fullmatch(request.address)
         if match is None or not 0 < int(match[2]) < 65536:
             raise InvalidArgumentError("address", "must be host:port, as the pool manager serves")
-        who = auth.caller.get()
-        if who is not None and who.name != node_id and not self._any_node_id:
-            raise PermissionDeniedError(
-                f"certificate {who.role}/{who.name} may not register node {node_id}",
-                reason="NODE_ID_MISMATCH",
-            )
+        auth.require_own_node(
+            node_id, "register as the pool manager", any_node_id=self._any_node_id
+        )
         await self._registry.register(node_id, request.address)
         return nodes_pb2.RegisterNodeResponse(register_again_ms=self._again_ms)
