@@ -23,6 +23,18 @@ $(STAMP):
 	rm -f $(VENV)/.installed-*
 	touch $@
 
+# grpcurl, for the grpcurl recipes in docs/operators.md (tests/e2e/test_grpcurl_recipes.py),
+# built from the Go module proxy into .venv/bin. Without Go, the recipes test skips.
+GRPCURL := $(BIN)/grpcurl
+GRPCURL_VERSION := v1.9.4
+
+$(GRPCURL): $(STAMP)
+	@if command -v go >/dev/null; then \
+	  GOBIN=$(CURDIR)/$(BIN) go install github.com/fullstorydev/grpcurl/cmd/grpcurl@$(GRPCURL_VERSION); \
+	else \
+	  echo "go is not installed: grpcurl is not built and the grpcurl recipes test skips" >&2; \
+	fi
+
 up: setup
 	$(BIN)/llorch up
 
@@ -50,7 +62,7 @@ typecheck: setup
 breaking: setup
 	BUF=$(BIN)/buf tools/breaking.sh
 
-test: setup gen-check lint typecheck breaking
+test: setup $(GRPCURL) gen-check lint typecheck breaking
 	$(BIN)/pytest -q
 
 bench: setup
