@@ -184,6 +184,12 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--data-dir", type=Path, help="home profile data dir (LLORCH_DATA_DIR)")
         p.add_argument("--json", action="store_true", help="print JSON")
 
+    top = sub.add_parser("top", help="pools, queue and throughput, live (operators)")
+    top.add_argument("--interval", type=float, default=1.0, help="seconds between updates")
+    top.add_argument("--once", action="store_true", help="print one update and stop")
+    top.add_argument("--orchestrator", help="orchestrator address (LLORCH_ORCHESTRATOR)")
+    top.set_defaults(run=_cmd_top)
+
     nodes = sub.add_parser("nodes", help="the pool managers the orchestrator knows")
     nodes_sub = nodes.add_subparsers(title="nodes commands")
     nlist = nodes_sub.add_parser("list", help="list nodes: address, reachable, pools")
@@ -335,6 +341,77 @@ def _cmd_pools(args: argparse.Namespace) -> int:
         return 0
 
     return asyncio.run(run())
+
+
+def _cmd_top(args: argparse.Namespace) -> int:
+    from llorch.orchestrator.v1 import control_pb2, control_pb2_grpc
+
+    address = args.orchestrator or ClientSettings().orchestrator
+    interval = max(0.2, args.interval)
+
+    async def sample(stub: Any) -> tuple[float, Any, Any]:
+        pools = (await stub.ListPools(control_pb2.ListPoolsRequest())).pools
+        nodes = (await stub.ListNodes(control_pb2.ListNodesRequest())).nodes
+        return time.monotonic(), pools, nodes
+
+    def frame(before: tuple[float, Any, Any], now: tuple[float, Any, Any]) -> str:
+        elapsed = max(1e-6, now[0] - before[0])
+        old = {(p.node_id, p.pool_id): p for p in before[1]}
+        rows, total_tasks, total_tokens, queued = [], 0.0, 0.0, {}
+        for p in now[1]:
+            prev = old.get((p.node_id, p.pool_id))
+            tasks_s = (p.tasks_finished - prev.tasks_finished) / elapsed if prev else 0.0
+            tokens_s = (p.tokens_out - prev.tokens_out) / elapsed if prev else 0.0
+            total_tasks += tasks_s
+            total_tokens += tokens_s
+            queued[p.model_id] = p.queued
+            state = "drained" if p.drained else (p.state if p.reachable else "unreachable")
+            rows.append(
+                {
+                    "pool": f"{p.node_id}/{p.pool_id}",
+                    "model": p.model_id,
+                    "state": state,
+                    "slots": f"{p.slots_busy}/{p.slots_total}",
+                    "queued": p.queued,
+                    "tasks/s": f"{tasks_s:.1f}",
+                    "tokens/s": f"{tokens_s:.0f}",
+                }
+            )
+        reachable = sum(1 for n in now[2] if n.reachable)
+        head = (
+            f"llorch top  {time.strftime('%H:%M:%S')}  nodes {reachable}/{len(now[2])}  "
+            f"queued {sum(queued.values())}  tasks/s {total_tasks:.1f}  "
+            f"tokens/s {total_tokens:.0f}"
+        )
+        lines = [head, ""]
+        columns = ["pool", "model", "state", "slots", "queued", "tasks/s", "tokens/s"]
+        widths = {c: max([len(c)] + [len(str(r[c])) for r in rows]) for c in columns}
+        lines.append("  ".join(c.upper().ljust(widths[c]) for c in columns).rstrip())
+        for row in rows:
+            lines.append("  ".join(str(row[c]).ljust(widths[c]) for c in columns).rstrip())
+        return "\n".join(lines)
+
+    async def run() -> int:
+        async with client_channel(address) as channel:
+            stub = control_pb2_grpc.ControlServiceStub(channel)
+            try:
+                before = await sample(stub)
+                while True:
+                    await asyncio.sleep(interval)
+                    now = await sample(stub)
+                    if sys.stdout.isatty() and not args.once:
+                        print("\x1b[H\x1b[2J", end="")
+                    print(frame(before, now), flush=True)
+                    if args.once:
+                        return 0
+                    before = now
+            except grpc.aio.AioRpcError as err:
+                return _rpc_failed(err)
+
+    try:
+        return asyncio.run(run())
+    except KeyboardInterrupt:
+        return 0
 
 
 def _cmd_nodes_list(args: argparse.Namespace) -> int:

@@ -142,6 +142,7 @@ class ControlServicer(control_pb2_grpc.ControlServiceServicer):
         ):
             key = f"{node_id}/{pool.pool_id}"
             view = views.get(key)
+            finished, tokens = self._orch.metrics.per_pool.get(key, (0, 0))
             out.append(
                 control_pb2.PoolStatus(
                     node_id=node_id,
@@ -163,6 +164,8 @@ class ControlServicer(control_pb2_grpc.ControlServiceServicer):
                     vram_measured_bytes=pool.vram_measured_bytes,
                     vram_free_bytes=view.vram_free_bytes if view else 0,
                     cpu_only=pool.cpu_only,
+                    tasks_finished=finished,
+                    tokens_out=tokens,
                 )
             )
         return out

@@ -87,6 +87,8 @@ class OrchestratorMetrics:
             registry=r,
         )
         r.register(_QueueDepth(queue_depth))
+        self.per_pool: dict[str, tuple[int, int]] = {}
+        """node/pool → (tasks finished, tokens generated), for ListPools and `llorch top`."""
 
     def on_event(self, task: Task, event: TaskEvent) -> None:
         """A task's event (the Tokens events are not looked at: the token path stays bare)."""
@@ -94,6 +96,9 @@ class OrchestratorMetrics:
         if isinstance(event, Started):
             self.started.labels(model, f"{event.node_id}/{event.pool_id}").inc()
         elif isinstance(event, Finished):
+            pool = f"{task.node_id}/{task.pool_id}"
+            finished, tokens = self.per_pool.get(pool, (0, 0))
+            self.per_pool[pool] = (finished + 1, tokens + event.tokens_out)
             self.tokens_in.labels(model).inc(event.tokens_in)
             self.tokens_out.labels(model).inc(event.tokens_out)
             self.first_token.labels(model).observe(event.ttft_ms)

@@ -296,3 +296,38 @@ async def test_a_reload_whose_caller_gives_up_still_ends_ready(mesh: Mesh, tmp_p
     assert pool.model_id == "other-llama"
     got = await collect(mesh.stub.Generate(generate_request(model_id="other-llama", max_tokens=2)))
     assert got.finished.tokens_out == 2
+
+
+@pytest.mark.parametrize("mesh", ["local"], indirect=True)
+async def test_top_shows_pools_queue_and_throughput(mesh: Mesh) -> None:
+    node = mesh.pool_manager.manager.node_id
+    busy = True
+
+    async def keep_busy() -> int:
+        finished = 0
+        while busy:
+            done = await collect(mesh.stub.Generate(generate_request(max_tokens=32)))
+            finished += done.kinds[-1] == "finished"
+        return finished
+
+    worker = asyncio.create_task(keep_busy())
+    try:
+        top = await asyncio.to_thread(
+            run_llorch, "top", "--once", "--interval", "1.5", "--orchestrator", mesh.address
+        )
+    finally:
+        busy = False
+        finished = await worker
+    assert top.returncode == 0, top.stderr
+    head, _, header, row = top.stdout.splitlines()[:4]
+    assert head.startswith("llorch top") and "nodes 1/1" in head
+    assert header.split() == ["POOL", "MODEL", "STATE", "SLOTS", "QUEUED", "TASKS/S", "TOKENS/S"]
+    cells = row.split()
+    assert cells[0] == f"{node}/cpu-0" and cells[1] == MODEL
+    assert float(cells[5]) > 0 and float(cells[6]) > 0, top.stdout  # it measured the work
+    assert finished > 0
+    pools = await control_pb2_grpc.ControlServiceStub(mesh.channel).ListPools(
+        control_pb2.ListPoolsRequest()
+    )
+    assert pools.pools[0].tasks_finished >= finished
+    assert pools.pools[0].tokens_out >= 32 * finished
