@@ -82,6 +82,7 @@ POLICY: dict[str, frozenset[str]] = {
             "StreamTask",
             "CancelTask",
             "GetTask",
+            "ListTasks",
         )
     },
     **{

@@ -235,6 +235,13 @@ def _parser() -> argparse.ArgumentParser:
     tget.add_argument("task_id")
     tget.add_argument("--orchestrator", help="orchestrator address (LLORCH_ORCHESTRATOR)")
     tget.set_defaults(run=_cmd_tasks_get)
+    tlist = tasks_sub.add_parser("list", help="list tasks, newest first")
+    tlist.add_argument("--state", choices=["queued", "running", "succeeded", "failed", "cancelled"])
+    tlist.add_argument("--model", default="", help="only tasks of this model")
+    tlist.add_argument("--limit", type=int, default=50, help="most tasks to print")
+    tlist.add_argument("--json", action="store_true", help="one JSON object per task")
+    tlist.add_argument("--orchestrator", help="orchestrator address (LLORCH_ORCHESTRATOR)")
+    tlist.set_defaults(run=_cmd_tasks_list)
     return parser
 
 
@@ -444,6 +451,65 @@ def _cmd_nodes_list(args: argparse.Namespace) -> int:
             for n in nodes
         ]
         _print_table(rows, ["node", "address", "state", "joined", "last_seen", "pools"])
+        return 0
+
+    return asyncio.run(run())
+
+
+def _cmd_tasks_list(args: argparse.Namespace) -> int:
+    from google.protobuf import json_format
+    from llorch.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+
+    address = args.orchestrator or ClientSettings().orchestrator
+    state = 0
+    if args.state:
+        state = orchestrator_pb2.TaskState.Value(f"TASK_STATE_{args.state.upper()}")
+    limit = max(1, args.limit)
+
+    async def run() -> int:
+        tasks: list[Any] = []
+        async with client_channel(address) as channel:
+            stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+            token = ""
+            try:
+                while len(tasks) < limit:
+                    page = await stub.ListTasks(
+                        orchestrator_pb2.ListTasksRequest(
+                            page_size=min(1000, limit - len(tasks)),
+                            page_token=token,
+                            state=state,
+                            model_id=args.model,
+                        )
+                    )
+                    tasks.extend(page.tasks)
+                    token = page.next_page_token
+                    if not token:
+                        break
+            except grpc.aio.AioRpcError as err:
+                return _rpc_failed(err)
+        if args.json:
+            for task in tasks:
+                print(json.dumps(json_format.MessageToDict(task)))
+            return 0
+        rows = [
+            {
+                "task": t.task_id,
+                "model": t.model_id,
+                "state": orchestrator_pb2.TaskState.Name(t.state)
+                .removeprefix("TASK_STATE_")
+                .lower(),
+                "tenant": t.tenant,
+                "where": f"{t.node_id}/{t.pool_id}"
+                if t.pool_id
+                else (
+                    f"#{t.queue_position}" if t.state == orchestrator_pb2.TASK_STATE_QUEUED else ""
+                ),
+                "tokens": t.tokens_out,
+                "note": t.error.reason or t.wait_reason,
+            }
+            for t in tasks
+        ]
+        _print_table(rows, ["task", "model", "state", "tenant", "where", "tokens", "note"])
         return 0
 
     return asyncio.run(run())

@@ -196,3 +196,11 @@ def error_to_pb(error: LlorchError) -> orchestrator_pb2.TaskError:
 def state_to_pb(state: TaskState) -> int:
     """Task state enum value."""
     return int(_STATE_TO_PB[state])
+
+
+def state_from_pb(value: int, field: str) -> TaskState:
+    """A task state from its enum value; INVALID_ARGUMENT naming ``field`` when unknown."""
+    for state, pb in _STATE_TO_PB.items():
+        if pb == value:
+            return state
+    raise InvalidArgumentError(field, f"unknown task state {value}")

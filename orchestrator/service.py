@@ -355,6 +355,10 @@ class Orchestrator:
         )
         return task, committed
 
+    def tasks(self) -> list[Task]:
+        """Every task held: queued, running, and finished within their retention."""
+        return list(self._tasks.values())
+
     def get(self, task_id: str) -> Task:
         """A task by id; NotFoundError when unknown or expired."""
         task = self._tasks.get(task_id)

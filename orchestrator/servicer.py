@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 from collections.abc import AsyncIterator
 
 import grpc
@@ -14,7 +16,7 @@ from mesh.server import ServiceBinding
 from mesh.settings import OrchestratorSettings
 from orchestrator import convert
 from orchestrator.service import Orchestrator
-from orchestrator.tasks import Failed, Task, TaskSpec
+from orchestrator.tasks import Failed, Task, TaskSpec, TaskState
 
 SERVICE_NAME = orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"].full_name
 
@@ -109,6 +111,42 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         task = _own(self._orch.get(_task_id(request.task_id)))
         return orchestrator_pb2.GetTaskResponse(task=convert.task_to_pb(task))
 
+    async def ListTasks(
+        self, request: orchestrator_pb2.ListTasksRequest, context: grpc.aio.ServicerContext
+    ) -> orchestrator_pb2.ListTasksResponse:
+        size = request.page_size or _DEFAULT_PAGE
+        if not 1 <= size <= _MAX_PAGE:
+            raise InvalidArgumentError(
+                "page_size", f"must be 1 to {_MAX_PAGE} (0: {_DEFAULT_PAGE})"
+            )
+        model_id = check_name(request.model_id, "model_id") if request.model_id else ""
+        state = convert.state_from_pb(request.state, "state") if request.state else None
+        filters = f"{request.state}/{model_id}"
+        after = _page_after(request.page_token, filters)
+        who = auth.caller.get()
+        tenant = who.tenant if who is not None and not who.sees_every_tenant else None
+        chosen = sorted(
+            (
+                t
+                for t in self._orch.tasks()
+                if (tenant is None or t.spec.tenant == tenant)
+                and (state is None or t.state is state)
+                and (not model_id or t.spec.model_id == model_id)
+                and (after is None or (-t.created, t.task_id) > after)
+            ),
+            key=lambda t: (-t.created, t.task_id),
+        )
+        page = chosen[:size]
+        response = orchestrator_pb2.ListTasksResponse()
+        for task in page:
+            if task.state is TaskState.QUEUED:
+                task = self._orch.get(task.task_id)  # its position, exact now
+            response.tasks.append(convert.task_to_pb(task))
+        if len(chosen) > size:
+            last = page[-1]
+            response.next_page_token = _page_token(-last.created, last.task_id, filters)
+        return response
+
     async def _submit(
         self,
         request: convert.TaskRequest,
@@ -165,6 +203,30 @@ def _tenant(context: grpc.aio.ServicerContext) -> str:
         if key == TENANT_HEADER:
             return check_name(str(value), TENANT_HEADER)
     return DEFAULT_TENANT
+
+
+_DEFAULT_PAGE = 100
+_MAX_PAGE = 1000
+
+
+def _page_token(key: float, task_id: str, filters: str) -> str:
+    raw = json.dumps([key, task_id, filters]).encode()
+    return base64.urlsafe_b64encode(raw).decode()
+
+
+def _page_after(token: str, filters: str) -> tuple[float, str] | None:
+    """Where a page token says the previous page ended; INVALID_ARGUMENT when it is not one of
+    ours, or came with other filters."""
+    if not token:
+        return None
+    try:
+        key, task_id, made_with = json.loads(base64.urlsafe_b64decode(token.encode()))
+        after = (float(key), str(task_id))
+    except (ValueError, TypeError):
+        raise InvalidArgumentError("page_token", "is not a token ListTasks returned") from None
+    if made_with != filters:
+        raise InvalidArgumentError("page_token", "was made for other filters")
+    return after
 
 
 MAX_BATCH = 1000

@@ -217,6 +217,11 @@ async def test_tenants_see_only_their_tasks_and_models_their_keys_allow(secure: 
             async for _ in stub_b.StreamTask(orchestrator_pb2.StreamTaskRequest(task_id=task_id)):
                 pass
         assert other.value.code() == grpc.StatusCode.NOT_FOUND
+        listed_b = await stub_b.ListTasks(orchestrator_pb2.ListTasksRequest())
+        assert task_id not in {t.task_id for t in listed_b.tasks}
+        listed_a = await stub_a.ListTasks(orchestrator_pb2.ListTasksRequest())
+        assert task_id in {t.task_id for t in listed_a.tasks}
+        assert {t.tenant for t in listed_a.tasks} == {"tenant-a"}
         # An operator sees every tenant's tasks.
         seen = await orchestrator_pb2_grpc.OrchestratorServiceStub(o).GetTask(
             orchestrator_pb2.GetTaskRequest(task_id=task_id)

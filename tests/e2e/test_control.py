@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from pathlib import Path
 
@@ -331,3 +332,54 @@ async def test_top_shows_pools_queue_and_throughput(mesh: Mesh) -> None:
     )
     assert pools.pools[0].tasks_finished >= finished
     assert pools.pools[0].tokens_out >= 32 * finished
+
+
+@pytest.mark.parametrize("mesh", ["local"], indirect=True)
+async def test_tasks_are_listed_newest_first_page_by_page(mesh: Mesh) -> None:
+    ids = []
+    for _ in range(3):
+        done = await collect(mesh.stub.Generate(generate_request(max_tokens=2)))
+        ids.append(done.events[0].task_id)
+    first = await mesh.stub.ListTasks(orchestrator_pb2.ListTasksRequest(page_size=2))
+    assert [t.task_id for t in first.tasks] == ids[::-1][:2] and first.next_page_token
+    second = await mesh.stub.ListTasks(
+        orchestrator_pb2.ListTasksRequest(page_size=2, page_token=first.next_page_token)
+    )
+    assert [t.task_id for t in second.tasks] == [ids[0]] and not second.next_page_token
+    done_only = await mesh.stub.ListTasks(
+        orchestrator_pb2.ListTasksRequest(state=orchestrator_pb2.TASK_STATE_SUCCEEDED)
+    )
+    assert {t.task_id for t in done_only.tasks} == set(ids)
+    for bad, field in (
+        (orchestrator_pb2.ListTasksRequest(page_token="not-a-token"), "page_token"),
+        (
+            orchestrator_pb2.ListTasksRequest(
+                page_token=first.next_page_token, state=orchestrator_pb2.TASK_STATE_QUEUED
+            ),
+            "page_token",
+        ),
+        (orchestrator_pb2.ListTasksRequest(page_size=1001), "page_size"),
+        (orchestrator_pb2.ListTasksRequest(model_id="Not/A/Model"), "model_id"),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await mesh.stub.ListTasks(bad)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error_details(refused.value)["fields"] == [field]
+    table = await asyncio.to_thread(
+        run_llorch, "tasks", "list", "--limit", "2", "--orchestrator", mesh.address
+    )
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].split() == ["TASK", "MODEL", "STATE", "TENANT", "WHERE", "TOKENS", "NOTE"]
+    assert [line.split()[0] for line in lines[1:]] == ids[::-1][:2]
+    as_json = await asyncio.to_thread(
+        run_llorch,
+        "tasks",
+        "list",
+        "--json",
+        "--state",
+        "succeeded",
+        "--orchestrator",
+        mesh.address,
+    )
+    assert [json.loads(line)["taskId"] for line in as_json.stdout.splitlines()] == ids[::-1]

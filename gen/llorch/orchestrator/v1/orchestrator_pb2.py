@@ -27,7 +27,7 @@ from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 from llorch.common.v1 import common_pb2 as llorch_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)llorch/orchestrator/v1/orchestrator.proto\x12\x16llorch.orchestrator.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x17google/rpc/status.proto\x1a\x1dllorch/common/v1/common.proto\"\x95\x01\n\x0fGenerateRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x32\n\x08sampling\x18\x03 \x01(\x0b\x32 .llorch.common.v1.SamplingParams\x12,\n\x08priority\x18\x04 \x01(\x0e\x32\x1a.llorch.common.v1.Priority\"D\n\x10GenerateResponse\x12\x30\n\x05\x65vent\x18\x01 \x01(\x0b\x32!.llorch.orchestrator.v1.TaskEvent\"\xab\x01\n\x11SubmitTaskRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x32\n\x08sampling\x18\x03 \x01(\x0b\x32 .llorch.common.v1.SamplingParams\x12,\n\x08priority\x18\x04 \x01(\x0e\x32\x1a.llorch.common.v1.Priority\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"Y\n\x12SubmitTaskResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x16\n\x0equeue_position\x18\x02 \x01(\r\x12\x1a\n\x12predicted_start_ms\x18\x03 \x01(\x04\"Q\n\x12SubmitTasksRequest\x12;\n\x08requests\x18\x01 \x03(\x0b\x32).llorch.orchestrator.v1.SubmitTaskRequest\"P\n\x13SubmitTasksResponse\x12\x39\n\x07results\x18\x01 \x03(\x0b\x32(.llorch.orchestrator.v1.SubmitTaskResult\"}\n\x10SubmitTaskResult\x12:\n\x04task\x18\x01 \x01(\x0b\x32*.llorch.orchestrator.v1.SubmitTaskResponseH\x00\x12#\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\x08\n\x06result\"8\n\x11StreamTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x12\n\nfrom_index\x18\x02 \x01(\r\"F\n\x12StreamTaskResponse\x12\x30\n\x05\x65vent\x18\x01 \x01(\x0b\x32!.llorch.orchestrator.v1.TaskEvent\"\x98\x02\n\tTaskEvent\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x30\n\x06queued\x18\x02 \x01(\x0b\x32\x1e.llorch.orchestrator.v1.QueuedH\x00\x12\x32\n\x07started\x18\x03 \x01(\x0b\x32\x1f.llorch.orchestrator.v1.StartedH\x00\x12(\n\x05token\x18\x04 \x01(\x0b\x32\x17.llorch.common.v1.TokenH\x00\x12\x32\n\x07metrics\x18\x05 \x01(\x0b\x32\x1f.llorch.orchestrator.v1.MetricsH\x00\x12.\n\x08\x66inished\x18\x06 \x01(\x0b\x32\x1a.llorch.common.v1.FinishedH\x00\x42\x06\n\x04kind\"6\n\x06Queued\x12\x10\n\x08position\x18\x01 \x01(\r\x12\x1a\n\x12predicted_start_ms\x18\x02 \x01(\x04\"g\n\x07Started\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x16\n\x0e\x65ngine_version\x18\x04 \x01(\t\x12\x10\n\x08queue_ms\x18\x05 \x01(\x01\"=\n\x07Metrics\x12 \n\x18\x64\x65\x63ode_tokens_per_second\x18\x01 \x01(\x01\x12\x10\n\x08total_ms\x18\x02 \x01(\x01\"$\n\x11\x43\x61ncelTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"F\n\x12\x43\x61ncelTaskResponse\x12\x30\n\x05state\x18\x01 \x01(\x0e\x32!.llorch.orchestrator.v1.TaskState\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"=\n\x0fGetTaskResponse\x12*\n\x04task\x18\x01 \x01(\x0b\x32\x1c.llorch.orchestrator.v1.Task\"\xb3\x03\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x30\n\x05state\x18\x03 \x01(\x0e\x32!.llorch.orchestrator.v1.TaskState\x12,\n\x08priority\x18\x04 \x01(\x0e\x32\x1a.llorch.common.v1.Priority\x12\x16\n\x0equeue_position\x18\x05 \x01(\r\x12\x0f\n\x07pool_id\x18\x06 \x01(\t\x12\x12\n\ntokens_out\x18\x07 \x01(\r\x12,\n\x08\x66inished\x18\x08 \x01(\x0b\x32\x1a.llorch.common.v1.Finished\x12\x30\n\x05\x65rror\x18\t \x01(\x0b\x32!.llorch.orchestrator.v1.TaskError\x12\x16\n\x0e\x63orrelation_id\x18\n \x01(\t\x12\x0e\n\x06tenant\x18\x0b \x01(\t\x12\x0f\n\x07node_id\x18\x0c \x01(\t\x12\x13\n\x0bwait_reason\x18\r \x01(\t\x12=\n\x0e\x65xcluded_pools\x18\x0e \x03(\x0b\x32%.llorch.orchestrator.v1.PoolExclusion\"-\n\rPoolExclusion\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"M\n\tTaskError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x11\n\tretriable\x18\x04 \x01(\x08*\xa1\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11TASK_STATE_QUEUED\x10\x01\x12\x16\n\x12TASK_STATE_RUNNING\x10\x02\x12\x18\n\x14TASK_STATE_SUCCEEDED\x10\x03\x12\x15\n\x11TASK_STATE_FAILED\x10\x04\x12\x18\n\x14TASK_STATE_CANCELLED\x10\x05\x32\xa7\x06\n\x13OrchestratorService\x12x\n\x08Generate\x12\'.llorch.orchestrator.v1.GenerateRequest\x1a(.llorch.orchestrator.v1.GenerateResponse\"\x17\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/generate:\x01*0\x01\x12y\n\nSubmitTask\x12).llorch.orchestrator.v1.SubmitTaskRequest\x1a*.llorch.orchestrator.v1.SubmitTaskResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\"\t/v1/tasks:\x01*\x12\x88\x01\n\x0bSubmitTasks\x12*.llorch.orchestrator.v1.SubmitTasksRequest\x1a+.llorch.orchestrator.v1.SubmitTasksResponse\" \x82\xd3\xe4\x93\x02\x1a\"\x15/v1/tasks:batchSubmit:\x01*\x12\x89\x01\n\nStreamTask\x12).llorch.orchestrator.v1.StreamTaskRequest\x1a*.llorch.orchestrator.v1.StreamTaskResponse\"\"\x82\xd3\xe4\x93\x02\x1c\x12\x1a/v1/tasks/{task_id}/events0\x01\x12\x8a\x01\n\nCancelTask\x12).llorch.orchestrator.v1.CancelTaskRequest\x1a*.llorch.orchestrator.v1.CancelTaskResponse\"%\x82\xd3\xe4\x93\x02\x1f\"\x1a/v1/tasks/{task_id}:cancel:\x01*\x12w\n\x07GetTask\x12&.llorch.orchestrator.v1.GetTaskRequest\x1a\'.llorch.orchestrator.v1.GetTaskResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\x12\x13/v1/tasks/{task_id}b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)llorch/orchestrator/v1/orchestrator.proto\x12\x16llorch.orchestrator.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x17google/rpc/status.proto\x1a\x1dllorch/common/v1/common.proto\"\x95\x01\n\x0fGenerateRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x32\n\x08sampling\x18\x03 \x01(\x0b\x32 .llorch.common.v1.SamplingParams\x12,\n\x08priority\x18\x04 \x01(\x0e\x32\x1a.llorch.common.v1.Priority\"D\n\x10GenerateResponse\x12\x30\n\x05\x65vent\x18\x01 \x01(\x0b\x32!.llorch.orchestrator.v1.TaskEvent\"\xab\x01\n\x11SubmitTaskRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x32\n\x08sampling\x18\x03 \x01(\x0b\x32 .llorch.common.v1.SamplingParams\x12,\n\x08priority\x18\x04 \x01(\x0e\x32\x1a.llorch.common.v1.Priority\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"Y\n\x12SubmitTaskResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x16\n\x0equeue_position\x18\x02 \x01(\r\x12\x1a\n\x12predicted_start_ms\x18\x03 \x01(\x04\"Q\n\x12SubmitTasksRequest\x12;\n\x08requests\x18\x01 \x03(\x0b\x32).llorch.orchestrator.v1.SubmitTaskRequest\"P\n\x13SubmitTasksResponse\x12\x39\n\x07results\x18\x01 \x03(\x0b\x32(.llorch.orchestrator.v1.SubmitTaskResult\"}\n\x10SubmitTaskResult\x12:\n\x04task\x18\x01 \x01(\x0b\x32*.llorch.orchestrator.v1.SubmitTaskResponseH\x00\x12#\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\x08\n\x06result\"}\n\x10ListTasksRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x30\n\x05state\x18\x03 \x01(\x0e\x32!.llorch.orchestrator.v1.TaskState\x12\x10\n\x08model_id\x18\x04 \x01(\t\"Y\n\x11ListTasksResponse\x12+\n\x05tasks\x18\x01 \x03(\x0b\x32\x1c.llorch.orchestrator.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"8\n\x11StreamTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x12\n\nfrom_index\x18\x02 \x01(\r\"F\n\x12StreamTaskResponse\x12\x30\n\x05\x65vent\x18\x01 \x01(\x0b\x32!.llorch.orchestrator.v1.TaskEvent\"\x98\x02\n\tTaskEvent\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x30\n\x06queued\x18\x02 \x01(\x0b\x32\x1e.llorch.orchestrator.v1.QueuedH\x00\x12\x32\n\x07started\x18\x03 \x01(\x0b\x32\x1f.llorch.orchestrator.v1.StartedH\x00\x12(\n\x05token\x18\x04 \x01(\x0b\x32\x17.llorch.common.v1.TokenH\x00\x12\x32\n\x07metrics\x18\x05 \x01(\x0b\x32\x1f.llorch.orchestrator.v1.MetricsH\x00\x12.\n\x08\x66inished\x18\x06 \x01(\x0b\x32\x1a.llorch.common.v1.FinishedH\x00\x42\x06\n\x04kind\"6\n\x06Queued\x12\x10\n\x08position\x18\x01 \x01(\r\x12\x1a\n\x12predicted_start_ms\x18\x02 \x01(\x04\"g\n\x07Started\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x16\n\x0e\x65ngine_version\x18\x04 \x01(\t\x12\x10\n\x08queue_ms\x18\x05 \x01(\x01\"=\n\x07Metrics\x12 \n\x18\x64\x65\x63ode_tokens_per_second\x18\x01 \x01(\x01\x12\x10\n\x08total_ms\x18\x02 \x01(\x01\"$\n\x11\x43\x61ncelTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"F\n\x12\x43\x61ncelTaskResponse\x12\x30\n\x05state\x18\x01 \x01(\x0e\x32!.llorch.orchestrator.v1.TaskState\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"=\n\x0fGetTaskResponse\x12*\n\x04task\x18\x01 \x01(\x0b\x32\x1c.llorch.orchestrator.v1.Task\"\xb3\x03\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x30\n\x05state\x18\x03 \x01(\x0e\x32!.llorch.orchestrator.v1.TaskState\x12,\n\x08priority\x18\x04 \x01(\x0e\x32\x1a.llorch.common.v1.Priority\x12\x16\n\x0equeue_position\x18\x05 \x01(\r\x12\x0f\n\x07pool_id\x18\x06 \x01(\t\x12\x12\n\ntokens_out\x18\x07 \x01(\r\x12,\n\x08\x66inished\x18\x08 \x01(\x0b\x32\x1a.llorch.common.v1.Finished\x12\x30\n\x05\x65rror\x18\t \x01(\x0b\x32!.llorch.orchestrator.v1.TaskError\x12\x16\n\x0e\x63orrelation_id\x18\n \x01(\t\x12\x0e\n\x06tenant\x18\x0b \x01(\t\x12\x0f\n\x07node_id\x18\x0c \x01(\t\x12\x13\n\x0bwait_reason\x18\r \x01(\t\x12=\n\x0e\x65xcluded_pools\x18\x0e \x03(\x0b\x32%.llorch.orchestrator.v1.PoolExclusion\"-\n\rPoolExclusion\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"M\n\tTaskError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x11\n\tretriable\x18\x04 \x01(\x08*\xa1\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11TASK_STATE_QUEUED\x10\x01\x12\x16\n\x12TASK_STATE_RUNNING\x10\x02\x12\x18\n\x14TASK_STATE_SUCCEEDED\x10\x03\x12\x15\n\x11TASK_STATE_FAILED\x10\x04\x12\x18\n\x14TASK_STATE_CANCELLED\x10\x05\x32\x9c\x07\n\x13OrchestratorService\x12x\n\x08Generate\x12\'.llorch.orchestrator.v1.GenerateRequest\x1a(.llorch.orchestrator.v1.GenerateResponse\"\x17\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/generate:\x01*0\x01\x12y\n\nSubmitTask\x12).llorch.orchestrator.v1.SubmitTaskRequest\x1a*.llorch.orchestrator.v1.SubmitTaskResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\"\t/v1/tasks:\x01*\x12\x88\x01\n\x0bSubmitTasks\x12*.llorch.orchestrator.v1.SubmitTasksRequest\x1a+.llorch.orchestrator.v1.SubmitTasksResponse\" \x82\xd3\xe4\x93\x02\x1a\"\x15/v1/tasks:batchSubmit:\x01*\x12\x89\x01\n\nStreamTask\x12).llorch.orchestrator.v1.StreamTaskRequest\x1a*.llorch.orchestrator.v1.StreamTaskResponse\"\"\x82\xd3\xe4\x93\x02\x1c\x12\x1a/v1/tasks/{task_id}/events0\x01\x12\x8a\x01\n\nCancelTask\x12).llorch.orchestrator.v1.CancelTaskRequest\x1a*.llorch.orchestrator.v1.CancelTaskResponse\"%\x82\xd3\xe4\x93\x02\x1f\"\x1a/v1/tasks/{task_id}:cancel:\x01*\x12w\n\x07GetTask\x12&.llorch.orchestrator.v1.GetTaskRequest\x1a\'.llorch.orchestrator.v1.GetTaskResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\x12\x13/v1/tasks/{task_id}\x12s\n\tListTasks\x12(.llorch.orchestrator.v1.ListTasksRequest\x1a).llorch.orchestrator.v1.ListTasksResponse\"\x11\x82\xd3\xe4\x93\x02\x0b\x12\t/v1/tasksb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,8 +46,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ORCHESTRATORSERVICE'].methods_by_name['CancelTask']._serialized_options = b'\202\323\344\223\002\037\"\032/v1/tasks/{task_id}:cancel:\001*'
   _globals['_ORCHESTRATORSERVICE'].methods_by_name['GetTask']._loaded_options = None
   _globals['_ORCHESTRATORSERVICE'].methods_by_name['GetTask']._serialized_options = b'\202\323\344\223\002\025\022\023/v1/tasks/{task_id}'
-  _globals['_TASKSTATE']._serialized_start=2344
-  _globals['_TASKSTATE']._serialized_end=2505
+  _globals['_ORCHESTRATORSERVICE'].methods_by_name['ListTasks']._loaded_options = None
+  _globals['_ORCHESTRATORSERVICE'].methods_by_name['ListTasks']._serialized_options = b'\202\323\344\223\002\013\022\t/v1/tasks'
+  _globals['_TASKSTATE']._serialized_start=2562
+  _globals['_TASKSTATE']._serialized_end=2723
   _globals['_GENERATEREQUEST']._serialized_start=156
   _globals['_GENERATEREQUEST']._serialized_end=305
   _globals['_GENERATERESPONSE']._serialized_start=307
@@ -62,32 +64,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SUBMITTASKSRESPONSE']._serialized_end=805
   _globals['_SUBMITTASKRESULT']._serialized_start=807
   _globals['_SUBMITTASKRESULT']._serialized_end=932
-  _globals['_STREAMTASKREQUEST']._serialized_start=934
-  _globals['_STREAMTASKREQUEST']._serialized_end=990
-  _globals['_STREAMTASKRESPONSE']._serialized_start=992
-  _globals['_STREAMTASKRESPONSE']._serialized_end=1062
-  _globals['_TASKEVENT']._serialized_start=1065
-  _globals['_TASKEVENT']._serialized_end=1345
-  _globals['_QUEUED']._serialized_start=1347
-  _globals['_QUEUED']._serialized_end=1401
-  _globals['_STARTED']._serialized_start=1403
-  _globals['_STARTED']._serialized_end=1506
-  _globals['_METRICS']._serialized_start=1508
-  _globals['_METRICS']._serialized_end=1569
-  _globals['_CANCELTASKREQUEST']._serialized_start=1571
-  _globals['_CANCELTASKREQUEST']._serialized_end=1607
-  _globals['_CANCELTASKRESPONSE']._serialized_start=1609
-  _globals['_CANCELTASKRESPONSE']._serialized_end=1679
-  _globals['_GETTASKREQUEST']._serialized_start=1681
-  _globals['_GETTASKREQUEST']._serialized_end=1714
-  _globals['_GETTASKRESPONSE']._serialized_start=1716
-  _globals['_GETTASKRESPONSE']._serialized_end=1777
-  _globals['_TASK']._serialized_start=1780
-  _globals['_TASK']._serialized_end=2215
-  _globals['_POOLEXCLUSION']._serialized_start=2217
-  _globals['_POOLEXCLUSION']._serialized_end=2262
-  _globals['_TASKERROR']._serialized_start=2264
-  _globals['_TASKERROR']._serialized_end=2341
-  _globals['_ORCHESTRATORSERVICE']._serialized_start=2508
-  _globals['_ORCHESTRATORSERVICE']._serialized_end=3315
+  _globals['_LISTTASKSREQUEST']._serialized_start=934
+  _globals['_LISTTASKSREQUEST']._serialized_end=1059
+  _globals['_LISTTASKSRESPONSE']._serialized_start=1061
+  _globals['_LISTTASKSRESPONSE']._serialized_end=1150
+  _globals['_STREAMTASKREQUEST']._serialized_start=1152
+  _globals['_STREAMTASKREQUEST']._serialized_end=1208
+  _globals['_STREAMTASKRESPONSE']._serialized_start=1210
+  _globals['_STREAMTASKRESPONSE']._serialized_end=1280
+  _globals['_TASKEVENT']._serialized_start=1283
+  _globals['_TASKEVENT']._serialized_end=1563
+  _globals['_QUEUED']._serialized_start=1565
+  _globals['_QUEUED']._serialized_end=1619
+  _globals['_STARTED']._serialized_start=1621
+  _globals['_STARTED']._serialized_end=1724
+  _globals['_METRICS']._serialized_start=1726
+  _globals['_METRICS']._serialized_end=1787
+  _globals['_CANCELTASKREQUEST']._serialized_start=1789
+  _globals['_CANCELTASKREQUEST']._serialized_end=1825
+  _globals['_CANCELTASKRESPONSE']._serialized_start=1827
+  _globals['_CANCELTASKRESPONSE']._serialized_end=1897
+  _globals['_GETTASKREQUEST']._serialized_start=1899
+  _globals['_GETTASKREQUEST']._serialized_end=1932
+  _globals['_GETTASKRESPONSE']._serialized_start=1934
+  _globals['_GETTASKRESPONSE']._serialized_end=1995
+  _globals['_TASK']._serialized_start=1998
+  _globals['_TASK']._serialized_end=2433
+  _globals['_POOLEXCLUSION']._serialized_start=2435
+  _globals['_POOLEXCLUSION']._serialized_end=2480
+  _globals['_TASKERROR']._serialized_start=2482
+  _globals['_TASKERROR']._serialized_end=2559
+  _globals['_ORCHESTRATORSERVICE']._serialized_start=2726
+  _globals['_ORCHESTRATORSERVICE']._serialized_end=3650
 # @@protoc_insertion_point(module_scope)

@@ -68,6 +68,11 @@ class OrchestratorServiceStub:
                 request_serializer=llorch_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetTaskRequest.SerializeToString,
                 response_deserializer=llorch_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetTaskResponse.FromString,
                 _registered_method=True)
+        self.ListTasks = channel.unary_unary(
+                '/llorch.orchestrator.v1.OrchestratorService/ListTasks',
+                request_serializer=llorch_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListTasksRequest.SerializeToString,
+                response_deserializer=llorch_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListTasksResponse.FromString,
+                _registered_method=True)
 
 
 class OrchestratorServiceServicer:
@@ -122,6 +127,14 @@ class OrchestratorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListTasks(self, request, context):
+        """Lists the tasks the orchestrator holds (queued, running, and finished ones within their
+        retention), newest first: a client key sees its tenant's, an operator every tenant's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OrchestratorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -154,6 +167,11 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
                     servicer.GetTask,
                     request_deserializer=llorch_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetTaskRequest.FromString,
                     response_serializer=llorch_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetTaskResponse.SerializeToString,
+            ),
+            'ListTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTasks,
+                    request_deserializer=llorch_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListTasksRequest.FromString,
+                    response_serializer=llorch_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListTasksResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -322,6 +340,33 @@ class OrchestratorService:
             '/llorch.orchestrator.v1.OrchestratorService/GetTask',
             llorch_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetTaskRequest.SerializeToString,
             llorch_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llorch.orchestrator.v1.OrchestratorService/ListTasks',
+            llorch_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListTasksRequest.SerializeToString,
+            llorch_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListTasksResponse.FromString,
             options,
             channel_credentials,
             insecure,
