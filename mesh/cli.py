@@ -301,12 +301,14 @@ def _cmd_pools(args: argparse.Namespace) -> int:
             stub = control_pb2_grpc.ControlServiceStub(channel)
             try:
                 if args.action == "drain":
-                    drained = await stub.DrainPool(
+                    drained = await _with_progress(
+                        f"draining {args.pool}",
+                        stub.DrainPool,
                         control_pb2.DrainPoolRequest(
                             node_id=node_id,
                             pool_id=pool_id,
                             deadline_ms=round(args.deadline * 1000),
-                        )
+                        ),
                     )
                     statuses = [drained.pool]
                 elif args.action == "resume":
@@ -320,12 +322,17 @@ def _cmd_pools(args: argparse.Namespace) -> int:
                     )
                     if args.deadline is not None:
                         request.deadline_ms = round(args.deadline * 1000)
-                    statuses = [(await stub.ReloadPool(request)).pool]
+                    reloaded = await _with_progress(
+                        f"reloading {args.pool} to {args.model}", stub.ReloadPool, request
+                    )
+                    statuses = [reloaded.pool]
                 elif args.action == "preload":
-                    preloaded = await stub.PreloadModel(
+                    preloaded = await _with_progress(
+                        f"preloading {args.model}",
+                        stub.PreloadModel,
                         control_pb2.PreloadModelRequest(
                             model_id=args.model, node_id=node_id, pool_id=pool_id
-                        )
+                        ),
                     )
                     statuses = [preloaded.pool]
                     if preloaded.replaced_model_id:
@@ -818,10 +825,13 @@ def _cmd_models_rm(args: argparse.Namespace) -> int:
         async with client_channel(address) as channel:
             stub = control_pb2_grpc.ControlServiceStub(channel)
             try:
-                done = await stub.DeleteModel(
-                    control_pb2.DeleteModelRequest(model_id=args.name, drain=args.drain),
-                    timeout=300,
-                )
+                request = control_pb2.DeleteModelRequest(model_id=args.name, drain=args.drain)
+                if args.drain:  # draining and unloading pools takes a while
+                    done = await _with_progress(
+                        f"draining and deleting {args.name}", stub.DeleteModel, request
+                    )
+                else:
+                    done = await stub.DeleteModel(request, timeout=300)
             except grpc.aio.AioRpcError as err:
                 return _rpc_failed(err)
         for pool in done.drained_pools:
@@ -966,6 +976,28 @@ def _cmd_models_add(args: argparse.Namespace) -> int:
         return 0
 
     return asyncio.run(run())
+
+
+async def _with_progress(label: str, call: Any, request: Any) -> Any:
+    """Makes a long call, saying on stderr that it waits and for how long: a line that counts
+    the seconds on a terminal, a line before and after otherwise."""
+    started = time.monotonic()
+    live = sys.stderr.isatty()
+    if not live:
+        print(f"{label} …", file=sys.stderr, flush=True)
+    task = asyncio.ensure_future(call(request))
+    while not task.done():
+        if live:
+            print(f"\r{label} … {time.monotonic() - started:.1f} s", end="", file=sys.stderr)
+        await asyncio.wait({task}, timeout=0.5)
+    ok = task.exception() is None
+    end = "\r" if live else ""
+    print(
+        f"{end}{label}: {'done' if ok else 'failed'} in {time.monotonic() - started:.1f} s",
+        file=sys.stderr,
+        flush=True,
+    )
+    return task.result()
 
 
 def _print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 from pathlib import Path
 
 import grpc
@@ -133,6 +134,8 @@ async def test_operator_commands(mesh: Mesh) -> None:
     )
     assert reloaded.returncode == 0, reloaded.stderr
     assert "ready" in reloaded.stdout
+    # A long operation says what it waits for, and how long it took.
+    assert re.search(rf"reloading {node}/cpu-0 to tiny-llama: done in \d+\.\d s", reloaded.stderr)
     preloaded = await asyncio.to_thread(
         run_llorch, "pools", "preload", "tiny-llama", "--orchestrator", mesh.address
     )
