@@ -48,17 +48,21 @@ async def _submit(
 
 
 async def _start_order(mesh: Mesh, names: dict[str, str]) -> list[str]:
-    """Follows every task to its end; returns task names in the order they started."""
-    started: list[str] = []
+    """Follows every task to its end; returns task names in the order they started.
 
-    async def follow(name: str, task_id: str) -> None:
+    The order comes from the orchestrator's own start times: the order in which Started events
+    reach this client over separate streams is not the start order (a short task can start,
+    finish and be replayed after the next one's live Started arrived)."""
+
+    async def follow(task_id: str) -> None:
         stream = mesh.stub.StreamTask(orchestrator_pb2.StreamTaskRequest(task_id=task_id))
         async for response in stream:
-            if response.event.WhichOneof("kind") == "started":
-                started.append(name)
+            assert response.event.WhichOneof("kind") != "failed"
 
-    await asyncio.gather(*(follow(n, t) for n, t in names.items()))
-    return started
+    await asyncio.gather(*(follow(t) for t in names.values()))
+    started_at = {n: mesh.orchestrator.orchestrator.get(t).started_at for n, t in names.items()}
+    assert all(at is not None for at in started_at.values()), started_at
+    return sorted(names, key=lambda n: started_at[n] or 0.0)
 
 
 @pytest.fixture
