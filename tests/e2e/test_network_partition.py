@@ -199,13 +199,17 @@ async def test_a_node_cut_off_by_the_network_is_lost_in_3_s_and_comes_back(
         assert _ip("link", "set", HOST_IF, "up").returncode == 0
         await wait_for(both, 30)
         again = [stub.Generate(long), stub.Generate(long)]
-        nodes = set()
-        for call in again:
+
+        async def started_on(call: grpc.aio.UnaryStreamCall) -> str:
             async for response in call:
                 if response.event.WhichOneof("kind") == "started":
-                    nodes.add(response.event.started.node_id)
-                    call.cancel()
-                    break
+                    return str(response.event.started.node_id)
+            raise AssertionError("ended before it started")
+
+        # Both hold their slots until both started: a cancel would free one for the other.
+        nodes = set(await asyncio.gather(*(started_on(call) for call in again)))
+        for call in again:
+            call.cancel()
         assert nodes == set(both)  # it gets work again
         await client.close()
         await ops.close()
