@@ -88,9 +88,12 @@ async def test_metrics_move_as_tasks_run(mesh: Mesh) -> None:
             if response.event.WhichOneof("kind") == "token":
                 break
         cancelled.cancel()
-        await asyncio.sleep(0.3)
+        for _ in range(100):  # the server learns of the cancel a moment later
+            after = await asyncio.to_thread(_scrape, url)
+            if _total(after, "tasks_canceled_total") > _total(before, "tasks_canceled_total"):
+                break
+            await asyncio.sleep(0.05)
 
-        after = await asyncio.to_thread(_scrape, url)
         moved = {
             name: _total(after, name, **labels) - _total(before, name, **labels)
             for name, labels in [
