@@ -1,8 +1,9 @@
 """API keys of clients and operators: made once, stored hashed, checked in constant time.
 
 A key reads ``llk_<id>_<secret>``: the id (12 hex digits) finds the record and is the key's
-fingerprint in logs and listings; the secret (32 random bytes, base64url) is never stored, only
-its SHA-256 (a fast hash suffices for 256 random bits; there is nothing to guess). A key carries
+fingerprint in logs and listings; the secret (43 random letters and digits, 256 bits, so a
+double-click selects the whole key and no ``_`` or ``-`` can blur the separators) is never
+stored, only its SHA-256 (a fast hash suffices for 256 random bits; there is nothing to guess). A key carries
 a tenant, a role (``client`` or ``operator``), an optional allow-list of model ids and an
 optional rate limit in tasks per second.
 
@@ -14,7 +15,6 @@ restart.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import json
@@ -22,6 +22,7 @@ import os
 import re
 import secrets
 import sqlite3
+import string
 import threading
 import time
 from dataclasses import dataclass
@@ -30,7 +31,9 @@ from pathlib import Path
 from mesh.ids import is_valid_name
 
 KEY_ROLES = ("client", "operator")
-_KEY_RE = re.compile(r"llk_([0-9a-f]{12})_([A-Za-z0-9_-]{43})")
+_SECRET_ALPHABET = string.ascii_letters + string.digits
+_SECRET_LEN = 43  # 43 * log2(62) > 256 bits
+_KEY_RE = re.compile(r"llk_([0-9a-f]{12})_([A-Za-z0-9]{43})")
 _DUMMY_HASH = hashlib.sha256(b"no such key").hexdigest()
 
 _SCHEMA = """
@@ -121,7 +124,7 @@ class ApiKeyStore:
         if not 0 <= rate_per_s <= 1_000_000:
             raise ApiKeyError("--rate must be between 0 (no limit) and 1000000 tasks/s")
         key_id = secrets.token_hex(6)
-        secret = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("=")
+        secret = "".join(secrets.choice(_SECRET_ALPHABET) for _ in range(_SECRET_LEN))
         record = ApiKey(
             key_id=key_id,
             tenant=tenant,

@@ -52,9 +52,10 @@ def test_keys_are_shown_once_listed_by_fingerprint_and_revoked(tmp_path: Path) -
     assert created.returncode == 0, created.stderr
     key = created.stdout.strip()
     assert key.startswith("llk_") and len(key) == 4 + 12 + 1 + 43
-    fingerprint = key[: 4 + 12]
+    fingerprint, secret = key[: 4 + 12], key[4 + 12 + 1 :]
+    assert secret.isalnum()  # one double-click selects the whole key
     listed = run_llorch("keys", "list", "--json", "--keys-db", db)
-    assert key not in listed.stdout and key.split("_")[2] not in listed.stdout
+    assert key not in listed.stdout and secret not in listed.stdout
     record = json.loads(listed.stdout)
     assert record["key"] == fingerprint and record["tenant"] == "team-a"
     assert record["models"] == ["other", "tiny-llama"] and record["revoked"] == ""
@@ -64,7 +65,7 @@ def test_keys_are_shown_once_listed_by_fingerprint_and_revoked(tmp_path: Path) -
     after = json.loads(run_llorch("keys", "list", "--json", "--keys-db", db).stdout)
     assert after["revoked"].endswith("Z")
     stored = (tmp_path / "keys.db").read_bytes()
-    assert key.split("_")[2].encode() not in stored  # only the hash is kept
+    assert secret.encode() not in stored  # only the hash is kept
     for made in tmp_path.glob("keys.db*"):  # the -wal and -shm files too
         assert stat.S_IMODE(made.stat().st_mode) == 0o600, made
     unknown = run_llorch("keys", "revoke", "llk_000000000000", "--keys-db", db)
