@@ -3,9 +3,9 @@
 A key reads ``llk_<id>_<secret>``: the id (12 hex digits) finds the record and is the key's
 fingerprint in logs and listings; the secret (43 random letters and digits, 256 bits, so a
 double-click selects the whole key and no ``_`` or ``-`` can blur the separators) is never
-stored, only its SHA-256 (a fast hash suffices for 256 random bits; there is nothing to guess). A key carries
-a tenant, a role (``client`` or ``operator``), an optional allow-list of model ids and an
-optional rate limit in tasks per second.
+stored, only its SHA-256 (a fast hash suffices for 256 random bits; there is nothing to
+guess). A key carries a tenant, a role (``client`` or ``operator``), an optional allow-list
+of model ids and an optional rate limit in tasks per second.
 
 The store is one SQLite file (WAL) beside the orchestrator's journal. ``llorch keys`` writes it
 directly on the orchestrator's machine; the orchestrator reads it and notices every change

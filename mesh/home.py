@@ -19,6 +19,7 @@ from llorch.catalog.v1 import catalog_pb2_grpc
 
 from catalog.app import start_catalog
 from mesh import logs
+from mesh.gateway import find_gateway, start_gateway
 from mesh.metrics import serve_metrics
 from mesh.server import open_channel
 from mesh.settings import PoolSettings, Settings
@@ -121,12 +122,23 @@ async def _start_home(
     orchestrator = await start_orchestrator(orch_settings, settings.listen, local)
     stack.append(orchestrator.stop)
     host = settings.listen.rsplit(":", 1)[0]
+    orchestrator_address = f"{host}:{orchestrator.port}"
     endpoints: dict[str, object] = {
-        "orchestrator": f"{host}:{orchestrator.port}",
+        "orchestrator": orchestrator_address,
         "catalog": catalog.address,
         "pool_manager": pool_manager.address,
         "pid": os.getpid(),
     }
+    if settings.gateway_listen:
+        binary = find_gateway()
+        if binary is None:
+            _log.warning("llorch-gateway is not built (make gateway): no REST edge")
+        else:
+            gateway = await start_gateway(
+                binary, settings.gateway_listen, orchestrator_address, catalog.address
+            )
+            stack.append(gateway.stop)
+            endpoints["gateway"] = gateway.url
     if settings.metrics_listen:
         metrics = serve_metrics(
             settings.metrics_listen,
@@ -142,9 +154,10 @@ async def _start_home(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(endpoints))
     models = ", ".join(sorted({p.model_id for p in pm_settings.pools}))
+    rest = f", REST {endpoints['gateway']}" if "gateway" in endpoints else ""
     print(
         f"llorch ready: orchestrator {endpoints['orchestrator']} serving {models} "
-        f"(catalog {catalog.address}, pool manager {pool_manager.address})",
+        f"(catalog {catalog.address}, pool manager {pool_manager.address}{rest})",
         flush=True,
     )
     return path

@@ -280,6 +280,9 @@ class Settings(BaseSettings):
     metrics_listen: str = ""
     """Prometheus metrics of this process at ``http://<address>/metrics`` (HTTPS asking for a
     client certificate from the CA when ``tls`` is set; loopback only otherwise); empty: none."""
+    gateway_listen: str = "127.0.0.1:8080"
+    """``llorch up``: the REST edge (``llorch-gateway``, built by ``make gateway``) listens here,
+    in front of the orchestrator and the catalog; empty: no REST edge."""
     health_listen: str = ""
     """``llorch serve``: also answer grpc.health.v1 (and nothing else) in plaintext here, for
     probes that cannot speak TLS (Kubernetes gRPC probes); empty: no such port."""

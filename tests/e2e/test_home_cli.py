@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import signal
 import subprocess
@@ -11,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from mesh.gateway import find_gateway
 
 LLORCH = [sys.executable, "-m", "mesh.cli"]
 
@@ -33,6 +37,13 @@ def _children(pid: int) -> set[int]:
     return found
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+    except OSError:
+        return ""
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0]
@@ -43,7 +54,12 @@ def _alive(pid: int) -> bool:
 
 @pytest.fixture
 def home(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str, Path]]:
-    env = {**os.environ, "LLORCH_DATA_DIR": str(tmp_path / "data"), "LLORCH_LISTEN": "127.0.0.1:0"}
+    env = {
+        **os.environ,
+        "LLORCH_DATA_DIR": str(tmp_path / "data"),
+        "LLORCH_LISTEN": "127.0.0.1:0",
+        "LLORCH_GATEWAY_LISTEN": "127.0.0.1:0",
+    }
     proc = subprocess.Popen(
         [*LLORCH, "up", "--log-format", "text"],
         stdout=subprocess.PIPE,
@@ -108,6 +124,34 @@ def test_up_generate_models_and_clean_ctrl_c(
     while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(_alive(pid) for pid in workers)
+
+
+@pytest.mark.skipif(find_gateway() is None, reason="llorch-gateway is not built (`make gateway`)")
+def test_up_serves_rest_and_its_edge_dies_with_it(
+    home: tuple[subprocess.Popen[str], str, Path],
+) -> None:
+    proc, _, data_dir = home
+    url = json.loads((data_dir / "run" / "endpoints.json").read_text())["gateway"]
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    body = {"model_id": "tiny-llama", "prompt": "Hello", "sampling": {"max_tokens": 4}}
+    conn.request("POST", "/v1/generate", body=json.dumps(body))
+    response = conn.getresponse()
+    lines = [json.loads(line) for line in response.read().splitlines()]
+    assert response.status == 200, lines
+    assert lines[-1]["result"]["event"]["finished"]["tokens_out"] == 4
+    conn.request("GET", "/v1/models")  # the catalog's routes too, in the home profile
+    models = json.loads(conn.getresponse().read())
+    assert [m["model_id"] for m in models["models"]] == ["tiny-llama"]
+    conn.close()
+    edges = [pid for pid in _children(proc.pid) if "llorch-gateway" in _cmdline(pid)]
+    assert len(edges) == 1
+    proc.kill()  # no chance to stop its children: the edge notices its stdin close
+    proc.wait()
+    deadline = time.monotonic() + 5
+    while _alive(edges[0]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(edges[0])
 
 
 def test_models_add_registers_a_gguf_file(

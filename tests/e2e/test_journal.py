@@ -113,6 +113,7 @@ def _up(data_dir: Path, model: Path) -> tuple[subprocess.Popen[str], str]:
         {
             "LLORCH_DATA_DIR": str(data_dir),
             "LLORCH_LISTEN": "127.0.0.1:0",
+            "LLORCH_GATEWAY_LISTEN": "",  # no REST edge: this test is about the journal
             "LLORCH_MODELS": json.dumps({"long": str(model)}),
             "LLORCH_POOL_MANAGER__POOLS": json.dumps([{"pool_id": "cpu-0", "model_id": "long"}]),
         },
