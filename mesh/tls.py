@@ -25,8 +25,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from mesh.ids import is_valid_name
 
-ROLES = ("orchestrator", "poolmanager", "catalog", "operator", "client")
-"""Roles a certificate can carry."""
+ROLES = ("orchestrator", "poolmanager", "catalog", "operator", "client", "gateway")
+"""Roles a certificate can carry. ``gateway``: the REST edge's HTTPS certificate; no RPC
+allows that role, so it is worth nothing on a service port."""
 
 URI_PREFIX = "spiffe://llama-orch/"
 CA_CERT = "ca.pem"

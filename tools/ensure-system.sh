@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Installs the system tools llama-cpp-python compiles with (a C++ compiler and cmake >= 3.21)
-# when they are missing, through apt-get on Debian-like machines.
+# Installs the system tools llama-cpp-python compiles with (a C++ compiler and cmake >= 3.21),
+# and curl and jq, when they are missing, through apt-get on Debian-like machines.
 set -euo pipefail
 missing=()
 command -v g++ >/dev/null || missing+=(g++)
 command -v cmake >/dev/null || missing+=(cmake)
 command -v make >/dev/null || missing+=(make)
+command -v curl >/dev/null || missing+=(curl)  # tools/ensure-go.sh; the REST recipes
+command -v jq >/dev/null || missing+=(jq)  # the REST recipes in docs/operators.md
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if ! command -v apt-get >/dev/null; then

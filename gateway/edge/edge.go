@@ -33,6 +33,7 @@ import (
 	"google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
 
 	catalogv1 "llama-orch/gateway/gen/llorch/catalog/v1"
 	orchestratorv1 "llama-orch/gateway/gen/llorch/orchestrator/v1"
@@ -91,9 +92,20 @@ func NewHandler(ctx context.Context, backends Backends, log *slog.Logger) (http.
 	return logRequests(limitBody(mux), log), nil
 }
 
-// ndjsonMarshaler is JSONPb whose streams are labelled newline-delimited JSON.
+// ndjsonMarshaler is JSONPb whose streams are labelled newline-delimited JSON, and whose
+// single-message bodies end with a newline too, as a terminal (and a line reader) expects.
 type ndjsonMarshaler struct {
 	*runtime.JSONPb
+}
+
+// Marshal ends a whole body (a proto message: a unary response or an error) with a newline.
+// Stream chunks arrive wrapped in maps, and grpc-gateway writes their delimiter itself.
+func (m *ndjsonMarshaler) Marshal(v any) ([]byte, error) {
+	b, err := m.JSONPb.Marshal(v)
+	if _, whole := v.(proto.Message); whole && err == nil {
+		b = append(b, '\n')
+	}
+	return b, err
 }
 
 // StreamContentType is the Content-Type of a server-streaming response.

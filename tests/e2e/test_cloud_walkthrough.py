@@ -6,6 +6,7 @@ on an operator RPC and after its revocation."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -35,6 +36,7 @@ def test_the_cloud_walkthrough_runs_as_written(tmp_path: Path) -> None:
                 "NODE_B_PORT",
                 "ORCHESTRATOR_PORT",
                 "NODES_PORT",
+                "REST_PORT",
             )
         },
     }
@@ -58,5 +60,10 @@ def test_the_cloud_walkthrough_runs_as_written(tmp_path: Path) -> None:
     assert "tiny-llama" in out  # models list
     assert "node-a/cpu-0" in out and "node-b/cpu-0" in out, out  # pools list
     assert re.search(r"node-a\s+localhost:\d+\s+reachable\s+registered", out), out
+    rest = [json.loads(line) for line in out.splitlines() if line.startswith('{"result"')]
+    assert rest[-1]["result"]["event"]["finished"]["tokens_out"] == 8, out  # curl over HTTPS
+    lines = out.splitlines()
+    refusal = json.loads(lines[lines.index("403") - 1])  # the body, then curl's status line
+    assert refusal["details"][0]["reason"] == "ROLE_NOT_ALLOWED", refusal
     assert done.stderr.count("UNAUTHENTICATED") == 1, done.stderr  # the revoked key
     assert done.stderr.count("PERMISSION_DENIED") == 1, done.stderr  # client key, operator RPC

@@ -13,6 +13,7 @@ import asyncio
 import http.client
 import json
 import os
+import re
 import shutil
 import ssl
 import subprocess
@@ -150,6 +151,16 @@ def _lines(response: http.client.HTTPResponse) -> Iterator[dict[str, Any]]:
         yield json.loads(line)
 
 
+def _violated_fields(status: dict[str, Any]) -> list[str]:
+    """The fields a google.rpc.Status's BadRequest detail names."""
+    return [
+        violation["field"]
+        for detail in status["details"]
+        if detail["@type"] == "type.googleapis.com/google.rpc.BadRequest"
+        for violation in detail["field_violations"]
+    ]
+
+
 def _task_state(gateway: Gateway, key: str, task_id: str) -> str:
     response, body = gateway.request("GET", f"/v1/tasks/{task_id}", headers=_auth(key))
     assert response.status == 200, body
@@ -272,13 +283,7 @@ async def test_errors_carry_http_status_and_google_rpc_details(
         missing = {"model_id": "tiny-llama", "prompt": ""}
         response, body = gateway.request("POST", "/v1/tasks", missing, _auth(client_key))
         assert response.status == 400 and body["code"] == 3, body
-        violations = [
-            v
-            for d in body["details"]
-            if d["@type"].endswith("google.rpc.BadRequest")
-            for v in d["field_violations"]
-        ]
-        assert [v["field"] for v in violations] == ["prompt"]
+        assert _violated_fields(body) == ["prompt"]
 
         unknown = {**_generate_body(4), "model_id": "no-such-model"}
         response, body = gateway.request("POST", "/v1/tasks", unknown, _auth(client_key))
@@ -385,6 +390,54 @@ async def test_serves_https_with_a_certificate(secure: SecureMesh, tmp_path: Pat
         assert response.status == 200 and body == {"status": "SERVING"}
     finally:
         running.stop()
+
+
+def _curl_recipes() -> list[str]:
+    page = (REPO / "docs" / "operators.md").read_text()
+    section = page.split("### curl recipes", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```sh\n(.*?)```", section, re.S)
+
+
+@pytest.mark.skipif(shutil.which("jq") is None, reason="jq is not installed (`make test` does)")
+async def test_every_curl_recipe_runs(
+    gateway: Gateway, secure: SecureMesh, client_key: str
+) -> None:
+    recipes = _curl_recipes()
+    assert len(recipes) == 6
+    operator, _ = secure.keys.create("ops-curl", "operator")
+    env = {
+        **os.environ,
+        "REST": f"http://{gateway.host}:{gateway.port}",
+        "KEY": client_key,
+        "OPS_KEY": operator,
+    }
+    outputs = []
+    for recipe in recipes:
+        done = await asyncio.to_thread(
+            subprocess.run,
+            ["bash", "-euo", "pipefail", "-c", recipe],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, f"{recipe}\n{done.stdout}\n{done.stderr}"
+        outputs.append(done.stdout)
+    streamed, text, followed, refusal, pools, paths = outputs
+    assert json.loads(streamed.splitlines()[-1])["result"]["event"]["finished"]["tokens_out"] == 8
+    assert text and "{" not in text
+    got, *events, cancelled = followed.splitlines()
+    task_id = json.loads(got)["task"]["task_id"]
+    assert [json.loads(e)["result"]["event"]["task_id"] for e in events] == [task_id] * len(events)
+    assert "finished" in json.loads(events[-1])["result"]["event"]
+    # Cancelling a finished task changes nothing and says how it ended.
+    assert json.loads(cancelled) == {"state": "TASK_STATE_SUCCEEDED"}
+    head, body = re.split(r"\r?\n\r?\n", refusal, maxsplit=1)
+    assert head.startswith("HTTP/1.1 400") and "X-Correlation-Id" in head, refusal
+    assert _violated_fields(json.loads(body)) == ["prompt"]
+    assert json.loads(pools.splitlines()[0])["pools"][0]["pool_id"] == "cpu-0"
+    assert "/v1/generate" in paths.split()
 
 
 @pytest.mark.parametrize(
