@@ -24,6 +24,7 @@ def start_home(
         **os.environ,
         "LLORCH_DATA_DIR": str(data_dir),
         "LLORCH_LISTEN": "127.0.0.1:0",
+        "LLORCH_GATEWAY_LISTEN": "",  # the benchmarks measure gRPC; no REST edge
         "LLORCH_LOG_LEVEL": "WARNING",
         "LLORCH_MODELS": json.dumps({k: str(v) for k, v in (models or {}).items()}),
         "LLORCH_POOL_MANAGER__POOLS": json.dumps(pools),

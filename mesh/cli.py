@@ -278,15 +278,27 @@ def _service_settings(args: argparse.Namespace) -> Settings:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
+    from mesh import tracing
     from mesh.home import main_up
 
-    return main_up(_service_settings(args), dict(os.environ))
+    settings = _service_settings(args)
+    tracing.configure(settings.tracing, "llorch-home")
+    try:
+        return main_up(settings, dict(os.environ))
+    finally:
+        tracing.shutdown()
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from mesh import tracing
     from mesh.serve import main_serve
 
-    return main_serve(_service_settings(args), args.service, dict(os.environ))
+    settings = _service_settings(args)
+    tracing.configure(settings.tracing, f"llorch-{args.service}")
+    try:
+        return main_serve(settings, args.service, dict(os.environ))
+    finally:
+        tracing.shutdown()
 
 
 def _cmd_pools(args: argparse.Namespace) -> int:

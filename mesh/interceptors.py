@@ -1,11 +1,13 @@
 """gRPC interceptors every server and channel of the mesh gets from the bootstrap.
 
 Server side: a correlation id for every call (taken from ``x-correlation-id`` metadata or made up,
-echoed in the initial metadata, and set in the logging context), and the mapping of
+echoed in the initial metadata, and set in the logging context), a SERVER span under the
+caller's W3C trace context when tracing is on (mesh/tracing.py), and the mapping of
 :class:`~mesh.errors.LlorchError` to a status with google.rpc details. Anything else that escapes
 a handler is a bug: it is logged with its traceback and sent as INTERNAL without one.
 
-Client side: the correlation id of the current context travels on every outgoing call.
+Client side: the correlation id and the trace context of the current context travel on every
+outgoing call (a call that already carries a ``traceparent`` keeps it).
 """
 
 from __future__ import annotations
@@ -18,14 +20,19 @@ from typing import Any
 
 import grpc
 from grpc_interceptor import AsyncServerInterceptor
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 
-from mesh import auth, logs
+from mesh import auth, logs, tracing
 from mesh.errors import LlorchError
 from mesh.ids import random_id
 
 CORRELATION_HEADER = "x-correlation-id"
 _CORRELATION_RE = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 _log = logs.get_logger("rpc")
+# Probes and tools call these all the time; a span each would bury the traces of real work.
+_UNTRACED = ("/grpc.health.v1.", "/grpc.reflection.")
 
 
 def new_correlation_id() -> str:
@@ -59,36 +66,61 @@ class MeshServerInterceptor(AsyncServerInterceptor):
         context: grpc.aio.ServicerContext,
         method_name: str,
     ) -> Any:
-        cid = correlation_from_metadata(context.invocation_metadata())
+        metadata = context.invocation_metadata()
+        cid = correlation_from_metadata(metadata)
         logs.correlation_id.set(cid)
-        if self._authorize is not None:
-            try:
-                auth.caller.set(self._authorize(method_name, context, request_or_iterator))
-            except LlorchError as err:
-                await _abort(context, err, method_name)
-        # The echo goes out while the handler works instead of before it starts, so it costs
-        # the first response nothing; every response and status waits for it, keeping the order.
-        echo = asyncio.ensure_future(context.send_initial_metadata(((CORRELATION_HEADER, cid),)))
+        span = None
+        if tracing.enabled() and not method_name.startswith(_UNTRACED):
+            span = tracing.tracer("llorch.rpc").start_span(
+                method_name.lstrip("/"),
+                context=tracing.extract(metadata),
+                kind=SpanKind.SERVER,
+                attributes=tracing.rpc_attributes(method_name),
+            )
+            # Each call runs in a task of its own: the span stays current for the whole call,
+            # as the correlation id does.
+            otel_context.attach(trace.set_span_in_context(span))
         streaming = False
         try:
-            response = method(request_or_iterator, context)
-            if hasattr(response, "__aiter__"):
-                streaming = True
-                return self._stream(response, context, method_name, echo)
-            result = await response
-            await _settle(echo)
-            return result
-        except LlorchError as err:
-            await _settle(echo)
-            await _abort(context, err, method_name)
-        except grpc.aio.AbortError:
-            raise  # the handler aborted on purpose
-        except Exception:
-            await _settle(echo)
-            await _abort_internal(context, method_name)
+            if self._authorize is not None:
+                try:
+                    auth.caller.set(self._authorize(method_name, context, request_or_iterator))
+                except LlorchError as err:
+                    tracing.end_rpc_span(span, err)
+                    await _abort(context, err, method_name)
+            # The echo goes out while the handler works instead of before it starts, so it
+            # costs the first response nothing; every response and status waits for it,
+            # keeping the order.
+            echo = asyncio.ensure_future(
+                context.send_initial_metadata(((CORRELATION_HEADER, cid),))
+            )
+            try:
+                response = method(request_or_iterator, context)
+                if hasattr(response, "__aiter__"):
+                    streaming = True
+                    return self._stream(response, context, method_name, echo, span)
+                result = await response
+                await _settle(echo)
+                tracing.end_rpc_span(span, None)
+                return result
+            except LlorchError as err:
+                await _settle(echo)
+                tracing.end_rpc_span(span, err)
+                await _abort(context, err, method_name)
+            except grpc.aio.AbortError:
+                tracing.end_rpc_span(span, grpc.aio.AbortError())
+                raise  # the handler aborted on purpose
+            except Exception as exc:
+                await _settle(echo)
+                tracing.end_rpc_span(span, exc)
+                await _abort_internal(context, method_name)
+            finally:
+                if not streaming:
+                    echo.cancel()  # no-op once sent; stops it if the call was cancelled
         finally:
-            if not streaming:
-                echo.cancel()  # no-op once sent; stops it if the call was cancelled
+            if span is not None and not streaming and span.is_recording():
+                # The call went away while the handler ran.
+                tracing.end_rpc_span(span, asyncio.CancelledError())
 
     async def _stream(
         self,
@@ -96,7 +128,9 @@ class MeshServerInterceptor(AsyncServerInterceptor):
         context: grpc.aio.ServicerContext,
         method_name: str,
         echo: asyncio.Future[None],
+        span: trace.Span | None,
     ) -> AsyncIterator[Any]:
+        failure: BaseException | None = None
         try:
             async for response in responses:
                 if not echo.done():
@@ -104,15 +138,22 @@ class MeshServerInterceptor(AsyncServerInterceptor):
                 yield response
             await _settle(echo)
         except LlorchError as err:
+            failure = err
             await _settle(echo)
             await _abort(context, err, method_name)
-        except grpc.aio.AbortError:
+        except grpc.aio.AbortError as err:
+            failure = err
             raise  # the handler aborted on purpose
-        except Exception:
+        except Exception as exc:
+            failure = exc
             await _settle(echo)
             await _abort_internal(context, method_name)
+        except BaseException as exc:  # cancelled: the caller went away
+            failure = exc
+            raise
         finally:
             echo.cancel()
+            tracing.end_rpc_span(span, failure)
 
 
 async def _settle(echo: asyncio.Future[None]) -> None:
@@ -145,11 +186,15 @@ async def _abort_internal(context: grpc.aio.ServicerContext, method_name: str) -
 
 def _with_correlation(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
     cid = logs.correlation_id.get()
-    if not cid:
+    trace_context = tracing.inject() if tracing.enabled() else []
+    if not cid and not trace_context:
         return details
     metadata = grpc.aio.Metadata(*(details.metadata or ()))
-    if CORRELATION_HEADER not in metadata:
+    if cid and CORRELATION_HEADER not in metadata:
         metadata.add(CORRELATION_HEADER, cid)
+    if trace_context and "traceparent" not in metadata:
+        for key, value in trace_context:
+            metadata.add(key, value)
     return grpc.aio.ClientCallDetails(
         details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
     )

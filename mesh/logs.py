@@ -1,7 +1,8 @@
 """Structured logging shared by every service.
 
 Each record carries the correlation id, task id, pool id and node id of the work it belongs to,
-taken from context variables that the server interceptor and the task runners set. Lines are JSON
+taken from context variables that the server interceptor and the task runners set, and the
+``trace_id`` and ``span_id`` of the current OpenTelemetry span when tracing is on. Lines are JSON
 (one object a line) by default, or plain text for people at a terminal.
 """
 
@@ -13,6 +14,8 @@ import logging
 import sys
 import time
 from typing import Any
+
+from opentelemetry import trace
 
 correlation_id: contextvars.ContextVar[str] = contextvars.ContextVar("correlation_id", default="")
 task_id: contextvars.ContextVar[str] = contextvars.ContextVar("task_id", default="")
@@ -32,6 +35,10 @@ class _ContextFilter(logging.Filter):
         for name, var in _CONTEXT_FIELDS:
             if not hasattr(record, name):
                 setattr(record, name, var.get())
+        span = trace.get_current_span().get_span_context()
+        if span.is_valid and not hasattr(record, "trace_id"):
+            record.trace_id = f"{span.trace_id:032x}"
+            record.span_id = f"{span.span_id:016x}"
         return True
 
 

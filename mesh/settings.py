@@ -65,6 +65,16 @@ class TlsSettings(BaseModel):
         return TlsFiles(self.ca_file, self.cert_file, self.key_file)
 
 
+class TracingSettings(BaseModel):
+    """OpenTelemetry traces (off unless an endpoint is set)."""
+
+    otlp_endpoint: str = ""
+    """OTLP/gRPC collector to send spans to, e.g. ``http://otel-collector:4317`` (``https://``
+    for TLS, trusting the system's CAs); empty: no spans are made."""
+    sample_ratio: float = Field(default=1.0, ge=0, le=1)
+    """Share of new traces kept (a caller's sampling decision is followed)."""
+
+
 class CatalogSettings(BaseModel):
     """Catalog service."""
 
@@ -286,6 +296,8 @@ class Settings(BaseSettings):
     health_listen: str = ""
     """``llorch serve``: also answer grpc.health.v1 (and nothing else) in plaintext here, for
     probes that cannot speak TLS (Kubernetes gRPC probes); empty: no such port."""
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
+    """OpenTelemetry traces of this process."""
     tls: TlsSettings = Field(default_factory=TlsSettings)
     """TLS and authentication (the cloud profile); unset: loopback only, no auth."""
     in_process_link: bool = True

@@ -22,9 +22,10 @@ from typing import Any, Protocol
 import grpc
 from llorch.common.v1 import common_pb2
 from llorch.poolmanager.v1 import poolmanager_pb2
+from opentelemetry import context as otel_context
 
 from catalog.client import CatalogClient
-from mesh import logs
+from mesh import logs, tracing
 from mesh.common_types import FINISH_REASON_FROM_PB
 from mesh.errors import CancelledError as TaskCancelledError
 from mesh.errors import (
@@ -69,6 +70,7 @@ from orchestrator.tasks import (
     TaskState,
     Tokens,
 )
+from orchestrator.tracing import TaskTrace
 
 _log = logs.get_logger("orchestrator")
 
@@ -121,6 +123,8 @@ class Orchestrator:
         # (tenant, request id) → task id: one tenant's idempotency keys never find another's.
         self._by_request_id: dict[tuple[str, str], str] = {}
         self._relays: dict[str, asyncio.Task[None]] = {}
+        self._pass_started_ns = 0
+        """Wall time (ns) the current dispatcher pass began, for placement spans."""
         # Measured service times, EWMA: by (pool key, model) and by ("", model).
         self._service: dict[tuple[str, str], _ServiceTime] = {}
         # The prediction simulation per model as the last pass left it, and when it ran.
@@ -257,6 +261,7 @@ class Orchestrator:
         (None without a journal, or when an earlier submission with its request id is returned).
         ``commit_now``: commit at once rather than within the journal's flush interval.
         """
+        admission_started_ns = time.time_ns()
         request_key = (spec.tenant, spec.request_id)
         if spec.request_id and request_key in self._by_request_id:
             existing = self._tasks.get(self._by_request_id[request_key])
@@ -304,6 +309,9 @@ class Orchestrator:
                 retry_delay_s=self._retry_delay_s(spec.model_id, now),
             ) from None
         position = admitted.position
+        if tracing.enabled():
+            task.trace = TaskTrace(task.task_id, spec, admission_started_ns)
+            task.trace.admitted(position)
         self.metrics.enqueued.labels(spec.model_id, spec.priority.name.lower()).inc()
         if admitted.dropped is not None:
             self.metrics.backpressure.labels("dropped").inc()
@@ -750,6 +758,7 @@ class Orchestrator:
         a pass almost nothing.
         """
         now = self._clock()
+        self._pass_started_ns = time.time_ns()
         self._queue.age(now)
         self._expire(now)
         self._fail_over_lost_nodes()
@@ -930,6 +939,8 @@ class Orchestrator:
         self._queue.take(task)
         self._drain.record(now)
         self._registry.acquire(pool)
+        if task.trace is not None:
+            task.trace.placed(pool.node_id, pool.pool_id, self._pass_started_ns)
         task.start(
             Started(
                 pool.pool_id,
@@ -1134,6 +1145,13 @@ class Orchestrator:
     def _on_event(self, task: Task, event: TaskEvent) -> None:
         if not isinstance(event, Tokens):
             self.metrics.on_event(task, event)
+        if task.trace is not None:
+            if isinstance(event, Tokens) and event.index == 0:
+                task.trace.first_token()
+            elif isinstance(event, Finished):
+                task.trace.ended(event, None)
+            elif isinstance(event, Failed):
+                task.trace.ended(None, event.error)
         journal = self._journal
         if journal is None:
             return
@@ -1282,7 +1300,10 @@ class Orchestrator:
         call: ExecuteCall = self._registry.stub(pool.node_id).Execute(
             request,
             timeout=timeout,
-            metadata=((CORRELATION_HEADER, task.correlation_id),),
+            metadata=(
+                (CORRELATION_HEADER, task.correlation_id),
+                *(task.trace.dispatch_metadata() if task.trace is not None else ()),
+            ),
         )
         return call
 
@@ -1291,10 +1312,15 @@ class Orchestrator:
         logs.task_id.set(task.task_id)
         logs.pool_id.set(pool.pool_id)
         logs.node_id.set(pool.node_id)
+        if task.trace is not None:
+            # The relay task copied whichever context created it; the task's is the right one.
+            otel_context.attach(task.trace.context)
         spec = task.spec
         _log.info("task dispatched")
         try:
             async for response in call:
+                if task.trace is not None:
+                    task.trace.dispatched()
                 kind = response.WhichOneof("kind")
                 if kind == "token":
                     t = response.token
@@ -1400,6 +1426,8 @@ class Orchestrator:
         attempts = self._attempts.get(task.task_id, 1)
         if error.retriable and attempts < self._settings.max_attempts and task.requeue():
             self._attempts[task.task_id] = attempts + 1
+            if task.trace is not None:
+                task.trace.requeued(error)
             position = self._queue.push_front(task, task.created)
             task.set_queued(position, 0)
             if self._journal is not None:

@@ -12,9 +12,13 @@ import asyncio
 import enum
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from mesh.errors import CancelledError as TaskCancelledError
 from mesh.errors import LlorchError
+
+if TYPE_CHECKING:
+    from orchestrator.tracing import TaskTrace
 
 
 class Priority(enum.IntEnum):
@@ -161,6 +165,8 @@ class Task:
         self._changed = asyncio.Event()
         self.observer: Callable[[Task, TaskEvent], None] | None = None
         """Called with every event appended to the log (the orchestrator's journal)."""
+        self.trace: TaskTrace | None = None
+        """The task's spans when tracing is on (orchestrator/tracing.py)."""
 
     @property
     def terminal(self) -> bool:

@@ -14,7 +14,11 @@ import asyncio
 from collections.abc import AsyncGenerator, Sequence
 
 from llorch.poolmanager.v1 import poolmanager_pb2
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 
+from mesh import tracing
 from mesh.errors import DeadlineExceededError, LlorchError
 from poolmanager.manager import Execution
 from poolmanager.servicer import PoolManagerServicer
@@ -67,9 +71,13 @@ class LocalPoolManagerStub:
         The execution reaches the worker before this returns (a gRPC call's request goes out
         later, from the event loop). Errors are raised as ``LlorchError`` when the stream is
         read; a passed ``timeout`` ends it with ``DeadlineExceededError``. The caller's log
-        context (correlation id) is already the task's, so ``metadata`` is not needed.
+        context (correlation id) is already the task's; of ``metadata`` only the trace context
+        is read, to open the span the server interceptor would have.
         """
-        return LocalCall(self._servicer, request, timeout)
+        return LocalCall(self._servicer, request, timeout, metadata)
+
+
+_EXECUTE = "/llorch.poolmanager.v1.PoolManagerService/Execute"
 
 
 class LocalCall:
@@ -80,6 +88,7 @@ class LocalCall:
         servicer: PoolManagerServicer,
         request: poolmanager_pb2.ExecuteRequest,
         timeout: float | None,
+        metadata: Sequence[tuple[str, str]] = (),
     ) -> None:
         loop = asyncio.get_running_loop()
         self._deadline = None if timeout is None else loop.time() + timeout
@@ -89,15 +98,39 @@ class LocalCall:
         self._stream: AsyncGenerator[poolmanager_pb2.ExecuteResponse] | None = None
         self._cancelled = False
         self._closing: asyncio.Task[None] | None = None  # held so the loop keeps it alive
+        self._span: trace.Span | None = None
+        token = None
+        if tracing.enabled():
+            self._span = tracing.tracer("llorch.rpc").start_span(
+                _EXECUTE.lstrip("/"),
+                context=tracing.extract(metadata),
+                kind=SpanKind.SERVER,
+                attributes={**tracing.rpc_attributes(_EXECUTE), "llorch.link": "in-process"},
+            )
+            token = otel_context.attach(trace.set_span_in_context(self._span))
         try:
             self._execution = servicer.begin(request)
         except LlorchError as err:  # reported on the first read, as a gRPC status would be
             self._error = err
+            tracing.end_rpc_span(self._span, err)
+        finally:
+            if token is not None:
+                otel_context.detach(token)
 
     def __aiter__(self) -> LocalCall:
         return self
 
     async def __anext__(self) -> poolmanager_pb2.ExecuteResponse:
+        try:
+            return await self._next()
+        except StopAsyncIteration:
+            tracing.end_rpc_span(self._span, None)
+            raise
+        except BaseException as exc:
+            tracing.end_rpc_span(self._span, exc)
+            raise
+
+    async def _next(self) -> poolmanager_pb2.ExecuteResponse:
         if self._error is not None:
             raise self._error
         if self._stream is None:
@@ -124,6 +157,7 @@ class LocalCall:
         if self._cancelled:
             return False
         self._cancelled = True
+        tracing.end_rpc_span(self._span, asyncio.CancelledError())
         if self._stream is None:
             if self._execution is not None:
                 self._execution.abandon()

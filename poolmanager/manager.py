@@ -27,7 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mesh import logs
+from opentelemetry import trace
+from opentelemetry.trace import Span
+
+from mesh import logs, tracing
 from mesh.errors import CancelledError as ExecutionCancelledError
 from mesh.errors import (
     FailedPreconditionError,
@@ -193,6 +196,11 @@ class ExecFinished:
     tokens_out: int
     ttft_ms: float
     decode_ms: float
+    started_ns: int = 0
+    """Wall times (ns, the worker's clock) the prompt began, the first token came, it ended;
+    0 from a worker that did not say."""
+    first_token_ns: int = 0
+    ended_ns: int = 0
 
 
 ExecEvent = ExecStarted | ExecTokens | ExecFinished
@@ -350,9 +358,23 @@ class PoolManager:
         # The worker runs executions beyond its slots in arrival order.
         worker = pool.worker
         pool.active.add(spec.execution_id)
-        execution = Execution(
-            self, spec, pool, worker, worker.submit(spec.execution_id, _job(spec))
-        )
+        job = _job(spec)
+        span = None
+        if tracing.enabled():
+            # The worker's part of the trace: it logs under this span's id, and its phases
+            # come back with its result as child spans (the worker has no exporter).
+            span = tracing.tracer("llorch.poolmanager").start_span(
+                "llorch.worker",
+                attributes={
+                    "llorch.task_id": spec.task_id,
+                    "llorch.execution_id": spec.execution_id,
+                    "llorch.pool_id": spec.pool_id,
+                    "llorch.node_id": self.node_id,
+                    "llorch.model_id": spec.model_id,
+                },
+            )
+            job["tp"] = tracing.traceparent(span)
+        execution = Execution(self, spec, pool, worker, worker.submit(spec.execution_id, job), span)
         self._executions[spec.execution_id] = execution
         return execution
 
@@ -996,6 +1018,7 @@ class Execution:
         pool: Pool,
         worker: WorkerProcess,
         queue: asyncio.Queue[Any],
+        span: Span | None = None,
     ) -> None:
         self._manager = manager
         self.spec = spec
@@ -1003,6 +1026,7 @@ class Execution:
         self.worker = worker
         self._queue = queue
         self._read = False
+        self._span = span
 
     async def events(self) -> AsyncIterator[list[ExecEvent]]:
         """Batches of events until the execution ends (a slow reader gets larger batches).
@@ -1018,6 +1042,7 @@ class Execution:
         self._read = True
         spec, events = self.spec, self._queue
         finished = False
+        failure: BaseException | None = None
         try:
             # Sent while the worker reads the prompt, so it is off the first token's path;
             # the prompt's token count arrives with the end of the execution.
@@ -1042,13 +1067,43 @@ class Execution:
                         out.append(event)
                     if isinstance(event, ExecFinished):
                         finished = True
+                        self._trace_phases(event)
                 if out:
                     yield out
                 if finished:
                     return
+        except BaseException as exc:
+            failure = exc
+            raise
         finally:
+            if self._span is not None:
+                self._span.set_attribute("llorch.finished", finished)
+                tracing.end_rpc_span(self._span, None if finished else failure or GeneratorExit())
             self._manager._forget(self, finished)
             await self._manager._changed()
+
+    def _trace_phases(self, event: ExecFinished) -> None:
+        """The worker's prompt and decode phases, as children of the execution's span."""
+        if self._span is None or not event.started_ns:
+            return
+        self._span.set_attributes(
+            {"llorch.tokens_in": event.tokens_in, "llorch.tokens_out": event.tokens_out}
+        )
+        tracer = tracing.tracer("llorch.worker")
+        parent = trace.set_span_in_context(self._span)
+        first = event.first_token_ns or event.ended_ns
+        tracer.start_span(
+            "llorch.worker.prompt",
+            context=parent,
+            start_time=event.started_ns,
+            attributes={"llorch.tokens_in": event.tokens_in},
+        ).end(first)
+        tracer.start_span(
+            "llorch.worker.decode",
+            context=parent,
+            start_time=first,
+            attributes={"llorch.tokens_out": event.tokens_out},
+        ).end(event.ended_ns)
 
     def interrupt(self, error: LlorchError) -> None:
         """Ends the execution's events with ``error`` (after what is already queued)."""
@@ -1059,6 +1114,8 @@ class Execution:
         """Cancels an execution whose events will never be read (no-op once reading began)."""
         if not self._read:
             self._read = True
+            if self._span is not None:
+                tracing.end_rpc_span(self._span, GeneratorExit())
             self._manager._forget(self, finished=False)
 
 
@@ -1096,6 +1153,9 @@ def _convert(raw: Any, spec: ExecutionSpec) -> ExecEvent | None:
             int(raw["tokens_out"]),
             float(raw["ttft_ms"]),
             float(raw["decode_ms"]),
+            int(raw.get("t0", 0)),
+            int(raw.get("t1", 0)),
+            int(raw.get("t2", 0)),
         )
     if kind == "cancelled":
         raise ExecutionCancelledError(f"execution {spec.execution_id} was cancelled")

@@ -10,7 +10,7 @@ stream because fd 1 is pointed at stderr at start and events go to a private cop
 
 Commands (one JSON object a line):
   {"op": "exec", "id", "prompt", "max_tokens", "max_tokens_defaulted", "temperature", "top_p",
-   "top_k", "seed", "stop": [...], "ignore_eos", "cid"}
+   "top_k", "seed", "stop": [...], "ignore_eos", "cid", "tp"}   tp: W3C traceparent (optional)
   {"op": "cancel", "id"}
 EOF on stdin means the pool manager is gone: the worker exits.
 
@@ -20,7 +20,7 @@ Events:
   {"ev": "load_failed", "message"}
   {"ev": "tok", "id", "i", "ids": [...], "text"}     one or more tokens, index of the first
   {"ev": "done", "id", "reason": "stop"|"stop_sequence"|"length", "tokens_in", "tokens_out",
-   "ttft_ms", "decode_ms"}
+   "ttft_ms", "decode_ms", "t0", "t1", "t2"}   t*: wall ns of prompt start, first token, end
   {"ev": "cancelled", "id"}
   {"ev": "error", "id", "code": "INVALID_ARGUMENT"|"INTERNAL", "field", "message"}
 
@@ -182,6 +182,16 @@ _LEVELS = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "ERROR": 40}
 _min_level = {"value": 20}
 
 
+def _trace_ids(traceparent: Any) -> dict[str, str]:
+    """``trace_id`` and ``span_id`` of a W3C traceparent (``00-<trace>-<span>-<flags>``), for
+    log lines; none when it is missing or not in that form. The pool manager made it with the
+    OpenTelemetry propagator; the worker only reads it, and stays free of the SDK."""
+    parts = traceparent.split("-") if isinstance(traceparent, str) else []
+    if len(parts) != 4 or len(parts[1]) != 32 or len(parts[2]) != 16:
+        return {}
+    return {"trace_id": parts[1], "span_id": parts[2]}
+
+
 def _log(level: str, msg: str, **fields: Any) -> None:
     if _LEVELS[level] < _min_level["value"]:
         return
@@ -328,12 +338,14 @@ class Worker:
                 }
             )
             return
+        trace_ids = _trace_ids(job.get("tp"))
         _log(
             "INFO",
             "execution started",
             correlation_id=job.get("cid"),
             execution_id=exec_id,
             tokens_in=tokens_in,
+            **trace_ids,
         )
         llm.set_seed(int(job["seed"]))
         eos = llm.token_eos()
@@ -345,7 +357,9 @@ class Worker:
         index = 0
         reason = "length"
         start = time.perf_counter()
+        start_ns = time.time_ns()
         first = 0.0
+        first_ns = 0
         produced = 0
         for token in llm.generate(
             prompt_tokens,
@@ -361,6 +375,7 @@ class Worker:
                 return
             if produced == 0:
                 first = time.perf_counter()
+                first_ns = time.time_ns()
             if token == eos and not ignore_eos:
                 reason = "stop"
                 break
@@ -393,6 +408,9 @@ class Worker:
                 "tokens_out": index,
                 "ttft_ms": ((first or end) - start) * 1000,
                 "decode_ms": (end - (first or end)) * 1000,
+                "t0": start_ns,
+                "t1": first_ns,
+                "t2": time.time_ns(),
             }
         )
         _log(
@@ -402,6 +420,7 @@ class Worker:
             execution_id=exec_id,
             tokens_out=index,
             reason=reason,
+            **trace_ids,
         )
 
     def _send_tokens(self, exec_id: str, index: int, ids: list[int], text: str) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,9 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
+from mesh.gateway import find_gateway
 from mesh.settings import ConfigError, Settings, load_settings
+from mesh.tls import init_ca, issue
 
 K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 VERSIONS = ["1.30.0", "1.34.0"]  # the oldest and a recent release we claim to run on
@@ -89,6 +92,8 @@ def test_every_setting_the_manifests_set_exists_and_is_valid(
     checked = 0
     for obj in _objects():
         for container in _containers(obj):
+            if container["name"] == "gateway":
+                continue  # a Go binary with flags: test_the_gateway_flags_are_valid
             env: dict[str, str] = {}
             for var in container.get("env", []):
                 if "value" in var:
@@ -134,6 +139,31 @@ def test_the_kubernetes_page_makes_every_secret_the_manifests_mount() -> None:
         "llorch-tls-catalog",
         "llorch-tls-orchestrator",
         "llorch-tls-poolmanager",
+        "llorch-tls-gateway",
     }
     for secret in secrets:
         assert f"kubectl -n llorch create secret generic {secret}" in page
+
+
+@pytest.mark.skipif(find_gateway() is None, reason="llorch-gateway is not built (`make gateway`)")
+def test_the_gateway_flags_are_valid(tmp_path: Path) -> None:
+    """The edge's arguments, with the Secret's files made real, pass its own -check."""
+    init_ca(tmp_path / "ca")
+    issue(tmp_path / "ca", "gateway", "edge", tmp_path, sans=("llorch.example.com",))
+    files = {
+        "/etc/llorch/tls/ca.pem": tmp_path / "ca" / "ca.pem",
+        "/etc/llorch/tls/tls.pem": tmp_path / "edge.pem",
+        "/etc/llorch/tls/tls.key": tmp_path / "edge.key",
+    }
+    (container,) = [c for o in _objects() for c in _containers(o) if c["name"] == "gateway"]
+    real = re.compile(r"/etc/llorch/tls/[a-z.]+")
+    args = [real.sub(lambda m: str(files[m[0]]), arg) for arg in container["args"]]
+    done = subprocess.run(
+        [str(find_gateway()), *args, "-check"], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert "HTTPS: true" in done.stdout and "TLS: true" in done.stdout
+    # The readiness probe asks the port the edge listens on, in the scheme it serves.
+    listen_port = int(next(a for a in args if a.startswith("-listen=")).rsplit(":", 1)[1])
+    assert container["ports"][0]["containerPort"] == listen_port
+    assert container["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"

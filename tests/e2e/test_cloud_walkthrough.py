@@ -61,7 +61,8 @@ def test_the_cloud_walkthrough_runs_as_written(tmp_path: Path) -> None:
     assert "node-a/cpu-0" in out and "node-b/cpu-0" in out, out  # pools list
     assert re.search(r"node-a\s+localhost:\d+\s+reachable\s+registered", out), out
     rest = [json.loads(line) for line in out.splitlines() if line.startswith('{"result"')]
-    assert rest[-1]["result"]["event"]["finished"]["tokens_out"] == 8, out  # curl over HTTPS
+    # curl over HTTPS (the tiny model may sample its end of sequence before 8 tokens)
+    assert 1 <= rest[-1]["result"]["event"]["finished"]["tokens_out"] <= 8, out
     lines = out.splitlines()
     refusal = json.loads(lines[lines.index("403") - 1])  # the body, then curl's status line
     assert refusal["details"][0]["reason"] == "ROLE_NOT_ALLOWED", refusal

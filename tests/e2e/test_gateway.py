@@ -26,7 +26,11 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from mesh import tracing
 from tests.e2e.secure_mesh import SecureMesh, start_secure_mesh
 
 REPO = Path(__file__).resolve().parents[2]
@@ -338,6 +342,33 @@ async def test_openapi_document_and_health_are_served(gateway: Gateway) -> None:
     await asyncio.to_thread(run)
 
 
+async def test_w3c_trace_context_passes_through_the_edge(gateway: Gateway, client_key: str) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    previous = tracing.use_provider(provider)
+    trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    try:
+        response, _ = await asyncio.to_thread(
+            gateway.request,
+            "POST",
+            "/v1/tasks",
+            _generate_body(2),
+            _auth(client_key, traceparent=f"00-{trace_id}-{parent_id}-01"),
+        )
+    finally:
+        tracing.use_provider(previous)
+    assert response.status == 200
+    server = [
+        s
+        for s in exporter.get_finished_spans()
+        if s.name == "llorch.orchestrator.v1.OrchestratorService/SubmitTask"
+    ]
+    assert len(server) == 1 and server[0].parent is not None
+    assert f"{server[0].context.trace_id:032x}" == trace_id
+    assert f"{server[0].parent.span_id:016x}" == parent_id
+
+
 async def test_operator_routes_need_an_operator_key(
     gateway: Gateway, secure: SecureMesh, client_key: str
 ) -> None:
@@ -425,7 +456,10 @@ async def test_every_curl_recipe_runs(
         assert done.returncode == 0, f"{recipe}\n{done.stdout}\n{done.stderr}"
         outputs.append(done.stdout)
     streamed, text, followed, refusal, pools, paths = outputs
-    assert json.loads(streamed.splitlines()[-1])["result"]["event"]["finished"]["tokens_out"] == 8
+    # The tiny model may sample its end of sequence early: at most the 8 tokens asked for.
+    assert (
+        1 <= json.loads(streamed.splitlines()[-1])["result"]["event"]["finished"]["tokens_out"] <= 8
+    )
     assert text and "{" not in text
     got, *events, cancelled = followed.splitlines()
     task_id = json.loads(got)["task"]["task_id"]

@@ -134,7 +134,8 @@ def test_up_serves_rest_and_its_edge_dies_with_it(
     url = json.loads((data_dir / "run" / "endpoints.json").read_text())["gateway"]
     host, port = url.removeprefix("http://").rsplit(":", 1)
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
-    body = {"model_id": "tiny-llama", "prompt": "Hello", "sampling": {"max_tokens": 4}}
+    sampling = {"max_tokens": 4, "ignore_eos": True}  # the tiny model may end early otherwise
+    body = {"model_id": "tiny-llama", "prompt": "Hello", "sampling": sampling}
     conn.request("POST", "/v1/generate", body=json.dumps(body))
     response = conn.getresponse()
     lines = [json.loads(line) for line in response.read().splitlines()]

@@ -41,6 +41,8 @@ type config struct {
 	serveKey     string
 	// stopOnStdinClose: a parent that holds our stdin (llorch up) is gone when it closes.
 	stopOnStdinClose bool
+	// check: validate the flags and read the files, then exit (for deploy checks).
+	check bool
 }
 
 func parseConfig(args []string) (config, error) {
@@ -60,6 +62,7 @@ func parseConfig(args []string) (config, error) {
 	str(&c.tlsName, "tls-name", "", "name the orchestrator's certificate must carry (default: the host of -orchestrator)")
 	str(&c.serveCert, "serve-cert", "", "certificate chain (PEM) to serve HTTPS with; required off loopback")
 	str(&c.serveKey, "serve-key", "", "private key (PEM) of -serve-cert")
+	fs.BoolVar(&c.check, "check", false, "check the flags and the certificate files, print what would run, and exit")
 	fs.BoolVar(&c.stopOnStdinClose, "stop-on-stdin-close", false, "stop when standard input closes (for a parent process that starts the edge and may die without stopping it)")
 	if err := fs.Parse(args); err != nil {
 		return c, err
@@ -118,7 +121,23 @@ func backendCredentials(c config) (credentials.TransportCredentials, error) {
 	return credentials.NewTLS(&tls.Config{RootCAs: roots, ServerName: name, MinVersion: tls.VersionTLS12}), nil
 }
 
+// checkFiles reads every file the flags name, as serving would.
+func checkFiles(c config) error {
+	if _, err := backendCredentials(c); err != nil {
+		return err
+	}
+	if c.serveCert != "" {
+		if _, err := tls.LoadX509KeyPair(c.serveCert, c.serveKey); err != nil {
+			return fmt.Errorf("-serve-cert/-serve-key: %w", err)
+		}
+	}
+	return nil
+}
+
 func run(ctx context.Context, c config, log *slog.Logger) error {
+	if err := checkFiles(c); err != nil {
+		return err
+	}
 	creds, err := backendCredentials(c)
 	if err != nil {
 		return err
@@ -180,6 +199,14 @@ func main() {
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "llorch-gateway:", err)
 		os.Exit(2)
+	}
+	if c.check {
+		if err := checkFiles(c); err != nil {
+			fmt.Fprintln(os.Stderr, "llorch-gateway:", err)
+			os.Exit(2)
+		}
+		fmt.Printf("ok: REST on %s (HTTPS: %t) to orchestrator %s (TLS: %t)\n", c.listen, c.serveCert != "", c.orchestrator, c.ca != "")
+		return
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
