@@ -120,12 +120,14 @@ func incomingHeader(key string) (string, bool) {
 }
 
 // outgoingHeader names the orchestrator's response metadata as HTTP headers: x-correlation-id
-// as itself, gRPC's own content-type not at all, anything else as Grpc-Metadata-<key>.
+// as itself, gRPC's own (content-type, grpc-*) not at all, anything else as
+// Grpc-Metadata-<key>.
 func outgoingHeader(key string) (string, bool) {
-	switch strings.ToLower(key) {
-	case "x-correlation-id":
+	lower := strings.ToLower(key)
+	switch {
+	case lower == "x-correlation-id":
 		return "X-Correlation-Id", true
-	case "content-type":
+	case lower == "content-type" || strings.HasPrefix(lower, "grpc-"):
 		return "", false
 	}
 	return runtime.MetadataHeaderPrefix + key, true
