@@ -92,8 +92,9 @@ breaking: setup
 test: setup $(GRPCURL) $(GATEWAY) gen-check lint typecheck breaking
 	$(BIN)/pytest -q
 
-bench: setup
+bench: setup $(GATEWAY)
 	$(BIN)/python bench/relay.py
+	$(BIN)/python bench/gateway.py
 	$(BIN)/python bench/placement.py
 	$(BIN)/python bench/admission.py
 	$(BIN)/python bench/prediction.py

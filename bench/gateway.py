@@ -1,0 +1,141 @@
+"""What the REST edge costs a client: time to first token and to the last, over REST through
+llorch-gateway beside gRPC straight to the orchestrator, against one `llorch up`, calls
+interleaved so both see the same machine.
+
+    python bench/gateway.py [--runs 30] [--tokens 32] [--model tiny|170m]
+
+Prints a table, then one JSON line (medians in ms, and REST / gRPC ratios). Needs the built
+edge (`make gateway`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import grpc
+from llorch.common.v1 import common_pb2
+from llorch.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+
+from bench.homeprofile import start_home, stop_home
+from mesh.gateway import find_gateway
+from provisioners.tiny_model import DEFAULT_MODEL_ID, TinyModelSpec, write_tiny_model
+
+
+def _grpc_call(
+    stub: orchestrator_pb2_grpc.OrchestratorServiceStub, model: str, tokens: int
+) -> tuple[float, float]:
+    request = orchestrator_pb2.GenerateRequest(
+        model_id=model,
+        prompt="Hello there",
+        sampling=common_pb2.SamplingParams(max_tokens=tokens, ignore_eos=True, seed=1),
+    )
+    started = time.perf_counter()
+    first = 0.0
+    for response in stub.Generate(request, timeout=120):
+        kind = response.event.WhichOneof("kind")
+        if kind == "token" and not first:
+            first = time.perf_counter()
+        if kind == "finished":
+            assert response.event.finished.tokens_out == tokens
+    ended = time.perf_counter()
+    return (first - started) * 1000, (ended - started) * 1000
+
+
+def _rest_call(conn: http.client.HTTPConnection, model: str, tokens: int) -> tuple[float, float]:
+    body = json.dumps(
+        {
+            "model_id": model,
+            "prompt": "Hello there",
+            "sampling": {"max_tokens": tokens, "ignore_eos": True, "seed": 1},
+        }
+    )
+    started = time.perf_counter()
+    conn.request("POST", "/v1/generate", body=body, headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200, response.read()
+    first = 0.0
+    while line := response.readline():
+        event = json.loads(line)["result"]["event"]
+        if "token" in event and not first:
+            first = time.perf_counter()
+        if "finished" in event:
+            assert event["finished"]["tokens_out"] == tokens
+    ended = time.perf_counter()
+    return (first - started) * 1000, (ended - started) * 1000
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--model", choices=["tiny", "170m"], default="tiny")
+    args = parser.parse_args()
+    if find_gateway() is None:
+        print("llorch-gateway is not built: run `make gateway`", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="llorch-bench-gateway-") as tmp:
+        data_dir = Path(tmp)
+        models: dict[str, Path] = {}
+        model_id = DEFAULT_MODEL_ID
+        if args.model == "170m":
+            model_id = "bench-170m"
+            models[model_id] = write_tiny_model(data_dir / "bench-170m.gguf", TinyModelSpec.bench())
+        proc, address = start_home(
+            data_dir / "home",
+            [{"pool_id": "cpu-0", "model_id": model_id}],
+            models,
+            GATEWAY_LISTEN="127.0.0.1:0",
+        )
+        try:
+            endpoints = json.loads((data_dir / "home" / "run" / "endpoints.json").read_text())
+            host, port = endpoints["gateway"].removeprefix("http://").rsplit(":", 1)
+            conn = http.client.HTTPConnection(host, int(port), timeout=120)
+            with grpc.insecure_channel(address) as channel:
+                stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+                for _ in range(3):  # warm both paths (connections, caches)
+                    _grpc_call(stub, model_id, args.tokens)
+                    _rest_call(conn, model_id, args.tokens)
+                grpc_runs, rest_runs = [], []
+                for _ in range(args.runs):
+                    grpc_runs.append(_grpc_call(stub, model_id, args.tokens))
+                    rest_runs.append(_rest_call(conn, model_id, args.tokens))
+            conn.close()
+        finally:
+            stop_home(proc)
+
+    def median(runs: list[tuple[float, float]], i: int) -> float:
+        return round(statistics.median(r[i] for r in runs), 2)
+
+    figures = {
+        "bench": "gateway",
+        "model": model_id,
+        "runs": args.runs,
+        "tokens": args.tokens,
+        "grpc_ttft_ms": median(grpc_runs, 0),
+        "rest_ttft_ms": median(rest_runs, 0),
+        "grpc_total_ms": median(grpc_runs, 1),
+        "rest_total_ms": median(rest_runs, 1),
+    }
+    figures["rest_over_grpc_ttft"] = round(figures["rest_ttft_ms"] / figures["grpc_ttft_ms"], 2)
+    figures["rest_over_grpc_total"] = round(figures["rest_total_ms"] / figures["grpc_total_ms"], 2)
+    print(f"{model_id}, {args.tokens} tokens, median of {args.runs} calls each:")
+    for label, kind in (("gRPC (direct)", "grpc"), ("REST (gateway)", "rest")):
+        ttft, total = figures[f"{kind}_ttft_ms"], figures[f"{kind}_total_ms"]
+        print(f"  {label:<15} first token {ttft:8.2f} ms   all {total:8.2f} ms")
+    ratios = figures["rest_over_grpc_ttft"], figures["rest_over_grpc_total"]
+    print(f"  REST / gRPC     first token {ratios[0]}x   all {ratios[1]}x")
+    print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
