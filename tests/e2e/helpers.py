@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -158,3 +160,29 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def doc_recipes(page: Path, heading: str) -> list[str]:
+    """The ``sh`` code blocks of one section of a docs page (from ``heading`` to the next
+    second-level heading), for tests that run a page's recipes so they cannot rot."""
+    section = page.read_text().split(heading, 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```sh\n(.*?)```", section, re.S)
+
+
+async def run_recipes(recipes: list[str], env: dict[str, str]) -> list[str]:
+    """Runs each recipe with bash (``-euo pipefail``), in order; fails the test on the first
+    that fails. Returns what each printed."""
+    outputs = []
+    for recipe in recipes:
+        done = await asyncio.to_thread(
+            subprocess.run,
+            ["bash", "-euo", "pipefail", "-c", recipe],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, f"{recipe}\n{done.stdout}\n{done.stderr}"
+        outputs.append(done.stdout)
+    return outputs

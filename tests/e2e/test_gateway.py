@@ -31,6 +31,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from mesh import tracing
+from tests.e2e.helpers import doc_recipes, run_recipes
 from tests.e2e.secure_mesh import SecureMesh, start_secure_mesh
 
 REPO = Path(__file__).resolve().parents[2]
@@ -424,17 +425,11 @@ async def test_serves_https_with_a_certificate(secure: SecureMesh, tmp_path: Pat
         running.stop()
 
 
-def _curl_recipes() -> list[str]:
-    page = (REPO / "docs" / "operators.md").read_text()
-    section = page.split("### curl recipes", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```sh\n(.*?)```", section, re.S)
-
-
 @pytest.mark.skipif(shutil.which("jq") is None, reason="jq is not installed (`make test` does)")
 async def test_every_curl_recipe_runs(
     gateway: Gateway, secure: SecureMesh, client_key: str
 ) -> None:
-    recipes = _curl_recipes()
+    recipes = doc_recipes(REPO / "docs" / "operators.md", "### curl recipes")
     assert len(recipes) == 6
     operator, _ = secure.keys.create("ops-curl", "operator")
     env = {
@@ -443,19 +438,7 @@ async def test_every_curl_recipe_runs(
         "KEY": client_key,
         "OPS_KEY": operator,
     }
-    outputs = []
-    for recipe in recipes:
-        done = await asyncio.to_thread(
-            subprocess.run,
-            ["bash", "-euo", "pipefail", "-c", recipe],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        assert done.returncode == 0, f"{recipe}\n{done.stdout}\n{done.stderr}"
-        outputs.append(done.stdout)
+    outputs = await run_recipes(recipes, env)
     streamed, text, followed, refusal, pools, paths = outputs
     # The tiny model may sample its end of sequence early: at most the 8 tokens asked for.
     assert (

@@ -7,12 +7,10 @@ Go) this test skips and says so.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,6 +18,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from tests.e2e.helpers import doc_recipes, run_recipes
 from tests.e2e.secure_mesh import SecureMesh, start_secure_mesh
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,12 +28,6 @@ pytestmark = [
     pytest.mark.asyncio(loop_scope="module"),
     pytest.mark.skipif(GRPCURL is None, reason="grpcurl is not installed (`make test` builds it)"),
 ]
-
-
-def _recipes() -> list[str]:
-    page = (REPO / "docs" / "operators.md").read_text()
-    section = page.split("## grpcurl recipes", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```sh\n(.*?)```", section, re.S)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -49,7 +42,7 @@ async def secure(
 
 
 async def test_every_grpcurl_recipe_runs(secure: SecureMesh) -> None:
-    recipes = _recipes()
+    recipes = doc_recipes(REPO / "docs" / "operators.md", "## grpcurl recipes")
     assert len(recipes) == 5
     key, _ = secure.keys.create("ops", "operator")
     operator = secure.pki.files("alice")
@@ -63,19 +56,7 @@ async def test_every_grpcurl_recipe_runs(secure: SecureMesh) -> None:
         "CERT": str(operator.cert),
         "CERT_KEY": str(operator.key),
     }
-    outputs = []
-    for recipe in recipes:
-        done = await asyncio.to_thread(
-            subprocess.run,
-            ["bash", "-euo", "pipefail", "-c", recipe],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        assert done.returncode == 0, f"{recipe}\n{done.stdout}\n{done.stderr}"
-        outputs.append(done.stdout)
+    outputs = await run_recipes(recipes, env)
     listed, health, generated, pools, models = outputs
     assert "llorch.orchestrator.v1.OrchestratorService" in listed
     assert "llorch.orchestrator.v1.ControlService" in listed
