@@ -55,6 +55,9 @@ async def start_gateway(
     binary: str, listen: str, orchestrator: str, catalog: str, timeout_s: float = 15.0
 ) -> GatewayProcess:
     """Starts the edge and returns once it listens; RuntimeError with its last words if not."""
+    # Its flags say everything; LLORCH_GATEWAY_* meant for a standalone edge must not add to
+    # them (a stray _CA would make it refuse the catalog's routes).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLORCH_GATEWAY_")}
     process = await asyncio.create_subprocess_exec(
         binary,
         "-listen", listen,
@@ -64,6 +67,7 @@ async def start_gateway(
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
+        env=env,
     )  # fmt: skip
     assert process.stderr is not None
     said: list[str] = []

@@ -134,11 +134,16 @@ async def _start_home(
         if binary is None:
             _log.warning("llorch-gateway is not built (make gateway): no REST edge")
         else:
-            gateway = await start_gateway(
-                binary, settings.gateway_listen, orchestrator_address, catalog.address
-            )
-            stack.append(gateway.stop)
-            endpoints["gateway"] = gateway.url
+            try:
+                gateway = await start_gateway(
+                    binary, settings.gateway_listen, orchestrator_address, catalog.address
+                )
+            except RuntimeError as exc:
+                # gRPC still serves; a busy REST port should not take the whole mesh down.
+                _log.warning("no REST edge: %s", exc)
+            else:
+                stack.append(gateway.stop)
+                endpoints["gateway"] = gateway.url
     if settings.metrics_listen:
         metrics = serve_metrics(
             settings.metrics_listen,

@@ -32,7 +32,12 @@ CORRELATION_HEADER = "x-correlation-id"
 _CORRELATION_RE = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 _log = logs.get_logger("rpc")
 # Probes and tools call these all the time; a span each would bury the traces of real work.
-_UNTRACED = ("/grpc.health.v1.", "/grpc.reflection.")
+# So are the watches that stay open for a whole connection: a span of hours tells nothing.
+_UNTRACED = (
+    "/grpc.health.v1.",
+    "/grpc.reflection.",
+    "/llorch.poolmanager.v1.PoolManagerService/WatchNode",
+)
 
 
 def new_correlation_id() -> str:
@@ -107,8 +112,8 @@ class MeshServerInterceptor(AsyncServerInterceptor):
                 await _settle(echo)
                 tracing.end_rpc_span(span, err)
                 await _abort(context, err, method_name)
-            except grpc.aio.AbortError:
-                tracing.end_rpc_span(span, grpc.aio.AbortError())
+            except grpc.aio.AbortError as err:
+                tracing.end_rpc_span(span, err, context.code())
                 raise  # the handler aborted on purpose
             except Exception as exc:
                 await _settle(echo)
@@ -131,6 +136,7 @@ class MeshServerInterceptor(AsyncServerInterceptor):
         span: trace.Span | None,
     ) -> AsyncIterator[Any]:
         failure: BaseException | None = None
+        aborted_code = None
         try:
             async for response in responses:
                 if not echo.done():
@@ -143,6 +149,7 @@ class MeshServerInterceptor(AsyncServerInterceptor):
             await _abort(context, err, method_name)
         except grpc.aio.AbortError as err:
             failure = err
+            aborted_code = context.code()
             raise  # the handler aborted on purpose
         except Exception as exc:
             failure = exc
@@ -153,7 +160,7 @@ class MeshServerInterceptor(AsyncServerInterceptor):
             raise
         finally:
             echo.cancel()
-            tracing.end_rpc_span(span, failure)
+            tracing.end_rpc_span(span, failure, aborted_code)
 
 
 async def _settle(echo: asyncio.Future[None]) -> None:

@@ -292,7 +292,8 @@ class Settings(BaseSettings):
     client certificate from the CA when ``tls`` is set; loopback only otherwise); empty: none."""
     gateway_listen: str = "127.0.0.1:8080"
     """``llorch up``: the REST edge (``llorch-gateway``, built by ``make gateway``) listens here,
-    in front of the orchestrator and the catalog; empty: no REST edge."""
+    in front of the orchestrator and the catalog; empty: no REST edge. If it cannot start (the
+    port is taken), ``llorch up`` says so and serves gRPC alone."""
     health_listen: str = ""
     """``llorch serve``: also answer grpc.health.v1 (and nothing else) in plaintext here, for
     probes that cannot speak TLS (Kubernetes gRPC probes); empty: no such port."""

@@ -13,7 +13,7 @@ spans and pays one branch per call. Tests give a provider of their own with ``us
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import grpc
@@ -96,7 +96,8 @@ def inject(context: Context | None = None) -> list[tuple[str, str]]:
 
 
 def traceparent(span: trace.Span) -> str:
-    """The W3C ``traceparent`` naming ``span`` ("" for a span that is not recorded)."""
+    """The W3C ``traceparent`` naming ``span`` ("" for an invalid span; an unsampled one
+    gives its ids with the sampled flag off)."""
     for key, value in inject(trace.set_span_in_context(span)):
         if key == "traceparent":
             return value
@@ -109,17 +110,11 @@ def rpc_attributes(method_name: str) -> dict[str, str]:
     return {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
 
 
-def ids(span: trace.Span | None = None) -> Sequence[tuple[str, str]]:
-    """``trace_id`` and ``span_id`` (hex) of ``span`` (default: the current one), for logs;
-    empty when there is no valid span."""
-    ctx = (span or trace.get_current_span()).get_span_context()
-    if not ctx.is_valid:
-        return ()
-    return (("trace_id", f"{ctx.trace_id:032x}"), ("span_id", f"{ctx.span_id:016x}"))
-
-
-def end_rpc_span(span: trace.Span | None, failure: BaseException | None) -> None:
-    """Ends a call's span with its outcome (no-op without a span or once ended)."""
+def end_rpc_span(
+    span: trace.Span | None, failure: BaseException | None, aborted_code: Any = None
+) -> None:
+    """Ends a call's span with its outcome (no-op without a span or once ended).
+    ``aborted_code``: the status a handler's own abort set, when ``failure`` is that abort."""
     if span is None or not span.is_recording():
         return
     if failure is None:
@@ -129,7 +124,8 @@ def end_rpc_span(span: trace.Span | None, failure: BaseException | None) -> None
             code, message = failure.code, failure.message
             span.set_attribute("llorch.error.reason", failure.reason)
         elif isinstance(failure, grpc.aio.AbortError):
-            code, message = grpc.StatusCode.UNKNOWN, "aborted by the handler"
+            code = aborted_code if isinstance(aborted_code, grpc.StatusCode) else None
+            code, message = code or grpc.StatusCode.UNKNOWN, "aborted by the handler"
         elif isinstance(failure, asyncio.CancelledError | GeneratorExit):
             code, message = grpc.StatusCode.CANCELLED, "the call was cancelled"
         else:

@@ -23,6 +23,7 @@ import grpc
 from llorch.common.v1 import common_pb2
 from llorch.poolmanager.v1 import poolmanager_pb2
 from opentelemetry import context as otel_context
+from opentelemetry.context import Context
 
 from catalog.client import CatalogClient
 from mesh import logs, tracing
@@ -175,6 +176,8 @@ class Orchestrator:
         # queued and run after a restart, running ones are settled then.
         for task in self._tasks.values():
             task.observer = None
+            if task.trace is not None and not task.terminal:
+                task.trace.ended(None, shutdown)  # the observer that would have is gone
         for task in list(self._tasks.values()):
             self._end(task, shutdown)
         relays = list(self._relays.values()) + list(self._swaps.values())
@@ -551,6 +554,9 @@ class Orchestrator:
     async def _run_swap(
         self, pool: PoolView, model_id: str, request: poolmanager_pb2.ReloadPoolRequest
     ) -> None:
+        # The swap task copied the context of whichever call ran the dispatcher; a model load
+        # is no part of that call's trace.
+        otel_context.attach(Context())
         try:
             await self._pool_call(pool.node_id, pool.pool_id, "ReloadPool", request, marked=True)
         except LlorchError as exc:
@@ -1227,6 +1233,9 @@ class Orchestrator:
                     self._arrivals += 1
                     heapq.heappush(self._deadlines, (deadline, self._arrivals, task))
                 task.observer = self._on_event
+                if tracing.enabled():
+                    # Its admitting call is gone: a trace of its own, not whoever is current.
+                    task.trace = TaskTrace.recovered(task.task_id, spec, len(self._queue) - 1)
                 requeued += 1
                 continue
             task.set_queued(0, 0)
@@ -1297,14 +1306,20 @@ class Orchestrator:
             max_tokens_defaulted=spec.max_tokens_defaulted,
         )
         timeout = None if task.deadline is None else max(0.001, task.deadline - self._clock())
-        call: ExecuteCall = self._registry.stub(pool.node_id).Execute(
-            request,
-            timeout=timeout,
-            metadata=(
-                (CORRELATION_HEADER, task.correlation_id),
-                *(task.trace.dispatch_metadata() if task.trace is not None else ()),
-            ),
-        )
+        # The call carries the task's trace context, never that of the call that happens to be
+        # running the dispatcher (the client interceptor would add the current one).
+        token = otel_context.attach(task.trace.context if task.trace is not None else Context())
+        try:
+            call: ExecuteCall = self._registry.stub(pool.node_id).Execute(
+                request,
+                timeout=timeout,
+                metadata=(
+                    (CORRELATION_HEADER, task.correlation_id),
+                    *(task.trace.dispatch_metadata() if task.trace is not None else ()),
+                ),
+            )
+        finally:
+            otel_context.detach(token)
         return call
 
     async def _relay(self, task: Task, pool: PoolView, call: ExecuteCall) -> None:

@@ -33,11 +33,21 @@ _TRACER = "llorch.orchestrator"
 class TaskTrace:
     """Spans of one task; each hook is called once per transition, from the event loop."""
 
-    def __init__(self, task_id: str, spec: TaskSpec, admission_started_ns: int) -> None:
+    def __init__(
+        self,
+        task_id: str,
+        spec: TaskSpec,
+        admission_started_ns: int,
+        parent: Context | None = None,
+    ) -> None:
+        """Opens the task's span; ``parent`` defaults to the current context (the admitting
+        call's span)."""
         self._tracer = tracing.tracer(_TRACER)
         self._base = {"llorch.task_id": task_id, "llorch.model_id": spec.model_id}
+        self._where: dict[str, str] = {}
         self.root = self._tracer.start_span(
             "llorch.task",
+            context=parent,
             start_time=admission_started_ns,
             attributes={
                 **self._base,
@@ -53,6 +63,15 @@ class TaskTrace:
         self._dispatch: Span | None = None
         self._first_token: Span | None = None
         self._decode: Span | None = None
+
+    @classmethod
+    def recovered(cls, task_id: str, spec: TaskSpec, position: int) -> TaskTrace:
+        """The trace of a task the journal gave back after a restart: a new root (its
+        admitting call is gone), starting in the queue."""
+        trace_ = cls(task_id, spec, time.time_ns(), parent=Context())
+        trace_.root.set_attribute("llorch.recovered", True)
+        trace_._queue = trace_._span("llorch.queue_wait", **{"llorch.queue_position": position})
+        return trace_
 
     def _span(self, name: str, start_ns: int | None = None, **attributes: object) -> Span:
         return self._tracer.start_span(
@@ -71,7 +90,7 @@ class TaskTrace:
     def placed(self, node_id: str, pool_id: str, pass_started_ns: int) -> None:
         """The dispatcher pass that began at ``pass_started_ns`` placed it on a pool."""
         now = time.time_ns()
-        where = {"llorch.node_id": node_id, "llorch.pool_id": pool_id}
+        where = self._where = {"llorch.node_id": node_id, "llorch.pool_id": pool_id}
         self.root.set_attributes(where)
         if self._queue is not None:
             self._queue.end(now)
@@ -99,7 +118,7 @@ class TaskTrace:
             now = time.time_ns()
             self._first_token.end(now)
             self._first_token = None
-            self._decode = self._span("llorch.decode", now)
+            self._decode = self._span("llorch.decode", now, **self._where)
 
     def requeued(self, error: LlorchError) -> None:
         """The execution failed before its first token; the task waits to be placed again."""

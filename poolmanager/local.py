@@ -16,6 +16,7 @@ from collections.abc import AsyncGenerator, Sequence
 from llorch.poolmanager.v1 import poolmanager_pb2
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind
 
 from mesh import tracing
@@ -103,7 +104,8 @@ class LocalCall:
         if tracing.enabled():
             self._span = tracing.tracer("llorch.rpc").start_span(
                 _EXECUTE.lstrip("/"),
-                context=tracing.extract(metadata),
+                # No trace context sent: a root, not whichever call is current here.
+                context=tracing.extract(metadata) or Context(),
                 kind=SpanKind.SERVER,
                 attributes={**tracing.rpc_attributes(_EXECUTE), "llorch.link": "in-process"},
             )

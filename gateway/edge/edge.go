@@ -69,6 +69,7 @@ func NewHandler(ctx context.Context, backends Backends, log *slog.Logger) (http.
 		runtime.WithIncomingHeaderMatcher(incomingHeader),
 		runtime.WithOutgoingHeaderMatcher(outgoingHeader),
 		runtime.WithErrorHandler(errorWithRetryAfter),
+		runtime.WithStreamErrorHandler(streamErrorWithRetryAfter),
 		runtime.WithHealthzEndpoint(grpc_health_v1.NewHealthClient(backends.Orchestrator)),
 	)
 	if err := orchestratorv1.RegisterOrchestratorServiceHandler(ctx, mux, backends.Orchestrator); err != nil {
@@ -89,7 +90,7 @@ func NewHandler(ctx context.Context, backends Backends, log *slog.Logger) (http.
 	if err != nil {
 		return nil, fmt.Errorf("/openapi.json: %w", err)
 	}
-	return logRequests(limitBody(mux), log), nil
+	return logRequests(limitBody(keepWriter(mux)), log), nil
 }
 
 // ndjsonMarshaler is JSONPb whose streams are labelled newline-delimited JSON, and whose
@@ -134,17 +135,39 @@ func outgoingHeader(key string) (string, bool) {
 }
 
 // errorWithRetryAfter is grpc-gateway's error answer plus a Retry-After header when the status
-// carries google.rpc.RetryInfo (a full queue, a pool still loading).
+// carries google.rpc.RetryInfo (a full queue, a rate limit, a pool still loading).
 func errorWithRetryAfter(ctx context.Context, mux *runtime.ServeMux, m runtime.Marshaler, w http.ResponseWriter, r *http.Request, err error) {
-	if st, ok := status.FromError(err); ok {
-		for _, detail := range st.Details() {
-			if info, ok := detail.(*errdetails.RetryInfo); ok && info.GetRetryDelay() != nil {
-				seconds := math.Ceil(info.GetRetryDelay().AsDuration().Seconds())
-				w.Header().Set("Retry-After", strconv.Itoa(max(1, int(seconds))))
-			}
+	setRetryAfter(w, status.Convert(err))
+	runtime.DefaultHTTPErrorHandler(ctx, mux, m, w, r, err)
+}
+
+// streamErrorWithRetryAfter does the same for a stream. grpc-gateway hands a stream's error
+// handler only the context, so the writer travels in it (keepWriter); the header still goes
+// out when the stream fails before its first line, as the status is written after this.
+func streamErrorWithRetryAfter(ctx context.Context, err error) *status.Status {
+	st := status.Convert(err)
+	if w, ok := ctx.Value(writerKey{}).(http.ResponseWriter); ok {
+		setRetryAfter(w, st)
+	}
+	return st
+}
+
+func setRetryAfter(w http.ResponseWriter, st *status.Status) {
+	for _, detail := range st.Details() {
+		if info, ok := detail.(*errdetails.RetryInfo); ok && info.GetRetryDelay() != nil {
+			seconds := math.Ceil(info.GetRetryDelay().AsDuration().Seconds())
+			w.Header().Set("Retry-After", strconv.Itoa(max(1, int(seconds))))
 		}
 	}
-	runtime.DefaultHTTPErrorHandler(ctx, mux, m, w, r, err)
+}
+
+type writerKey struct{}
+
+// keepWriter puts the response writer in the request's context for streamErrorWithRetryAfter.
+func keepWriter(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		next.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), writerKey{}, w)))
+	})
 }
 
 func limitBody(next http.Handler) http.Handler {

@@ -306,7 +306,7 @@ async def test_errors_carry_http_status_and_google_rpc_details(
         response, body = gateway.request("POST", "/v1/generate", unknown, _auth(client_key))
         assert response.status == 404 and body["error"]["code"] == 5, body
 
-        # RetryInfo becomes Retry-After.
+        # RetryInfo becomes Retry-After, on a unary call and on a stream refused at its start.
         statuses = []
         for _ in range(3):
             response, body = gateway.request("POST", "/v1/tasks", _generate_body(2), _auth(limited))
@@ -314,6 +314,9 @@ async def test_errors_carry_http_status_and_google_rpc_details(
         assert statuses[0] == 200 and statuses[-1] == 429, (statuses, body)
         assert 1 <= int(response.getheader("Retry-After") or "0") <= 4
         assert [d["reason"] for d in body["details"] if "reason" in d] == ["RATE_LIMITED"]
+        response, body = gateway.request("POST", "/v1/generate", _generate_body(2), _auth(limited))
+        assert response.status == 429 and body["error"]["code"] == 8, body
+        assert 1 <= int(response.getheader("Retry-After") or "0") <= 4
 
         response, body = gateway.request("GET", "/v1/no-such-route")
         assert response.status == 404
@@ -464,6 +467,7 @@ async def test_every_curl_recipe_runs(
         (["-listen", "0.0.0.0:0"], "-serve-cert"),
         (["-orchestrator", "10.1.2.3:50051"], "-ca"),
         (["-catalog", "127.0.0.1:1", "-ca", "/dev/null"], "-catalog"),
+        (["-catalog", "10.1.2.3:7001"], "-catalog"),
         (["-serve-cert", "x.pem"], "-serve-key"),
         (["-orchestrator", "no-port"], "-orchestrator"),
         (["stray"], "unexpected arguments"),

@@ -6,6 +6,7 @@ import http.client
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from mesh.gateway import find_gateway
+from tests.e2e.helpers import start_llorch
 
 LLORCH = [sys.executable, "-m", "mesh.cli"]
 
@@ -166,3 +168,29 @@ def test_models_add_registers_a_gguf_file(
     bad = _run("models", "add", "bad-model", "/etc/hostname", data_dir=data_dir)
     assert bad.returncode == 1
     assert "INVALID_ARGUMENT" in bad.stderr
+
+
+@pytest.mark.skipif(find_gateway() is None, reason="llorch-gateway is not built (`make gateway`)")
+def test_up_serves_grpc_when_the_rest_port_is_taken(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        log = tmp_path / "up.log"
+        proc, address = start_llorch(
+            ["up"],
+            {
+                "LLORCH_DATA_DIR": str(tmp_path / "data"),
+                "LLORCH_LISTEN": "127.0.0.1:0",
+                "LLORCH_GATEWAY_LISTEN": f"127.0.0.1:{port}",
+            },
+            log=log,
+        )
+        try:
+            assert address.startswith("127.0.0.1:")
+            endpoints = json.loads((tmp_path / "data" / "run" / "endpoints.json").read_text())
+            assert "gateway" not in endpoints
+            assert "no REST edge" in log.read_text() and "address already in use" in log.read_text()
+        finally:
+            proc.kill()
+            proc.wait()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from llorch.common.v1 import common_pb2
 from llorch.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from opentelemetry import trace
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
@@ -27,6 +28,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from mesh import logs, tracing
+from mesh.settings import OrchestratorSettings
+from orchestrator.app import start_orchestrator
 from tests.conftest import LINKS, Mesh, start_mesh, stop_mesh
 from tests.e2e.helpers import collect, generate_request, start_llorch
 
@@ -175,11 +178,14 @@ async def test_a_cancelled_task_ends_its_trace_as_an_error(
     assert task.attributes["llorch.error.reason"] == "TASK_CANCELLED"
 
 
-async def test_untraced_without_a_provider(mesh: Mesh) -> None:
+async def test_untraced_without_a_provider(mesh: Mesh, log_lines: io.StringIO) -> None:
     assert not tracing.enabled()
     out = await collect(mesh.stub.Generate(generate_request(max_tokens=2)))
     assert out.finished.tokens_out == 2
-    assert tracing.inject() == []
+    assert mesh.orchestrator.orchestrator.get(out.events[0].task_id).trace is None
+    records = [json.loads(line) for line in log_lines.getvalue().splitlines()]
+    assert any(r["msg"] == "task dispatched" for r in records)
+    assert not any("trace_id" in r for r in records)
 
 
 async def test_health_checks_make_no_spans(mesh: Mesh, exporter: InMemorySpanExporter) -> None:
@@ -263,3 +269,67 @@ def test_llorch_up_exports_spans_over_otlp(tmp_path: Path) -> None:
     task = next(span for _, span in spans if span.name == "llorch.task")
     same_trace = {span.name for _, span in spans if span.trace_id == task.trace_id}
     assert {"llorch.orchestrator.v1.OrchestratorService/Generate", "llorch.worker"} <= same_trace
+
+
+async def test_shutdown_ends_task_traces_and_a_recovered_task_gets_its_own(
+    tmp_path: Path, long_model: Path, exporter: InMemorySpanExporter
+) -> None:
+    mesh = await start_mesh(tmp_path, long_model)
+    new_app = None
+    try:
+        hog = mesh.stub.Generate(generate_request(max_tokens=30_000))
+        async for response in hog:
+            if response.event.WhichOneof("kind") == "token":
+                break
+        caller = tracing.tracer("test-client").start_span("client", kind=SpanKind.CLIENT)
+        submitted = await mesh.stub.SubmitTask(
+            orchestrator_pb2.SubmitTaskRequest(
+                model_id="tiny-llama",
+                prompt="queued behind the hog",
+                sampling=common_pb2.SamplingParams(max_tokens=4, ignore_eos=True),
+            ),
+            metadata=tracing.inject(trace.set_span_in_context(caller)),
+        )
+        caller.end()
+        await mesh.orchestrator.stop()  # the pool manager and catalog keep running
+        with pytest.raises(grpc.aio.AioRpcError):
+            async for _ in hog:
+                pass
+        ended = [s for s in exporter.get_finished_spans() if s.name == "llorch.task"]
+        assert len(ended) == 2  # the running task and the queued one, both ended by the stop
+        for span in ended:
+            assert span.status.status_code is StatusCode.ERROR
+            assert span.attributes is not None
+            assert span.attributes["llorch.error.reason"] == "SHUTDOWN"
+        exporter.clear()
+
+        new_app = await start_orchestrator(
+            OrchestratorSettings(
+                catalog=mesh.catalog.address,
+                pool_managers=[mesh.pool_manager.address],
+                node_heartbeat_s=0.2,
+                journal_path=tmp_path / "journal.db",
+            ),
+            "127.0.0.1:0",
+        )
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{new_app.port}") as channel:
+            stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+            done = await collect(
+                stub.StreamTask(orchestrator_pb2.StreamTaskRequest(task_id=submitted.task_id))
+            )
+        assert done.kinds[-1] == "finished"
+        spans = exporter.get_finished_spans()
+        task = next(
+            s
+            for s in spans
+            if s.name == "llorch.task"
+            and (s.attributes or {}).get("llorch.task_id") == submitted.task_id
+        )
+        assert task.parent is None and (task.attributes or {}).get("llorch.recovered") is True
+        assert task.context.trace_id != caller.get_span_context().trace_id
+        in_trace = {s.name for s in spans if s.context.trace_id == task.context.trace_id}
+        assert {"llorch.queue_wait", "llorch.dispatch", "llorch.worker"} <= in_trace, in_trace
+    finally:
+        if new_app is not None:
+            await new_app.stop()
+        await stop_mesh(mesh)

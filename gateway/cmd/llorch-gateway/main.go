@@ -73,7 +73,10 @@ func parseConfig(args []string) (config, error) {
 	if (c.serveCert == "") != (c.serveKey == "") {
 		return c, errors.New("-serve-cert and -serve-key go together")
 	}
-	for name, addr := range map[string]string{"-listen": c.listen, "-orchestrator": c.orchestrator} {
+	for name, addr := range map[string]string{"-listen": c.listen, "-orchestrator": c.orchestrator, "-catalog": c.catalog} {
+		if addr == "" && name == "-catalog" {
+			continue
+		}
 		if _, _, err := net.SplitHostPort(addr); err != nil {
 			return c, fmt.Errorf("%s %q: %v", name, addr, err)
 		}
@@ -83,6 +86,9 @@ func parseConfig(args []string) (config, error) {
 	}
 	if !isLoopback(c.orchestrator) && c.ca == "" {
 		return c, fmt.Errorf("-orchestrator %s is not loopback: give -ca so API keys and prompts go over TLS", c.orchestrator)
+	}
+	if c.catalog != "" && !isLoopback(c.catalog) {
+		return c, fmt.Errorf("-catalog %s is not loopback: the catalog's routes are for the home profile, where every service is on loopback", c.catalog)
 	}
 	if c.catalog != "" && c.ca != "" {
 		return c, errors.New("-catalog goes with a plaintext (home profile) orchestrator: over TLS the catalog takes client certificates, which the edge must not lend to every REST caller")
