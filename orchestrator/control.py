@@ -43,14 +43,14 @@ class ControlServicer(control_pb2_grpc.ControlServiceServicer):
         return control_pb2.ListNodesResponse(
             nodes=[
                 control_pb2.NodeStatus(
-                    node_id=node.node_id or node.expected_node_id,
+                    node_id=node.node_id,
                     address=node.address,
                     reachable=node.reachable,
                     registered=node.registered,
                     last_seen_ms_ago=0
                     if node.last_seen is None
                     else max(1, round((now - node.last_seen) * 1000)),
-                    pool_ids=[p.pool_id for p in node.pools],
+                    pool_ids=list(node.pool_ids),
                 )
                 for node in self._orch.registry_nodes()
             ]

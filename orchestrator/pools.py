@@ -26,6 +26,20 @@ from orchestrator.placement import PoolView
 _log = logs.get_logger("orchestrator.pools")
 
 
+@dataclass(frozen=True)
+class NodeView:
+    """What the registry tells about one node (ControlService.ListNodes)."""
+
+    node_id: str
+    """The id it registered under, or the one expected of a configured address."""
+    address: str
+    reachable: bool
+    registered: bool
+    last_seen: float | None
+    """Monotonic time of its last WatchNode message; None before the first."""
+    pool_ids: tuple[str, ...]
+
+
 @dataclass
 class _Node:
     address: str
@@ -127,9 +141,19 @@ class PoolRegistry:
         self._views = None
         self._on_change()
 
-    def nodes(self) -> list[_Node]:
-        """Every node known, in order of node id (then address)."""
-        return sorted(self._nodes, key=lambda n: (n.node_id or n.expected_node_id, n.address))
+    def nodes(self) -> list[NodeView]:
+        """Every node known, in order of node id (then address), as ListNodes shows them."""
+        return [
+            NodeView(
+                node_id=n.node_id or n.expected_node_id,
+                address=n.address,
+                reachable=n.reachable,
+                registered=n.registered,
+                last_seen=n.last_seen,
+                pool_ids=tuple(p.pool_id for p in n.pools),
+            )
+            for n in sorted(self._nodes, key=lambda n: (n.node_id or n.expected_node_id, n.address))
+        ]
 
     @staticmethod
     async def _close(node: _Node) -> None:

@@ -59,7 +59,7 @@ from orchestrator.placement import (
     is_starving,
     preload_action,
 )
-from orchestrator.pools import PoolRegistry
+from orchestrator.pools import NodeView, PoolRegistry
 from orchestrator.tasks import (
     Failed,
     Finished,
@@ -395,8 +395,8 @@ class Orchestrator:
         """Every pool as placement sees it now (drained pools show as draining)."""
         return self._views(self._clock())
 
-    def registry_nodes(self) -> list[Any]:
-        """Every node the registry knows (orchestrator.pools._Node), by node id."""
+    def registry_nodes(self) -> list[NodeView]:
+        """Every node the registry knows, by node id."""
         return self._registry.nodes()
 
     def registry_pools(self) -> list[tuple[str, bool, poolmanager_pb2.Pool]]:

@@ -122,21 +122,21 @@ async def start_pool_manager(
     channel = open_channel(settings.catalog, tls=tls)
     catalog = CatalogClient(channel)
 
+    async def refresh_store() -> None:
+        if app_box:  # a fetch while the pools first load is seen at the app's first refresh
+            await app_box[0].refresh_store()
+
     fetcher = (
         ModelFetcher(
             catalog,
             catalog_pb2_grpc.CatalogServiceStub(channel),
             settings.node_id,
             settings.model_store,
-            lambda: refresh_store(),
+            refresh_store,
         )
         if settings.model_store is not None
         else None
     )
-
-    async def refresh_store() -> None:
-        if app_box:  # a fetch while the pools first load is seen at the app's first refresh
-            await app_box[0].refresh_store()
 
     async def locate(model_id: str) -> str:
         if fetcher is not None:  # fetched into the store when this node holds no copy
@@ -161,7 +161,7 @@ async def start_pool_manager(
             settings.node_id,
             settings.model_store,
             manager.models_in_use,
-            after_collect=lambda: refresh_store(),
+            after_collect=refresh_store,
         )
     servicer = PoolManagerServicer(manager, collector)
     credentials, authorize = service_security(tls)
