@@ -113,6 +113,20 @@ async def start_mesh(
     return Mesh(catalog, pm, orch, client, orchestrator_pb2_grpc.OrchestratorServiceStub(client))
 
 
+async def restart_orchestrator(mesh: Mesh, data_dir: Path) -> OrchestratorApp:
+    """A new orchestrator (over gRPC) on the mesh's catalog, pool manager and the journal
+    start_mesh gave it in ``data_dir``, as after a restart; stop ``mesh.orchestrator`` first."""
+    return await start_orchestrator(
+        OrchestratorSettings(
+            catalog=mesh.catalog.address,
+            pool_managers=[mesh.pool_manager.address],
+            node_heartbeat_s=0.2,
+            journal_path=data_dir / "journal.db",
+        ),
+        "127.0.0.1:0",
+    )
+
+
 async def stop_mesh(mesh: Mesh) -> None:
     """Stops everything start_mesh started."""
     await mesh.channel.close()

@@ -18,9 +18,7 @@ import pytest
 from llorch.common.v1 import common_pb2
 from llorch.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
-from mesh.settings import OrchestratorSettings
-from orchestrator.app import start_orchestrator
-from tests.conftest import start_mesh
+from tests.conftest import restart_orchestrator, start_mesh
 from tests.e2e.helpers import collect, error_details, generate_request, start_llorch
 
 LONG = 30_000
@@ -60,15 +58,7 @@ async def test_restart_requeues_queued_replays_finished_and_fails_running(
                 pass
         assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
 
-        new_app = await start_orchestrator(
-            OrchestratorSettings(
-                catalog=mesh.catalog.address,
-                pool_managers=[mesh.pool_manager.address],
-                node_heartbeat_s=0.2,
-                journal_path=tmp_path / "journal.db",
-            ),
-            "127.0.0.1:0",
-        )
+        new_app = await restart_orchestrator(mesh, tmp_path)
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{new_app.port}")
         stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
 

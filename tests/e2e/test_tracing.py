@@ -28,9 +28,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from mesh import logs, tracing
-from mesh.settings import OrchestratorSettings
-from orchestrator.app import start_orchestrator
-from tests.conftest import LINKS, Mesh, start_mesh, stop_mesh
+from tests.conftest import LINKS, Mesh, restart_orchestrator, start_mesh, stop_mesh
 from tests.e2e.helpers import collect, generate_request, start_llorch
 
 TASK_PHASES = {
@@ -303,15 +301,7 @@ async def test_shutdown_ends_task_traces_and_a_recovered_task_gets_its_own(
             assert span.attributes["llorch.error.reason"] == "SHUTDOWN"
         exporter.clear()
 
-        new_app = await start_orchestrator(
-            OrchestratorSettings(
-                catalog=mesh.catalog.address,
-                pool_managers=[mesh.pool_manager.address],
-                node_heartbeat_s=0.2,
-                journal_path=tmp_path / "journal.db",
-            ),
-            "127.0.0.1:0",
-        )
+        new_app = await restart_orchestrator(mesh, tmp_path)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{new_app.port}") as channel:
             stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
             done = await collect(
