@@ -18,6 +18,7 @@ nothing) at the same concurrency, which bounds what any RPC reaches on this mach
 
   .venv/bin/python bench/admission.py
   .venv/bin/python bench/admission.py --seconds 3 --clients 1   # quick
+  .venv/bin/python bench/admission.py --trace   # every task traced and exported over OTLP
 """
 
 from __future__ import annotations
@@ -30,12 +31,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent import futures
 from pathlib import Path
 
 import grpc
 from homeprofile import start_home, stop_home  # bench/homeprofile.py, beside this script
 from llorch.common.v1 import common_pb2
 from llorch.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from provisioners.tiny_model import TinyModelSpec, write_tiny_model
 
@@ -46,7 +49,22 @@ SEED_TARGET_PER_S = 1000.0
 LONG_MODEL = "bench-32k"
 
 
-def start_orchestrator(data_dir: Path, journal: bool) -> tuple[subprocess.Popen[str], str]:
+class _OtlpSink(trace_service_pb2_grpc.TraceServiceServicer):
+    """An OTLP/gRPC collector that counts the spans it is sent (``--trace``)."""
+
+    def __init__(self) -> None:
+        self.spans = 0
+
+    def Export(
+        self, request: trace_service_pb2.ExportTraceServiceRequest, context: object
+    ) -> trace_service_pb2.ExportTraceServiceResponse:
+        self.spans += sum(len(s.spans) for r in request.resource_spans for s in r.scope_spans)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+def start_orchestrator(
+    data_dir: Path, journal: bool, otlp_endpoint: str = ""
+) -> tuple[subprocess.Popen[str], str]:
     long_path = write_tiny_model(
         data_dir / f"{LONG_MODEL}.gguf", TinyModelSpec(context_length=32768)
     )
@@ -60,6 +78,7 @@ def start_orchestrator(data_dir: Path, journal: bool) -> tuple[subprocess.Popen[
         {LONG_MODEL: long_path},
         ORCHESTRATOR_SERVICE__QUEUE_CAPACITY="1000000",
         ORCHESTRATOR_SERVICE__JOURNAL=str(journal).lower(),
+        TRACING__OTLP_ENDPOINT=otlp_endpoint,
     )
 
 
@@ -129,13 +148,24 @@ def main() -> None:
         "--batch-concurrency", type=int, default=4, help="SubmitTasks calls in flight per client"
     )
     parser.add_argument("--no-journal", action="store_true", help="run without the task journal")
+    parser.add_argument(
+        "--trace",
+        action="store_true",
+        help="trace every task, exported to an OTLP collector in this process (tracing's cost)",
+    )
     parser.add_argument("--hog", metavar="ADDRESS", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.hog:
         hog(args.hog)
         return
+    sink, collector, endpoint = _OtlpSink(), None, ""
+    if args.trace:
+        collector = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(sink, collector)
+        endpoint = f"http://127.0.0.1:{collector.add_insecure_port('127.0.0.1:0')}"
+        collector.start()
     with tempfile.TemporaryDirectory(prefix="llorch-bench-") as tmp:
-        proc, address = start_orchestrator(Path(tmp), not args.no_journal)
+        proc, address = start_orchestrator(Path(tmp), not args.no_journal, endpoint)
         try:
             rates = {"get": measure(address, "get", args.clients, args.concurrency, args.seconds)}
             rates["serving"] = measure(
@@ -158,11 +188,15 @@ def main() -> None:
                 holder.kill()
                 holder.wait()
         finally:
-            stop_home(proc)
+            stop_home(proc)  # a clean stop sends the spans still buffered
+    if collector is not None:
+        collector.stop(0)
     baseline = rates["get"]
     summary: dict[str, object] = {
         "get_task_per_s": round(baseline, 1),
         "journal": not args.no_journal,
+        "traced": args.trace,
+        "spans_exported": sink.spans,
         "clients": args.clients,
         "concurrency": args.concurrency,
         "seconds": args.seconds,
@@ -183,7 +217,8 @@ def main() -> None:
             f"{case:<10} {rate:>9.1f} {figures['ratio_to_bare_rpc']:>10.3f}x "
             f"{figures['ratio_to_target']:>10.3f}x {figures['ratio_to_seed_target']:>10.3f}x"
         )
-    print(f"(journal {'off' if args.no_journal else 'on'})")
+    traced = f", every task traced: {sink.spans} spans exported" if args.trace else ""
+    print(f"(journal {'off' if args.no_journal else 'on'}{traced})")
     print(json.dumps(summary))
 
 

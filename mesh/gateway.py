@@ -17,10 +17,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from mesh import logs
-
 BINARY = "llorch-gateway"
-_log = logs.get_logger("gateway")
 
 
 def find_gateway() -> str | None:

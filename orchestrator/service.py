@@ -1306,9 +1306,9 @@ class Orchestrator:
             max_tokens_defaulted=spec.max_tokens_defaulted,
         )
         timeout = None if task.deadline is None else max(0.001, task.deadline - self._clock())
-        # The call carries the task's trace context, never that of the call that happens to be
-        # running the dispatcher (the client interceptor would add the current one).
-        token = otel_context.attach(task.trace.context if task.trace is not None else Context())
+        # The call carries the task's trace context (dispatch_metadata), never that of the call
+        # that happens to be running the dispatcher, which the client interceptor would add.
+        token = otel_context.attach(Context()) if tracing.enabled() else None
         try:
             call: ExecuteCall = self._registry.stub(pool.node_id).Execute(
                 request,
@@ -1319,7 +1319,8 @@ class Orchestrator:
                 ),
             )
         finally:
-            otel_context.detach(token)
+            if token is not None:
+                otel_context.detach(token)
         return call
 
     async def _relay(self, task: Task, pool: PoolView, call: ExecuteCall) -> None:

@@ -22,7 +22,6 @@ import (
 	"log/slog"
 	"math"
 	"net/http"
-	"net/textproto"
 	"strconv"
 	"strings"
 	"time"
@@ -212,7 +211,7 @@ func logRequests(next http.Handler, log *slog.Logger) http.Handler {
 			"path", r.URL.Path,
 			"status", rec.status,
 			"duration_ms", float64(time.Since(started).Microseconds())/1000,
-			"correlation_id", w.Header().Get(textproto.CanonicalMIMEHeaderKey("x-correlation-id")),
+			"correlation_id", w.Header().Get("X-Correlation-Id"),
 		)
 	})
 }

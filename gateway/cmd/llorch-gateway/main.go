@@ -127,24 +127,23 @@ func backendCredentials(c config) (credentials.TransportCredentials, error) {
 	return credentials.NewTLS(&tls.Config{RootCAs: roots, ServerName: name, MinVersion: tls.VersionTLS12}), nil
 }
 
-// checkFiles reads every file the flags name, as serving would.
-func checkFiles(c config) error {
-	if _, err := backendCredentials(c); err != nil {
-		return err
+// checkFiles reads every file the flags name, as serving would; it returns the credentials
+// for the backends.
+func checkFiles(c config) (credentials.TransportCredentials, error) {
+	creds, err := backendCredentials(c)
+	if err != nil {
+		return nil, err
 	}
 	if c.serveCert != "" {
 		if _, err := tls.LoadX509KeyPair(c.serveCert, c.serveKey); err != nil {
-			return fmt.Errorf("-serve-cert/-serve-key: %w", err)
+			return nil, fmt.Errorf("-serve-cert/-serve-key: %w", err)
 		}
 	}
-	return nil
+	return creds, nil
 }
 
 func run(ctx context.Context, c config, log *slog.Logger) error {
-	if err := checkFiles(c); err != nil {
-		return err
-	}
-	creds, err := backendCredentials(c)
+	creds, err := checkFiles(c)
 	if err != nil {
 		return err
 	}
@@ -207,7 +206,7 @@ func main() {
 		os.Exit(2)
 	}
 	if c.check {
-		if err := checkFiles(c); err != nil {
+		if _, err := checkFiles(c); err != nil {
 			fmt.Fprintln(os.Stderr, "llorch-gateway:", err)
 			os.Exit(2)
 		}
