@@ -197,6 +197,7 @@ func run(ctx context.Context, c config, log *slog.Logger) error {
 
 func main() {
 	log := slog.New(slog.NewJSONHandler(os.Stderr, nil)).With("service", "gateway")
+	edge.LogGRPCWith(log)
 	c, err := parseConfig(os.Args[1:])
 	if errors.Is(err, flag.ErrHelp) {
 		os.Exit(0)
