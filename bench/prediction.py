@@ -1,14 +1,14 @@
 """Prediction benchmark: how close the queue's predicted start times come to the real ones.
 
-Starts ``llorch up`` with two CPU pools for tiny-llama, warms the service-time measurements with a
-few tasks, then submits a mixed load at once: tasks of 16 to 512 tokens, INTERACTIVE and BATCH,
-two tenants. Each SubmitTask answer carries the predicted start (ms from now); each task's Started
-event carries the time it actually waited. Prints the error of the first prediction per task
-(median, p90, and the median relative error beside the median actual wait), the same for the
-last prediction a reader saw before Started (against the time from that message to Started),
-then one line of JSON.
+Starts ``llorch up`` with two CPU pools for tiny-llama (``--slots`` sequences each, batched), warms
+the service-time measurements with a few tasks, then submits a mixed load at once: tasks of 16 to
+512 tokens, INTERACTIVE and BATCH, two tenants. Each SubmitTask answer carries the predicted start
+(ms from now); each task's Started event carries the time it actually waited. Prints the error of
+the first prediction per task (median, p90, and the median relative error beside the median actual
+wait), the same for the last prediction a reader saw before Started (against the time from that
+message to Started), then one line of JSON.
 
-  .venv/bin/python bench/prediction.py
+  .venv/bin/python bench/prediction.py [--slots 4] [--tasks 60]
 """
 
 from __future__ import annotations
@@ -29,8 +29,11 @@ from llorch.common.v1 import common_pb2
 from llorch.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 
-def start(data_dir: Path) -> tuple[subprocess.Popen[str], str]:
-    pools = [{"pool_id": f"cpu-{i}", "model_id": "tiny-llama", "n_threads": 1} for i in range(2)]
+def start(data_dir: Path, slots: int) -> tuple[subprocess.Popen[str], str]:
+    pools = [
+        {"pool_id": f"cpu-{i}", "model_id": "tiny-llama", "n_threads": 1, "slots": slots}
+        for i in range(2)
+    ]
     return start_home(data_dir, pools)
 
 
@@ -67,10 +70,19 @@ async def follow(
 
 
 def errors(pairs: list[tuple[float, float]]) -> dict[str, float]:
-    """Absolute and relative errors of (predicted, actual) pairs, in ms."""
+    """Absolute and relative errors of (predicted, actual) pairs, in ms (zeros for none)."""
+    if not pairs:
+        return {
+            "n": 0,
+            "median_abs_ms": 0.0,
+            "p90_abs_ms": 0.0,
+            "median_rel": 0.0,
+            "median_actual_ms": 0.0,
+        }
     absolute = sorted(abs(p - a) for p, a in pairs)
     relative = sorted(abs(p - a) / a for p, a in pairs if a >= 50)
     return {
+        "n": len(pairs),
         "median_abs_ms": round(statistics.median(absolute), 1),
         "p90_abs_ms": round(absolute[int(0.9 * (len(absolute) - 1))], 1),
         "median_rel": round(statistics.median(relative), 3) if relative else 0.0,
@@ -115,13 +127,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=60)
     parser.add_argument("--seed", type=int, default=3)
+    parser.add_argument("--slots", type=int, default=4, help="slots of each of the two pools")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="llorch-bench-") as tmp:
-        proc, address = start(Path(tmp))
+        proc, address = start(Path(tmp), args.slots)
         try:
             started = time.monotonic()
             result = asyncio.run(run(address, args.tasks, args.seed))
             result["seconds"] = round(time.monotonic() - started, 1)
+            result["slots"] = args.slots
         finally:
             stop_home(proc)
     for key in ("at_submit", "at_submit_interactive", "last_seen"):

@@ -44,7 +44,18 @@ from mesh.settings import PoolManagerSettings, PoolSettings
 from poolmanager.devices import DeviceInventory, GpuDevice
 from poolmanager.staging import StagingCache, remove_stale_dirs
 from poolmanager.vram import VramEstimate, estimate_vram
+from poolmanager.worker.protocol import (
+    Cancelled,
+    Done,
+    Event,
+    Execute,
+    Failed,
+    LoadSpec,
+    Tokens,
+)
 from poolmanager.worker_process import (
+    ExecutionQueue,
+    Interrupted,
     SpareWorker,
     WorkerExited,
     WorkerProcess,
@@ -206,13 +217,6 @@ class ExecFinished:
 ExecEvent = ExecStarted | ExecTokens | ExecFinished
 
 
-@dataclass(frozen=True)
-class _Interrupted:
-    """Marker put on an execution's queue to end it with ``error`` (a drain's deadline)."""
-
-    error: LlorchError
-
-
 class PoolManager:
     """Owns the pools of one node."""
 
@@ -358,7 +362,7 @@ class PoolManager:
         # The worker runs executions beyond its slots in arrival order.
         worker = pool.worker
         pool.active.add(spec.execution_id)
-        job = _job(spec)
+        traceparent = ""
         span = None
         if tracing.enabled():
             # The worker's part of the trace: it logs under this span's id, and its phases
@@ -373,8 +377,9 @@ class PoolManager:
                     "llorch.model_id": spec.model_id,
                 },
             )
-            job["tp"] = tracing.traceparent(span)
-        execution = Execution(self, spec, pool, worker, worker.submit(spec.execution_id, job), span)
+            traceparent = tracing.traceparent(span)
+        events = worker.submit(_execute_command(spec, traceparent))
+        execution = Execution(self, spec, pool, worker, events, span)
         self._executions[spec.execution_id] = execution
         return execution
 
@@ -738,18 +743,26 @@ class PoolManager:
         path = staged or disk_path
         pool.spare = None  # taken now: from here on the load owns the process
         pool.loaded_in_spare = spare is not None
+        settings = pool.settings
+        load = LoadSpec(
+            model=str(path),
+            n_ctx=settings.n_ctx,
+            slots=settings.slots,
+            kv_cache_tokens=settings.kv_cache_tokens,
+            prefill_chunk_tokens=settings.prefill_chunk_tokens,
+            n_threads=settings.n_threads,
+            gpu=not pool.cpu_only,
+            tensor_split=tuple(split) if split and len(split) > 1 else (),
+            cache_type=settings.cache_type,
+            log_level=self._log_level,  # type: ignore[arg-type]
+            token_batch_ms=settings.token_batch_ms,
+        )
         try:
             worker = await WorkerProcess.spawn(
-                str(path),
-                n_ctx=pool.settings.n_ctx,
-                n_threads=pool.settings.n_threads,
-                gpu_devices=[] if pool.cpu_only else pool.settings.devices,
+                load,
+                gpu_devices=[] if pool.cpu_only else settings.devices,
                 env=self._base_env,
                 start_timeout_s=self._settings.worker_start_timeout_s,
-                log_level=self._log_level,
-                token_batch_ms=pool.settings.token_batch_ms,
-                tensor_split=split,
-                cache_type=pool.settings.cache_type,
                 spare=spare,
             )
         except WorkerStartError as exc:
@@ -851,6 +864,7 @@ class PoolManager:
             shape,
             n_ctx=pool.settings.n_ctx,
             slots=pool.settings.slots,
+            kv_cache_tokens=pool.settings.kv_cache_tokens,
             cache_type=pool.settings.cache_type,
             n_devices=len(gpus),
             overhead_bytes_per_device=self._settings.vram_overhead_bytes,
@@ -915,17 +929,7 @@ class PoolManager:
         """Generates one token; returns the problem, empty when healthy."""
         exec_id = f"health-{worker.pid}-{time.monotonic_ns()}"
         events = worker.submit(
-            exec_id,
-            {
-                "prompt": _HEALTH_PROMPT,
-                "max_tokens": 1,
-                "temperature": 0.0,
-                "top_p": 1.0,
-                "top_k": 0,
-                "seed": 0,
-                "stop": [],
-                "ignore_eos": True,
-            },
+            Execute(id=exec_id, prompt=_HEALTH_PROMPT, max_tokens=1, ignore_eos=True)
         )
         try:
             async with asyncio.timeout(self._settings.health_check_timeout_s):
@@ -933,10 +937,12 @@ class PoolManager:
                     event = await events.get()
                     if isinstance(event, WorkerExited):
                         return f"the worker exited with code {event.returncode}"
-                    if event.get("ev") == "done":
+                    if isinstance(event, Done):
                         return ""
-                    if event.get("ev") in ("error", "cancelled"):
-                        return str(event.get("message") or event.get("ev"))
+                    if isinstance(event, Failed):
+                        return event.message
+                    if isinstance(event, Cancelled):
+                        return "cancelled"
         except TimeoutError:
             return f"no token within {self._settings.health_check_timeout_s:g}s"
         finally:
@@ -1017,7 +1023,7 @@ class Execution:
         spec: ExecutionSpec,
         pool: Pool,
         worker: WorkerProcess,
-        queue: asyncio.Queue[Any],
+        queue: ExecutionQueue,
         span: Span | None = None,
     ) -> None:
         self._manager = manager
@@ -1107,7 +1113,7 @@ class Execution:
 
     def interrupt(self, error: LlorchError) -> None:
         """Ends the execution's events with ``error`` (after what is already queued)."""
-        self._queue.put_nowait(_Interrupted(error))
+        self._queue.put_nowait(Interrupted(error))
         self.worker.cancel(self.spec.execution_id)
 
     def abandon(self) -> None:
@@ -1119,23 +1125,25 @@ class Execution:
             self._manager._forget(self, finished=False)
 
 
-def _job(spec: ExecutionSpec) -> dict[str, Any]:
-    return {
-        "prompt": spec.prompt,
-        "max_tokens": spec.max_tokens,
-        "temperature": spec.temperature,
-        "top_p": spec.top_p,
-        "top_k": spec.top_k,
-        "seed": spec.seed,
-        "stop": list(spec.stop),
-        "ignore_eos": spec.ignore_eos,
-        "max_tokens_defaulted": spec.max_tokens_defaulted,
-        "cid": logs.correlation_id.get(),
-    }
+def _execute_command(spec: ExecutionSpec, traceparent: str) -> Execute:
+    return Execute(
+        id=spec.execution_id,
+        prompt=spec.prompt,
+        max_tokens=spec.max_tokens,
+        temperature=spec.temperature,
+        top_p=spec.top_p,
+        top_k=spec.top_k,
+        seed=spec.seed,
+        stop=spec.stop,
+        ignore_eos=spec.ignore_eos,
+        max_tokens_defaulted=spec.max_tokens_defaulted,
+        correlation_id=logs.correlation_id.get() or "",
+        traceparent=traceparent,
+    )
 
 
-def _convert(raw: Any, spec: ExecutionSpec) -> ExecEvent | None:
-    if isinstance(raw, _Interrupted):
+def _convert(raw: Event | WorkerExited | Interrupted, spec: ExecutionSpec) -> ExecEvent | None:
+    if isinstance(raw, Interrupted):
         raise raw.error
     if isinstance(raw, WorkerExited):
         raise UnavailableError(
@@ -1143,24 +1151,29 @@ def _convert(raw: Any, spec: ExecutionSpec) -> ExecEvent | None:
             reason="WORKER_CRASHED",
             retry_delay_s=1.0,
         )
-    kind = raw.get("ev")
-    if kind == "tok":
-        return ExecTokens(int(raw["i"]), [int(t) for t in raw["ids"]], str(raw["text"]))
-    if kind == "done":
+    if isinstance(raw, Tokens):
+        return ExecTokens(raw.index, list(raw.ids), raw.text)
+    if isinstance(raw, Done):
         return ExecFinished(
-            str(raw["reason"]),
-            int(raw["tokens_in"]),
-            int(raw["tokens_out"]),
-            float(raw["ttft_ms"]),
-            float(raw["decode_ms"]),
-            int(raw.get("t0", 0)),
-            int(raw.get("t1", 0)),
-            int(raw.get("t2", 0)),
+            raw.reason,
+            raw.tokens_in,
+            raw.tokens_out,
+            raw.ttft_ms,
+            raw.decode_ms,
+            raw.started_ns,
+            raw.first_token_ns,
+            raw.ended_ns,
         )
-    if kind == "cancelled":
+    if isinstance(raw, Cancelled):
         raise ExecutionCancelledError(f"execution {spec.execution_id} was cancelled")
-    if kind == "error":
-        if raw.get("code") == "INVALID_ARGUMENT":
-            raise InvalidArgumentError(str(raw.get("field") or "prompt"), str(raw["message"]))
-        raise InternalError(str(raw.get("message")))
+    if isinstance(raw, Failed):
+        if raw.code == "INVALID_ARGUMENT":
+            raise InvalidArgumentError(raw.field or "prompt", raw.message)
+        if raw.code == "UNAVAILABLE":
+            raise UnavailableError(
+                f"pool {spec.pool_id}: {raw.message}",
+                reason=raw.reason or "WORKER_UNAVAILABLE",
+                retry_delay_s=1.0,
+            )
+        raise InternalError(raw.message)
     return None

@@ -5,7 +5,8 @@ the need is compared with the free VRAM of the pool's devices, and a model that 
 refused with both numbers, never loaded partly on the CPU.
 
 need = weights (every tensor as stored)
-     + KV cache (layers x (key + value width) x n_ctx x slots x bytes per element of the cache type)
+     + KV cache (layers x (key + value width) x cells x bytes per element of the cache type),
+       cells = slots x n_ctx (or the pool's kv_cache_tokens) rounded up as llama.cpp rounds them
      + compute buffers (llama.cpp's graph for one micro-batch of ``n_ubatch`` tokens)
      + per-device overhead (CUDA context, cuBLAS workspace) — calibrated on a GPU, see
        docs/operators.md "The VRAM-only rule".
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from poolmanager.worker.engine import N_BATCH, kv_cells
 from provisioners.gguf_facts import ModelShape
 
 # Bytes per element of the KV cache types llama.cpp offers (block formats averaged).
@@ -33,8 +35,8 @@ DEFAULT_OVERHEAD_BYTES = 768 * 1024 * 1024
 """CUDA context, cuBLAS workspace and allocator slack per device: a worker with a 0.5 MB model
 took 658 MB on an H200 (CUDA 13), see docs/operators.md."""
 
-N_UBATCH = 512
-"""llama.cpp's default micro-batch, which sizes its compute buffers."""
+N_UBATCH = N_BATCH
+"""The worker's micro-batch, which sizes llama.cpp's compute buffers."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ def estimate_vram(
     cache_type: str = "f16",
     n_devices: int = 1,
     overhead_bytes_per_device: int = DEFAULT_OVERHEAD_BYTES,
+    kv_cache_tokens: int = 0,
 ) -> VramEstimate:
     """Estimates the VRAM of a model with ``n_ctx`` tokens of context for each of ``slots``.
 
@@ -67,6 +70,7 @@ def estimate_vram(
         shape: the model's header facts.
         n_ctx: context window per slot in tokens (0: the model's trained length).
         slots: sequences decoded at once, each with its own context.
+        kv_cache_tokens: cells the slots share instead of ``slots * n_ctx`` (0: that).
         cache_type: KV cache element type (a key of ``CACHE_TYPE_BYTES``).
         n_devices: GPUs the pool spans; each pays the overhead.
         overhead_bytes_per_device: per-device overhead.
@@ -79,7 +83,7 @@ def estimate_vram(
     if slots < 1 or n_devices < 1 or n_ctx < 0:
         raise ValueError("slots and n_devices must be >= 1, n_ctx >= 0")
     ctx = n_ctx or shape.context_length
-    tokens = ctx * slots
+    tokens = kv_cells(ctx, slots, kv_cache_tokens)
     kv_width = shape.n_head_kv * (shape.key_length + shape.value_length)
     kv = shape.n_layers * kv_width * tokens * CACHE_TYPE_BYTES[cache_type]
     ubatch = min(N_UBATCH, tokens)

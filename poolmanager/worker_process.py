@@ -1,22 +1,33 @@
 """The pool manager's side of one worker process: spawn, route events, cancel, stop.
 
-The worker speaks JSON lines (see ``poolmanager.worker``). Each execution gets an asyncio queue
-of events; when the worker exits unexpectedly every open execution receives a ``WorkerExited``
-marker at once, so no caller waits on a dead process.
+The worker speaks the typed protocol of ``poolmanager.worker.protocol``. Each execution gets an
+asyncio queue of its events; when the worker exits unexpectedly every open execution receives a
+``WorkerExited`` marker at once, so no caller waits on a dead process.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import signal
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from mesh import logs
+from poolmanager.worker import protocol
+from poolmanager.worker.protocol import (
+    TERMINAL,
+    Cancel,
+    Command,
+    Event,
+    Execute,
+    Load,
+    LoadFailed,
+    LoadSpec,
+    Ready,
+    Spare,
+)
 
 _log = logs.get_logger("poolmanager.worker")
 _LINE_LIMIT = 4 * 1024 * 1024
@@ -32,20 +43,22 @@ class WorkerStartError(Exception):
 
 
 @dataclass(frozen=True)
-class WorkerReady:
-    """What the worker reported once its model was loaded."""
-
-    engine_version: str
-    n_ctx: int
-    load_ms: float
-    gpu_offload: bool
-
-
-@dataclass(frozen=True)
 class WorkerExited:
     """Marker put on every open execution's queue when the process ends."""
 
     returncode: int | None
+
+
+@dataclass(frozen=True)
+class Interrupted:
+    """Marker the pool manager puts on an execution's queue to end it with ``error`` (a
+    drain's deadline), after the events already there."""
+
+    error: Exception
+
+
+ExecutionQueue = asyncio.Queue[Event | WorkerExited | Interrupted]
+"""One execution's events, as they come from the worker, then maybe a marker."""
 
 
 class SpareWorker:
@@ -88,10 +101,10 @@ class SpareWorker:
             args.append("--gpu")
         proc = await _start(args, gpu_devices, env)
         event = await _first_event(proc, start_timeout_s, "start a spare worker")
-        if event.get("ev") != "spare":
+        if not isinstance(event, Spare):
             await _kill(proc)
             raise WorkerStartError(f"spare worker sent {event} instead of being ready")
-        return cls(proc, float(event.get("warm_ms", 0.0)))
+        return cls(proc, event.warm_ms)
 
     def take(self) -> asyncio.subprocess.Process:
         """Hands the process over (once)."""
@@ -116,10 +129,10 @@ class SpareWorker:
 class WorkerProcess:
     """One running worker."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, ready: WorkerReady) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, ready: Ready) -> None:
         self._proc = proc
         self.ready = ready
-        self._executions: dict[str, asyncio.Queue[Any]] = {}
+        self._executions: dict[str, ExecutionQueue] = {}
         self._reader = asyncio.get_running_loop().create_task(self._read_events())
         self.exited = asyncio.Event()
 
@@ -136,81 +149,50 @@ class WorkerProcess:
     @classmethod
     async def spawn(
         cls,
-        model_path: str,
+        spec: LoadSpec,
         *,
-        n_ctx: int,
-        n_threads: int,
         gpu_devices: list[str],
         env: Mapping[str, str],
         start_timeout_s: float,
-        log_level: str = "INFO",
-        token_batch_ms: float = 4.0,
-        tensor_split: list[float] | None = None,
-        cache_type: str = "f16",
         spare: SpareWorker | None = None,
     ) -> WorkerProcess:
-        """Starts a worker (in ``spare`` when one is given and alive) and waits until its model
-        is loaded.
+        """Starts a worker for ``spec`` (in ``spare`` when one is given and alive) and waits
+        until its model is loaded.
 
         Raises:
             WorkerStartError: the model failed to load, the process died, or it took too long.
         """
-        args = [
-            "--model",
-            model_path,
-            "--n-ctx",
-            str(n_ctx),
-            "--n-threads",
-            str(n_threads),
-            "--log-level",
-            log_level,
-            "--token-batch-ms",
-            str(token_batch_ms),
-            "--cache-type",
-            cache_type,
-        ]
-        if gpu_devices:
-            args.append("--gpu")
-        if tensor_split and len(tensor_split) > 1:
-            args += ["--tensor-split", ",".join(f"{share:.4f}" for share in tensor_split)]
         if spare is not None and spare.alive:
             proc = spare.take()
             assert proc.stdin is not None
-            proc.stdin.write(json.dumps({"op": "load", "argv": args}).encode() + b"\n")
+            proc.stdin.write(protocol.encode(Load(spec)))
         else:
             proc = await _start(
-                [sys.executable, "-m", "poolmanager.worker", *args], gpu_devices, env
+                [sys.executable, "-m", "poolmanager.worker", *_argv(spec)], gpu_devices, env
             )
-        event = await _first_event(proc, start_timeout_s, f"load {model_path}")
-        if event.get("ev") != "ready":
+        event = await _first_event(proc, start_timeout_s, f"load {spec.model}")
+        if not isinstance(event, Ready):
             await proc.wait()
-            raise WorkerStartError(
-                str(event.get("message") or f"unexpected event {event}"),
-                refused=event.get("code") == "FAILED_PRECONDITION",
-            )
-        ready = WorkerReady(
-            engine_version=str(event["engine_version"]),
-            n_ctx=int(event["n_ctx"]),
-            load_ms=float(event["load_ms"]),
-            gpu_offload=bool(event["gpu_offload"]),
-        )
-        return cls(proc, ready)
+            if isinstance(event, LoadFailed):
+                raise WorkerStartError(event.message, refused=event.refused)
+            raise WorkerStartError(f"unexpected event {event}")
+        return cls(proc, event)
 
-    def submit(self, exec_id: str, job: dict[str, Any]) -> asyncio.Queue[Any]:
-        """Sends an execution; its events (dicts, then maybe a WorkerExited) arrive on the
-        returned queue."""
-        events: asyncio.Queue[Any] = asyncio.Queue()
+    def submit(self, execute: Execute) -> ExecutionQueue:
+        """Sends an execution; its events (then maybe a WorkerExited) arrive on the returned
+        queue."""
+        events: ExecutionQueue = asyncio.Queue()
         if self.exited.is_set():
             events.put_nowait(WorkerExited(self._proc.returncode))
             return events
-        self._executions[exec_id] = events
-        self._send({"op": "exec", "id": exec_id, **job})
+        self._executions[execute.id] = events
+        self._send(execute)
         return events
 
     def cancel(self, exec_id: str) -> None:
-        """Asks the worker to stop an execution after its current token."""
+        """Asks the worker to stop an execution (its cells are freed at its next step)."""
         if exec_id in self._executions:
-            self._send({"op": "cancel", "id": exec_id})
+            self._send(Cancel(exec_id))
 
     def forget(self, exec_id: str) -> None:
         """Drops the event queue of an execution the caller no longer reads."""
@@ -233,23 +215,24 @@ class WorkerProcess:
         with contextlib.suppress(ProcessLookupError):
             self._proc.send_signal(signal.SIGKILL)
 
-    def _send(self, command: dict[str, Any]) -> None:
+    def _send(self, command: Command) -> None:
         stdin = self._proc.stdin
         if stdin is None or stdin.is_closing():
             return
-        stdin.write(json.dumps(command, separators=(",", ":")).encode() + b"\n")
+        stdin.write(protocol.encode(command))
 
     async def _read_events(self) -> None:
         assert self._proc.stdout is not None
         stdout = self._proc.stdout
         try:
             while line := await stdout.readline():
-                event = json.loads(line)
-                queue = self._executions.get(str(event.get("id")))
+                event = protocol.decode_event(line)
+                exec_id = getattr(event, "id", None)
+                queue = self._executions.get(exec_id) if exec_id is not None else None
                 if queue is not None:
                     queue.put_nowait(event)
-                    if event.get("ev") in ("done", "cancelled", "error"):
-                        self._executions.pop(str(event["id"]), None)
+                    if isinstance(event, TERMINAL):
+                        del self._executions[event.id]
         except (ValueError, asyncio.LimitOverrunError) as exc:
             _log.error("worker %s sent a malformed event: %s", self._proc.pid, exc)
             await _kill(self._proc)
@@ -276,9 +259,36 @@ async def _start(
     )
 
 
-async def _first_event(
-    proc: asyncio.subprocess.Process, timeout_s: float, doing: str
-) -> dict[str, Any]:
+def _argv(spec: LoadSpec) -> list[str]:
+    """The command line of a worker that loads ``spec`` (``poolmanager.worker.main``)."""
+    args = [
+        "--model",
+        spec.model,
+        "--n-ctx",
+        str(spec.n_ctx),
+        "--slots",
+        str(spec.slots),
+        "--kv-cache-tokens",
+        str(spec.kv_cache_tokens),
+        "--prefill-chunk-tokens",
+        str(spec.prefill_chunk_tokens),
+        "--n-threads",
+        str(spec.n_threads),
+        "--log-level",
+        spec.log_level,
+        "--token-batch-ms",
+        str(spec.token_batch_ms),
+        "--cache-type",
+        spec.cache_type,
+    ]
+    if spec.gpu:
+        args.append("--gpu")
+    if spec.tensor_split:
+        args += ["--tensor-split", ",".join(f"{share:.4f}" for share in spec.tensor_split)]
+    return args
+
+
+async def _first_event(proc: asyncio.subprocess.Process, timeout_s: float, doing: str) -> Event:
     """The worker's first event (ready, spare or load_failed); kills it on any failure."""
     assert proc.stdout is not None
     try:
@@ -294,14 +304,10 @@ async def _first_event(
         code = await proc.wait()
         raise WorkerStartError(f"worker exited with code {code} trying to {doing}")
     try:
-        event = json.loads(line)
-    except ValueError:
+        return protocol.decode_event(line)
+    except protocol.ProtocolError:
         await _kill(proc)
         raise WorkerStartError(f"worker sent a malformed first line: {line[:200]!r}") from None
-    if not isinstance(event, dict):
-        await _kill(proc)
-        raise WorkerStartError(f"worker sent a malformed first line: {line[:200]!r}")
-    return event
 
 
 async def _kill(proc: asyncio.subprocess.Process) -> None:

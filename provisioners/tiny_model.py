@@ -50,6 +50,9 @@ class TinyModelSpec:
     dtype: Literal["F32", "F16"] = "F32"
     seed: int = 0
     name: str = DEFAULT_MODEL_ID
+    byte_tokens: bool = False
+    """Let generation sample the 256 byte tokens too (tests of characters split across
+    tokens); by default they are never sampled, and the text reads as words."""
 
     @classmethod
     def bench(cls) -> TinyModelSpec:
@@ -171,7 +174,8 @@ def write_tiny_model(path: Path, spec: TinyModelSpec | None = None) -> Path:
         # A larger output scale makes the next-token distribution peaked, like a trained model's.
         output = dense(n_vocab, spec.n_embd, 4.0 * scale)
         output[:, 0] = 0
-        suppressed = [i for i, t in enumerate(types) if t in _SUPPRESSED_TYPES] + [1]
+        kept_out = _SUPPRESSED_TYPES[1:] if spec.byte_tokens else _SUPPRESSED_TYPES
+        suppressed = [i for i, t in enumerate(types) if t in kept_out] + [1]
         output[suppressed, 0] = -8.0
         writer.add_tensor("output.weight", output)
         writer.write_header_to_file()

@@ -65,9 +65,13 @@ async def _start_order(mesh: Mesh, names: dict[str, str]) -> list[str]:
     return sorted(names, key=lambda n: started_at[n] or 0.0)
 
 
+# The queue's order shows when one task runs at a time: a pool of one slot.
+ONE_SLOT: dict[str, object] = {"slots": 1}
+
+
 @pytest.fixture
 async def one_slot(tmp_path: Path, long_model: Path) -> AsyncIterator[Mesh]:
-    mesh = await start_mesh(tmp_path, long_model)
+    mesh = await start_mesh(tmp_path, long_model, pool=ONE_SLOT)
     try:
         yield mesh
     finally:
@@ -110,7 +114,11 @@ async def test_drop_oldest_batch_ends_the_dropped_task_with_a_reason(
     tmp_path: Path, long_model: Path
 ) -> None:
     mesh = await start_mesh(
-        tmp_path, long_model, queue_capacity=2, queue_full_policy="drop-oldest-batch"
+        tmp_path,
+        long_model,
+        pool=ONE_SLOT,
+        queue_capacity=2,
+        queue_full_policy="drop-oldest-batch",
     )
     try:
         hog = await _hog(mesh)
@@ -144,7 +152,7 @@ async def test_drop_oldest_batch_ends_the_dropped_task_with_a_reason(
 async def test_a_batch_task_past_the_starvation_bound_goes_first(
     tmp_path: Path, long_model: Path
 ) -> None:
-    mesh = await start_mesh(tmp_path, long_model, batch_max_wait_s=0.3)
+    mesh = await start_mesh(tmp_path, long_model, pool=ONE_SLOT, batch_max_wait_s=0.3)
     try:
         hog = await _hog(mesh)
         b0 = await _submit(mesh, "b0", common_pb2.PRIORITY_BATCH)

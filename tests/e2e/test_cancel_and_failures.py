@@ -6,13 +6,14 @@ import asyncio
 import os
 import signal
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import pytest
 from llorch.orchestrator.v1 import orchestrator_pb2
 
-from tests.conftest import Mesh
+from tests.conftest import LINKS, Mesh, start_mesh, stop_mesh
 from tests.e2e.helpers import collect, error_details, generate_request
 
 LONG = 30_000  # tokens; several seconds of decoding on the 32k tiny model
@@ -100,8 +101,20 @@ async def test_deadline_ends_a_running_generation(long_mesh: Mesh) -> None:
     assert await _time_to_first_token(long_mesh) < 2.0
 
 
-async def test_queued_task_past_its_deadline_never_runs(long_mesh: Mesh) -> None:
-    mesh = long_mesh
+@pytest.fixture(params=LINKS)
+async def one_slot_mesh(
+    request: pytest.FixtureRequest, tmp_path: Path, long_model: Path
+) -> AsyncIterator[Mesh]:
+    """The long-context mesh with a pool of one slot: a second task waits for the first."""
+    mesh = await start_mesh(tmp_path, long_model, request.param, pool={"slots": 1})
+    try:
+        yield mesh
+    finally:
+        await stop_mesh(mesh)
+
+
+async def test_queued_task_past_its_deadline_never_runs(one_slot_mesh: Mesh) -> None:
+    mesh = one_slot_mesh
     hog = mesh.stub.Generate(generate_request(max_tokens=LONG, ignore_eos=True))
     await _first_token(hog)
     waiting = mesh.stub.Generate(generate_request(max_tokens=5), timeout=0.5)
@@ -164,9 +177,7 @@ async def test_cancel_in_the_turn_a_task_is_placed_frees_its_slot(mesh: Mesh) ->
 async def test_full_queue_is_resource_exhausted_with_retry_info(
     tmp_path: Path, long_model: Path
 ) -> None:
-    from tests.conftest import start_mesh, stop_mesh
-
-    mesh = await start_mesh(tmp_path, long_model, queue_capacity=1)
+    mesh = await start_mesh(tmp_path, long_model, pool={"slots": 1}, queue_capacity=1)
     try:
         hog = mesh.stub.Generate(generate_request(max_tokens=LONG, ignore_eos=True))
         await _first_token(hog)  # the only slot is busy

@@ -66,7 +66,8 @@ class Fleet:
         return address.replace("127.0.0.1", "localhost")
 
     def start_pool_manager(self, node: str) -> None:
-        pools = [{"pool_id": "cpu-0", "model_id": DEFAULT_MODEL_ID, "n_threads": 1}]
+        # One slot a node: two streams fill the fleet.
+        pools = [{"pool_id": "cpu-0", "model_id": DEFAULT_MODEL_ID, "n_threads": 1, "slots": 1}]
         self.start(
             node,
             ["serve", "poolmanager", "--data-dir", str(self.root / node)],

@@ -16,6 +16,7 @@ from llorch.orchestrator.v1 import (
     orchestrator_pb2,
 )
 
+from mesh.settings import CPU_DEFAULT_SLOTS
 from provisioners.tiny_model import DEFAULT_MODEL_ID as MODEL
 from provisioners.tiny_model import TinyModelSpec, write_tiny_model
 from tests.conftest import Mesh
@@ -35,7 +36,8 @@ async def test_list_get_and_capabilities(mesh: Mesh) -> None:
         (node, "cpu-0", "tiny-llama", "ready")
     ]
     assert pools[0].reachable and not pools[0].drained
-    assert pools[0].slots_total == 1 and list(pools[0].devices) == ["cpu"]
+    # A CPU pool that leaves slots unset decodes CPU_DEFAULT_SLOTS sequences at once.
+    assert pools[0].slots_total == CPU_DEFAULT_SLOTS == 4 and list(pools[0].devices) == ["cpu"]
     got = await control(mesh).GetPool(control_pb2.GetPoolRequest(node_id=node, pool_id="cpu-0"))
     assert got.pool == pools[0]
     caps = (await control(mesh).GetCapabilities(control_pb2.GetCapabilitiesRequest())).models

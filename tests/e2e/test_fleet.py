@@ -1,6 +1,7 @@
 """Several pool managers, each its own `llorch serve poolmanager` process, behind one orchestrator.
 
-Node a has two pools, node b one, all serving the 32k tiny model as tiny-llama. Shown here: load
+Node a has two pools, node b one, all serving the 32k tiny model as tiny-llama, each pool one slot
+(so three tasks fill the fleet). Shown here: load
 spreads over the three pools; a pool manager SIGKILLed with running and queued tasks ends the
 running ones retriable while the queued ones complete on the other node; a pool manager that
 hangs (SIGSTOP) before a task's first token costs that task only a longer wait on another node.
@@ -51,7 +52,10 @@ def _pool_manager(
             "LLORCH_POOL_MANAGER__NODE_ID": node_id,
             "LLORCH_POOL_MANAGER__CATALOG": catalog,
             "LLORCH_POOL_MANAGER__POOLS": json.dumps(
-                [{"pool_id": p, "model_id": DEFAULT_MODEL_ID, "n_threads": 1} for p in pools]
+                [
+                    {"pool_id": p, "model_id": DEFAULT_MODEL_ID, "n_threads": 1, "slots": 1}
+                    for p in pools
+                ]
             ),
             "LLORCH_LOG_LEVEL": "WARNING",
         },

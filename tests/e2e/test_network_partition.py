@@ -131,7 +131,10 @@ async def test_a_node_cut_off_by_the_network_is_lost_in_3_s_and_comes_back(
             },
         )
         procs.append(proc)
-        pools = json.dumps([{"pool_id": "cpu-0", "model_id": DEFAULT_MODEL_ID, "n_threads": 1}])
+        # One slot a node: two long streams take one node each.
+        pools = json.dumps(
+            [{"pool_id": "cpu-0", "model_id": DEFAULT_MODEL_ID, "n_threads": 1, "slots": 1}]
+        )
         for node, ip, in_netns in (("node-ns", NS_IP, True), ("node-host", HOST_IP, False)):
             proc, _ = await asyncio.to_thread(
                 _serve,

@@ -33,7 +33,8 @@ def _request(
 
 @pytest.fixture
 async def four_places(tmp_path: Path, long_model: Path) -> AsyncIterator[Mesh]:
-    mesh = await start_mesh(tmp_path, long_model, queue_capacity=4)
+    # One slot: the batch's entries run one after another, in order.
+    mesh = await start_mesh(tmp_path, long_model, pool={"slots": 1}, queue_capacity=4)
     try:
         yield mesh
     finally:

@@ -272,7 +272,8 @@ def test_llorch_up_exports_spans_over_otlp(tmp_path: Path) -> None:
 async def test_shutdown_ends_task_traces_and_a_recovered_task_gets_its_own(
     tmp_path: Path, long_model: Path, exporter: InMemorySpanExporter
 ) -> None:
-    mesh = await start_mesh(tmp_path, long_model)
+    # One slot: the second task stays queued behind the first.
+    mesh = await start_mesh(tmp_path, long_model, pool={"slots": 1})
     new_app = None
     try:
         hog = mesh.stub.Generate(generate_request(max_tokens=30_000))

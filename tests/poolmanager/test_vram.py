@@ -19,23 +19,22 @@ from provisioners.tiny_model import TinyModelSpec, write_tiny_model
 # A bigger model with grouped-query attention (fewer KV heads than query heads).
 GQA_SPEC = TinyModelSpec(n_layers=4, n_embd=256, n_ff=512, n_head=8, n_head_kv=2, seed=5)
 
-# Loads a model on the CPU and prints llama.cpp's own buffer sizes (its log, captured).
+# Loads a model on the CPU as a pool's worker does and prints llama.cpp's own buffer sizes (its
+# log, captured).
 _PROBE = r"""
-import ctypes, json, sys, llama_cpp
-lines = []
-@llama_cpp.llama_log_callback
-def cb(level, text, user_data):
-    lines.append(text.decode("utf-8", "replace"))
-llama_cpp.llama_log_set(cb, ctypes.c_void_p(0))
-llm = llama_cpp.Llama(sys.argv[1], n_ctx=int(sys.argv[2]), n_gpu_layers=0, verbose=False)
-print(json.dumps("".join(lines)))
-del llm
+import json, sys
+from poolmanager.worker.engine import EngineLog, LlamaEngine
+from poolmanager.worker.protocol import LoadSpec
+log = EngineLog.install()
+log.loading = True
+engine = LlamaEngine(LoadSpec(model=sys.argv[1], n_ctx=int(sys.argv[2]), slots=int(sys.argv[3])))
+print(json.dumps("".join(log.lines)))
 """
 
 
-def _llama_buffers_mib(path: Path, n_ctx: int) -> dict[str, float]:
+def _llama_buffers_mib(path: Path, n_ctx: int, slots: int) -> dict[str, float]:
     out = subprocess.run(
-        [sys.executable, "-c", _PROBE, str(path), str(n_ctx)],
+        [sys.executable, "-c", _PROBE, str(path), str(n_ctx), str(slots)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -64,20 +63,34 @@ def test_shape_of_the_tiny_model(tiny_model: Path) -> None:
     assert 0 < shape.weight_bytes < tiny_model.stat().st_size
 
 
-@pytest.mark.parametrize("which", ["tiny", "gqa"])
+@pytest.mark.parametrize(
+    ("which", "n_ctx", "slots"), [("tiny", 512, 1), ("gqa", 512, 1), ("gqa", 300, 3)]
+)
 def test_weights_and_kv_match_what_llama_cpp_allocates(
-    which: str, tiny_model: Path, gqa_model: Path
+    which: str, n_ctx: int, slots: int, tiny_model: Path, gqa_model: Path
 ) -> None:
+    """Weights and the KV cache of ``slots`` sequences (300 x 3 cells, which llama.cpp pads
+    to 1,024) are exactly what the engine's context allocates."""
     path = tiny_model if which == "tiny" else gqa_model
-    n_ctx = 512
-    estimate = estimate_vram(read_model_shape(path), n_ctx=n_ctx, overhead_bytes_per_device=0)
-    llama = _llama_buffers_mib(path, n_ctx)
+    estimate = estimate_vram(
+        read_model_shape(path), n_ctx=n_ctx, slots=slots, overhead_bytes_per_device=0
+    )
+    llama = _llama_buffers_mib(path, n_ctx, slots)
     mib = 1024 * 1024
     # llama.cpp prints MiB with two decimals.
     assert estimate.weights_bytes / mib == pytest.approx(llama["model"], abs=0.01)
     assert estimate.kv_bytes / mib == pytest.approx(llama["KV"], abs=0.01)
+    assert llama["KV"] > 0
     # The compute estimate is an upper bound of llama.cpp's compute buffers.
     assert estimate.compute_bytes / mib >= llama["compute"]
+
+
+def test_kv_cache_tokens_replace_slots_times_context(tiny_model: Path) -> None:
+    shape = read_model_shape(tiny_model)
+    full = estimate_vram(shape, n_ctx=1024, slots=8)
+    shared = estimate_vram(shape, n_ctx=1024, slots=8, kv_cache_tokens=2048)
+    assert shared.kv_bytes * 4 == full.kv_bytes
+    assert shared.kv_bytes == estimate_vram(shape, n_ctx=1024, slots=2).kv_bytes
 
 
 def test_gqa_kv_is_smaller_than_full_attention(gqa_model: Path) -> None:
@@ -106,10 +119,15 @@ def test_estimate_grows_with_context_and_slots(
     shape: ModelShape, n_ctx: int, slots: int, cache: str
 ) -> None:
     base = estimate_vram(shape, n_ctx=n_ctx, slots=slots, cache_type=cache)
-    assert estimate_vram(shape, n_ctx=n_ctx * 2, slots=slots, cache_type=cache).total_bytes > (
+    # llama.cpp allocates cells in multiples of 256: the estimate never shrinks as either grows,
+    # and grows once the cells cross the next multiple.
+    assert estimate_vram(shape, n_ctx=n_ctx * 2, slots=slots, cache_type=cache).total_bytes >= (
         base.total_bytes
     )
-    assert estimate_vram(shape, n_ctx=n_ctx, slots=slots + 1, cache_type=cache).kv_bytes > (
+    assert estimate_vram(shape, n_ctx=n_ctx, slots=slots + 1, cache_type=cache).kv_bytes >= (
+        base.kv_bytes
+    )
+    assert estimate_vram(shape, n_ctx=n_ctx + 256, slots=slots, cache_type=cache).kv_bytes > (
         base.kv_bytes
     )
     assert base.total_bytes >= base.weights_bytes + base.kv_bytes

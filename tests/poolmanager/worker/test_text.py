@@ -1,4 +1,4 @@
-"""Unit tests of poolmanager.worker.StopMatcher (pure)."""
+"""Unit tests of poolmanager.worker.text: StopMatcher and TextStream (pure)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import itertools
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from poolmanager.worker import StopMatcher
+from poolmanager.worker.text import StopMatcher, TextChunk, TextStream
 
 
 def run(stops: list[str], chunks: list[str]) -> tuple[str, bool]:
@@ -195,3 +195,81 @@ def test_multiple_stops_cut_at_the_earliest_occurrence(
     cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
     assert stopped is bool(cuts)
     assert out == (text[: min(cuts)] if cuts else text)
+
+
+# --- TextStream: tokens to text, per sequence ------------------------------------------------
+
+
+def feed(stream: TextStream, pieces: list[bytes], first_id: int = 100) -> list[TextChunk]:
+    chunks = []
+    for i, piece in enumerate(pieces):
+        chunk = stream.push(first_id + i, piece)
+        if chunk is not None:
+            chunks.append(chunk)
+        if stream.stopped:
+            return chunks
+    last = stream.finish()
+    return [*chunks, last] if last is not None else chunks
+
+
+def test_a_character_split_across_tokens_travels_with_the_token_that_completes_it() -> None:
+    euro = "€".encode()  # three bytes, one token each
+    chunks = feed(TextStream([]), [b" a", euro[:1], euro[1:2], euro[2:], b" b"])
+    assert [(c.index, c.ids, c.text) for c in chunks] == [
+        (0, (100,), " a"),
+        (1, (101, 102, 103), "€"),
+        (4, (104,), " b"),
+    ]
+
+
+def test_interleaved_streams_keep_their_own_partial_characters_and_stops() -> None:
+    # Two sequences decoded in the same steps: each holds its own half character and its own
+    # partial stop sequence.
+    one, two = TextStream(["END"]), TextStream([])
+    check, ok = "✓".encode(), "é".encode()
+    pieces_one = [b"x", check[:1], check[1:2], check[2:], b" E", b"N", b"D", b" z"]
+    pieces_two = [ok[:1], ok[1:], b" E", b"ND", b" y", b"!", b"?", b"."]
+    out: dict[int, list[TextChunk]] = {1: [], 2: []}
+    for step, (p1, p2) in enumerate(zip(pieces_one, pieces_two, strict=True)):
+        for n, stream, piece in ((1, one, p1), (2, two, p2)):
+            if not stream.stopped:
+                chunk = stream.push(step, piece)
+                if chunk is not None:
+                    out[n].append(chunk)
+    tail = two.finish()
+    assert tail is None  # nothing was held back: two has no stops
+    assert one.stopped and not two.stopped
+    assert "".join(c.text for c in out[1]) == "x✓ "
+    assert "".join(c.text for c in out[2]) == "é END y!?."
+    # one's ✓ went out once, with the three tokens that make it.
+    assert [c.ids for c in out[1]][:2] == [(0,), (1, 2, 3)]
+
+
+def test_a_stop_sequence_ends_the_stream_and_its_tokens_count() -> None:
+    stream = TextStream(["stop"])
+    chunks = feed(stream, [b" go", b" st", b"op", b" never"])
+    assert stream.stopped
+    assert "".join(c.text for c in chunks) == " go "
+    assert sum(len(c.ids) for c in chunks) == stream.sent == 3
+
+
+def test_an_incomplete_character_at_the_end_is_replaced() -> None:
+    chunks = feed(TextStream([]), [b"ok", "€".encode()[:2]])
+    assert "".join(c.text for c in chunks) == "ok\ufffd"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=30), st.lists(st.integers(1, 4), max_size=40))
+def test_any_split_of_the_bytes_gives_the_text_decoded_whole(text: str, cuts: list[int]) -> None:
+    data = text.encode()
+    pieces, at = [], 0
+    for n in cuts:
+        if at >= len(data):
+            break
+        pieces.append(data[at : at + n])
+        at += n
+    if at < len(data):
+        pieces.append(data[at:])
+    chunks = feed(TextStream([]), pieces)
+    assert "".join(c.text for c in chunks) == text
+    assert [i for c in chunks for i in c.ids] == list(range(100, 100 + len(pieces)))

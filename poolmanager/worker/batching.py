@@ -1,0 +1,432 @@
+"""Continuous batching: every running sequence of a pool advances in one ``llama_decode`` a step.
+
+``BatchEngine.step()`` does, in order:
+1. applies cancels: a cancelled sequence's cells are freed at once (a queued one just leaves);
+2. admits waiting executions, in arrival order, while a slot is free and the KV cache has room
+   for the prompt;
+3. builds one batch: one token for every generating sequence, then prompt chunks of the
+   sequences still reading their prompt, at most ``prefill_chunk_tokens`` of them while any
+   sequence generates (a prompt alone takes the whole batch), never more than ``n_batch`` in all;
+4. calls ``llama_decode`` once;
+5. samples every sequence that asked for logits with its own sampler chain, streams its text,
+   and ends those that are done.
+
+New executions join between steps; nothing waits for the batch to drain. Each execution's
+prompt plus max_tokens fits its ``n_ctx`` (checked at admission), and the cache has
+``slots * n_ctx`` cells unless the pool chose fewer, so the cache is full only when it was made
+smaller: then ``llama_decode`` returns 1, prompt chunks wait a step, and if generating tokens
+alone do not fit the youngest sequence ends UNAVAILABLE (``CONTEXT_FULL``, retriable) until the
+rest fit. The others go on.
+
+Synchronous and single-threaded; all llama.cpp calls go through ``LlamaEngine``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from poolmanager.worker import log
+from poolmanager.worker.engine import EngineMisuse, LlamaEngine, Sampler
+from poolmanager.worker.protocol import (
+    Cancelled,
+    Done,
+    Event,
+    Execute,
+    Failed,
+    FinishReason,
+    Tokens,
+)
+from poolmanager.worker.text import TextChunk, TextStream
+
+
+@dataclass
+class _Sequence:
+    """An admitted execution: its slot (sequence id), prompt, sampler and progress."""
+
+    cmd: Execute
+    seq_id: int
+    order: int
+    """Admission order: the youngest has the largest."""
+    prompt: list[int]
+    max_tokens: int
+    sampler: Sampler
+    text: TextStream
+    queued_at: float
+    admitted_at: float
+    admitted_ns: int
+    n_past: int = 0
+    """Positions of the sequence in the cache (prompt tokens read, then generated ones)."""
+    next_token: int | None = None
+    """The token sampled last, decoded in the next step (None while reading the prompt)."""
+    produced: int = 0
+    first_at: float = 0.0
+    first_ns: int = 0
+    chunk: int = 0
+    """Tokens of the sequence in the batch being decoded."""
+    batch_index: int = -1
+    """Where its logits are in the batch being decoded (-1: none this step)."""
+    trace_ids: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def generating(self) -> bool:
+        return self.next_token is not None
+
+    @property
+    def cells_needed(self) -> int:
+        """Cells it holds once its prompt is read and its last token decoded."""
+        return len(self.prompt) + self.produced
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What the last step did (for benchmarks and logs)."""
+
+    generating: int = 0
+    prefill_tokens: int = 0
+    decode_ms: float = 0.0
+
+
+class BatchEngine:
+    """The scheduler of one context: waiting executions, running sequences, one step at a time."""
+
+    def __init__(self, engine: LlamaEngine, *, prefill_chunk_tokens: int = 256) -> None:
+        self._engine = engine
+        self.prefill_chunk_tokens = max(1, prefill_chunk_tokens)
+        self._waiting: deque[tuple[Execute, float]] = deque()
+        self._running: dict[int, _Sequence] = {}  # by sequence id, in admission order
+        self._by_id: dict[str, _Sequence] = {}
+        self._free_ids = list(range(engine.slots))
+        heapq.heapify(self._free_ids)
+        self._cancels: set[str] = set()
+        self._admitted = 0
+        self.last_step = StepStats()
+
+    # ----- inputs ---------------------------------------------------------------------------
+
+    def submit(self, cmd: Execute) -> None:
+        """Queues an execution; it is admitted at the start of a step when a slot is free."""
+        self._waiting.append((cmd, time.perf_counter()))
+
+    def cancel(self, exec_id: str) -> None:
+        """Ends an execution at the start of the next step (nothing if it already ended)."""
+        self._cancels.add(exec_id)
+
+    def cancel_all(self) -> None:
+        """Ends every execution at the next step (the pool manager went away)."""
+        self._cancels.update(cmd.id for cmd, _ in self._waiting)
+        self._cancels.update(self._by_id)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing waits, runs or is to be cancelled."""
+        return not self._waiting and not self._running and not self._cancels
+
+    @property
+    def running(self) -> int:
+        """Sequences holding a slot."""
+        return len(self._running)
+
+    @property
+    def waiting(self) -> int:
+        """Executions waiting for a slot."""
+        return len(self._waiting)
+
+    # ----- the step -------------------------------------------------------------------------
+
+    def step(self) -> list[Event]:
+        """One step (see the module docstring); returns the events it produced."""
+        out: list[Event] = []
+        self.last_step = StepStats()
+        self._apply_cancels(out)
+        self._admit(out)
+        if self._running and self._decode(out):
+            self._sample(out)
+        return out
+
+    def _apply_cancels(self, out: list[Event]) -> None:
+        if not self._cancels:
+            return
+        cancels, self._cancels = self._cancels, set()
+        if self._waiting and any(cmd.id in cancels for cmd, _ in self._waiting):
+            kept: deque[tuple[Execute, float]] = deque()
+            for cmd, queued_at in self._waiting:
+                if cmd.id in cancels:
+                    out.append(Cancelled(cmd.id))
+                else:
+                    kept.append((cmd, queued_at))
+            self._waiting = kept
+        for exec_id in cancels:
+            seq = self._by_id.get(exec_id)
+            if seq is not None:
+                self._release(seq)
+                out.append(Cancelled(exec_id))
+                log.log("INFO", "execution cancelled", execution_id=exec_id, **self._ids(seq))
+
+    def _admit(self, out: list[Event]) -> None:
+        engine = self._engine
+        while self._waiting and self._free_ids:
+            cmd, queued_at = self._waiting[0]
+            try:
+                prompt, max_tokens = self._check(cmd)
+            except _Refused as refusal:
+                self._waiting.popleft()
+                out.append(refusal.event)
+                continue
+            reserved = sum(s.cells_needed for s in self._running.values())
+            if self._running and reserved + len(prompt) + len(self._running) > (
+                engine.kv_cache_tokens
+            ):
+                return  # no room for its prompt yet: it waits, and so do those behind it
+            self._waiting.popleft()
+            seq_id = heapq.heappop(self._free_ids)
+            now = time.perf_counter()
+            seq = _Sequence(
+                cmd=cmd,
+                seq_id=seq_id,
+                order=self._admitted,
+                prompt=prompt,
+                max_tokens=max_tokens,
+                sampler=engine.sampler(
+                    temperature=cmd.temperature,
+                    top_k=cmd.top_k,
+                    top_p=cmd.top_p,
+                    seed=cmd.seed,
+                    ignore_eos=cmd.ignore_eos,
+                ),
+                text=TextStream(cmd.stop),
+                queued_at=queued_at,
+                admitted_at=now,
+                admitted_ns=time.time_ns(),
+                trace_ids=log.trace_ids(cmd.traceparent),
+            )
+            self._admitted += 1
+            self._running[seq_id] = seq
+            self._by_id[cmd.id] = seq
+            log.log(
+                "INFO",
+                "execution started",
+                execution_id=cmd.id,
+                tokens_in=len(prompt),
+                slot=seq_id,
+                **self._ids(seq),
+            )
+
+    def _check(self, cmd: Execute) -> tuple[list[int], int]:
+        """The prompt's tokens and the max_tokens to use, or the refusal."""
+        n_ctx = self._engine.n_ctx
+        if not (math.isfinite(cmd.temperature) and cmd.temperature >= 0):
+            raise _Refused.invalid(cmd, "sampling.temperature", "must be >= 0")
+        if not (math.isfinite(cmd.top_p) and 0 < cmd.top_p <= 1):
+            raise _Refused.invalid(cmd, "sampling.top_p", "must be in (0, 1]")
+        if cmd.top_k < 0:
+            raise _Refused.invalid(cmd, "sampling.top_k", "must be >= 0")
+        if cmd.max_tokens < 1:
+            raise _Refused.invalid(cmd, "sampling.max_tokens", "must be >= 1")
+        prompt = self._engine.tokenize(cmd.prompt)
+        if not prompt:
+            raise _Refused.invalid(cmd, "prompt", "has no tokens")
+        max_tokens = cmd.max_tokens
+        # llama.cpp fails one step past n_ctx: refuse, or shorten a defaulted max_tokens,
+        # before decoding anything.
+        if len(prompt) >= n_ctx:
+            raise _Refused.invalid(
+                cmd, "prompt", f"is {len(prompt)} tokens; the pool's context is {n_ctx} tokens"
+            )
+        if len(prompt) + max_tokens > n_ctx:
+            if not cmd.max_tokens_defaulted:
+                raise _Refused.invalid(
+                    cmd,
+                    "sampling.max_tokens",
+                    f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds the "
+                    f"pool's context of {n_ctx} tokens",
+                )
+            max_tokens = n_ctx - len(prompt)
+        return prompt, max_tokens
+
+    def _build_batch(self, *, prefill: bool) -> None:
+        """One token per generating sequence, then (``prefill``) bounded prompt chunks."""
+        engine = self._engine
+        engine.clear_batch()
+        readers: list[_Sequence] = []
+        for seq in self._running.values():
+            seq.chunk, seq.batch_index = 0, -1
+            if seq.generating:
+                assert seq.next_token is not None
+                seq.batch_index = engine.add(seq.seq_id, seq.next_token, seq.n_past, logits=True)
+                seq.chunk = 1
+            else:
+                readers.append(seq)
+        if not prefill or not readers:
+            return
+        room = engine.n_batch - engine.batch_size
+        budget = min(room, self.prefill_chunk_tokens) if engine.batch_size else room
+        for seq in readers:
+            if budget <= 0:
+                break
+            take = min(len(seq.prompt) - seq.n_past, budget)
+            last = len(seq.prompt) - 1
+            for pos in range(seq.n_past, seq.n_past + take):
+                index = engine.add(seq.seq_id, seq.prompt[pos], pos, logits=pos == last)
+            seq.chunk = take
+            if seq.n_past + take == len(seq.prompt):
+                seq.batch_index = index
+            budget -= take
+
+    def _decode(self, out: list[Event]) -> bool:
+        """Builds the batch and decodes it; on a full cache, prompt chunks wait and then the
+        youngest sequences end until the rest fit. False when nothing was decoded."""
+        engine = self._engine
+        prefill = True
+        while self._running:
+            self._build_batch(prefill=prefill)
+            if engine.batch_size == 0:
+                return False
+            started = time.perf_counter()
+            code = engine.decode()
+            if code == 0:
+                generating = prompt_tokens = 0
+                for seq in self._running.values():
+                    seq.n_past += seq.chunk
+                    if seq.generating:
+                        generating += 1
+                    else:
+                        prompt_tokens += seq.chunk
+                self.last_step = StepStats(
+                    generating, prompt_tokens, (time.perf_counter() - started) * 1000
+                )
+                return True
+            if code != 1:
+                for seq in list(self._running.values()):
+                    if seq.chunk:
+                        self._fail(
+                            seq,
+                            out,
+                            Failed(
+                                id=seq.cmd.id,
+                                code="INTERNAL",
+                                message=f"engine error: llama_decode returned {code}",
+                            ),
+                        )
+                return False
+            if prefill and any(s.generating for s in self._running.values()):
+                prefill = False  # no room: prompts wait a step, generating sequences go on
+                continue
+            youngest = max(self._running.values(), key=lambda s: s.order)
+            self._fail(
+                youngest,
+                out,
+                Failed(
+                    id=youngest.cmd.id,
+                    code="UNAVAILABLE",
+                    reason="CONTEXT_FULL",
+                    message=(
+                        f"the pool's KV cache ({engine.kv_cache_tokens} tokens) is full: "
+                        f"execution {youngest.cmd.id} was the youngest of "
+                        f"{len(self._running)} running and ended so that the others go on"
+                    ),
+                ),
+            )
+        return False
+
+    def _sample(self, out: list[Event]) -> None:
+        engine = self._engine
+        for seq in list(self._running.values()):
+            if seq.batch_index < 0:
+                continue
+            try:
+                token = engine.sample(seq.sampler, seq.batch_index)
+            except EngineMisuse as exc:  # a bug of this module: end the sequence, not all
+                self._fail(
+                    seq, out, Failed(id=seq.cmd.id, code="INTERNAL", message=f"engine: {exc}")
+                )
+                continue
+            if seq.produced == 0:
+                seq.first_at = time.perf_counter()
+                seq.first_ns = time.time_ns()
+            if engine.is_eog(token) and not seq.cmd.ignore_eos:
+                self._finish(seq, out, "stop")
+                continue
+            seq.produced += 1
+            chunk = seq.text.push(token, engine.piece(token))
+            if chunk is not None:
+                out.append(_tokens(seq, chunk))
+            if seq.text.stopped:
+                self._finish(seq, out, "stop_sequence")
+            elif seq.produced >= seq.max_tokens:
+                self._finish(seq, out, "length")
+            else:
+                seq.next_token = token
+
+    # ----- endings --------------------------------------------------------------------------
+
+    def _finish(self, seq: _Sequence, out: list[Event], reason: FinishReason) -> None:
+        chunk = seq.text.finish()
+        if chunk is not None:
+            out.append(_tokens(seq, chunk))
+        end = time.perf_counter()
+        first = seq.first_at or end
+        out.append(
+            Done(
+                id=seq.cmd.id,
+                reason=reason,
+                tokens_in=len(seq.prompt),
+                tokens_out=seq.text.sent,
+                ttft_ms=(first - seq.admitted_at) * 1000,
+                decode_ms=(end - first) * 1000,
+                started_ns=seq.admitted_ns,
+                first_token_ns=seq.first_ns,
+                ended_ns=time.time_ns(),
+                queue_ms=(seq.admitted_at - seq.queued_at) * 1000,
+            )
+        )
+        self._release(seq)
+        log.log(
+            "INFO",
+            "execution finished",
+            execution_id=seq.cmd.id,
+            tokens_out=seq.text.sent,
+            reason=reason,
+            **self._ids(seq),
+        )
+
+    def _fail(self, seq: _Sequence, out: list[Event], event: Failed) -> None:
+        out.append(event)
+        self._release(seq)
+        log.log("WARNING", event.message, execution_id=seq.cmd.id, **self._ids(seq))
+
+    def _release(self, seq: _Sequence) -> None:
+        """Frees the sequence's cells, sampler and slot."""
+        self._engine.free_sequence(seq.seq_id)
+        seq.sampler.free()
+        del self._running[seq.seq_id]
+        del self._by_id[seq.cmd.id]
+        heapq.heappush(self._free_ids, seq.seq_id)
+
+    @staticmethod
+    def _ids(seq: _Sequence) -> dict[str, str]:
+        return {"correlation_id": seq.cmd.correlation_id, **seq.trace_ids}
+
+
+class _Refused(Exception):
+    def __init__(self, event: Failed) -> None:
+        super().__init__(event.message)
+        self.event = event
+
+    @classmethod
+    def invalid(cls, cmd: Execute, field_name: str, problem: str) -> _Refused:
+        return cls(
+            Failed(
+                id=cmd.id,
+                code="INVALID_ARGUMENT",
+                field=field_name,
+                message=problem,
+            )
+        )
+
+
+def _tokens(seq: _Sequence, chunk: TextChunk) -> Tokens:
+    return Tokens(seq.cmd.id, chunk.index, chunk.ids, chunk.text)
