@@ -195,7 +195,8 @@ _WRITE_MODEL = """
 import sys
 from pathlib import Path
 from provisioners.tiny_model import TinyModelSpec, write_tiny_model
-spec = TinyModelSpec.bench() if sys.argv[2] == "170m" else TinyModelSpec()
+specs = {"170m": TinyModelSpec.bench(), "1g": TinyModelSpec.reload_bench()}
+spec = specs.get(sys.argv[2], TinyModelSpec())
 write_tiny_model(Path(sys.argv[1]), spec)
 """
 
