@@ -11,6 +11,9 @@ Phases, each printing JSON lines (also appended to OUT/gpu_check.jsonl):
   relay        bench/relay.py on GPU 0 (every layer offloaded) and on this machine's CPUs: what
                the mesh adds to the first token and to decode speed against llama-cpp-python
                called in-process
+  concurrency  bench/concurrency.py on GPU 0: bench-1g fully offloaded, 1, 8 and 32 streams at
+               once, slots=1 against slots=32 and a serial llama-cpp-python loop (aggregate
+               tokens/s, time to first token), and a 2,000-token prompt beside four streams
 """
 
 from __future__ import annotations
@@ -238,6 +241,51 @@ def phase_relay() -> None:
             )
 
 
+def phase_concurrency() -> None:
+    paths = models()
+    command = [
+        sys.executable,
+        "bench/concurrency.py",
+        "--model",
+        "1g",
+        "--devices",
+        "0",
+        "--threads",
+        "4",
+        "--levels",
+        "1,8,32",
+        "--slots",
+        "32",
+        "--rounds",
+        "1",
+        "--tokens",
+        "128",
+        "--chunks",
+        "512",
+        "--model-dir",
+        str(paths["1g"].parent),
+    ]
+    try:
+        bench = subprocess.run(command, capture_output=True, text=True, timeout=420)
+    except subprocess.TimeoutExpired as exc:
+        emit({"check": "concurrency_bench", "error": f"timed out: {exc}"})
+        return
+    lines = bench.stdout.strip().splitlines()
+    if bench.returncode == 0 and lines:
+        emit({"check": "concurrency_bench", **json.loads(lines[-1])})
+        for line in lines[:-1]:
+            print(line, flush=True)
+    else:
+        emit(
+            {
+                "check": "concurrency_bench",
+                "returncode": bench.returncode,
+                "stdout": bench.stdout[-2000:],
+                "error": bench.stderr[-3000:],
+            }
+        )
+
+
 async def _vram_refusal(model: Path) -> None:
     """Fills the GPU until the 1 GiB model cannot fit, asks for it, then frees and asks again."""
     import torch
@@ -302,7 +350,7 @@ def main() -> int:
     child.add_argument("--model", required=True)
     child.add_argument("--n-ctx", type=int, default=512)
     parser.add_argument("--out", type=Path, default=Path("gpu-check-out"))
-    parser.add_argument("--phases", default="nvml,engine,poolmanager,relay")
+    parser.add_argument("--phases", default="nvml,engine,poolmanager,relay,concurrency")
     args = parser.parse_args()
     if args.cmd == "probe-load":
         probe_load(args)
@@ -315,6 +363,7 @@ def main() -> int:
         "engine": phase_engine,
         "poolmanager": phase_poolmanager,
         "relay": phase_relay,
+        "concurrency": phase_concurrency,
     }
     for phase in args.phases.split(","):
         if phase not in phases:

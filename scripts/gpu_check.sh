@@ -2,10 +2,11 @@
 # The GPU check: run on a machine with an NVIDIA GPU and the CUDA toolkit (nvcc, cmake, ninja,
 # scikit-build-core). It gets a CUDA build of llama-cpp-python, then runs scripts/gpu_check.py:
 # NVML discovery, full offload of generated models (estimate against measurement), the VRAM-only
-# refusal, and reload timings from disk and from the RAM staging cache. See docs/operators.md.
+# refusal, reload timings from disk and from the RAM staging cache, what the mesh adds to a
+# stream, and batched throughput at 1/8/32 streams. See docs/operators.md.
 #
 #   scripts/gpu_check.sh [--sdist PATH | --engine-wheel PATH] [--wheels DIR] [--out DIR]
-#                        [--phases nvml,engine,poolmanager,relay]
+#                        [--phases nvml,engine,poolmanager,relay,concurrency]
 #
 #   --sdist PATH         build llama-cpp-python with CUDA from this source archive (no network)
 #   --engine-wheel PATH  install this CUDA build instead of building one
@@ -17,7 +18,7 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
-SDIST="" ENGINE_WHEEL="" ENGINE_ARCHIVE="" WHEELS="" OUT_DIR="$PWD/gpu-check-out" PHASES="nvml,engine,poolmanager,relay"
+SDIST="" ENGINE_WHEEL="" ENGINE_ARCHIVE="" WHEELS="" OUT_DIR="$PWD/gpu-check-out" PHASES="nvml,engine,poolmanager,relay,concurrency"
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --sdist) SDIST="$2"; shift 2 ;;
