@@ -91,6 +91,11 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int)
     gen.add_argument("--seed", type=int)
     gen.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
+    gen.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="generate max_tokens even past the model's end-of-generation tokens",
+    )
     gen.add_argument("--priority", choices=["interactive", "batch"], default="interactive")
     gen.add_argument("--timeout", type=float, help="deadline in seconds")
     gen.add_argument("--json", action="store_true", help="print every event as a JSON line")
@@ -564,7 +569,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     client = ClientSettings()
     address = args.orchestrator or client.orchestrator
-    sampling = common_pb2.SamplingParams(stop=args.stop)
+    sampling = common_pb2.SamplingParams(stop=args.stop, ignore_eos=args.ignore_eos)
     for field in ("max_tokens", "temperature", "top_p", "top_k", "seed"):
         value = getattr(args, field)
         if value is not None:

@@ -876,10 +876,12 @@ class PoolManager:
         if estimate.total_bytes > free:
             raise LoadError(
                 f"model {model_id} needs {estimate.total_bytes} bytes of VRAM (weights "
-                f"{estimate.weights_bytes}, KV cache {estimate.kv_bytes}, compute "
+                f"{estimate.weights_bytes}, KV cache {estimate.kv_bytes} for "
+                f"{estimate.kv_cells} tokens of {pool.settings.slots} slots, compute "
                 f"{estimate.compute_bytes}, overhead {estimate.overhead_bytes}) but GPUs "
                 f"{','.join(pool.settings.devices)} of pool {pool.pool_id} have {free} bytes "
-                "free; not loaded (VRAM-only: never split between VRAM and RAM)",
+                "free; not loaded (VRAM-only: never split between VRAM and RAM; fewer slots, "
+                "a smaller n_ctx or kv_cache_tokens shrink the KV cache)",
                 reason="VRAM_INSUFFICIENT",
                 permanent=True,
             )

@@ -47,6 +47,8 @@ class VramEstimate:
     kv_bytes: int
     compute_bytes: int
     overhead_bytes: int
+    kv_cells: int = 0
+    """Tokens the KV cache holds (all slots together, padded as llama.cpp pads them)."""
 
     @property
     def total_bytes(self) -> int:
@@ -95,4 +97,5 @@ def estimate_vram(
         kv_bytes=int(kv),
         compute_bytes=int(compute),
         overhead_bytes=overhead_bytes_per_device * n_devices,
+        kv_cells=tokens,
     )

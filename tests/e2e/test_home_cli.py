@@ -81,8 +81,10 @@ def home(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str, Path]]:
             proc.wait()
 
 
-def _run(*args: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "LLORCH_DATA_DIR": str(data_dir)}
+def _run(
+    *args: str, data_dir: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = env or {**os.environ, "LLORCH_DATA_DIR": str(data_dir)}
     return subprocess.run(
         [*LLORCH, *args], capture_output=True, text=True, timeout=60, env=env, check=False
     )
@@ -126,6 +128,48 @@ def test_up_generate_models_and_clean_ctrl_c(
     while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(_alive(pid) for pid in workers)
+
+
+def test_up_runs_four_tasks_at_once_on_its_pool_and_top_shows_them(
+    home: tuple[subprocess.Popen[str], str, Path],
+) -> None:
+    # The home profile's CPU pool has 4 slots: six long generations at once fill all four (the
+    # other two wait in the queue), as `llorch pools list` and `llorch top` show.
+    _, address, data_dir = home
+    env = {**os.environ, "LLORCH_DATA_DIR": str(data_dir), "LLORCH_ORCHESTRATOR": address}
+    listed = _run("pools", "list", data_dir=data_dir, env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert "0/4" in listed.stdout.splitlines()[1], listed.stdout
+    generate = [*LLORCH, "generate", "--model", "tiny-llama", "--ignore-eos"]
+    clients = [
+        subprocess.Popen(
+            [*generate, "--max-tokens", "1900", "Once upon a time"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for _ in range(6)
+    ]
+    try:
+        seen = ""
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not all(c.poll() is not None for c in clients):
+            top = _run("top", "--once", data_dir=data_dir, env=env)
+            assert top.returncode == 0, top.stderr
+            pool = next(line for line in top.stdout.splitlines() if "local/cpu-0" in line)
+            if pool.split()[3] == "4/4" and "queued 2" in top.stdout.splitlines()[0]:
+                seen = top.stdout
+                break
+        assert seen, "top never showed four tasks running on local/cpu-0 and two queued"
+        for client in clients:
+            _, err = client.communicate(timeout=60)
+            assert client.returncode == 0 and "[1900 tokens" in err, err
+    finally:
+        for client in clients:
+            if client.poll() is None:
+                client.kill()
+                client.wait()
 
 
 @pytest.mark.skipif(find_gateway() is None, reason="llorch-gateway is not built (`make gateway`)")

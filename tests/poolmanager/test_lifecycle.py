@@ -257,6 +257,8 @@ async def test_a_model_too_large_for_the_gpu_is_refused_before_any_load(
         assert refused.value.reason == "VRAM_INSUFFICIENT"
         needed = pool.vram_estimate_bytes
         assert f"needs {needed} bytes" in refused.value.message
+        # The KV part names what sized it: a GPU pool's default 8 slots of 512 tokens.
+        assert "for 4096 tokens of 8 slots" in refused.value.message
     finally:
         await pm.stop()
 
