@@ -91,10 +91,11 @@ class CatalogSettings(BaseModel):
 MAX_SLOTS = 256
 """llama.cpp's most sequences in one context (``llama_max_parallel_sequences``)."""
 CPU_DEFAULT_SLOTS = 4
-"""Slots of a CPU pool that leaves them unset: on the 2-core VM one context decodes 4
-sequences at 2.3x the tokens/s of one (docs/operators.md, "Slots")."""
+"""Slots of a CPU pool that leaves them unset: on the 2-core VM 4 streams at once got 2.2x the
+tokens/s of one slot, each stream still over half its lone speed (docs/operators.md, "Slots")."""
 GPU_DEFAULT_SLOTS = 8
-"""Slots of a GPU pool that leaves them unset (docs/operators.md, "Slots")."""
+"""Slots of a GPU pool that leaves them unset: llama.cpp measured 3.3x the tokens/s of one
+sequence at 8 on a GPU, with the cache at 8 contexts (docs/operators.md, "Slots")."""
 CPU_PREFILL_CHUNK_TOKENS = 64
 """A CPU reads ~600 prompt tokens/s on the 170 MiB bench model: 64 tokens hold the other
 streams up ~100 ms a step."""
@@ -129,7 +130,7 @@ class PoolSettings(BaseModel):
     chunk delays the running streams' next token by its cost. 0: ``CPU_PREFILL_CHUNK_TOKENS``
     on a CPU pool, ``GPU_PREFILL_CHUNK_TOKENS`` on a GPU pool."""
     n_threads: int = Field(default=0, ge=0, le=512)
-    """CPU threads for decoding; 0 lets llama.cpp choose."""
+    """CPU threads for decoding and prompts; 0: half the machine's cores."""
     cache_type: Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"] = "f16"
     """Element type of the KV cache; the VRAM estimate counts it."""
     swappable: bool = True
