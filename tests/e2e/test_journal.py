@@ -42,7 +42,8 @@ def _submit_request(name: str) -> orchestrator_pb2.SubmitTaskRequest:
 async def test_restart_requeues_queued_replays_finished_and_fails_running(
     tmp_path: Path, long_model: Path
 ) -> None:
-    mesh = await start_mesh(tmp_path, long_model)
+    # One slot: the hog holds it, so the three tasks submitted after it stay queued.
+    mesh = await start_mesh(tmp_path, long_model, pool={"slots": 1})
     new_app = None
     channel = None
     try:
@@ -105,7 +106,10 @@ def _up(data_dir: Path, model: Path) -> tuple[subprocess.Popen[str], str]:
             "LLORCH_LISTEN": "127.0.0.1:0",
             "LLORCH_GATEWAY_LISTEN": "",  # no REST edge: this test is about the journal
             "LLORCH_MODELS": json.dumps({"long": str(model)}),
-            "LLORCH_POOL_MANAGER__POOLS": json.dumps([{"pool_id": "cpu-0", "model_id": "long"}]),
+            # One slot: the hog holds it, so the tasks submitted after it wait in the queue.
+            "LLORCH_POOL_MANAGER__POOLS": json.dumps(
+                [{"pool_id": "cpu-0", "model_id": "long", "slots": 1}]
+            ),
         },
     )
 
