@@ -186,6 +186,7 @@ async def test_cancelling_one_stream_frees_its_cells_and_leaves_the_other_unchan
     try:
         assert worker.ready.kv_cache_tokens == 256
         other = execute("other", "A pool decodes", 150, ignore_eos=True)
+        assert smallest_margin(tiny_model, other.prompt, other.max_tokens) > MARGIN
         want = await alone(worker, other)
         doomed_events = worker.submit(execute("doomed", "Hello", 240, ignore_eos=True))
         doomed = Result()
