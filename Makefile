@@ -95,6 +95,7 @@ test: setup $(GRPCURL) $(GATEWAY) gen-check lint typecheck breaking
 bench: setup $(GATEWAY)
 	$(BIN)/python bench/relay.py
 	$(BIN)/python bench/concurrency.py
+	$(BIN)/python bench/engine_steps.py
 	$(BIN)/python bench/gateway.py
 	$(BIN)/python bench/placement.py
 	$(BIN)/python bench/admission.py

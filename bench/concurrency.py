@@ -27,13 +27,12 @@ Targets on the 2-core VM (bench-170m, one engine thread): aggregate tokens/s at 
 from __future__ import annotations
 
 # llama_cpp before anything that loads numpy's libraries (see bench/relay.py).
-import llama_cpp  # isort: skip
+import llama_cpp  # noqa: F401  # isort: skip
 
 import argparse
 import asyncio
 import gc
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -45,7 +44,7 @@ import grpc
 from homeprofile import start_home, stop_home  # bench/homeprofile.py, beside this script
 from llorch.common.v1 import common_pb2
 from llorch.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
-from relay import write_model  # bench/relay.py
+from relay import direct_llama, write_model  # bench/relay.py
 
 MODELS = {"170m": "bench-170m", "1g": "bench-1g", "tiny": "tiny-llama"}
 PROMPT = "Hello"
@@ -91,17 +90,7 @@ class Serial:
     """llama-cpp-python in this process, one request after another (the serial peer)."""
 
     def __init__(self, path: Path, threads: int, devices: list[str]) -> None:
-        gpu = devices != ["cpu"]
-        if gpu:
-            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
-        self.llm = llama_cpp.Llama(
-            model_path=str(path),
-            n_ctx=0,
-            n_gpu_layers=-1 if gpu else 0,
-            n_threads=threads,
-            n_threads_batch=threads,
-            verbose=False,
-        )
+        self.llm = direct_llama(path, threads, devices)
 
     def level(self, streams: int, tokens: int) -> list[Stream]:
         start = time.perf_counter()

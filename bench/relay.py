@@ -71,24 +71,29 @@ class Case:
     tokens: int
 
 
+def direct_llama(path: Path, threads: int, devices: list[str]) -> llama_cpp.Llama:
+    """llama-cpp-python in this process, set up as a pool's worker is: every layer on the
+    given GPUs (or none), the same threads for decoding and for prompts."""
+    import os
+
+    gpu = devices != ["cpu"]
+    if gpu:  # the worker sees only its pool's GPUs; so does this process
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
+    return llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=0,
+        n_gpu_layers=-1 if gpu else 0,
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
+
+
 class Direct:
     """llama-cpp-python in this process, decoding exactly as the worker does."""
 
     def __init__(self, path: Path, threads: int, devices: list[str]) -> None:
-        import os
-
-        gpu = devices != ["cpu"]
-        if gpu:  # the worker sees only its pool's GPUs; so does this process
-            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
-        # The same threads as a pool's worker: n_threads for decoding and for prompts.
-        self._llm = llama_cpp.Llama(
-            model_path=str(path),
-            n_ctx=0,
-            n_gpu_layers=-1 if gpu else 0,
-            n_threads=threads,
-            n_threads_batch=threads,
-            verbose=False,
-        )
+        self._llm = direct_llama(path, threads, devices)
 
     def run(self, case: Case, seed: int) -> Run:
         llm = self._llm

@@ -97,8 +97,8 @@ GPU_DEFAULT_SLOTS = 8
 """Slots of a GPU pool that leaves them unset: llama.cpp measured 3.3x the tokens/s of one
 sequence at 8 on a GPU, with the cache at 8 contexts (docs/operators.md, "Slots")."""
 CPU_PREFILL_CHUNK_TOKENS = 64
-"""A CPU reads ~600 prompt tokens/s on the 170 MiB bench model: 64 tokens hold the other
-streams up ~100 ms a step."""
+"""A CPU core reads a 64-token chunk of the 170 MiB bench model in 150-290 ms (more the
+further into the prompt): the other streams' longest wait for a token (bench/engine_steps.py)."""
 GPU_PREFILL_CHUNK_TOKENS = 512
 """A GPU reads a 512-token chunk in milliseconds: the whole batch."""
 
