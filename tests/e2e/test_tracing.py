@@ -8,6 +8,7 @@ its phases come back with its result, and its log lines carry the trace id it wa
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -196,9 +197,12 @@ async def test_health_checks_make_no_spans(mesh: Mesh, exporter: InMemorySpanExp
 async def test_refused_call_is_an_error_span(mesh: Mesh, exporter: InMemorySpanExporter) -> None:
     with pytest.raises(grpc.aio.AioRpcError):
         await collect(mesh.stub.Generate(generate_request(model_id="no-such-model")))
-    server = _by_name(
-        exporter.get_finished_spans(), "llorch.orchestrator.v1.OrchestratorService/Generate"
-    )
+    name = "llorch.orchestrator.v1.OrchestratorService/Generate"
+    # The client may see the error before the server's handler has returned and ended its span.
+    async with asyncio.timeout(5):
+        while not any(s.name == name for s in exporter.get_finished_spans()):  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    server = _by_name(exporter.get_finished_spans(), name)
     assert server.status.status_code is StatusCode.ERROR
     assert server.attributes is not None
     assert server.attributes["rpc.grpc.status_code"] == grpc.StatusCode.NOT_FOUND.value[0]
