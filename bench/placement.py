@@ -51,8 +51,6 @@ def fleet(n: int, rng: random.Random) -> tuple[PoolView, ...]:
                 vram_free_bytes=rng.randint(0, total // 4),
                 staged_models=frozenset(rng.sample(MODELS, 2)),
                 disk_models=frozenset(rng.sample(MODELS, 3)),
-                tokens_per_s=rng.uniform(20, 120),
-                eta_free_ms=rng.randint(0, 4000),
             )
         )
     return tuple(pools)

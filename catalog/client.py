@@ -20,6 +20,8 @@ class ModelInfo:
     model_id: str
     context_length: int
     active: bool
+    size_bytes: int = 0
+    """The model file's size: the least VRAM its weights take."""
 
 
 class CatalogClient:
@@ -47,6 +49,7 @@ class CatalogClient:
             model_id=model.model_id,
             context_length=model.facts.context_length,
             active=model.state == catalog_pb2.MODEL_STATE_ACTIVE,
+            size_bytes=model.size_bytes,
         )
         self._cache[model_id] = (now, info)
         return info

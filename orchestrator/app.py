@@ -23,6 +23,7 @@ from mesh.tls import TlsFiles
 from orchestrator.control import ControlServicer
 from orchestrator.journal import Journal
 from orchestrator.nodes import NodeServicer
+from orchestrator.pool_client import StubPoolClient
 from orchestrator.pools import PoolRegistry
 from orchestrator.service import Orchestrator
 from orchestrator.servicer import OrchestratorServicer
@@ -80,7 +81,7 @@ async def start_orchestrator(
         settings.node_heartbeat_s,
         settings.node_lost_s,
         functools.partial(open_channel, tls=tls, server_name=settings.pool_manager_tls_name),
-        local_pool_managers,
+        {a: StubPoolClient(stub, a) for a, stub in (local_pool_managers or {}).items()},
     )
     journal = Journal(settings.journal_path) if settings.journal and settings.journal_path else None
     if journal is None:

@@ -11,7 +11,7 @@ from llorch.poolmanager.v1 import poolmanager_pb2
 from mesh.errors import InvalidArgumentError, NotFoundError
 from mesh.ids import check_name
 from mesh.server import ServiceBinding
-from orchestrator.placement import PreloadAction
+from orchestrator.placement import PreloadAction, pool_key
 from orchestrator.service import Orchestrator
 
 SERVICE_NAME = control_pb2.DESCRIPTOR.services_by_name["ControlService"].full_name
@@ -140,7 +140,7 @@ class ControlServicer(control_pb2_grpc.ControlServiceServicer):
         for node_id, reachable, pool in sorted(
             self._orch.registry_pools(), key=lambda entry: (entry[0], entry[2].pool_id)
         ):
-            key = f"{node_id}/{pool.pool_id}"
+            key = pool_key(node_id, pool.pool_id)
             view = views.get(key)
             finished, tokens = self._orch.metrics.per_pool.get(key, (0, 0))
             out.append(
@@ -152,7 +152,7 @@ class ControlServicer(control_pb2_grpc.ControlServiceServicer):
                     .removeprefix("POOL_STATE_")
                     .lower(),
                     reachable=reachable,
-                    drained=self._orch.is_drained(key),
+                    drained=self._orch.is_drained(node_id, pool.pool_id),
                     slots_total=pool.slots_total,
                     slots_busy=view.in_flight if view else 0,
                     n_ctx=pool.n_ctx,

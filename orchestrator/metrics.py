@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from orchestrator.placement import PoolKey, pool_key
 from orchestrator.tasks import Failed, Finished, Started, Task, TaskEvent
 
 _MS_BUCKETS = (1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10_000, 30_000, 60_000)
@@ -87,16 +88,16 @@ class OrchestratorMetrics:
             registry=r,
         )
         r.register(_QueueDepth(queue_depth))
-        self.per_pool: dict[str, tuple[int, int]] = {}
+        self.per_pool: dict[PoolKey, tuple[int, int]] = {}
         """node/pool → (tasks finished, tokens generated), for ListPools and `llorch top`."""
 
     def on_event(self, task: Task, event: TaskEvent) -> None:
         """A task's event (the Tokens events are not looked at: the token path stays bare)."""
         model = task.spec.model_id
         if isinstance(event, Started):
-            self.started.labels(model, f"{event.node_id}/{event.pool_id}").inc()
+            self.started.labels(model, pool_key(event.node_id, event.pool_id)).inc()
         elif isinstance(event, Finished):
-            pool = f"{task.node_id}/{task.pool_id}"
+            pool = pool_key(task.node_id, task.pool_id)
             finished, tokens = self.per_pool.get(pool, (0, 0))
             self.per_pool[pool] = (finished + 1, tokens + event.tokens_out)
             self.tokens_in.labels(model).inc(event.tokens_in)

@@ -2,21 +2,23 @@
 
 ``decide`` first filters every pool, giving each one it passes over a reason:
 
-- pinned elsewhere or avoided by the request; failed, unreachable or draining;
+- failed, unreachable or draining;
 - its context is smaller than the task needs;
 - it holds another model and cannot take this one: it cannot load models, loading this model
-  there failed recently, the model does not fit its VRAM whole (weights + KV cache + overhead;
-  never partially), it has work in flight (a busy model is never evicted), or other queued tasks
-  still want its model (same-model tasks are grouped) and this task has not yet waited past the
-  swap starvation bound.
+  there failed recently, the model's weights alone exceed its VRAM (a model runs wholly in
+  VRAM or not at all; the pool manager checks weights + KV cache + compute when it loads), it
+  has work in flight (a busy model is never evicted), or other queued tasks still want its
+  model (same-model tasks are grouped) and this task has not yet waited past the swap
+  starvation bound.
 
 Then it scores what is left: where the model's bytes are (loaded in the pool > staged in the
 node's RAM > on the node's disk > must be fetched), then load (filled slots per slot, then most free
 slots), then free VRAM (most first), then the pool key, so equal inputs always give the same pool.
 
 Outcomes: ASSIGN a pool that has the model loaded and a free slot; ASSIGN with ``load=True``
-(the pool must first load the model: a swap); WAIT with a reason and an ETA when some pool will
-be able to serve later; REJECT with a reason when none ever can.
+(the pool must first load the model: a swap); WAIT with a reason when some pool will be able
+to serve later (when is the forecaster's to say: orchestrator.forecast); REJECT with a reason
+when none ever can.
 """
 
 from __future__ import annotations
@@ -24,8 +26,18 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import NewType
 
 from orchestrator.tasks import Priority
+
+PoolKey = NewType("PoolKey", str)
+"""A pool's id in the mesh, ``node/pool``: made only by ``pool_key``."""
+
+
+def pool_key(node_id: str, pool_id: str) -> PoolKey:
+    """The mesh-wide key of pool ``pool_id`` on node ``node_id``."""
+    return PoolKey(f"{node_id}/{pool_id}")
+
 
 SWAP_STARVATION_S: Mapping[Priority, float] = {Priority.INTERACTIVE: 10.0, Priority.BATCH: 60.0}
 """Default: after this long in the queue a task may swap a pool whose model others still want."""
@@ -76,15 +88,11 @@ class PoolView:
     """Models in the node's host-RAM staging cache."""
     disk_models: frozenset[str] = frozenset()
     """Models whose files are in the node's model store."""
-    tokens_per_s: float = 0.0
-    """Measured decode speed of the loaded model (0: not measured yet)."""
-    eta_free_ms: int = 0
-    """Predicted time until a slot frees (busy pool) or the pool is ready (loading pool)."""
 
     @property
-    def key(self) -> str:
+    def key(self) -> PoolKey:
         """Unique id of the pool in the mesh."""
-        return f"{self.node_id}/{self.pool_id}"
+        return pool_key(self.node_id, self.pool_id)
 
     @property
     def slots_free(self) -> int:
@@ -101,12 +109,9 @@ class PlacementInput:
     """Prompt allowance + max_tokens: the context the task needs."""
     pools: tuple[PoolView, ...]
     priority: Priority = Priority.INTERACTIVE
-    pin_pools: frozenset[str] = frozenset()
-    """Only these pools (keys ``node/pool`` or bare pool ids) may serve it; empty: any."""
-    avoid_pools: frozenset[str] = frozenset()
-    """These pools must not serve it."""
     vram_needed_bytes: int = 0
-    """The model's estimated VRAM need at the pool's context (0: unknown, assume it fits)."""
+    """The least VRAM the model needs on a GPU pool: its weights (0: unknown, assume it fits).
+    The pool manager's load adds KV cache and compute to this and refuses what does not fit."""
     waited_s: float = 0.0
     """How long the task has been queued."""
     demand: Mapping[str, int] = field(default_factory=dict)
@@ -137,15 +142,9 @@ class PlacementDecision:
     """ASSIGN only: the pool must load the model first (a swap)."""
     locality: Locality | None = None
     reason: str = ""
-    eta_ms: int = 0
-    """WAIT only: when a pool is expected to be able to take the task (0: unknown)."""
     excluded: dict[str, str] = field(default_factory=dict)
     error_reason: str = "NO_POOL_FOR_MODEL"
     """REJECT only: the machine-readable reason (MODEL_LOAD_FAILED when loads were tried)."""
-
-
-def _matches(pool: PoolView, names: frozenset[str]) -> bool:
-    return pool.key in names or pool.pool_id in names
 
 
 def _locality(pool: PoolView, model_id: str) -> Locality:
@@ -166,16 +165,9 @@ def decide(inp: PlacementInput) -> PlacementDecision:
     swappable: list[PoolView] = []  # could load the model now
     warm_later = 0  # pools holding the model that may serve once a slot frees or they return
     later = 0  # any pool that may be able to serve once something changes
-    eta = 0
     starving = inp.waited_s >= inp.swap_starvation_s.get(inp.priority, 0.0)
     for pool in inp.pools:
         key = pool.key
-        if inp.pin_pools and not _matches(pool, inp.pin_pools):
-            excluded[key] = "not pinned by the request"
-            continue
-        if inp.avoid_pools and _matches(pool, inp.avoid_pools):
-            excluded[key] = "avoided by the request"
-            continue
         holds = pool.model_id == model
         if not holds and not pool.can_load:
             excluded[key] = f"holds model {pool.model_id} and cannot load another"
@@ -204,12 +196,10 @@ def decide(inp: PlacementInput) -> PlacementDecision:
             excluded[key] = "unloaded" if pool.unloaded else "loading the model"
             later += 1
             warm_later += 1
-            eta = _earliest(eta, pool.eta_free_ms)
         elif holds and pool.slots_free == 0:
             excluded[key] = "no free slot"
             later += 1
             warm_later += 1
-            eta = _earliest(eta, pool.eta_free_ms)
         elif holds:
             warm.append(pool)
         elif pool.unloaded:
@@ -218,7 +208,6 @@ def decide(inp: PlacementInput) -> PlacementDecision:
         elif pool.in_flight > 0 or not pool.ready:
             excluded[key] = f"busy with model {pool.model_id}; a busy model is never evicted"
             later += 1
-            eta = _earliest(eta, pool.eta_free_ms)
         elif inp.demand.get(pool.model_id, 0) > 0 and not starving:
             excluded[key] = f"queued tasks still want its model {pool.model_id}"
             later += 1
@@ -251,14 +240,12 @@ def decide(inp: PlacementInput) -> PlacementDecision:
         )
     if later:
         return PlacementDecision(
-            Outcome.WAIT, reason=_wait_reason(inp, excluded), eta_ms=eta, excluded=excluded
+            Outcome.WAIT, reason=_wait_reason(inp, excluded), excluded=excluded
         )
     error_reason = "NO_POOL_FOR_MODEL"
-    if inp.pin_pools and not any(_matches(p, inp.pin_pools) for p in inp.pools):
-        reason = "no pool matches the pinned pools " + ", ".join(sorted(inp.pin_pools))
-    elif any(k in inp.failed_loads for k in excluded):
-        key = min(k for k in excluded if k in inp.failed_loads)
-        reason = f"model {model} could not be loaded on pool {key}: {inp.failed_loads[key]}"
+    if any(k in inp.failed_loads for k in excluded):
+        failed = min(k for k in excluded if k in inp.failed_loads)
+        reason = f"model {model} could not be loaded on pool {failed}: {inp.failed_loads[failed]}"
         error_reason = "MODEL_LOAD_FAILED"
     elif any(p.model_id == model for p in inp.pools) and all(
         p.failed for p in inp.pools if p.model_id == model
@@ -269,12 +256,6 @@ def decide(inp: PlacementInput) -> PlacementDecision:
     return PlacementDecision(
         Outcome.REJECT, reason=reason, excluded=excluded, error_reason=error_reason
     )
-
-
-def _earliest(current: int, candidate: int) -> int:
-    if candidate <= 0:
-        return current
-    return candidate if current <= 0 else min(current, candidate)
 
 
 def _wait_reason(inp: PlacementInput, excluded: Mapping[str, str]) -> str:

@@ -14,14 +14,14 @@ import contextlib
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 import grpc
 from llorch.poolmanager.v1 import poolmanager_pb2, poolmanager_pb2_grpc
 
 from mesh import logs
 from mesh.errors import LlorchError, PermissionDeniedError
-from orchestrator.placement import PoolView
+from orchestrator.placement import PoolKey, PoolView, pool_key
+from orchestrator.pool_client import PoolClient, StubPoolClient
 
 _log = logs.get_logger("orchestrator.pools")
 
@@ -44,9 +44,8 @@ class NodeView:
 class _Node:
     address: str
     channel: grpc.aio.Channel | None
-    # The generated stub, or for a pool manager in this process its socket-free twin
-    # (poolmanager.local.LocalPoolManagerStub), which has the same methods.
-    stub: Any
+    # Over the generated stub, or for a pool manager in this process its socket-free twin.
+    client: PoolClient
     node_id: str = ""
     pools: tuple[poolmanager_pb2.Pool, ...] = ()
     gpus: tuple[poolmanager_pb2.Gpu, ...] = ()
@@ -75,28 +74,32 @@ class PoolRegistry:
         heartbeat_s: float,
         lost_s: float,
         open_channel: Callable[[str], grpc.aio.Channel],
-        local_stubs: Mapping[str, object] | None = None,
+        local_clients: Mapping[str, PoolClient] | None = None,
     ) -> None:
-        """Pool managers at ``addresses``; those in ``local_stubs`` are called in-process."""
+        """Pool managers at ``addresses``; those in ``local_clients`` are called through the
+        client given (in-process), the others over a channel from ``open_channel``."""
         self._heartbeat_s = heartbeat_s
         self._lost_s = lost_s
         self._open_channel = open_channel
         self._started = False
         self._nodes: list[_Node] = []
-        local = local_stubs or {}
+        self._local = dict(local_clients or {})
         for address in addresses:
-            if address in local:
-                self._nodes.append(_Node(address, None, local[address]))
-                continue
-            channel = open_channel(address)
-            stub = poolmanager_pb2_grpc.PoolManagerServiceStub(channel)
-            self._nodes.append(_Node(address, channel, stub))
-        self._in_flight: dict[str, int] = {}
-        self._drained: set[str] = set()  # pools an operator took out of placement
+            self._nodes.append(self._connect(address))
+        self._in_flight: dict[PoolKey, int] = {}
+        self._drained: set[PoolKey] = set()  # pools an operator took out of placement
         # Pools whose model is being changed (by an operator, or on demand), and to what.
-        self._changing: dict[str, str] = {}
+        self._changing: dict[PoolKey, str] = {}
         self._views: tuple[PoolView, ...] | None = None  # built by views(); None when stale
         self._on_change: Callable[[], None] = lambda: None
+
+    def _connect(self, address: str) -> _Node:
+        local = self._local.get(address)
+        if local is not None:
+            return _Node(address, None, local)
+        channel = self._open_channel(address)
+        stub = poolmanager_pb2_grpc.PoolManagerServiceStub(channel)
+        return _Node(address, channel, StubPoolClient(stub, address))
 
     async def start(self, on_change: Callable[[], None]) -> None:
         """Starts watching every node; returns once each has answered or been found lost."""
@@ -126,14 +129,8 @@ class PoolRegistry:
             _log.info("node %s moved from %s to %s", node_id, node.address, address)
             self._nodes.remove(node)
             await self._close(node)
-        channel = self._open_channel(address)
-        node = _Node(
-            address,
-            channel,
-            poolmanager_pb2_grpc.PoolManagerServiceStub(channel),
-            registered=True,
-            expected_node_id=node_id,
-        )
+        node = self._connect(address)
+        node.registered, node.expected_node_id = True, node_id
         self._nodes.append(node)
         _log.info("node %s registered at %s", node_id, address)
         if self._started:
@@ -180,7 +177,7 @@ class PoolRegistry:
         out: list[PoolView] = []
         for node in self._nodes:
             for pool in node.pools:
-                key = f"{node.node_id}/{pool.pool_id}"
+                key = pool_key(node.node_id, pool.pool_id)
                 gpus = [g for g in node.gpus if str(g.index) in pool.devices]
                 view = PoolView(
                     node_id=node.node_id,
@@ -220,14 +217,18 @@ class PoolRegistry:
         self._in_flight[pool.key] = max(0, self._in_flight.get(pool.key, 0) - 1)
         self._views = None
 
-    def stub(self, node_id: str) -> Any:
-        """The stub of a node's pool manager."""
+    def client(self, node_id: str) -> PoolClient:
+        """The client of a node's pool manager.
+
+        Raises:
+            KeyError: no such node.
+        """
         for node in self._nodes:
             if node.node_id == node_id:
-                return node.stub
+                return node.client
         raise KeyError(node_id)
 
-    def set_drained(self, key: str, drained: bool) -> None:
+    def set_drained(self, key: PoolKey, drained: bool) -> None:
         """Takes the pool ``node/pool`` out of placement (it shows as draining) or back in."""
         if drained:
             self._drained.add(key)
@@ -235,7 +236,7 @@ class PoolRegistry:
             self._drained.discard(key)
         self._views = None
 
-    def set_changing(self, key: str, model_id: str | None) -> None:
+    def set_changing(self, key: PoolKey, model_id: str | None) -> None:
         """Marks the pool ``node/pool`` as loading ``model_id`` (placement sees it loading that
         model and places nothing on it), or, with None, ends the mark."""
         if model_id is not None:
@@ -245,7 +246,7 @@ class PoolRegistry:
         self._views = None
         self._on_change()
 
-    def changing(self, key: str) -> bool:
+    def changing(self, key: PoolKey) -> bool:
         """Whether the pool's model is being changed."""
         return key in self._changing
 
@@ -259,7 +260,7 @@ class PoolRegistry:
                 self._on_change()
                 return
 
-    def is_drained(self, key: str) -> bool:
+    def is_drained(self, key: PoolKey) -> bool:
         """Whether an operator drained the pool ``node/pool``."""
         return key in self._drained
 
@@ -284,7 +285,7 @@ class PoolRegistry:
         backoff_s = 0.1
         request = poolmanager_pb2.WatchNodeRequest(heartbeat_ms=round(self._heartbeat_s * 1000))
         while True:
-            call = node.stub.WatchNode(request)
+            call = node.client.watch_node(request)
             try:
                 stream = aiter(call)
                 while True:

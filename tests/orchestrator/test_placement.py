@@ -225,7 +225,7 @@ def test_assign_skips_pools_with_the_wrong_model_even_if_idle() -> None:
     assert decision.pool == loaded
 
 
-# --- swaps, locality, VRAM, pins ----------------------------------------------------------------
+# --- swaps, locality, VRAM ----------------------------------------------------------------------
 
 GIB = 1 << 30
 
@@ -285,10 +285,9 @@ def test_a_pool_where_the_model_failed_to_load_is_not_tried_again() -> None:
 
 
 def test_a_busy_model_is_never_evicted() -> None:
-    busy = gpu_pool("p0", "other", in_flight=1, eta_free_ms=800)
+    busy = gpu_pool("p0", "other", in_flight=1)
     decision = place(busy, swap_waited_s=1_000.0)
     assert decision.outcome is Outcome.WAIT
-    assert decision.eta_ms == 800
     assert "never evicted" in decision.excluded["n1/p0"]
 
 
@@ -315,27 +314,13 @@ def test_same_model_tasks_are_grouped_until_the_starvation_bound() -> None:
 
 
 def test_wait_for_a_busy_warm_pool_rather_than_swap_another() -> None:
-    warm = gpu_pool("p0", MODEL, in_flight=1, eta_free_ms=300)
+    warm = gpu_pool("p0", MODEL, in_flight=1)
     idle = gpu_pool("p1", "other")
     decision = place(warm, idle, swap_waited_s=1.0)
     assert decision.outcome is Outcome.WAIT
-    assert decision.eta_ms == 300
     assert "frees up first" in decision.excluded["n1/p1"]
     starving = place(warm, idle, swap_waited_s=30.0)
     assert starving.pool == idle and starving.load is True
-
-
-def test_pins_and_avoids() -> None:
-    a, b = pool("a"), pool("b", node_id="n2")
-    assert place(a, b, pin_pools=frozenset({"n2/b"})).pool == b
-    assert place(a, b, pin_pools=frozenset({"b"})).pool == b
-    assert place(a, b, avoid_pools=frozenset({"n1/a"})).pool == b
-    pinned_busy = place(a, replace(b, in_flight=1), pin_pools=frozenset({"b"}))
-    assert pinned_busy.outcome is Outcome.WAIT
-    assert pinned_busy.excluded["n1/a"] == "not pinned by the request"
-    nowhere = place(a, b, pin_pools=frozenset({"n9/zz"}))
-    assert nowhere.outcome is Outcome.REJECT
-    assert "n9/zz" in nowhere.reason
 
 
 def test_draining_pools_take_nothing_new() -> None:
@@ -378,17 +363,13 @@ def placement_inputs(draw: st.DrawFn) -> PlacementInput:
                 vram_free_bytes=draw(st.integers(0, total)),
                 staged_models=frozenset(draw(st.sets(st.sampled_from(MODELS)))),
                 disk_models=frozenset(draw(st.sets(st.sampled_from(MODELS)))),
-                eta_free_ms=draw(st.integers(0, 5000)),
             )
         )
-    names = st.sampled_from([f"{n}/{p}" for n, p in POOL_KEYS] + ["p0", "p1"])
     return PlacementInput(
         model_id=draw(st.sampled_from(MODELS)),
         tokens_needed=draw(st.integers(min_value=1, max_value=3000)),
         pools=tuple(pools),
         priority=draw(st.sampled_from(list(Priority))),
-        pin_pools=frozenset(draw(st.sets(names, max_size=2))),
-        avoid_pools=frozenset(draw(st.sets(names, max_size=2))),
         vram_needed_bytes=draw(st.sampled_from([0, 6 * GIB, 10 * GIB, 20 * GIB])),
         waited_s=draw(st.sampled_from([0.0, 5.0, 100.0])),
         demand={m: draw(st.integers(0, 2)) for m in MODELS},
@@ -398,18 +379,12 @@ def placement_inputs(draw: st.DrawFn) -> PlacementInput:
     )
 
 
-def _named(p: PoolView, names: frozenset[str]) -> bool:
-    return p.key in names or p.pool_id in names
-
-
 def healthy_and_allowed(p: PoolView, inp: PlacementInput) -> bool:
     return (
         p.ready
         and p.reachable
         and not p.failed
         and not p.draining
-        and (not inp.pin_pools or _named(p, inp.pin_pools))
-        and not _named(p, inp.avoid_pools)
         and (p.n_ctx == 0 or p.n_ctx >= inp.tokens_needed)
     )
 
@@ -441,7 +416,7 @@ def test_decide_invariants(inp: PlacementInput) -> None:
     chosen = decision.pool
     assert chosen is not None and chosen in inp.pools
     assert chosen.key not in decision.excluded
-    # Never an unhealthy, draining, unpinned, avoided or too-small pool.
+    # Never an unhealthy, draining or too-small pool.
     assert healthy_and_allowed(chosen, inp)
     if decision.load:
         # A swap: never while any warm pool could serve, never evicting a busy model, and the

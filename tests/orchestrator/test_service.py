@@ -1,0 +1,216 @@
+"""The real Orchestrator against in-process fake pool managers (tests/orchestrator/fakes.py):
+dispatch, relay failover, on-demand swaps and journal recovery, without worker processes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from mesh.errors import FailedPreconditionError, UnavailableError
+from orchestrator.journal import Journal
+from orchestrator.service import Orchestrator
+from orchestrator.tasks import Finished, Sampling, Task, TaskSpec, TaskState
+from tests.orchestrator.fakes import (
+    LOADING,
+    READY,
+    FakeCatalog,
+    FakePoolManager,
+    Plan,
+    orchestrator_on,
+)
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def spec(model_id: str = "m", max_tokens: int = 3, prompt: str = "hi") -> TaskSpec:
+    return TaskSpec(model_id, prompt, Sampling(max_tokens, 0.0, 1.0, 0, 0))
+
+
+async def ended(task: Task) -> Task:
+    """Waits until the task ends (reading its event stream, as a client would)."""
+    async for _ in task.follow():
+        pass
+    return task
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Waits for a state the orchestrator reaches by itself (the fakes' streams are async)."""
+    while not condition():  # noqa: ASYNC110  # the fakes' state has no event to await
+        await asyncio.sleep(0.005)
+
+
+@pytest.fixture
+async def started() -> AsyncIterator[Callable[..., object]]:
+    """Starts orchestrators and stops them after the test."""
+    running: list[Orchestrator] = []
+
+    async def start(*args: object, **kwargs: object) -> Orchestrator:
+        orch = orchestrator_on(*args, **kwargs)  # type: ignore[arg-type]
+        await orch.start()
+        running.append(orch)
+        return orch
+
+    yield start
+    for orch in running:
+        await orch.stop()
+
+
+async def test_a_task_waits_for_the_busy_slot_then_runs_there(started) -> None:  # type: ignore[no-untyped-def]
+    node = FakePoolManager("n1")
+    node.add_pool("p", "m", slots=1)
+    gate = asyncio.Event()
+    node.plan("p", Plan(tokens=2, gate=gate))
+    orch = await started(FakeCatalog("m"), node)
+    first = await orch.submit(spec(), correlation_id="c", timeout_s=None)
+    second = await orch.submit(spec(), correlation_id="c", timeout_s=None)
+    assert first.state is TaskState.RUNNING and (first.node_id, first.pool_id) == ("n1", "p")
+    assert second.state is TaskState.QUEUED and orch.get(second.task_id).queue_position == 0
+    assert second.wait_reason == "every pool serving the model is busy"
+    gate.set()
+    await ended(second)
+    assert first.state is TaskState.SUCCEEDED and first.tokens_out == 2
+    assert second.state is TaskState.SUCCEEDED and second.tokens_out == 3
+    assert [e.request.task_id for e in node.executed] == [first.task_id, second.task_id]
+
+
+async def test_the_least_loaded_pool_takes_the_next_task(started) -> None:  # type: ignore[no-untyped-def]
+    a, b = FakePoolManager("a"), FakePoolManager("b")
+    a.add_pool("p", "m", slots=2)
+    b.add_pool("p", "m", slots=2)
+    gate = asyncio.Event()
+    a.plan("p", Plan(gate=gate), Plan(gate=gate))
+    b.plan("p", Plan(gate=gate), Plan(gate=gate))
+    orch = await started(FakeCatalog("m"), a, b)
+    tasks = [await orch.submit(spec(), correlation_id="c", timeout_s=None) for _ in range(4)]
+    assert sorted(t.node_id for t in tasks) == ["a", "a", "b", "b"]
+    gate.set()
+    for task in tasks:
+        assert (await ended(task)).state is TaskState.SUCCEEDED
+
+
+async def test_a_crash_before_the_first_token_fails_over_to_another_pool(started) -> None:  # type: ignore[no-untyped-def]
+    a, b = FakePoolManager("a"), FakePoolManager("b")
+    a.add_pool("p", "m")
+    b.add_pool("p", "m")
+    crash = UnavailableError("worker crashed", reason="WORKER_CRASHED", retry_delay_s=1.0)
+    a.plan("p", Plan(error=crash, error_after=0))
+    b.plan("p", Plan(error=crash, error_after=0))
+    orch = await started(FakeCatalog("m"), a, b, max_attempts=3)
+    task = await ended(await orch.submit(spec(), correlation_id="c", timeout_s=None))
+    # Both pools crashed once; the third placement ran it to the end.
+    assert task.state is TaskState.SUCCEEDED and task.tokens_out == 3
+    assert len(a.executed) + len(b.executed) == 3
+
+
+async def test_failover_stops_at_max_attempts_with_the_pools_error(started) -> None:  # type: ignore[no-untyped-def]
+    node = FakePoolManager("n1")
+    node.add_pool("p", "m")
+    crash = UnavailableError("worker crashed", reason="WORKER_CRASHED", retry_delay_s=1.0)
+    node.plan("p", *(Plan(error=crash) for _ in range(5)))
+    orch = await started(FakeCatalog("m"), node, max_attempts=2)
+    task = await ended(await orch.submit(spec(), correlation_id="c", timeout_s=None))
+    assert task.state is TaskState.FAILED and task.error is not None
+    assert task.error.reason == "WORKER_CRASHED" and task.error.retriable
+    assert len(node.executed) == 2
+
+
+async def test_a_failure_after_a_token_is_not_retried(started) -> None:  # type: ignore[no-untyped-def]
+    node = FakePoolManager("n1")
+    node.add_pool("p", "m")
+    crash = UnavailableError("worker crashed", reason="WORKER_CRASHED", retry_delay_s=1.0)
+    node.plan("p", Plan(tokens=3, error=crash, error_after=2))
+    orch = await started(FakeCatalog("m"), node, max_attempts=3)
+    task = await ended(await orch.submit(spec(), correlation_id="c", timeout_s=None))
+    # Repeating the stream elsewhere would repeat the two tokens already sent.
+    assert task.state is TaskState.FAILED and task.tokens_out == 2
+    assert len(node.executed) == 1
+
+
+async def test_a_lost_node_fails_its_running_task_over(started) -> None:  # type: ignore[no-untyped-def]
+    a, b = FakePoolManager("a"), FakePoolManager("b")
+    a.add_pool("p", "m")
+    b.add_pool("p", "m", state=LOADING)
+    never = asyncio.Event()
+    a.plan("p", Plan(gate=never))
+    orch = await started(FakeCatalog("m"), a, b, max_attempts=3)
+    task = await orch.submit(spec(), correlation_id="c", timeout_s=None)
+    assert task.node_id == "a"
+    b.set_state("p", READY)
+    a.lose()
+    await ended(task)
+    assert task.state is TaskState.SUCCEEDED and task.node_id == "b"
+    assert a.executed[0].cancelled  # the lost node's call was given up
+    assert not orch.registry.reachable("a")
+
+
+async def test_a_task_for_another_model_swaps_an_idle_pool(started) -> None:  # type: ignore[no-untyped-def]
+    node = FakePoolManager("n1")
+    node.add_pool("p", "m", can_load=True)
+    orch = await started(FakeCatalog("m", "other"), node)
+    task = await ended(await orch.submit(spec("other"), correlation_id="c", timeout_s=None))
+    assert task.state is TaskState.SUCCEEDED and task.pool_id == "p"
+    assert [(r.pool_id, r.model_id) for r in node.reloads] == [("p", "other")]
+    assert node.pools["p"].model_id == "other"
+
+
+async def test_a_busy_pool_is_not_swapped(started) -> None:  # type: ignore[no-untyped-def]
+    node = FakePoolManager("n1")
+    node.add_pool("p", "m", can_load=True)
+    gate = asyncio.Event()
+    node.plan("p", Plan(gate=gate))
+    orch = await started(FakeCatalog("m", "other"), node)
+    busy = await orch.submit(spec("m"), correlation_id="c", timeout_s=None)
+    other = await orch.submit(spec("other"), correlation_id="c", timeout_s=None)
+    assert other.state is TaskState.QUEUED and not node.reloads
+    assert "never evicted" in other.excluded["n1/p"]
+    gate.set()
+    await ended(other)
+    assert busy.state is TaskState.SUCCEEDED and other.state is TaskState.SUCCEEDED
+    assert [r.model_id for r in node.reloads] == ["other"]
+
+
+async def test_a_model_that_cannot_load_ends_its_tasks_and_is_not_tried_again(started) -> None:  # type: ignore[no-untyped-def]
+    node = FakePoolManager("n1")
+    node.add_pool("p", "m", can_load=True)
+    node.reload_error = FailedPreconditionError("does not fit in VRAM", reason="VRAM_INSUFFICIENT")
+    orch = await started(FakeCatalog("m", "big"), node)
+    task = await ended(await orch.submit(spec("big"), correlation_id="c", timeout_s=None))
+    assert task.state is TaskState.FAILED and task.error is not None
+    assert task.error.reason == "MODEL_LOAD_FAILED"
+    assert "does not fit in VRAM" in task.error.message
+    # Within the cooldown the pool is not asked again: the next task is refused at once.
+    again = await ended(await orch.submit(spec("big"), correlation_id="c", timeout_s=None))
+    assert again.error is not None and again.error.reason == "MODEL_LOAD_FAILED"
+    assert len(node.reloads) == 1
+    await until(lambda: node.pools["p"].state == READY and orch.pool_views()[0].ready)
+    assert (await ended(await orch.submit(spec("m"), correlation_id="c", timeout_s=None))).finished
+
+
+async def test_queued_tasks_survive_a_restart_in_their_order(
+    started,  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+) -> None:
+    node = FakePoolManager("n1")
+    node.add_pool("p", "m", state=LOADING)
+    catalog = FakeCatalog("m")
+    first = orchestrator_on(catalog, node, journal=Journal(tmp_path / "journal.db"))
+    await first.start()
+    prompts = ["one", "two", "three"]
+    ids = [
+        (
+            await first.submit(spec(prompt=p), correlation_id="c", timeout_s=None, durable=True)
+        ).task_id
+        for p in prompts
+    ]
+    await first.stop()
+    node.set_state("p", READY)
+    second = await started(catalog, node, journal=Journal(tmp_path / "journal.db"))
+    tasks = [second.get(task_id) for task_id in ids]
+    for task in tasks:
+        await ended(task)
+    assert all(t.state is TaskState.SUCCEEDED for t in tasks)
+    assert [e.request.prompt for e in node.executed] == prompts
+    assert isinstance(tasks[0].finished, Finished)
