@@ -114,6 +114,18 @@ class EngineRecord:
     checked_unix_ms: int = 0
 
 
+@dataclass(frozen=True)
+class GcPolicy:
+    """When model files may be deleted (provisioners/gc.py applies it); stored per node, or
+    fleet-wide under node id ''."""
+
+    max_disk_usage_pct: float = 90.0
+    min_free_bytes: int = 10 * 1024**3
+    keep_active: bool = True
+    keep_used_within_days: float = 7.0
+    delete_retired_after_days: float = 30.0
+
+
 class ConflictError(Exception):
     """A model with that id exists with a different file."""
 

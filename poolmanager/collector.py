@@ -20,10 +20,11 @@ from pathlib import Path
 import grpc
 from llorch.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 
-from catalog.servicer import gc_policy_from_pb
+from catalog.convert import gc_policy_from_pb
+from catalog.store import GcPolicy
 from mesh import logs
 from mesh.errors import FailedPreconditionError, from_rpc_error
-from provisioners.gc import Disk, GcPlan, GcPolicy, GcReplica, plan_gc
+from provisioners.gc import Disk, GcPlan, GcReplica, plan_gc
 from provisioners.pull import remove_stale_partials
 
 _log = logs.get_logger("poolmanager.gc")

@@ -19,18 +19,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from catalog.store import GcPolicy
+
 _DAY_MS = 86_400_000
-
-
-@dataclass(frozen=True)
-class GcPolicy:
-    """When model files may be deleted."""
-
-    max_disk_usage_pct: float = 90.0
-    min_free_bytes: int = 10 * 1024**3
-    keep_active: bool = True
-    keep_used_within_days: float = 7.0
-    delete_retired_after_days: float = 30.0
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from provisioners.gc import Disk, GcPolicy, GcReplica, plan_gc
+from catalog.store import GcPolicy
+from provisioners.gc import Disk, GcReplica, plan_gc
 
 DAY = 86_400_000
 NOW = 1_000 * DAY
