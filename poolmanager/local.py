@@ -21,7 +21,7 @@ from opentelemetry.trace import SpanKind
 
 from mesh import tracing
 from mesh.errors import DeadlineExceededError, LlorchError
-from poolmanager.manager import Execution
+from poolmanager.execution import Execution
 from poolmanager.servicer import PoolManagerServicer
 
 

@@ -11,7 +11,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from poolmanager.manager import PoolManager, PoolState
+from poolmanager.manager import PoolManager
+from poolmanager.pool import PoolState
 
 
 class _NodeCollector(Collector):

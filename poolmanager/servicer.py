@@ -14,16 +14,15 @@ from mesh.errors import FailedPreconditionError, InvalidArgumentError
 from mesh.ids import check_name
 from mesh.server import ServiceBinding
 from poolmanager.collector import GarbageCollector
-from poolmanager.manager import (
+from poolmanager.execution import (
     ExecFinished,
     ExecStarted,
     ExecTokens,
     Execution,
     ExecutionSpec,
-    Pool,
-    PoolManager,
-    PoolState,
 )
+from poolmanager.manager import PoolManager
+from poolmanager.pool import Pool, PoolState
 from provisioners.gc import GcReplica
 
 SERVICE_NAME = poolmanager_pb2.DESCRIPTOR.services_by_name["PoolManagerService"].full_name

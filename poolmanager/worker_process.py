@@ -292,7 +292,7 @@ async def _first_event(proc: asyncio.subprocess.Process, timeout_s: float, doing
     """The worker's first event (ready, spare or load_failed); kills it on any failure."""
     assert proc.stdout is not None
     try:
-        async with asyncio.timeout(timeout_s):  # not wait_for: see manager.wait_change
+        async with asyncio.timeout(timeout_s):  # not wait_for: see ChangeFeed.wait
             line = await proc.stdout.readline()
     except TimeoutError:
         await _kill(proc)

@@ -16,7 +16,9 @@ import pytest
 from mesh.errors import FailedPreconditionError, NotFoundError, UnavailableError
 from mesh.settings import PoolManagerSettings, PoolSettings
 from poolmanager.devices import DeviceInventory
-from poolmanager.manager import ExecFinished, ExecTokens, ExecutionSpec, PoolManager, PoolState
+from poolmanager.execution import ExecFinished, ExecTokens, ExecutionSpec
+from poolmanager.manager import PoolManager
+from poolmanager.pool import PoolState
 from provisioners.tiny_model import TinyModelSpec, write_tiny_model
 from tests.poolmanager.fake_nvml import GIB, FakeGpu, FakeNvml
 

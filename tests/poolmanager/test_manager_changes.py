@@ -25,7 +25,7 @@ async def test_a_change_wakes_a_waiter_and_a_stale_version_returns_at_once() -> 
     waiter = asyncio.create_task(pm.wait_change(version, 10))
     await asyncio.sleep(0)
     assert not waiter.done()
-    await pm._changed()
+    await pm.mark_changed()
     await asyncio.wait_for(waiter, 1)
     assert pm.version == version + 1
     await asyncio.wait_for(pm.wait_change(version, 10), 1)  # already past that version
@@ -48,7 +48,7 @@ async def test_a_cancellation_arriving_with_a_change_is_never_swallowed() -> Non
     for _ in range(20):
         waiter = asyncio.create_task(pm.wait_change(pm.version, 10))
         await asyncio.sleep(0)
-        await pm._changed()
+        await pm.mark_changed()
         waiter.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiter
