@@ -35,11 +35,11 @@ from concurrent import futures
 from pathlib import Path
 
 import grpc
-from homeprofile import start_home, stop_home  # bench/homeprofile.py, beside this script
 from llorch.common.v1 import common_pb2
 from llorch.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
+from launch.harness import start_home, stop_home
 from provisioners.tiny_model import TinyModelSpec, write_tiny_model
 
 TARGET_PER_S = 3000.0

@@ -41,10 +41,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from homeprofile import start_home, stop_home  # bench/homeprofile.py, beside this script
 from llorch.common.v1 import common_pb2
 from llorch.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from relay import direct_llama, write_model  # bench/relay.py
+
+from launch.harness import start_home, stop_home
 
 MODELS = {"170m": "bench-170m", "1g": "bench-1g", "tiny": "tiny-llama"}
 PROMPT = "Hello"

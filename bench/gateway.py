@@ -25,8 +25,8 @@ import grpc
 from llorch.common.v1 import common_pb2
 from llorch.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
-from bench.homeprofile import start_home, stop_home
-from mesh.gateway import find_gateway
+from launch.gateway import find_gateway
+from launch.harness import start_home, stop_home
 from provisioners.tiny_model import DEFAULT_MODEL_ID, TinyModelSpec, write_tiny_model
 
 

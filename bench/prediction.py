@@ -24,9 +24,10 @@ import time
 from pathlib import Path
 
 import grpc
-from homeprofile import start_home, stop_home  # bench/homeprofile.py, beside this script
 from llorch.common.v1 import common_pb2
 from llorch.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+
+from launch.harness import start_home, stop_home
 
 
 def start(data_dir: Path, slots: int) -> tuple[subprocess.Popen[str], str]:

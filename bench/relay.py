@@ -39,10 +39,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from homeprofile import start_home, stop_home  # bench/homeprofile.py, beside this script
 from llorch.common.v1 import common_pb2
 from llorch.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
+from launch.harness import start_home, stop_home
 from provisioners.tiny_model import TinyModelSpec
 
 # Mesh variants: the home profile as shipped, and with orchestrator → pool manager over gRPC.

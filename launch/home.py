@@ -1,8 +1,9 @@
 """The home profile: catalog, one pool manager and the orchestrator in one process, on loopback.
 
-Each service still runs its own gRPC server (built by the one bootstrap). Catalog traffic goes
-over gRPC exactly as on separate machines; the orchestrator calls the pool manager in-process
-(``in_process_link``, on by default) because a loopback gRPC hop costs the first token ~3 ms.
+Each service still runs its own gRPC server, composed by launch/harness.py as in the tests.
+Catalog traffic goes over gRPC exactly as on separate machines; the orchestrator calls the pool
+manager in-process (``in_process_link``, on by default) because a loopback gRPC hop costs the
+first token ~3 ms.
 The pool manager's workers are child processes and are stopped before this returns.
 """
 
@@ -15,20 +16,12 @@ import os
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
-from llorch.catalog.v1 import catalog_pb2_grpc
-
-from catalog.app import start_catalog
+from launch.gateway import find_gateway, start_gateway
+from launch.harness import start_mesh
 from mesh import logs
-from mesh.gateway import find_gateway, start_gateway
 from mesh.metrics import serve_metrics
-from mesh.server import open_channel
 from mesh.settings import PoolSettings, Settings
-from orchestrator.app import start_orchestrator
-from poolmanager.app import start_pool_manager
-from poolmanager.local import LocalPoolManagerStub
 from poolmanager.metrics import pool_manager_registry
-from provisioners.models import ensure_default_model, register_local_file
-from provisioners.pull import remove_stale_partials
 from provisioners.tiny_model import DEFAULT_MODEL_ID
 
 _log = logs.get_logger("home")
@@ -77,50 +70,20 @@ async def _start_home(
             "service with `llorch serve` and its own certificate (docs/cloud.md)"
         )
     _log.warning("no TLS and no authentication: every service listens on loopback only")
-    catalog = await start_catalog(settings)
-    stack.append(catalog.stop)
-    channel = open_channel(catalog.address)
-    stack.append(channel.close)
-    node_id = settings.pool_manager.node_id
-    catalog_stub = catalog_pb2_grpc.CatalogServiceStub(channel)
-    # Temporary files of pulls that died with their process are of no use to anyone.
-    await asyncio.to_thread(remove_stale_partials, data_dir / "models")
-    await ensure_default_model(catalog_stub, data_dir / "models", node_id)
-    for model_id, model_path in settings.models.items():
-        await register_local_file(catalog_stub, model_id, model_path, node_id)
     pm_settings = settings.pool_manager.model_copy(
-        update={
-            "catalog": catalog.address,
-            "model_store": settings.pool_manager.model_store or data_dir / "models",
-        }
+        update={"model_store": settings.pool_manager.model_store or data_dir / "models"}
     )
     if not pm_settings.pools:
         pm_settings.pools = [PoolSettings(pool_id="cpu-0", model_id=DEFAULT_MODEL_ID)]
-    pool_manager = await start_pool_manager(pm_settings, base_env, settings.log_level)
-    stack.append(pool_manager.stop)
-    if not await pool_manager.manager.wait_ready(pm_settings.worker_start_timeout_s):
-        errors = "; ".join(
-            f"{p.settings.pool_id}: {p.last_error or p.state.value}"
-            for p in pool_manager.manager.pools.values()
-        )
-        raise RuntimeError(f"pools did not become ready: {errors}")
-    orch_settings = settings.orchestrator_service.model_copy(
-        update={
-            "catalog": catalog.address,
-            "pool_managers": [pool_manager.address],
-            "journal_path": settings.orchestrator_service.journal_path
-            or data_dir / "orchestrator" / "journal.db",
-        }
+    services = await start_mesh(
+        settings.model_copy(update={"pool_manager": pm_settings}), base_env, default_model=True
     )
-    # The orchestrator calls this process's pool manager directly (poolmanager.local); its gRPC
-    # server still serves everyone else (and the orchestrator when in_process_link is off).
-    local = (
-        {pool_manager.address: LocalPoolManagerStub(pool_manager.servicer)}
-        if settings.in_process_link
-        else None
+    stack.append(services.stop)
+    catalog, pool_manager, orchestrator = (
+        services.catalog,
+        services.pool_manager,
+        services.orchestrator,
     )
-    orchestrator = await start_orchestrator(orch_settings, settings.listen, local)
-    stack.append(orchestrator.stop)
     host = settings.listen.rsplit(":", 1)[0]
     orchestrator_address = f"{host}:{orchestrator.port}"
     endpoints: dict[str, object] = {
@@ -170,6 +133,6 @@ async def _start_home(
 
 def main_up(settings: Settings, base_env: Mapping[str, str]) -> int:
     """``llorch up``: runs the home profile in the foreground until Ctrl-C or SIGTERM."""
-    from mesh.serve import run_foreground
+    from launch.serve import run_foreground
 
     return run_foreground("llorch up", lambda stop: run_home(settings, base_env, stop))

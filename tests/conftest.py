@@ -10,16 +10,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-from llorch.catalog.v1 import catalog_pb2_grpc
 from llorch.orchestrator.v1 import orchestrator_pb2_grpc
 
-from catalog.app import CatalogApp, start_catalog
-from mesh.server import open_channel
+from launch.harness import Services
+from launch.harness import start_mesh as start_mesh_services
 from mesh.settings import OrchestratorSettings, PoolManagerSettings, PoolSettings, Settings
 from orchestrator.app import OrchestratorApp, start_orchestrator
-from poolmanager.app import PoolManagerApp, start_pool_manager
-from poolmanager.local import LocalPoolManagerStub
-from provisioners.models import register_local_file
 from provisioners.tiny_model import DEFAULT_MODEL_ID, write_tiny_model
 
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
@@ -32,19 +28,11 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @dataclass
-class Mesh:
-    """A running catalog, pool manager (one CPU pool) and orchestrator."""
+class Mesh(Services):
+    """The harness's catalog, pool manager (one CPU pool) and orchestrator, with a client."""
 
-    catalog: CatalogApp
-    pool_manager: PoolManagerApp
-    orchestrator: OrchestratorApp
     channel: grpc.aio.Channel
     stub: orchestrator_pb2_grpc.OrchestratorServiceStub
-
-    @property
-    def address(self) -> str:
-        """Orchestrator address."""
-        return f"127.0.0.1:{self.orchestrator.port}"
 
     async def settle(self, pool_id: str = "cpu-0") -> None:
         """Waits until the pool's spare worker is warm: from then on the node's state changes
@@ -69,22 +57,18 @@ async def start_mesh(
     pool_manager: dict[str, object] | None = None,
     **orchestrator_overrides: object,
 ) -> Mesh:
-    """Starts the three services in this event loop, each on its own ephemeral port.
+    """Starts the three services in this event loop (launch.harness, as ``llorch up`` does),
+    each on its own ephemeral port, serving ``model_path`` as the default model.
 
     ``link`` is how the orchestrator reaches the pool manager: ``grpc`` (as between machines) or
     ``local`` (in-process, as the home profile does). ``pool`` adds settings of the one pool,
     ``pool_manager`` settings of the pool manager.
     """
-    settings = Settings(data_dir=data_dir, listen="127.0.0.1:0")
-    catalog = await start_catalog(settings)
-    channel = open_channel(catalog.address)
-    await register_local_file(
-        catalog_pb2_grpc.CatalogServiceStub(channel), DEFAULT_MODEL_ID, model_path, "local"
-    )
-    await channel.close()
-    pm = await start_pool_manager(
-        PoolManagerSettings(
-            catalog=catalog.address,
+    settings = Settings(
+        data_dir=data_dir,
+        listen="127.0.0.1:0",
+        in_process_link=link == "local",
+        pool_manager=PoolManagerSettings(
             pools=[
                 PoolSettings(
                     pool_id="cpu-0",
@@ -95,22 +79,21 @@ async def start_mesh(
             ],
             **(pool_manager or {}),  # type: ignore[arg-type]
         ),
-        dict(os.environ),
-    )
-    assert await pm.manager.wait_ready(60), pm.manager.pools["cpu-0"].last_error
-    orch = await start_orchestrator(
-        OrchestratorSettings(
-            catalog=catalog.address,
-            pool_managers=[pm.address],
+        orchestrator_service=OrchestratorSettings(
             node_heartbeat_s=0.2,
             journal_path=data_dir / "journal.db",
             **orchestrator_overrides,  # type: ignore[arg-type]
         ),
-        "127.0.0.1:0",
-        {pm.address: LocalPoolManagerStub(pm.servicer)} if link == "local" else None,
     )
-    client = grpc.aio.insecure_channel(f"127.0.0.1:{orch.port}")
-    return Mesh(catalog, pm, orch, client, orchestrator_pb2_grpc.OrchestratorServiceStub(client))
+    services = await start_mesh_services(settings, dict(os.environ), {DEFAULT_MODEL_ID: model_path})
+    client = grpc.aio.insecure_channel(services.address)
+    return Mesh(
+        services.catalog,
+        services.pool_manager,
+        services.orchestrator,
+        client,
+        orchestrator_pb2_grpc.OrchestratorServiceStub(client),
+    )
 
 
 async def restart_orchestrator(mesh: Mesh, data_dir: Path) -> OrchestratorApp:
@@ -130,9 +113,7 @@ async def restart_orchestrator(mesh: Mesh, data_dir: Path) -> OrchestratorApp:
 async def stop_mesh(mesh: Mesh) -> None:
     """Stops everything start_mesh started."""
     await mesh.channel.close()
-    await mesh.orchestrator.stop()
-    await mesh.pool_manager.stop()
-    await mesh.catalog.stop()
+    await mesh.stop()
 
 
 # Every test on a mesh runs twice: orchestrator → pool manager over gRPC, and in-process.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mesh.gateway import find_gateway
+from launch.gateway import find_gateway
 from tests.bench.runner import run_bench
 
 

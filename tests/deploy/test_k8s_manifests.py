@@ -16,7 +16,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from mesh.gateway import find_gateway
+from launch.gateway import find_gateway
 from mesh.settings import ConfigError, Settings, load_settings
 from mesh.tls import init_ca, issue
 

@@ -7,7 +7,6 @@ import os
 import re
 import socket
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,8 +17,11 @@ from llorch.catalog.v1 import catalog_pb2_grpc
 from llorch.common.v1 import common_pb2
 from llorch.orchestrator.v1 import orchestrator_pb2
 
+from launch.harness import LLORCH, start_llorch
 from mesh.server import open_channel
 from provisioners.models import register_local_file
+
+__all__ = ["start_llorch"]  # the tests' way to start ``llorch up`` or ``serve`` (launch.harness)
 
 if TYPE_CHECKING:
     from tests.conftest import Mesh
@@ -104,35 +106,13 @@ def status_details(status: status_pb2.Status) -> dict[str, Any]:
     return found
 
 
-def start_llorch(
-    args: list[str], env: dict[str, str], log: Path | None = None
-) -> tuple[subprocess.Popen[str], str]:
-    """Starts ``llorch <args>`` (``up`` or ``serve ...``) with ``env`` added to this process's
-    environment; returns the process and the address from its ready line. Its logs go to
-    ``log`` (appended), or are dropped: most tests look at what it serves."""
-    stderr = log.open("a") if log is not None else subprocess.DEVNULL
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mesh.cli", *args],
-        stdout=subprocess.PIPE,
-        stderr=stderr,
-        text=True,
-        env={**os.environ, **env},
-    )
-    if log is not None:
-        stderr.close()  # type: ignore[union-attr]  # the child has its own copy
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    assert line.startswith("llorch ready: "), line
-    return proc, line.split()[3]
-
-
 def run_llorch(
     *args: str, timeout: float = 120, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     """Runs ``llorch <args>`` as a user would, to its end, with its output captured; ``env``
     adds to this process's environment."""
     return subprocess.run(
-        [sys.executable, "-m", "mesh.cli", *args],
+        [*LLORCH, *args],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -166,7 +166,7 @@ async def test_cancel_in_the_turn_a_task_is_placed_frees_its_slot(mesh: Mesh) ->
         task = await orch.submit(spec, correlation_id="c", timeout_s=None)
         orch.cancel(task.task_id)
     await asyncio.sleep(0.05)
-    views = mesh.orchestrator.orchestrator._registry.views()
+    views = mesh.orchestrator.orchestrator.registry.views()
     assert [v.in_flight for v in views] == [0]
     got = await collect(
         mesh.stub.Generate(generate_request(max_tokens=4, ignore_eos=True), timeout=10)

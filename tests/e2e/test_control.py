@@ -268,7 +268,7 @@ async def test_bad_reload_and_preload_requests_name_the_field(mesh: Mesh) -> Non
 
 async def test_one_change_of_a_pool_at_a_time(mesh: Mesh) -> None:
     node = mesh.pool_manager.manager.node_id
-    registry = mesh.orchestrator.orchestrator._registry
+    registry = mesh.orchestrator.orchestrator.registry
     # As while an on-demand load runs on the pool (set directly: a load on the tiny model
     # is over before a second request could be sent).
     registry.set_changing(f"{node}/cpu-0", "other-llama")

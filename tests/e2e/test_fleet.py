@@ -88,7 +88,7 @@ async def fleet(tmp_path: Path, long_model: Path) -> AsyncIterator[Fleet]:
         )
         # Every pool ready before the tests place work.
         async with asyncio.timeout(60):
-            while sum(v.ready for v in orch.orchestrator._registry.views()) < 3:  # noqa: ASYNC110
+            while sum(v.ready for v in orch.orchestrator.registry.views()) < 3:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
         client = grpc.aio.insecure_channel(f"127.0.0.1:{orch.port}")
         yield Fleet(

@@ -8,17 +8,15 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from mesh.gateway import find_gateway
+from launch.gateway import find_gateway
+from launch.harness import LLORCH
 from tests.e2e.helpers import start_llorch
-
-LLORCH = [sys.executable, "-m", "mesh.cli"]
 
 
 def _children(pid: int) -> set[int]:

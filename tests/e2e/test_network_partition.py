@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +29,7 @@ from llorch.orchestrator.v1 import (
     orchestrator_pb2_grpc,
 )
 
+from launch.harness import LLORCH
 from mesh.apikeys import ApiKeyStore
 from mesh.server import open_channel
 from mesh.tls import issue
@@ -80,7 +80,7 @@ def _serve(
 ) -> tuple[subprocess.Popen[str], str]:
     prefix = ["ip", "netns", "exec", NETNS] if in_netns else []
     proc = subprocess.Popen(
-        [*prefix, sys.executable, "-m", "mesh.cli", *args],
+        [*prefix, *LLORCH, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

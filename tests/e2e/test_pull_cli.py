@@ -196,7 +196,7 @@ async def test_pulls_killed_at_any_moment_leave_the_catalog_and_store_consistent
     command = [
         sys.executable,
         "-m",
-        "mesh.cli",
+        "launch.cli",
         "models",
         "pull",
         f"{server.url}/slow/crashy.gguf",

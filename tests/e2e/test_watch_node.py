@@ -70,7 +70,7 @@ async def test_the_orchestrator_marks_a_lost_pool_manager_unreachable(
     # Over gRPC only: an in-process pool manager cannot be lost without the orchestrator.
     mesh = await start_mesh(tmp_path, tiny_model, "grpc")
     try:
-        registry = mesh.orchestrator.orchestrator._registry
+        registry = mesh.orchestrator.orchestrator.registry
         assert all(v.reachable for v in registry.views())
         await mesh.pool_manager.server.stop(grace_s=0)
         started = time.monotonic()
@@ -107,7 +107,7 @@ async def test_the_models_a_node_stores_reach_placement(mesh: Mesh, tmp_path: Pa
             pushed = await anext(stream)
         assert list(pushed.node.stored_models) == ["other-llama", "tiny-llama"]
         call.cancel()
-    registry = mesh.orchestrator.orchestrator._registry
+    registry = mesh.orchestrator.orchestrator.registry
     for _ in range(100):  # the orchestrator's own watch stream brings it within a heartbeat
         if registry.views()[0].disk_models == {"other-llama", "tiny-llama"}:
             break

@@ -74,7 +74,7 @@ def test_keys_are_shown_once_listed_by_fingerprint_and_revoked(tmp_path: Path) -
 
 def test_a_service_refuses_to_listen_off_loopback_without_tls(tmp_path: Path) -> None:
     refused = subprocess.run(
-        [sys.executable, "-m", "mesh.cli", "serve", "catalog", "--data-dir", str(tmp_path)],
+        [sys.executable, "-m", "launch.cli", "serve", "catalog", "--data-dir", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=60,
