@@ -18,7 +18,7 @@ engine). The last line is JSON.
 from __future__ import annotations
 
 # llama_cpp before anything that loads numpy's libraries (see bench/relay.py).
-import llama_cpp  # isort: skip
+import llama_cpp  # noqa: F401  # isort: skip
 
 import argparse
 import json
@@ -116,7 +116,7 @@ def measure(engine: LlamaEngine) -> dict[str, object]:
         reset(engine)
         step(k)
         assert engine.decode() == 0
-        raw = llama_cpp.llama_get_logits_ith(engine._ctx, 0)
+        raw = engine.logits(0)
         return np.ctypeslib.as_array(raw, shape=(engine.n_vocab,)).copy()
 
     alone = logits_of(1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import llama_cpp
+import llama_cpp  # noqa: F401  -- loaded before numpy, as in bench/relay.py
 import numpy as np
 
 from poolmanager.worker.engine import LlamaEngine
@@ -32,9 +32,7 @@ def smallest_margin(model: Path, prompt: str, tokens: int) -> float:
         smallest = float("inf")
         for pos in range(len(ids), len(ids) + tokens):
             assert engine.decode() == 0
-            logits = np.ctypeslib.as_array(
-                llama_cpp.llama_get_logits_ith(engine._ctx, index), shape=(engine.n_vocab,)
-            ).copy()
+            logits = np.ctypeslib.as_array(engine.logits(index), shape=(engine.n_vocab,)).copy()
             logits[list(engine.eog_tokens)] = -np.inf
             second, best = np.sort(logits)[-2:]
             smallest = min(smallest, float(best - second))

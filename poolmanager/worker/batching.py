@@ -120,6 +120,11 @@ class BatchEngine:
         self._cancels.update(cmd.id for cmd, _ in self._waiting)
         self._cancels.update(self._by_id)
 
+    def seq_id_of(self, exec_id: str) -> int | None:
+        """The sequence id an admitted execution decodes on (None if not admitted or ended)."""
+        seq = self._by_id.get(exec_id)
+        return None if seq is None else seq.seq_id
+
     @property
     def idle(self) -> bool:
         """Nothing waits, runs or is to be cancelled."""

@@ -302,6 +302,18 @@ class LlamaEngine:
             raise EngineMisuse(f"no logits at batch index {batch_index}")
         return int(self._ll.llama_sampler_sample(sampler.handle, self._ctx, batch_index))
 
+    def logits(self, batch_index: int) -> Any:
+        """The raw logits of ``batch_index`` of the last decode: a ctypes float pointer,
+        ``n_vocab`` long, valid until the next decode (for checks and measurements; the
+        samplers read them in place).
+
+        Raises:
+            EngineMisuse: no logits were asked for at that index.
+        """
+        if batch_index not in self._logits_at:
+            raise EngineMisuse(f"no logits at batch index {batch_index}")
+        return self._ll.llama_get_logits_ith(self._ctx, batch_index)
+
     # ----- the batch ------------------------------------------------------------------------
 
     @property

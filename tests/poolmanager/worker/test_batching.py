@@ -167,7 +167,8 @@ def test_cancel_mid_way_frees_the_cells_and_leaves_the_others_unchanged(
     runner.submit(*cmds)
     while len(runner.streams["c1"].ids) < 10:
         runner.step()
-    victim = runner.batcher._by_id["c1"].seq_id
+    victim = runner.batcher.seq_id_of("c1")
+    assert victim is not None
     assert engine.cells_used(victim) > 10
     runner.batcher.cancel("c1")
     events = runner.step()
