@@ -4,8 +4,9 @@ dispatch, relay failover, on-demand swaps and journal recovery, without worker p
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -42,13 +43,17 @@ async def until(condition: Callable[[], bool]) -> None:
         await asyncio.sleep(0.005)
 
 
+Start = Callable[..., Awaitable[Orchestrator]]
+"""``orchestrator_on``'s arguments; the orchestrator, started."""
+
+
 @pytest.fixture
-async def started() -> AsyncIterator[Callable[..., object]]:
+async def started() -> AsyncIterator[Start]:
     """Starts orchestrators and stops them after the test."""
     running: list[Orchestrator] = []
 
-    async def start(*args: object, **kwargs: object) -> Orchestrator:
-        orch = orchestrator_on(*args, **kwargs)  # type: ignore[arg-type]
+    async def start(*args: Any, **kwargs: Any) -> Orchestrator:
+        orch = orchestrator_on(*args, **kwargs)
         await orch.start()
         running.append(orch)
         return orch
@@ -58,7 +63,7 @@ async def started() -> AsyncIterator[Callable[..., object]]:
         await orch.stop()
 
 
-async def test_a_task_waits_for_the_busy_slot_then_runs_there(started) -> None:  # type: ignore[no-untyped-def]
+async def test_a_task_waits_for_the_busy_slot_then_runs_there(started: Start) -> None:
     node = FakePoolManager("n1")
     node.add_pool("p", "m", slots=1)
     gate = asyncio.Event()
@@ -76,7 +81,7 @@ async def test_a_task_waits_for_the_busy_slot_then_runs_there(started) -> None: 
     assert [e.request.task_id for e in node.executed] == [first.task_id, second.task_id]
 
 
-async def test_the_least_loaded_pool_takes_the_next_task(started) -> None:  # type: ignore[no-untyped-def]
+async def test_the_least_loaded_pool_takes_the_next_task(started: Start) -> None:
     a, b = FakePoolManager("a"), FakePoolManager("b")
     a.add_pool("p", "m", slots=2)
     b.add_pool("p", "m", slots=2)
@@ -91,7 +96,7 @@ async def test_the_least_loaded_pool_takes_the_next_task(started) -> None:  # ty
         assert (await ended(task)).state is TaskState.SUCCEEDED
 
 
-async def test_a_crash_before_the_first_token_fails_over_to_another_pool(started) -> None:  # type: ignore[no-untyped-def]
+async def test_a_crash_before_the_first_token_fails_over_to_another_pool(started: Start) -> None:
     a, b = FakePoolManager("a"), FakePoolManager("b")
     a.add_pool("p", "m")
     b.add_pool("p", "m")
@@ -105,7 +110,7 @@ async def test_a_crash_before_the_first_token_fails_over_to_another_pool(started
     assert len(a.executed) + len(b.executed) == 3
 
 
-async def test_failover_stops_at_max_attempts_with_the_pools_error(started) -> None:  # type: ignore[no-untyped-def]
+async def test_failover_stops_at_max_attempts_with_the_pools_error(started: Start) -> None:
     node = FakePoolManager("n1")
     node.add_pool("p", "m")
     crash = UnavailableError("worker crashed", reason="WORKER_CRASHED", retry_delay_s=1.0)
@@ -117,7 +122,7 @@ async def test_failover_stops_at_max_attempts_with_the_pools_error(started) -> N
     assert len(node.executed) == 2
 
 
-async def test_a_failure_after_a_token_is_not_retried(started) -> None:  # type: ignore[no-untyped-def]
+async def test_a_failure_after_a_token_is_not_retried(started: Start) -> None:
     node = FakePoolManager("n1")
     node.add_pool("p", "m")
     crash = UnavailableError("worker crashed", reason="WORKER_CRASHED", retry_delay_s=1.0)
@@ -129,7 +134,7 @@ async def test_a_failure_after_a_token_is_not_retried(started) -> None:  # type:
     assert len(node.executed) == 1
 
 
-async def test_a_lost_node_fails_its_running_task_over(started) -> None:  # type: ignore[no-untyped-def]
+async def test_a_lost_node_fails_its_running_task_over(started: Start) -> None:
     a, b = FakePoolManager("a"), FakePoolManager("b")
     a.add_pool("p", "m")
     b.add_pool("p", "m", state=LOADING)
@@ -146,7 +151,7 @@ async def test_a_lost_node_fails_its_running_task_over(started) -> None:  # type
     assert not orch.registry.reachable("a")
 
 
-async def test_a_task_for_another_model_swaps_an_idle_pool(started) -> None:  # type: ignore[no-untyped-def]
+async def test_a_task_for_another_model_swaps_an_idle_pool(started: Start) -> None:
     node = FakePoolManager("n1")
     node.add_pool("p", "m", can_load=True)
     orch = await started(FakeCatalog("m", "other"), node)
@@ -156,7 +161,7 @@ async def test_a_task_for_another_model_swaps_an_idle_pool(started) -> None:  # 
     assert node.pools["p"].model_id == "other"
 
 
-async def test_a_busy_pool_is_not_swapped(started) -> None:  # type: ignore[no-untyped-def]
+async def test_a_busy_pool_is_not_swapped(started: Start) -> None:
     node = FakePoolManager("n1")
     node.add_pool("p", "m", can_load=True)
     gate = asyncio.Event()
@@ -172,7 +177,9 @@ async def test_a_busy_pool_is_not_swapped(started) -> None:  # type: ignore[no-u
     assert [r.model_id for r in node.reloads] == ["other"]
 
 
-async def test_a_model_that_cannot_load_ends_its_tasks_and_is_not_tried_again(started) -> None:  # type: ignore[no-untyped-def]
+async def test_a_model_that_cannot_load_ends_its_tasks_and_is_not_tried_again(
+    started: Start,
+) -> None:
     node = FakePoolManager("n1")
     node.add_pool("p", "m", can_load=True)
     node.reload_error = FailedPreconditionError("does not fit in VRAM", reason="VRAM_INSUFFICIENT")
@@ -190,7 +197,7 @@ async def test_a_model_that_cannot_load_ends_its_tasks_and_is_not_tried_again(st
 
 
 async def test_queued_tasks_survive_a_restart_in_their_order(
-    started,  # type: ignore[no-untyped-def]
+    started: Start,
     tmp_path: Path,
 ) -> None:
     node = FakePoolManager("n1")
