@@ -15,13 +15,22 @@ _CALL_TIMEOUT_S = 10.0
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What admission needs to know about a model."""
+    """What admission and chat need to know about a model."""
 
     model_id: str
     context_length: int
     active: bool
     size_bytes: int = 0
     """The model file's size: the least VRAM its weights take."""
+    chat_template: str = ""
+    """The model's chat template (Jinja2); empty when it has none, and then it takes prompts
+    only."""
+    bos_token: str = ""
+    """Text of the beginning-of-sequence token, for the template."""
+    eos_token: str = ""
+    """Text of the end-of-sequence token, for the template."""
+    control_tokens: tuple[str, ...] = ()
+    """Texts of the vocabulary's control tokens, which chat message content may not contain."""
 
 
 class CatalogClient:
@@ -50,6 +59,10 @@ class CatalogClient:
             context_length=model.facts.context_length,
             active=model.state == catalog_pb2.MODEL_STATE_ACTIVE,
             size_bytes=model.size_bytes,
+            chat_template=model.facts.chat_template,
+            bos_token=model.facts.bos_token,
+            eos_token=model.facts.eos_token,
+            control_tokens=tuple(model.facts.control_tokens),
         )
         self._cache[model_id] = (now, info)
         return info

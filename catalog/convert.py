@@ -17,6 +17,10 @@ from mesh.ids import check_name
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
 MAX_INT64 = 2**63 - 1  # SQLite integers are signed 64-bit
 
+MAX_CHAT_TEMPLATE_BYTES = 256 * 1024
+MAX_CONTROL_TOKENS = 4096
+MAX_TOKEN_TEXT_BYTES = 256
+
 STATE_TO_PB = {
     ModelState.ACTIVE: catalog_pb2.MODEL_STATE_ACTIVE,
     ModelState.RETIRED: catalog_pb2.MODEL_STATE_RETIRED,
@@ -122,6 +126,10 @@ def model_to_pb(record: ModelRecord) -> catalog_pb2.Model:
             context_length=record.context_length,
             block_count=record.block_count,
             embedding_length=record.embedding_length,
+            chat_template=record.chat_template,
+            bos_token=record.bos_token,
+            eos_token=record.eos_token,
+            control_tokens=list(record.control_tokens),
         ),
         state=STATE_TO_PB[record.state],
         pinned=record.pinned,
@@ -146,6 +154,7 @@ def model_record_from_pb(model: catalog_pb2.Model) -> ModelRecord:
         raise InvalidArgumentError("model.facts.architecture", "is required")
     if model.facts.context_length == 0:
         raise InvalidArgumentError("model.facts.context_length", "must be > 0")
+    _check_tokenizer_facts(model.facts)
     if model.state == catalog_pb2.MODEL_STATE_UNSPECIFIED:
         state = ModelState.ACTIVE
     elif model.state in STATE_FROM_PB:
@@ -165,4 +174,30 @@ def model_record_from_pb(model: catalog_pb2.Model) -> ModelRecord:
         embedding_length=model.facts.embedding_length,
         state=state,
         pinned=model.pinned,
+        chat_template=model.facts.chat_template,
+        bos_token=model.facts.bos_token,
+        eos_token=model.facts.eos_token,
+        control_tokens=tuple(model.facts.control_tokens),
     )
+
+
+def _check_tokenizer_facts(facts: catalog_pb2.ModelFacts) -> None:
+    """Bounds on the tokenizer facts, which every GetModel answer carries."""
+    if len(facts.chat_template.encode()) > MAX_CHAT_TEMPLATE_BYTES:
+        raise InvalidArgumentError(
+            "model.facts.chat_template", f"must be at most {MAX_CHAT_TEMPLATE_BYTES} bytes"
+        )
+    for name in ("bos_token", "eos_token"):
+        if len(getattr(facts, name).encode()) > MAX_TOKEN_TEXT_BYTES:
+            raise InvalidArgumentError(
+                f"model.facts.{name}", f"must be at most {MAX_TOKEN_TEXT_BYTES} bytes"
+            )
+    if len(facts.control_tokens) > MAX_CONTROL_TOKENS:
+        raise InvalidArgumentError(
+            "model.facts.control_tokens", f"must be at most {MAX_CONTROL_TOKENS} tokens"
+        )
+    for i, token in enumerate(facts.control_tokens):
+        if len(token.encode()) > MAX_TOKEN_TEXT_BYTES:
+            raise InvalidArgumentError(
+                f"model.facts.control_tokens[{i}]", f"must be at most {MAX_TOKEN_TEXT_BYTES} bytes"
+            )

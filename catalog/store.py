@@ -30,7 +30,11 @@ CREATE TABLE IF NOT EXISTS models (
     pinned INTEGER NOT NULL DEFAULT 0,
     created_unix_ms INTEGER NOT NULL,
     last_used_unix_ms INTEGER NOT NULL DEFAULT 0,
-    state_changed_unix_ms INTEGER NOT NULL DEFAULT 0
+    state_changed_unix_ms INTEGER NOT NULL DEFAULT 0,
+    chat_template TEXT NOT NULL DEFAULT '',
+    bos_token TEXT NOT NULL DEFAULT '',
+    eos_token TEXT NOT NULL DEFAULT '',
+    control_tokens TEXT NOT NULL DEFAULT '[]'
 );
 CREATE TABLE IF NOT EXISTS replicas (
     model_id TEXT NOT NULL REFERENCES models(model_id) ON DELETE CASCADE,
@@ -57,6 +61,40 @@ CREATE TABLE IF NOT EXISTS gc_policies (
     policy_json TEXT NOT NULL
 );
 """
+
+# Columns of ``models`` added after its first release (the CREATE TABLE above has them too): a
+# catalog from before a column gets it, with its default, when it opens.
+_ADDED_MODEL_COLUMNS = (
+    ("state_changed_unix_ms", "INTEGER NOT NULL DEFAULT 0"),
+    ("chat_template", "TEXT NOT NULL DEFAULT ''"),
+    ("bos_token", "TEXT NOT NULL DEFAULT ''"),
+    ("eos_token", "TEXT NOT NULL DEFAULT ''"),
+    ("control_tokens", "TEXT NOT NULL DEFAULT '[]'"),  # a JSON array of strings
+)
+_MODEL_COLUMNS = (
+    "model_id",
+    "source_ref",
+    "sha256",
+    "size_bytes",
+    "architecture",
+    "parameter_count",
+    "file_type",
+    "context_length",
+    "block_count",
+    "embedding_length",
+    "state",
+    "pinned",
+    "created_unix_ms",
+    "chat_template",
+    "bos_token",
+    "eos_token",
+    "control_tokens",
+)
+"""The columns a registration writes (the others keep their defaults)."""
+_INSERT_MODEL = (
+    f"INSERT INTO models ({', '.join(_MODEL_COLUMNS)}) "
+    f"VALUES ({','.join('?' * len(_MODEL_COLUMNS))})"
+)
 
 
 class ModelState(enum.Enum):
@@ -86,6 +124,20 @@ class ModelRecord:
     last_used_unix_ms: int = 0
     state_changed_unix_ms: int = 0
     """When the state last changed (0: never since registration)."""
+    chat_template: str = ""
+    """The file's ``tokenizer.chat_template``; empty when it has none (or the model was
+    registered before the catalog recorded it)."""
+    bos_token: str = ""
+    """Text of the beginning-of-sequence token."""
+    eos_token: str = ""
+    """Text of the end-of-sequence token."""
+    control_tokens: tuple[str, ...] = ()
+    """Texts of the vocabulary's control tokens, in vocabulary order."""
+
+    @property
+    def has_tokenizer_facts(self) -> bool:
+        """Whether any of the tokenizer facts (template, BOS/EOS, control tokens) is known."""
+        return bool(self.chat_template or self.bos_token or self.eos_token or self.control_tokens)
 
 
 @dataclass(frozen=True)
@@ -144,10 +196,9 @@ class CatalogStore:
             self._conn.execute("PRAGMA busy_timeout=5000")
             self._conn.executescript(_SCHEMA)
             columns = {row["name"] for row in self._conn.execute("PRAGMA table_info(models)")}
-            if "state_changed_unix_ms" not in columns:  # a catalog from before the column
-                self._conn.execute(
-                    "ALTER TABLE models ADD COLUMN state_changed_unix_ms INTEGER NOT NULL DEFAULT 0"
-                )
+            for name, declaration in _ADDED_MODEL_COLUMNS:
+                if name not in columns:  # a catalog from before the column
+                    self._conn.execute(f"ALTER TABLE models ADD COLUMN {name} {declaration}")
 
     def close(self) -> None:
         """Closes the database."""
@@ -156,6 +207,9 @@ class CatalogStore:
 
     def register(self, model: ModelRecord, replicas: list[ReplicaRecord]) -> ModelRecord:
         """Inserts the model (or keeps the identical existing one) and adds the replicas.
+
+        The existing record of the same file gets the tokenizer facts of ``model`` when it has
+        none: it was registered before the catalog recorded them.
 
         Raises:
             ConflictError: the id is taken by a file with another sha256.
@@ -170,7 +224,7 @@ class CatalogStore:
                     )
                 if existing is None:
                     self._conn.execute(
-                        "INSERT INTO models VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                        _INSERT_MODEL,
                         (
                             model.model_id,
                             model.source_ref,
@@ -185,9 +239,14 @@ class CatalogStore:
                             model.state.value,
                             int(model.pinned),
                             model.created_unix_ms or _now_ms(),
-                            0,
-                            0,
+                            *_tokenizer_columns(model),
                         ),
+                    )
+                elif model.has_tokenizer_facts and not existing.has_tokenizer_facts:
+                    self._conn.execute(
+                        "UPDATE models SET chat_template = ?, bos_token = ?, eos_token = ?, "
+                        "control_tokens = ? WHERE model_id = ?",
+                        (*_tokenizer_columns(model), model.model_id),
                     )
                 for rep in replicas:
                     self._conn.execute(
@@ -406,6 +465,19 @@ def _model(row: sqlite3.Row) -> ModelRecord:
         created_unix_ms=row["created_unix_ms"],
         last_used_unix_ms=row["last_used_unix_ms"],
         state_changed_unix_ms=row["state_changed_unix_ms"],
+        chat_template=row["chat_template"],
+        bos_token=row["bos_token"],
+        eos_token=row["eos_token"],
+        control_tokens=tuple(json.loads(row["control_tokens"])),
+    )
+
+
+def _tokenizer_columns(model: ModelRecord) -> tuple[str, str, str, str]:
+    return (
+        model.chat_template,
+        model.bos_token,
+        model.eos_token,
+        json.dumps(list(model.control_tokens), ensure_ascii=False),
     )
 
 

@@ -11,6 +11,8 @@ from mesh.errors import InvalidArgumentError
 
 MAX_STOP_SEQUENCES = 8
 MAX_STOP_BYTES = 256
+MAX_GRAMMAR_BYTES = 256 * 1024
+"""Largest GBNF grammar an execution may carry (a response format compiles to one)."""
 
 FINISH_REASON_TO_PB = {
     "stop": common_pb2.FINISH_REASON_STOP,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from typing import Protocol
 
 from llorch.common.v1 import common_pb2
@@ -11,6 +12,8 @@ from llorch.orchestrator.v1 import orchestrator_pb2
 from mesh.common_types import FINISH_REASON_TO_PB, check_sampling
 from mesh.errors import InvalidArgumentError, LlorchError
 from mesh.ids import check_name
+from orchestrator.chat import ChatMessage
+from orchestrator.structured import grammar_of
 from orchestrator.tasks import (
     Finished,
     Metrics,
@@ -48,6 +51,15 @@ _STATE_TO_PB = {
 }
 
 
+_ROLE_FROM_PB = {
+    orchestrator_pb2.ROLE_SYSTEM: "system",
+    orchestrator_pb2.ROLE_USER: "user",
+    orchestrator_pb2.ROLE_ASSISTANT: "assistant",
+    orchestrator_pb2.ROLE_TOOL: "tool",
+}
+MAX_MESSAGES = 1024
+
+
 class TaskRequest(Protocol):
     """GenerateRequest and SubmitTaskRequest share these fields."""
 
@@ -55,6 +67,35 @@ class TaskRequest(Protocol):
     prompt: str
     sampling: common_pb2.SamplingParams
     priority: int
+
+    @property
+    def messages(self) -> Sequence[orchestrator_pb2.ChatMessage]: ...
+
+    @property
+    def response_format(self) -> orchestrator_pb2.ResponseFormat: ...
+
+
+def _messages_from_pb(
+    messages: Sequence[orchestrator_pb2.ChatMessage], max_prompt_bytes: int
+) -> tuple[ChatMessage, ...]:
+    if len(messages) > MAX_MESSAGES:
+        raise InvalidArgumentError("messages", f"has more than {MAX_MESSAGES} messages")
+    out: list[ChatMessage] = []
+    total = 0
+    for i, message in enumerate(messages):
+        role = _ROLE_FROM_PB.get(message.role)
+        if role is None:
+            raise InvalidArgumentError(
+                f"messages[{i}].role",
+                "is required" if message.role == 0 else f"unknown value {message.role}",
+            )
+        total += len(message.content.encode("utf-8"))
+        out.append(ChatMessage(role, message.content))
+    if total > max_prompt_bytes:
+        raise InvalidArgumentError(
+            "messages", f"hold {total} bytes of content; the limit is {max_prompt_bytes} bytes"
+        )
+    return tuple(out)
 
 
 def spec_from_pb(
@@ -67,13 +108,15 @@ def spec_from_pb(
 ) -> TaskSpec:
     """Validates a request and resolves the defaults of its sampling parameters."""
     model_id = check_name(request.model_id, "model_id")
-    if not request.prompt:
-        raise InvalidArgumentError("prompt", "is required")
-    prompt_bytes = len(request.prompt.encode("utf-8"))
-    if prompt_bytes > max_prompt_bytes:
-        raise InvalidArgumentError(
-            "prompt", f"is {prompt_bytes} bytes; the limit is {max_prompt_bytes} bytes"
-        )
+    messages: tuple[ChatMessage, ...] = ()
+    if request.messages:
+        if request.prompt:
+            raise InvalidArgumentError("prompt", "must be empty when messages are given")
+        messages = _messages_from_pb(request.messages, max_prompt_bytes)
+    elif not request.prompt:
+        raise InvalidArgumentError("prompt", "is required (or messages)")
+    else:
+        check_prompt_size("prompt", request.prompt, max_prompt_bytes)
     if request.priority not in _PRIORITY_FROM_PB:
         raise InvalidArgumentError("priority", f"unknown value {request.priority}")
     if len(request_id.encode()) > MAX_REQUEST_ID_BYTES:
@@ -87,6 +130,13 @@ def spec_from_pb(
     top_p = s.top_p if s.HasField("top_p") else DEFAULT_TOP_P
     top_k = s.top_k if s.HasField("top_k") else DEFAULT_TOP_K
     check_sampling(temperature, top_p, top_k, s.stop)
+    grammar = grammar_of(request.response_format, "response_format")
+    if grammar and s.ignore_eos:
+        raise InvalidArgumentError(
+            "sampling.ignore_eos",
+            "cannot be set with a response_format: the grammar ends the text with the "
+            "end-of-sequence token",
+        )
     # A sampling seed is no secret: the fast generator will do (os.urandom per task showed).
     seed = s.seed if s.HasField("seed") else random.getrandbits(32)
     spec = TaskSpec(
@@ -105,8 +155,19 @@ def spec_from_pb(
         request_id=request_id,
         max_tokens_defaulted=defaulted,
         tenant=tenant,
+        messages=messages,
+        grammar=grammar,
     )
     return spec
+
+
+def check_prompt_size(field: str, prompt: str, max_prompt_bytes: int) -> None:
+    """Refuses a prompt (as sent, or as rendered from messages) above the size limit."""
+    prompt_bytes = len(prompt.encode("utf-8"))
+    if prompt_bytes > max_prompt_bytes:
+        raise InvalidArgumentError(
+            field, f"is {prompt_bytes} bytes; the limit is {max_prompt_bytes} bytes"
+        )
 
 
 def event_to_pb(task_id: str, event: TaskEvent) -> orchestrator_pb2.TaskEvent:

@@ -299,6 +299,8 @@ def spec_to_json(spec: TaskSpec) -> dict[str, Any]:
         "request_id": spec.request_id,
         "max_tokens_defaulted": spec.max_tokens_defaulted,
         "tenant": spec.tenant,
+        "templated": spec.templated,
+        "grammar": spec.grammar,
     }
 
 
@@ -314,4 +316,6 @@ def spec_from_json(data: dict[str, Any]) -> TaskSpec:
         request_id=data.get("request_id", ""),
         max_tokens_defaulted=bool(data.get("max_tokens_defaulted")),
         tenant=data.get("tenant", "default"),
+        templated=bool(data.get("templated")),
+        grammar=data.get("grammar", ""),
     )

@@ -165,6 +165,8 @@ class Relay:
                 ignore_eos=s.ignore_eos,
             ),
             max_tokens_defaulted=spec.max_tokens_defaulted,
+            templated=spec.templated,
+            grammar=spec.grammar,
         )
         timeout = None if task.deadline is None else max(0.001, task.deadline - self._clock())
         # The call carries the task's trace context (dispatch_metadata), never that of the call

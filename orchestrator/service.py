@@ -22,6 +22,7 @@ from dataclasses import replace
 
 from llorch.poolmanager.v1 import poolmanager_pb2
 
+from catalog.client import ModelInfo
 from mesh import logs, tracing
 from mesh.errors import CancelledError as TaskCancelledError
 from mesh.errors import (
@@ -35,6 +36,7 @@ from mesh.errors import (
 from mesh.ids import random_id
 from mesh.settings import OrchestratorSettings
 from orchestrator.admission import AdmissionQueue, QueueFullError, WhenFull
+from orchestrator.chat import ChatTemplate, render
 from orchestrator.dispatch import Dispatcher
 from orchestrator.forecast import Forecaster
 from orchestrator.journal import Journal
@@ -213,6 +215,31 @@ class Orchestrator:
             await asyncio.gather(*commits)
         return results
 
+    def _rendered(self, spec: TaskSpec, info: ModelInfo) -> TaskSpec:
+        """The task with its messages rendered into its prompt: once, before it is queued (and
+        journaled), so the text that counts against the size limit and the context is the
+        text that runs, on this or any later attempt.
+
+        Raises:
+            FailedPreconditionError: the model has no chat template.
+            InvalidArgumentError: naming ``messages``: the template refused them, or what it
+                rendered is above the prompt size limit.
+        """
+        template = ChatTemplate(
+            info.model_id, info.chat_template, info.bos_token, info.eos_token, info.control_tokens
+        )
+        prompt = render(template, spec.messages)
+        size = len(prompt.encode("utf-8"))
+        if size > self._settings.max_prompt_bytes:
+            raise InvalidArgumentError(
+                "messages",
+                f"render to a prompt of {size} bytes; the limit is "
+                f"{self._settings.max_prompt_bytes} bytes",
+            )
+        if not prompt:
+            raise InvalidArgumentError("messages", "render to an empty prompt")
+        return replace(spec, prompt=prompt, messages=(), templated=True)
+
     async def _admit(
         self,
         spec: TaskSpec,
@@ -235,6 +262,8 @@ class Orchestrator:
             raise FailedPreconditionError(
                 f"model {spec.model_id} is retired", reason="MODEL_RETIRED"
             )
+        if spec.messages:
+            spec = self._rendered(spec, info)
         all_views = self._registry.views()
         views = [v for v in all_views if v.model_id == spec.model_id]
         if all_views and not views and not any(v.can_load for v in all_views):

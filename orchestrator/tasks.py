@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from mesh.errors import CancelledError as TaskCancelledError
 from mesh.errors import LlorchError
+from orchestrator.chat import ChatMessage
 
 if TYPE_CHECKING:
     from orchestrator.tracing import TaskTrace
@@ -67,6 +68,13 @@ class TaskSpec:
     """The client left max_tokens unset: the pool may shorten it to fit a long prompt."""
     tenant: str = "default"
     """Whose task it is: the unit of fair sharing in the queue."""
+    messages: tuple[ChatMessage, ...] = ()
+    """A conversation still to be rendered into ``prompt`` (at admission, once); empty after."""
+    templated: bool = False
+    """``prompt`` is a rendered chat template: the worker reads its special-token text as the
+    tokens and adds no BOS."""
+    grammar: str = ""
+    """GBNF the sampled text must follow (the response format); empty for free text."""
 
 
 @dataclass(frozen=True)

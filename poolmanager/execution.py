@@ -44,6 +44,11 @@ class ExecutionSpec:
     stop: tuple[str, ...]
     ignore_eos: bool
     max_tokens_defaulted: bool = False
+    templated: bool = False
+    """The prompt is a rendered chat template (special-token text read as the tokens, no BOS
+    added)."""
+    grammar: str = ""
+    """GBNF every sampled token must follow; empty for none."""
 
 
 @dataclass(frozen=True)
@@ -303,6 +308,8 @@ def _execute_command(spec: ExecutionSpec, traceparent: str) -> Execute:
         stop=spec.stop,
         ignore_eos=spec.ignore_eos,
         max_tokens_defaulted=spec.max_tokens_defaulted,
+        templated=spec.templated,
+        grammar=spec.grammar,
         correlation_id=logs.correlation_id.get() or "",
         traceparent=traceparent,
     )

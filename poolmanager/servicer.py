@@ -9,7 +9,7 @@ from llorch.common.v1 import common_pb2
 from llorch.poolmanager.v1 import poolmanager_pb2, poolmanager_pb2_grpc
 
 from mesh import logs
-from mesh.common_types import FINISH_REASON_TO_PB, check_sampling
+from mesh.common_types import FINISH_REASON_TO_PB, MAX_GRAMMAR_BYTES, check_sampling
 from mesh.errors import FailedPreconditionError, InvalidArgumentError
 from mesh.ids import check_name
 from mesh.server import ServiceBinding
@@ -270,6 +270,12 @@ def _spec_from_pb(request: poolmanager_pb2.ExecuteRequest) -> ExecutionSpec:
     if not s.HasField("max_tokens") or s.max_tokens <= 0:
         raise InvalidArgumentError("sampling.max_tokens", "must be set and > 0")
     check_sampling(s.temperature, s.top_p, s.top_k, s.stop)
+    if len(request.grammar.encode("utf-8")) > MAX_GRAMMAR_BYTES:
+        raise InvalidArgumentError("grammar", f"is longer than {MAX_GRAMMAR_BYTES} bytes")
+    if request.grammar and s.ignore_eos:
+        raise InvalidArgumentError(
+            "sampling.ignore_eos", "cannot be set with a grammar, which ends with end-of-sequence"
+        )
     return ExecutionSpec(
         execution_id=request.execution_id,
         task_id=request.task_id,
@@ -284,6 +290,8 @@ def _spec_from_pb(request: poolmanager_pb2.ExecuteRequest) -> ExecutionSpec:
         stop=tuple(s.stop),
         ignore_eos=s.ignore_eos,
         max_tokens_defaulted=request.max_tokens_defaulted,
+        templated=request.templated,
+        grammar=request.grammar,
     )
 
 

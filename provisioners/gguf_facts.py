@@ -8,6 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import gguf
+import numpy as np
+
+_CONTROL = int(gguf.TokenType.CONTROL)
 
 
 class NotAGgufError(ValueError):
@@ -24,6 +27,14 @@ class GgufFacts:
     context_length: int
     block_count: int
     embedding_length: int
+    chat_template: str = ""
+    """``tokenizer.chat_template``; empty when the file has none."""
+    bos_token: str = ""
+    """Text of the token at ``tokenizer.ggml.bos_token_id``; empty when there is none."""
+    eos_token: str = ""
+    """Text of the token at ``tokenizer.ggml.eos_token_id``; empty when there is none."""
+    control_tokens: tuple[str, ...] = ()
+    """Texts of the tokens of type CONTROL, in vocabulary order."""
 
 
 def read_gguf_facts(path: Path) -> GgufFacts:
@@ -51,6 +62,9 @@ def read_gguf_facts(path: Path) -> GgufFacts:
         file_type_name = file_type_name.removeprefix("MOSTLY_").removeprefix("ALL_")
     except ValueError:
         file_type_name = "UNKNOWN" if file_type is None else f"UNKNOWN_{file_type}"
+    tokens = reader.get_field("tokenizer.ggml.tokens")
+    if tokens is not None and tokens.types != [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING]:
+        tokens = None
     return GgufFacts(
         architecture=arch,
         parameter_count=sum(int(t.n_elements) for t in reader.tensors),
@@ -58,7 +72,44 @@ def read_gguf_facts(path: Path) -> GgufFacts:
         context_length=context_length,
         block_count=int(field(f"{arch}.block_count") or 0),
         embedding_length=int(field(f"{arch}.embedding_length") or 0),
+        chat_template=_text(reader.get_field("tokenizer.chat_template")),
+        bos_token=_token_text(tokens, field("tokenizer.ggml.bos_token_id")),
+        eos_token=_token_text(tokens, field("tokenizer.ggml.eos_token_id")),
+        control_tokens=_control_tokens(reader, tokens),
     )
+
+
+# Texts are decoded leniently: ``ReaderField.contents()`` decodes strictly and would refuse the
+# whole file for one token that is not valid UTF-8 (a few vocabularies have such tokens).
+def _text(value: gguf.ReaderField | None) -> str:
+    """A string field's text; "" when it is absent or not a string."""
+    if value is None or value.types != [gguf.GGUFValueType.STRING]:
+        return ""
+    return bytes(value.parts[-1]).decode("utf-8", errors="replace")
+
+
+def _token_text(tokens: gguf.ReaderField | None, token_id: object) -> str:
+    """Text of one token of the vocabulary; "" when there is no such token."""
+    if tokens is None or not isinstance(token_id, int) or not 0 <= token_id < len(tokens.data):
+        return ""
+    return bytes(tokens.parts[tokens.data[token_id]]).decode("utf-8", errors="replace")
+
+
+def _control_tokens(reader: gguf.GGUFReader, tokens: gguf.ReaderField | None) -> tuple[str, ...]:
+    """Texts of the tokens of type CONTROL, in vocabulary order."""
+    types = reader.get_field("tokenizer.ggml.token_type")
+    if tokens is None or types is None or types.types[:1] != [gguf.GGUFValueType.ARRAY]:
+        return ()
+    if len(types.types) != 2 or not types.data or len(types.data) != len(tokens.data):
+        return ()
+    first = types.parts[types.data[0]]
+    if first.dtype.kind not in "iu":
+        return ()
+    # The types are one contiguous array in the file: one numpy view of it, rather than a Python
+    # step per token (a 128k vocabulary: 0.3 ms instead of 30).
+    start = types.offset + sum(int(part.nbytes) for part in types.parts[: types.data[0]])
+    values = reader.data[start : start + first.nbytes * len(types.data)].view(first.dtype)
+    return tuple(_token_text(tokens, i) for i in np.flatnonzero(values == _CONTROL).tolist())
 
 
 def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:

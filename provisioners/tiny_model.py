@@ -5,6 +5,13 @@ byte-identical file. It is a real llama.cpp model (SPM vocabulary with the 256 b
 byte fallback needs), just untrained: it produces a salad of English words at thousands of
 tokens per second, which is what tests and the relay benchmark need. ``TinyModelSpec.bench()``
 gives a ~170 MiB F16 variant that decodes at a realistic engine speed.
+
+It carries a ChatML chat template, and the template's two control tokens ``<|im_start|>`` and
+``<|im_end|>`` at the end of the vocabulary, so chat can be tested end to end. Their weights come
+from a generator of their own, so every other weight is what it was in the model without them
+(outputs of prompts that do not use them are unchanged). Like ``<s>`` they are never sampled, and
+generations end at ``</s>``, the EOS token (llama.cpp also counts ``<|im_end|>`` as an
+end-of-generation token, by its text).
 """
 
 from __future__ import annotations
@@ -35,6 +42,16 @@ _WORDS = (
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 _PUNCT = [".", ",", "!", "?", ";", ":", "'", "-", "(", ")"]
 _SUPPRESSED_TYPES = (int(gguf.TokenType.BYTE), int(gguf.TokenType.UNKNOWN))
+CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
+"""The chat template's control tokens, the last ids of the vocabulary."""
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+"""The standard ChatML template (its ``\\n`` are Jinja string escapes, as in the models that use
+it)."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +70,8 @@ class TinyModelSpec:
     byte_tokens: bool = False
     """Let generation sample the 256 byte tokens too (tests of characters split across
     tokens); by default they are never sampled, and the text reads as words."""
+    chat_template: str = CHATML_TEMPLATE
+    """``tokenizer.chat_template``; empty for a model without one (no such key)."""
 
     @classmethod
     def bench(cls) -> TinyModelSpec:
@@ -103,6 +122,9 @@ def vocabulary() -> tuple[list[bytes], list[float], list[int]]:
             types.append(int(gguf.TokenType.NORMAL))
     # Longer pieces score higher so the SPM tokenizer prefers whole words.
     scores = [0.0] * 259 + [float(len(t)) - 100.0 for t in tokens[259:]]
+    tokens += [t.encode() for t in CHAT_TOKENS]
+    scores += [0.0] * len(CHAT_TOKENS)
+    types += [int(gguf.TokenType.CONTROL)] * len(CHAT_TOKENS)
     return tokens, scores, types
 
 
@@ -113,13 +135,20 @@ def write_tiny_model(path: Path, spec: TinyModelSpec | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tokens, scores, types = vocabulary()
     n_vocab = len(tokens)
+    n_words = n_vocab - len(CHAT_TOKENS)  # the vocabulary before the chat tokens
     rng = np.random.default_rng(spec.seed)
+    chat_rng = np.random.default_rng(spec.seed + 10_000)  # theirs, so `rng` draws as before
     dtype = np.float32 if spec.dtype == "F32" else np.float16
     head_dim = spec.n_embd // spec.n_head
     n_embd_kv = head_dim * spec.n_head_kv
 
-    def dense(rows: int, cols: int, scale: float) -> np.ndarray:
-        return (rng.standard_normal((rows, cols), dtype=np.float32) * scale).astype(dtype)
+    def dense(rows: int, cols: int, scale: float, gen: np.random.Generator = rng) -> np.ndarray:
+        return (gen.standard_normal((rows, cols), dtype=np.float32) * scale).astype(dtype)
+
+    def vocab_rows(scale: float) -> np.ndarray:
+        """One row per token: the words' from ``rng``, the chat tokens' from ``chat_rng``."""
+        words = dense(n_words, spec.n_embd, scale)
+        return np.concatenate([words, dense(len(CHAT_TOKENS), spec.n_embd, scale, chat_rng)])
 
     def norm() -> np.ndarray:
         return np.ones(spec.n_embd, dtype=np.float32)  # 1-D norms must be F32
@@ -149,13 +178,16 @@ def write_tiny_model(path: Path, spec: TinyModelSpec | None = None) -> Path:
         writer.add_unk_token_id(0)
         writer.add_add_bos_token(True)
         writer.add_add_eos_token(False)
+        if spec.chat_template:
+            writer.add_chat_template(spec.chat_template)
 
         scale = 1.0 / np.sqrt(spec.n_embd)
         # Dimension 0 of every embedding holds a large constant, so it survives the final norm
         # as a steady positive value; output rows with a negative weight there are never
-        # sampled. That keeps byte tokens (and <unk>, <s>) out of the generated text, which then
-        # reads as words instead of broken UTF-8. </s> stays possible, so generations still end.
-        embeddings = dense(n_vocab, spec.n_embd, 1.0)
+        # sampled. That keeps byte tokens (and <unk>, <s>, the chat tokens) out of the generated
+        # text, which then reads as words instead of broken UTF-8. </s> stays possible, so
+        # generations still end.
+        embeddings = vocab_rows(1.0)
         embeddings[:, 0] = 8.0
         writer.add_tensor("token_embd.weight", embeddings)
         for i in range(spec.n_layers):
@@ -172,10 +204,11 @@ def write_tiny_model(path: Path, spec: TinyModelSpec | None = None) -> Path:
             )
         writer.add_tensor("output_norm.weight", norm())
         # A larger output scale makes the next-token distribution peaked, like a trained model's.
-        output = dense(n_vocab, spec.n_embd, 4.0 * scale)
+        output = vocab_rows(4.0 * scale)
         output[:, 0] = 0
         kept_out = _SUPPRESSED_TYPES[1:] if spec.byte_tokens else _SUPPRESSED_TYPES
         suppressed = [i for i, t in enumerate(types) if t in kept_out] + [1]
+        suppressed += range(n_words, n_vocab)  # the chat tokens
         output[suppressed, 0] = -8.0
         writer.add_tensor("output.weight", output)
         writer.write_header_to_file()

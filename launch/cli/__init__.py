@@ -3,6 +3,7 @@
 llorch up                              run the home profile in the foreground
 llorch serve catalog|poolmanager|orchestrator   run one service (a fleet's processes)
 llorch generate --model M "prompt"     stream tokens from the orchestrator
+llorch chat MODEL [--system S] [--schema FILE] [--json]   a conversation, stdin lines as turns
 llorch models list | add NAME PATH | pull REF | rm NAME | retire|activate|pin|unpin NAME
 llorch engines check | list              this node's engine, and every node's recorded
 llorch gc [--dry-run] | gc policy [...]   delete model files by policy; show or set the policy
@@ -22,6 +23,7 @@ import sys
 
 from launch.cli import (
     certs,
+    chat,
     engines,
     gc,
     generate,
@@ -35,7 +37,7 @@ from launch.cli import (
 )
 from mesh.settings import ConfigError
 
-GROUPS = (services, generate, models, gc, engines, top, nodes, pools, certs, keys, tasks)
+GROUPS = (services, generate, chat, models, gc, engines, top, nodes, pools, certs, keys, tasks)
 """The command groups, in the order ``llorch --help`` lists them."""
 
 

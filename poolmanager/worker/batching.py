@@ -30,7 +30,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from poolmanager.worker import log
-from poolmanager.worker.engine import EngineMisuse, LlamaEngine, Sampler
+from poolmanager.worker.engine import EngineMisuse, GrammarError, LlamaEngine, Sampler
 from poolmanager.worker.protocol import (
     Cancelled,
     Done,
@@ -187,6 +187,18 @@ class BatchEngine:
             ):
                 return  # no room for its prompt yet: it waits, and so do those behind it
             self._waiting.popleft()
+            try:
+                sampler = engine.sampler(
+                    temperature=cmd.temperature,
+                    top_k=cmd.top_k,
+                    top_p=cmd.top_p,
+                    seed=cmd.seed,
+                    ignore_eos=cmd.ignore_eos,
+                    grammar=cmd.grammar,
+                )
+            except (GrammarError, EngineMisuse) as exc:
+                out.append(_Refused.invalid(cmd, "grammar", str(exc)).event)
+                continue
             seq_id = heapq.heappop(self._free_ids)
             now = time.perf_counter()
             seq = _Sequence(
@@ -195,13 +207,7 @@ class BatchEngine:
                 order=self._admitted,
                 prompt=prompt,
                 max_tokens=max_tokens,
-                sampler=engine.sampler(
-                    temperature=cmd.temperature,
-                    top_k=cmd.top_k,
-                    top_p=cmd.top_p,
-                    seed=cmd.seed,
-                    ignore_eos=cmd.ignore_eos,
-                ),
+                sampler=sampler,
                 text=TextStream(cmd.stop),
                 queued_at=queued_at,
                 admitted_at=now,
@@ -231,7 +237,7 @@ class BatchEngine:
             raise _Refused.invalid(cmd, "sampling.top_k", "must be >= 0")
         if cmd.max_tokens < 1:
             raise _Refused.invalid(cmd, "sampling.max_tokens", "must be >= 1")
-        prompt = self._engine.tokenize(cmd.prompt)
+        prompt = self._engine.tokenize(cmd.prompt, add_bos=not cmd.templated, special=cmd.templated)
         if not prompt:
             raise _Refused.invalid(cmd, "prompt", "has no tokens")
         max_tokens = cmd.max_tokens

@@ -59,6 +59,10 @@ class EngineMisuse(Exception):
     """A call that would have aborted the process in llama.cpp (a bug of the caller)."""
 
 
+class GrammarError(ValueError):
+    """llama.cpp could not parse a grammar (its log says where)."""
+
+
 class EngineLog:
     """Collects llama.cpp's log lines while a model loads (they say where each layer went),
     then passes on only warnings and errors. The callback object must outlive the engine:
@@ -237,13 +241,14 @@ class LlamaEngine:
 
     # ----- text -----------------------------------------------------------------------------
 
-    def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
-        """Tokens of ``text`` (special-token text is taken literally, never as control)."""
+    def tokenize(self, text: str, *, add_bos: bool = True, special: bool = False) -> list[int]:
+        """Tokens of ``text``. Special-token text (``<|im_start|>``) is taken literally unless
+        ``special``, which reads it as those tokens (for a rendered chat template)."""
         data = text.encode("utf-8")
         size = len(data) + 8
         for _ in range(2):
             out = (self._ll.llama_token * size)()
-            n = self._ll.llama_tokenize(self.vocab, data, len(data), out, size, add_bos, False)
+            n = self._ll.llama_tokenize(self.vocab, data, len(data), out, size, add_bos, special)
             if n >= 0:
                 return list(out[:n])
             size = -n
@@ -266,13 +271,36 @@ class LlamaEngine:
     # ----- samplers -------------------------------------------------------------------------
 
     def sampler(
-        self, *, temperature: float, top_k: int, top_p: float, seed: int, ignore_eos: bool
+        self,
+        *,
+        temperature: float,
+        top_k: int,
+        top_p: float,
+        seed: int,
+        ignore_eos: bool,
+        grammar: str = "",
     ) -> Sampler:
         """A sampler chain of its own for one sequence: temperature 0 is greedy; otherwise
         top_k (0: off), top_p (1: off), temperature, then a seeded draw. ``ignore_eos`` bans
-        every EOG token with a -inf logit bias, as llama.cpp does."""
+        every EOG token with a -inf logit bias, as llama.cpp does. A ``grammar`` (GBNF, root
+        rule ``root``) comes first, so the others choose among the tokens it allows; once it is
+        complete it allows only EOG tokens (never combine it with ``ignore_eos``: nothing would
+        be left to sample, and llama.cpp aborts).
+
+        Raises:
+            GrammarError: llama.cpp could not parse ``grammar``.
+            EngineMisuse: ``grammar`` together with ``ignore_eos``.
+        """
         ll = self._ll
+        if grammar and ignore_eos:
+            raise EngineMisuse("a grammar cannot be combined with ignore_eos")
         chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
+        if grammar:
+            constraint = ll.llama_sampler_init_grammar(self.vocab, grammar.encode(), b"root")
+            if not constraint:
+                ll.llama_sampler_free(chain)
+                raise GrammarError("llama.cpp could not parse the grammar")
+            ll.llama_sampler_chain_add(chain, constraint)
         if ignore_eos and self.eog_tokens:
             biases = (ll.llama_logit_bias * len(self.eog_tokens))(
                 *((t, float("-inf")) for t in self.eog_tokens)

@@ -78,6 +78,11 @@ class Execute(msgspec.Struct, frozen=True, kw_only=True, tag="exec", tag_field="
     ignore_eos: bool = False
     max_tokens_defaulted: bool = False
     """max_tokens came from a default: shorten it to fit the context instead of refusing."""
+    templated: bool = False
+    """The prompt is a rendered chat template: special-token text is read as the tokens, and
+    no BOS is added (the template writes its own)."""
+    grammar: str = ""
+    """GBNF (root rule ``root``) every sampled token must follow; empty for none."""
     correlation_id: str = ""
     traceparent: str = ""
     """W3C traceparent of the pool manager's span, for the worker's log lines."""

@@ -13,10 +13,12 @@ import pytest
 from llorch.catalog.v1 import catalog_pb2, catalog_pb2_grpc
 
 from catalog.app import CatalogApp, start_catalog
+from catalog.client import CatalogClient
 from mesh.errors import AlreadyExistsError, InvalidArgumentError
 from mesh.settings import Settings
+from provisioners.gguf_facts import sha256_file
 from provisioners.models import register_local_file
-from provisioners.tiny_model import TinyModelSpec, write_tiny_model
+from provisioners.tiny_model import CHATML_TEMPLATE, TinyModelSpec, write_tiny_model
 
 
 @dataclass
@@ -495,3 +497,129 @@ async def test_delete_replica(
             catalog_pb2.DeleteReplicaRequest(model_id="m-a", node_id="n1", path="rel")
         )
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_the_tokenizer_facts_round_trip(
+    catalog: Catalog, tiny_model: Path, tmp_path: Path
+) -> None:
+    registered = await register_local_file(catalog.stub, "tiny-llama", tiny_model, "local")
+    got = (await catalog.stub.GetModel(catalog_pb2.GetModelRequest(model_id="tiny-llama"))).model
+    assert got == registered
+    assert got.facts.chat_template == CHATML_TEMPLATE
+    assert got.facts.bos_token == "<s>" and got.facts.eos_token == "</s>"
+    assert list(got.facts.control_tokens) == ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    listed = await catalog.stub.ListModels(catalog_pb2.ListModelsRequest())
+    assert [m.facts for m in listed.models] == [got.facts]
+    # What other services read through the client.
+    async with grpc.aio.insecure_channel(catalog.app.address) as channel:
+        info = await CatalogClient(channel).model_info("tiny-llama")
+    assert info.chat_template == CHATML_TEMPLATE
+    assert (info.bos_token, info.eos_token) == ("<s>", "</s>")
+    assert info.control_tokens == ("<s>", "</s>", "<|im_start|>", "<|im_end|>")
+    # A model without a template has none in the catalog.
+    plain = write_tiny_model(tmp_path / "plain.gguf", TinyModelSpec(chat_template=""))
+    model = await register_local_file(catalog.stub, "plain", plain, "local")
+    assert model.facts.chat_template == "" and model.facts.eos_token == "</s>"
+
+
+@pytest.mark.parametrize(
+    ("facts", "field"),
+    [
+        ({"chat_template": "x" * (256 * 1024 + 1)}, "model.facts.chat_template"),
+        ({"control_tokens": [f"<t{i}>" for i in range(4097)]}, "model.facts.control_tokens"),
+        ({"control_tokens": ["<ok>", "x" * 257]}, "model.facts.control_tokens[1]"),
+        ({"eos_token": "x" * 257}, "model.facts.eos_token"),
+        ({"bos_token": "\u00e9" * 129}, "model.facts.bos_token"),  # 258 bytes
+    ],
+)
+async def test_tokenizer_facts_beyond_their_bounds_are_invalid(
+    catalog: Catalog, facts: dict[str, object], field: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await catalog.stub.RegisterModel(
+            catalog_pb2.RegisterModelRequest(model=_model_with_facts("big", **facts))
+        )
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in (info.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError):
+        await catalog.stub.GetModel(catalog_pb2.GetModelRequest(model_id="big"))
+
+
+async def test_tokenizer_facts_at_their_bounds_are_accepted(catalog: Catalog) -> None:
+    model = _model_with_facts(
+        "edge",
+        chat_template="x" * (256 * 1024),
+        control_tokens=["\u00e9" * 128] * 4096,  # 256 bytes of UTF-8 each
+        bos_token="x" * 256,
+        eos_token="x" * 256,
+    )
+    response = await catalog.stub.RegisterModel(catalog_pb2.RegisterModelRequest(model=model))
+    assert response.model.facts == model.facts
+
+
+def _model_with_facts(model_id: str, **facts: object) -> catalog_pb2.Model:
+    return catalog_pb2.Model(
+        model_id=model_id,
+        source_ref="file:/x",
+        sha256="a" * 64,
+        size_bytes=1,
+        facts=catalog_pb2.ModelFacts(architecture="llama", context_length=10, **facts),
+    )
+
+
+# The models table as it was before the catalog recorded tokenizer facts.
+_OLD_MODELS_TABLE = """
+CREATE TABLE models (
+    model_id TEXT PRIMARY KEY,
+    source_ref TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    architecture TEXT NOT NULL,
+    parameter_count INTEGER NOT NULL,
+    file_type TEXT NOT NULL,
+    context_length INTEGER NOT NULL,
+    block_count INTEGER NOT NULL,
+    embedding_length INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    pinned INTEGER NOT NULL DEFAULT 0,
+    created_unix_ms INTEGER NOT NULL,
+    last_used_unix_ms INTEGER NOT NULL DEFAULT 0,
+    state_changed_unix_ms INTEGER NOT NULL DEFAULT 0
+);
+"""
+
+
+async def test_a_catalog_from_before_the_tokenizer_facts_opens_and_fills_them_in(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    digest = sha256_file(tiny_model)
+    conn = sqlite3.connect(tmp_path / "catalog.db")
+    try:
+        conn.executescript(_OLD_MODELS_TABLE)
+        conn.execute(
+            "INSERT INTO models VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            ("old", "file:/old", digest, 123, "llama", 7, "F32", 2048, 2, 64, "active", 1, 5, 6, 0),
+        )
+        conn.commit()
+    finally:
+        conn.close()
+    app = await start_catalog(Settings(data_dir=tmp_path))
+    channel = grpc.aio.insecure_channel(app.address)
+    try:
+        stub = catalog_pb2_grpc.CatalogServiceStub(channel)
+        old = (await stub.GetModel(catalog_pb2.GetModelRequest(model_id="old"))).model
+        assert old.facts.architecture == "llama" and old.facts.context_length == 2048
+        assert old.pinned and old.created_unix_ms == 5 and old.last_used_unix_ms == 6
+        assert old.facts.chat_template == "" and old.facts.bos_token == ""
+        assert old.facts.eos_token == "" and list(old.facts.control_tokens) == []
+        # New models are recorded whole beside it.
+        new = await register_local_file(stub, "new", tiny_model, "local")
+        assert new.facts.chat_template == CHATML_TEMPLATE
+        # Registering the old model's file again fills in the facts it lacked, and only those.
+        again = await register_local_file(stub, "old", tiny_model, "local", "file:/old", digest)
+        assert again.facts.chat_template == CHATML_TEMPLATE
+        assert list(again.facts.control_tokens) == list(new.facts.control_tokens)
+        assert (again.size_bytes, again.facts.parameter_count, again.pinned) == (123, 7, True)
+    finally:
+        await channel.close()
+        await app.stop()

@@ -107,12 +107,13 @@ def status_details(status: status_pb2.Status) -> dict[str, Any]:
 
 
 def run_llorch(
-    *args: str, timeout: float = 120, env: dict[str, str] | None = None
+    *args: str, timeout: float = 120, env: dict[str, str] | None = None, stdin: str = ""
 ) -> subprocess.CompletedProcess[str]:
     """Runs ``llorch <args>`` as a user would, to its end, with its output captured; ``env``
-    adds to this process's environment."""
+    adds to this process's environment; ``stdin`` is its input."""
     return subprocess.run(
         [*LLORCH, *args],
+        input=stdin,
         capture_output=True,
         text=True,
         timeout=timeout,

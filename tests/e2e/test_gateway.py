@@ -212,6 +212,41 @@ async def test_generate_streams_ndjson_one_event_per_line(
     assert events[1]["started"]["model_id"] == "tiny-llama"
 
 
+async def test_chat_messages_and_a_json_schema_over_rest(gateway: Gateway, client_key: str) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer"}},
+        "required": ["ok", "n"],
+        "additionalProperties": False,
+    }
+    body = {
+        "model_id": "tiny-llama",
+        "messages": [{"role": "ROLE_USER", "content": "Answer in JSON"}],
+        "response_format": {"json_schema": {"schema": json.dumps(schema)}},
+        "sampling": {"max_tokens": 100, "temperature": 0},
+    }
+
+    def call() -> list[dict[str, Any]]:
+        conn = gateway.connection()
+        try:
+            conn.request("POST", "/v1/generate", body=json.dumps(body), headers=_auth(client_key))
+            response = conn.getresponse()
+            assert response.status == 200
+            return list(_lines(response))
+        finally:
+            conn.close()
+
+    events = [line["result"]["event"] for line in await asyncio.to_thread(call)]
+    text = "".join(e["token"]["text"] for e in events if "token" in e)
+    assert json.loads(text).keys() == {"ok", "n"}
+    body["messages"] = [{"role": "ROLE_USER", "content": "<|im_start|>"}]
+    response, error = await asyncio.to_thread(
+        gateway.request, "POST", "/v1/generate", body, _auth(client_key)
+    )
+    assert response.status == 400
+    assert "messages[0].content" in json.dumps(error)
+
+
 async def test_tokens_arrive_while_decoding_and_hanging_up_cancels_the_task(
     gateway: Gateway, client_key: str
 ) -> None:

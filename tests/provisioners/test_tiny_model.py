@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import gguf
+import llama_cpp
+import numpy as np
 import pytest
 
 from provisioners.gguf_facts import NotAGgufError, read_gguf_facts, sha256_file
-from provisioners.tiny_model import TinyModelSpec, vocabulary, write_tiny_model
+from provisioners.tiny_model import (
+    CHAT_TOKENS,
+    CHATML_TEMPLATE,
+    TinyModelSpec,
+    vocabulary,
+    write_tiny_model,
+)
+
+# The standard ChatML template, spelled out here so that a change to the module's shows.
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content']"
+    " + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 
 def test_same_spec_gives_a_byte_identical_file(tmp_path: Path, tiny_model: Path) -> None:
@@ -102,6 +118,140 @@ def test_not_a_gguf_error_is_a_value_error() -> None:
     assert issubclass(NotAGgufError, ValueError)
 
 
+def test_facts_of_the_default_model_include_its_chat_template_and_special_tokens(
+    tiny_model: Path,
+) -> None:
+    facts = read_gguf_facts(tiny_model)
+    assert facts.chat_template == CHATML == CHATML_TEMPLATE
+    assert facts.bos_token == "<s>"
+    assert facts.eos_token == "</s>"
+    assert facts.control_tokens == ("<s>", "</s>", "<|im_start|>", "<|im_end|>")
+
+
+def test_a_model_without_a_template_reads_as_empty(tmp_path: Path) -> None:
+    path = write_tiny_model(tmp_path / "plain.gguf", TinyModelSpec(chat_template=""))
+    reader = gguf.GGUFReader(str(path))
+    assert reader.get_field("tokenizer.chat_template") is None
+    facts = read_gguf_facts(path)
+    assert facts.chat_template == ""
+    assert facts.bos_token == "<s>" and facts.eos_token == "</s>"  # the vocabulary is the same
+
+
+def _write_gguf(
+    path: Path,
+    tokens: list[bytes] | None = None,
+    types: list[int] | None = None,
+    bos: int | None = None,
+    eos: int | None = None,
+) -> Path:
+    """A model header with only the tokenizer keys given (no real weights)."""
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(128)
+    if tokens is not None:
+        writer.add_token_list(tokens)
+    if types is not None:
+        writer.add_token_types(types)
+    if bos is not None:
+        writer.add_bos_token_id(bos)
+    if eos is not None:
+        writer.add_eos_token_id(eos)
+    writer.add_tensor("token_embd.weight", np.zeros((2, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_a_model_without_tokenizer_keys_has_empty_tokenizer_facts(tmp_path: Path) -> None:
+    facts = read_gguf_facts(_write_gguf(tmp_path / "bare.gguf"))
+    assert (facts.chat_template, facts.bos_token, facts.eos_token) == ("", "", "")
+    assert facts.control_tokens == ()
+    # Ids without a vocabulary, or past its end, name no token.
+    facts = read_gguf_facts(_write_gguf(tmp_path / "ids.gguf", bos=1, eos=2))
+    assert (facts.bos_token, facts.eos_token) == ("", "")
+    facts = read_gguf_facts(
+        _write_gguf(tmp_path / "past.gguf", tokens=[b"a", b"b"], types=[1, 1], bos=1, eos=2)
+    )
+    assert (facts.bos_token, facts.eos_token) == ("b", "")
+    assert facts.control_tokens == ()
+
+
+def test_token_texts_that_are_not_utf8_are_read_with_replacement_characters(
+    tmp_path: Path,
+) -> None:
+    control = int(gguf.TokenType.CONTROL)
+    path = _write_gguf(
+        tmp_path / "bytes.gguf",
+        tokens=[b"<x>", b"\xff<bad>", b"ok", b"<|end|>"],
+        types=[control, control, int(gguf.TokenType.NORMAL), control],
+        bos=0,
+        eos=1,
+    )
+    facts = read_gguf_facts(path)
+    assert facts.bos_token == "<x>"
+    assert facts.eos_token == "\ufffd<bad>"
+    assert facts.control_tokens == ("<x>", "\ufffd<bad>", "<|end|>")
+
+
+def test_the_chat_tokens_are_single_control_tokens_to_llama_cpp(tiny_model: Path) -> None:
+    """With special parsing each chat token is its one id (the last two of the vocabulary);
+    without, the text is split into pieces. llama.cpp takes <|im_end|> for the end-of-turn token
+    by its text, so it ends a generation as </s> does."""
+    llama = llama_cpp.Llama(str(tiny_model), vocab_only=True, verbose=False)
+    try:
+        n_vocab = len(vocabulary()[0])
+        ids = {text: n_vocab - len(CHAT_TOKENS) + i for i, text in enumerate(CHAT_TOKENS)}
+        for text, token in ids.items():
+            assert llama.tokenize(text.encode(), add_bos=False, special=True) == [token]
+            assert len(llama.tokenize(text.encode(), add_bos=False, special=False)) > 3
+        vocab = llama_cpp.llama_model_get_vocab(llama.model)
+        assert llama_cpp.llama_vocab_n_tokens(vocab) == n_vocab
+        eog = [t for t in range(n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t)]
+        assert eog == [2, ids["<|im_end|>"]]
+        assert llama_cpp.llama_vocab_eos(vocab) == 2
+    finally:
+        llama.close()
+
+
+def _words_digest(path: Path) -> str:
+    """SHA-256 of every tensor, without the chat tokens' rows."""
+    n_words = len(vocabulary()[0]) - len(CHAT_TOKENS)
+    digest = hashlib.sha256()
+    for tensor in gguf.GGUFReader(str(path)).tensors:
+        data = np.asarray(tensor.data)
+        if tensor.name in ("token_embd.weight", "output.weight"):
+            assert data.shape[0] == n_words + len(CHAT_TOKENS)
+            data = data[:n_words]
+        digest.update(tensor.name.encode())
+        digest.update(data.tobytes())
+    return digest.hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        (TinyModelSpec(), "520ddec2b8ab6cf142362108656d2dca931dcf1730d7dcfe815db93706bff215"),
+        (
+            TinyModelSpec(byte_tokens=True, seed=3),
+            "c86654d6f0ededd4a03e33521efe3bce8fa266f5e340783aa4ff677367e40bd7",
+        ),
+    ],
+)
+def test_the_weights_of_the_words_are_those_from_before_the_chat_tokens(
+    tmp_path: Path, spec: TinyModelSpec, expected: str
+) -> None:
+    """The digests of the models as they were before the chat tokens: greedy outputs of prompts
+    without them stay what they were. (A numpy release that changed its generators' streams
+    would change them, and the outputs, too.)"""
+    path = write_tiny_model(tmp_path / "m.gguf", spec)
+    assert _words_digest(path) == expected
+    reader = gguf.GGUFReader(str(path))
+    for name, dim0 in (("token_embd.weight", 8.0), ("output.weight", -8.0)):
+        rows = np.asarray(next(t for t in reader.tensors if t.name == name).data)
+        assert rows[-len(CHAT_TOKENS) :, 0].tolist() == [dim0] * len(CHAT_TOKENS)
+
+
 def test_vocabulary_layout() -> None:
     tokens, scores, types = vocabulary()
     assert len(tokens) == len(scores) == len(types)
@@ -116,9 +266,13 @@ def test_vocabulary_layout() -> None:
     assert byte_tokens[0] == b"<0x00>"
     assert byte_tokens[-1] == b"<0xFF>"
     assert types[3:259] == [int(gguf.TokenType.BYTE)] * 256
-    # Every other token is a normal, unique word piece.
-    assert len(tokens) > 259
-    assert set(types[259:]) == {int(gguf.TokenType.NORMAL)}
+    # Then normal, unique word pieces, and the chat tokens last.
+    n_chat = len(CHAT_TOKENS)
+    assert len(tokens) > 259 + n_chat
+    assert set(types[259:-n_chat]) == {int(gguf.TokenType.NORMAL)}
+    assert tokens[-n_chat:] == [b"<|im_start|>", b"<|im_end|>"]
+    assert types[-n_chat:] == [int(gguf.TokenType.CONTROL)] * n_chat
+    assert scores[-n_chat:] == [0.0] * n_chat
     assert len(set(tokens)) == len(tokens)
 
 

@@ -42,20 +42,28 @@ class Model(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., source_ref: _Optional[str] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., facts: _Optional[_Union[ModelFacts, _Mapping]] = ..., state: _Optional[_Union[ModelState, str]] = ..., pinned: _Optional[bool] = ..., created_unix_ms: _Optional[int] = ..., last_used_unix_ms: _Optional[int] = ..., state_changed_unix_ms: _Optional[int] = ...) -> None: ...
 
 class ModelFacts(_message.Message):
-    __slots__ = ("architecture", "parameter_count", "file_type", "context_length", "block_count", "embedding_length")
+    __slots__ = ("architecture", "parameter_count", "file_type", "context_length", "block_count", "embedding_length", "chat_template", "bos_token", "eos_token", "control_tokens")
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     PARAMETER_COUNT_FIELD_NUMBER: _ClassVar[int]
     FILE_TYPE_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     BLOCK_COUNT_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    BOS_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    EOS_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     architecture: str
     parameter_count: int
     file_type: str
     context_length: int
     block_count: int
     embedding_length: int
-    def __init__(self, architecture: _Optional[str] = ..., parameter_count: _Optional[int] = ..., file_type: _Optional[str] = ..., context_length: _Optional[int] = ..., block_count: _Optional[int] = ..., embedding_length: _Optional[int] = ...) -> None: ...
+    chat_template: str
+    bos_token: str
+    eos_token: str
+    control_tokens: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, architecture: _Optional[str] = ..., parameter_count: _Optional[int] = ..., file_type: _Optional[str] = ..., context_length: _Optional[int] = ..., block_count: _Optional[int] = ..., embedding_length: _Optional[int] = ..., chat_template: _Optional[str] = ..., bos_token: _Optional[str] = ..., eos_token: _Optional[str] = ..., control_tokens: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ModelLocation(_message.Message):
     __slots__ = ("node_id", "path", "size_bytes", "last_used_unix_ms")

@@ -228,7 +228,7 @@ class UnstageModelResponse(_message.Message):
     def __init__(self, removed: _Optional[bool] = ..., staging: _Optional[_Union[Staging, _Mapping]] = ...) -> None: ...
 
 class ExecuteRequest(_message.Message):
-    __slots__ = ("execution_id", "task_id", "pool_id", "model_id", "prompt", "sampling", "max_tokens_defaulted")
+    __slots__ = ("execution_id", "task_id", "pool_id", "model_id", "prompt", "sampling", "max_tokens_defaulted", "templated", "grammar")
     EXECUTION_ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     POOL_ID_FIELD_NUMBER: _ClassVar[int]
@@ -236,6 +236,8 @@ class ExecuteRequest(_message.Message):
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_DEFAULTED_FIELD_NUMBER: _ClassVar[int]
+    TEMPLATED_FIELD_NUMBER: _ClassVar[int]
+    GRAMMAR_FIELD_NUMBER: _ClassVar[int]
     execution_id: str
     task_id: str
     pool_id: str
@@ -243,7 +245,9 @@ class ExecuteRequest(_message.Message):
     prompt: str
     sampling: _common_pb2.SamplingParams
     max_tokens_defaulted: bool
-    def __init__(self, execution_id: _Optional[str] = ..., task_id: _Optional[str] = ..., pool_id: _Optional[str] = ..., model_id: _Optional[str] = ..., prompt: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., max_tokens_defaulted: _Optional[bool] = ...) -> None: ...
+    templated: bool
+    grammar: str
+    def __init__(self, execution_id: _Optional[str] = ..., task_id: _Optional[str] = ..., pool_id: _Optional[str] = ..., model_id: _Optional[str] = ..., prompt: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., max_tokens_defaulted: _Optional[bool] = ..., templated: _Optional[bool] = ..., grammar: _Optional[str] = ...) -> None: ...
 
 class ExecuteResponse(_message.Message):
     __slots__ = ("started", "token", "finished")

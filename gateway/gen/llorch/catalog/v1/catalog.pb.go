@@ -217,8 +217,18 @@ type ModelFacts struct {
 	BlockCount uint32 `protobuf:"varint,5,opt,name=block_count,json=blockCount,proto3" json:"block_count,omitempty"`
 	// Width of the embeddings.
 	EmbeddingLength uint32 `protobuf:"varint,6,opt,name=embedding_length,json=embeddingLength,proto3" json:"embedding_length,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// tokenizer.chat_template: the Jinja2 template chat messages are rendered with; empty when the
+	// file has none (such a model takes prompts only).
+	ChatTemplate string `protobuf:"bytes,7,opt,name=chat_template,json=chatTemplate,proto3" json:"chat_template,omitempty"`
+	// Text of the beginning-of-sequence token (tokenizer.ggml.bos_token_id), for templates.
+	BosToken string `protobuf:"bytes,8,opt,name=bos_token,json=bosToken,proto3" json:"bos_token,omitempty"`
+	// Text of the end-of-sequence token (tokenizer.ggml.eos_token_id), for templates.
+	EosToken string `protobuf:"bytes,9,opt,name=eos_token,json=eosToken,proto3" json:"eos_token,omitempty"`
+	// Texts of the vocabulary's control tokens (token type CONTROL, such as "<|im_start|>"), which
+	// chat message content may not contain.
+	ControlTokens []string `protobuf:"bytes,10,rep,name=control_tokens,json=controlTokens,proto3" json:"control_tokens,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ModelFacts) Reset() {
@@ -291,6 +301,34 @@ func (x *ModelFacts) GetEmbeddingLength() uint32 {
 		return x.EmbeddingLength
 	}
 	return 0
+}
+
+func (x *ModelFacts) GetChatTemplate() string {
+	if x != nil {
+		return x.ChatTemplate
+	}
+	return ""
+}
+
+func (x *ModelFacts) GetBosToken() string {
+	if x != nil {
+		return x.BosToken
+	}
+	return ""
+}
+
+func (x *ModelFacts) GetEosToken() string {
+	if x != nil {
+		return x.EosToken
+	}
+	return ""
+}
+
+func (x *ModelFacts) GetControlTokens() []string {
+	if x != nil {
+		return x.ControlTokens
+	}
+	return nil
 }
 
 // Where one copy of a model's file lives.
@@ -1889,7 +1927,7 @@ const file_llorch_catalog_v1_catalog_proto_rawDesc = "" +
 	"\x0fcreated_unix_ms\x18\b \x01(\x03R\rcreatedUnixMs\x12)\n" +
 	"\x11last_used_unix_ms\x18\t \x01(\x03R\x0elastUsedUnixMs\x121\n" +
 	"\x15state_changed_unix_ms\x18\n" +
-	" \x01(\x03R\x12stateChangedUnixMs\"\xe9\x01\n" +
+	" \x01(\x03R\x12stateChangedUnixMs\"\xef\x02\n" +
 	"\n" +
 	"ModelFacts\x12\"\n" +
 	"\farchitecture\x18\x01 \x01(\tR\farchitecture\x12'\n" +
@@ -1898,7 +1936,12 @@ const file_llorch_catalog_v1_catalog_proto_rawDesc = "" +
 	"\x0econtext_length\x18\x04 \x01(\rR\rcontextLength\x12\x1f\n" +
 	"\vblock_count\x18\x05 \x01(\rR\n" +
 	"blockCount\x12)\n" +
-	"\x10embedding_length\x18\x06 \x01(\rR\x0fembeddingLength\"\x86\x01\n" +
+	"\x10embedding_length\x18\x06 \x01(\rR\x0fembeddingLength\x12#\n" +
+	"\rchat_template\x18\a \x01(\tR\fchatTemplate\x12\x1b\n" +
+	"\tbos_token\x18\b \x01(\tR\bbosToken\x12\x1b\n" +
+	"\teos_token\x18\t \x01(\tR\beosToken\x12%\n" +
+	"\x0econtrol_tokens\x18\n" +
+	" \x03(\tR\rcontrolTokens\"\x86\x01\n" +
 	"\rModelLocation\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x12\n" +
 	"\x04path\x18\x02 \x01(\tR\x04path\x12\x1d\n" +

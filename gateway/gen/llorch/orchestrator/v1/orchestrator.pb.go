@@ -89,19 +89,87 @@ func (TaskState) EnumDescriptor() ([]byte, []int) {
 	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{0}
 }
 
+// Who wrote a chat message.
+type Role int32
+
+const (
+	// Not set; refused.
+	Role_ROLE_UNSPECIFIED Role = 0
+	// Instructions for the model (templates see "system").
+	Role_ROLE_SYSTEM Role = 1
+	// The person's turn ("user").
+	Role_ROLE_USER Role = 2
+	// The model's earlier turn ("assistant").
+	Role_ROLE_ASSISTANT Role = 3
+	// A tool's result ("tool").
+	Role_ROLE_TOOL Role = 4
+)
+
+// Enum value maps for Role.
+var (
+	Role_name = map[int32]string{
+		0: "ROLE_UNSPECIFIED",
+		1: "ROLE_SYSTEM",
+		2: "ROLE_USER",
+		3: "ROLE_ASSISTANT",
+		4: "ROLE_TOOL",
+	}
+	Role_value = map[string]int32{
+		"ROLE_UNSPECIFIED": 0,
+		"ROLE_SYSTEM":      1,
+		"ROLE_USER":        2,
+		"ROLE_ASSISTANT":   3,
+		"ROLE_TOOL":        4,
+	}
+)
+
+func (x Role) Enum() *Role {
+	p := new(Role)
+	*p = x
+	return p
+}
+
+func (x Role) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (Role) Descriptor() protoreflect.EnumDescriptor {
+	return file_llorch_orchestrator_v1_orchestrator_proto_enumTypes[1].Descriptor()
+}
+
+func (Role) Type() protoreflect.EnumType {
+	return &file_llorch_orchestrator_v1_orchestrator_proto_enumTypes[1]
+}
+
+func (x Role) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use Role.Descriptor instead.
+func (Role) EnumDescriptor() ([]byte, []int) {
+	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{1}
+}
+
 // Asks for a generation and streams it back.
 type GenerateRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Catalog id of the model to run, e.g. "tiny-llama". Required.
 	ModelId string `protobuf:"bytes,1,opt,name=model_id,json=modelId,proto3" json:"model_id,omitempty"`
-	// The prompt text. Required, at most the server's documented size limit (64 KiB by default).
+	// The prompt text, passed to the model as it is. Exactly one of prompt and messages is set;
+	// at most the server's documented size limit (64 KiB by default).
 	Prompt string `protobuf:"bytes,2,opt,name=prompt,proto3" json:"prompt,omitempty"`
 	// Sampling parameters; unset fields take their defaults.
 	Sampling *v1.SamplingParams `protobuf:"bytes,3,opt,name=sampling,proto3" json:"sampling,omitempty"`
 	// Scheduling class; unset means PRIORITY_INTERACTIVE.
-	Priority      v1.Priority `protobuf:"varint,4,opt,name=priority,proto3,enum=llorch.common.v1.Priority" json:"priority,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Priority v1.Priority `protobuf:"varint,4,opt,name=priority,proto3,enum=llorch.common.v1.Priority" json:"priority,omitempty"`
+	// A conversation, rendered with the model's own chat template (tokenizer.chat_template) with a
+	// generation prompt for the assistant's next turn. Exactly one of prompt and messages is set;
+	// the rendered text counts against the prompt size limit and the context like a prompt.
+	Messages []*ChatMessage `protobuf:"bytes,5,rep,name=messages,proto3" json:"messages,omitempty"`
+	// The shape the generated text must have; unset means free text.
+	ResponseFormat *ResponseFormat `protobuf:"bytes,6,opt,name=response_format,json=responseFormat,proto3" json:"response_format,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *GenerateRequest) Reset() {
@@ -162,6 +230,315 @@ func (x *GenerateRequest) GetPriority() v1.Priority {
 	return v1.Priority(0)
 }
 
+func (x *GenerateRequest) GetMessages() []*ChatMessage {
+	if x != nil {
+		return x.Messages
+	}
+	return nil
+}
+
+func (x *GenerateRequest) GetResponseFormat() *ResponseFormat {
+	if x != nil {
+		return x.ResponseFormat
+	}
+	return nil
+}
+
+// One message of a conversation.
+type ChatMessage struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Who wrote it. Required.
+	Role Role `protobuf:"varint,1,opt,name=role,proto3,enum=llorch.orchestrator.v1.Role" json:"role,omitempty"`
+	// Its text. It may not contain the text of the model's control tokens (such as
+	// "<|im_start|>"): those are refused rather than read as the tokens themselves.
+	Content       string `protobuf:"bytes,2,opt,name=content,proto3" json:"content,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ChatMessage) Reset() {
+	*x = ChatMessage{}
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ChatMessage) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ChatMessage) ProtoMessage() {}
+
+func (x *ChatMessage) ProtoReflect() protoreflect.Message {
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ChatMessage.ProtoReflect.Descriptor instead.
+func (*ChatMessage) Descriptor() ([]byte, []int) {
+	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *ChatMessage) GetRole() Role {
+	if x != nil {
+		return x.Role
+	}
+	return Role_ROLE_UNSPECIFIED
+}
+
+func (x *ChatMessage) GetContent() string {
+	if x != nil {
+		return x.Content
+	}
+	return ""
+}
+
+// The shape the generated text must have; it is enforced while sampling (a grammar in the
+// sequence's sampler chain), not asked for.
+type ResponseFormat struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The shape.
+	//
+	// Types that are valid to be assigned to Format:
+	//
+	//	*ResponseFormat_Text
+	//	*ResponseFormat_JsonObject
+	//	*ResponseFormat_JsonSchema
+	Format        isResponseFormat_Format `protobuf_oneof:"format"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ResponseFormat) Reset() {
+	*x = ResponseFormat{}
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ResponseFormat) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ResponseFormat) ProtoMessage() {}
+
+func (x *ResponseFormat) ProtoReflect() protoreflect.Message {
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ResponseFormat.ProtoReflect.Descriptor instead.
+func (*ResponseFormat) Descriptor() ([]byte, []int) {
+	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *ResponseFormat) GetFormat() isResponseFormat_Format {
+	if x != nil {
+		return x.Format
+	}
+	return nil
+}
+
+func (x *ResponseFormat) GetText() *TextFormat {
+	if x != nil {
+		if x, ok := x.Format.(*ResponseFormat_Text); ok {
+			return x.Text
+		}
+	}
+	return nil
+}
+
+func (x *ResponseFormat) GetJsonObject() *JsonObjectFormat {
+	if x != nil {
+		if x, ok := x.Format.(*ResponseFormat_JsonObject); ok {
+			return x.JsonObject
+		}
+	}
+	return nil
+}
+
+func (x *ResponseFormat) GetJsonSchema() *JsonSchemaFormat {
+	if x != nil {
+		if x, ok := x.Format.(*ResponseFormat_JsonSchema); ok {
+			return x.JsonSchema
+		}
+	}
+	return nil
+}
+
+type isResponseFormat_Format interface {
+	isResponseFormat_Format()
+}
+
+type ResponseFormat_Text struct {
+	// Free text: the default.
+	Text *TextFormat `protobuf:"bytes,1,opt,name=text,proto3,oneof"`
+}
+
+type ResponseFormat_JsonObject struct {
+	// A JSON object.
+	JsonObject *JsonObjectFormat `protobuf:"bytes,2,opt,name=json_object,json=jsonObject,proto3,oneof"`
+}
+
+type ResponseFormat_JsonSchema struct {
+	// JSON matching a JSON Schema.
+	JsonSchema *JsonSchemaFormat `protobuf:"bytes,3,opt,name=json_schema,json=jsonSchema,proto3,oneof"`
+}
+
+func (*ResponseFormat_Text) isResponseFormat_Format() {}
+
+func (*ResponseFormat_JsonObject) isResponseFormat_Format() {}
+
+func (*ResponseFormat_JsonSchema) isResponseFormat_Format() {}
+
+// Free text.
+type TextFormat struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TextFormat) Reset() {
+	*x = TextFormat{}
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TextFormat) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TextFormat) ProtoMessage() {}
+
+func (x *TextFormat) ProtoReflect() protoreflect.Message {
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TextFormat.ProtoReflect.Descriptor instead.
+func (*TextFormat) Descriptor() ([]byte, []int) {
+	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{3}
+}
+
+// Any JSON object.
+type JsonObjectFormat struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *JsonObjectFormat) Reset() {
+	*x = JsonObjectFormat{}
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *JsonObjectFormat) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*JsonObjectFormat) ProtoMessage() {}
+
+func (x *JsonObjectFormat) ProtoReflect() protoreflect.Message {
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use JsonObjectFormat.ProtoReflect.Descriptor instead.
+func (*JsonObjectFormat) Descriptor() ([]byte, []int) {
+	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{4}
+}
+
+// JSON matching a JSON Schema.
+type JsonSchemaFormat struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The schema as JSON text (at most 64 KiB). Required. The keywords a grammar enforces are
+	// accepted: type, properties, required, additionalProperties, items, prefixItems, minItems,
+	// maxItems, enum, const, anyOf, oneOf, $ref into $defs, pattern (anchored ^...$), minLength,
+	// maxLength and format (date, time, date-time, uuid), one kind of constraint per schema
+	// object; annotations (title, description, default, examples) pass. Any other keyword is
+	// refused with INVALID_ARGUMENT naming it, rather than ignored.
+	Schema string `protobuf:"bytes,1,opt,name=schema,proto3" json:"schema,omitempty"`
+	// A name for the schema, as OpenAI's json_schema.name; kept for logs only.
+	Name          string `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *JsonSchemaFormat) Reset() {
+	*x = JsonSchemaFormat{}
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *JsonSchemaFormat) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*JsonSchemaFormat) ProtoMessage() {}
+
+func (x *JsonSchemaFormat) ProtoReflect() protoreflect.Message {
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use JsonSchemaFormat.ProtoReflect.Descriptor instead.
+func (*JsonSchemaFormat) Descriptor() ([]byte, []int) {
+	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *JsonSchemaFormat) GetSchema() string {
+	if x != nil {
+		return x.Schema
+	}
+	return ""
+}
+
+func (x *JsonSchemaFormat) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
 // One event of a Generate stream.
 type GenerateResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -173,7 +550,7 @@ type GenerateResponse struct {
 
 func (x *GenerateResponse) Reset() {
 	*x = GenerateResponse{}
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[1]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -185,7 +562,7 @@ func (x *GenerateResponse) String() string {
 func (*GenerateResponse) ProtoMessage() {}
 
 func (x *GenerateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[1]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -198,7 +575,7 @@ func (x *GenerateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GenerateResponse.ProtoReflect.Descriptor instead.
 func (*GenerateResponse) Descriptor() ([]byte, []int) {
-	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{1}
+	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *GenerateResponse) GetEvent() *TaskEvent {
@@ -213,7 +590,7 @@ type SubmitTaskRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Catalog id of the model to run. Required.
 	ModelId string `protobuf:"bytes,1,opt,name=model_id,json=modelId,proto3" json:"model_id,omitempty"`
-	// The prompt text. Required, at most the server's documented size limit.
+	// The prompt text; exactly one of prompt and messages is set, as in GenerateRequest.
 	Prompt string `protobuf:"bytes,2,opt,name=prompt,proto3" json:"prompt,omitempty"`
 	// Sampling parameters; unset fields take their defaults.
 	Sampling *v1.SamplingParams `protobuf:"bytes,3,opt,name=sampling,proto3" json:"sampling,omitempty"`
@@ -221,14 +598,18 @@ type SubmitTaskRequest struct {
 	Priority v1.Priority `protobuf:"varint,4,opt,name=priority,proto3,enum=llorch.common.v1.Priority" json:"priority,omitempty"`
 	// Client-chosen idempotency key (at most 128 bytes): submitting again with the same key returns
 	// the task created by the first submission instead of creating another.
-	RequestId     string `protobuf:"bytes,5,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	RequestId string `protobuf:"bytes,5,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	// A conversation instead of a prompt, as in GenerateRequest.messages.
+	Messages []*ChatMessage `protobuf:"bytes,6,rep,name=messages,proto3" json:"messages,omitempty"`
+	// The shape the generated text must have, as in GenerateRequest.response_format.
+	ResponseFormat *ResponseFormat `protobuf:"bytes,7,opt,name=response_format,json=responseFormat,proto3" json:"response_format,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *SubmitTaskRequest) Reset() {
 	*x = SubmitTaskRequest{}
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[2]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -240,7 +621,7 @@ func (x *SubmitTaskRequest) String() string {
 func (*SubmitTaskRequest) ProtoMessage() {}
 
 func (x *SubmitTaskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[2]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -253,7 +634,7 @@ func (x *SubmitTaskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubmitTaskRequest.ProtoReflect.Descriptor instead.
 func (*SubmitTaskRequest) Descriptor() ([]byte, []int) {
-	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{2}
+	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *SubmitTaskRequest) GetModelId() string {
@@ -291,6 +672,20 @@ func (x *SubmitTaskRequest) GetRequestId() string {
 	return ""
 }
 
+func (x *SubmitTaskRequest) GetMessages() []*ChatMessage {
+	if x != nil {
+		return x.Messages
+	}
+	return nil
+}
+
+func (x *SubmitTaskRequest) GetResponseFormat() *ResponseFormat {
+	if x != nil {
+		return x.ResponseFormat
+	}
+	return nil
+}
+
 // The admitted task.
 type SubmitTaskResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -306,7 +701,7 @@ type SubmitTaskResponse struct {
 
 func (x *SubmitTaskResponse) Reset() {
 	*x = SubmitTaskResponse{}
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[3]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -318,7 +713,7 @@ func (x *SubmitTaskResponse) String() string {
 func (*SubmitTaskResponse) ProtoMessage() {}
 
 func (x *SubmitTaskResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[3]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -331,7 +726,7 @@ func (x *SubmitTaskResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubmitTaskResponse.ProtoReflect.Descriptor instead.
 func (*SubmitTaskResponse) Descriptor() ([]byte, []int) {
-	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{3}
+	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *SubmitTaskResponse) GetTaskId() string {
@@ -367,7 +762,7 @@ type SubmitTasksRequest struct {
 
 func (x *SubmitTasksRequest) Reset() {
 	*x = SubmitTasksRequest{}
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[4]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -379,7 +774,7 @@ func (x *SubmitTasksRequest) String() string {
 func (*SubmitTasksRequest) ProtoMessage() {}
 
 func (x *SubmitTasksRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[4]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -392,7 +787,7 @@ func (x *SubmitTasksRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubmitTasksRequest.ProtoReflect.Descriptor instead.
 func (*SubmitTasksRequest) Descriptor() ([]byte, []int) {
-	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{4}
+	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *SubmitTasksRequest) GetRequests() []*SubmitTaskRequest {
@@ -413,7 +808,7 @@ type SubmitTasksResponse struct {
 
 func (x *SubmitTasksResponse) Reset() {
 	*x = SubmitTasksResponse{}
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[5]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -425,7 +820,7 @@ func (x *SubmitTasksResponse) String() string {
 func (*SubmitTasksResponse) ProtoMessage() {}
 
 func (x *SubmitTasksResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[5]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -438,7 +833,7 @@ func (x *SubmitTasksResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubmitTasksResponse.ProtoReflect.Descriptor instead.
 func (*SubmitTasksResponse) Descriptor() ([]byte, []int) {
-	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{5}
+	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *SubmitTasksResponse) GetResults() []*SubmitTaskResult {
@@ -464,7 +859,7 @@ type SubmitTaskResult struct {
 
 func (x *SubmitTaskResult) Reset() {
 	*x = SubmitTaskResult{}
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[6]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -476,7 +871,7 @@ func (x *SubmitTaskResult) String() string {
 func (*SubmitTaskResult) ProtoMessage() {}
 
 func (x *SubmitTaskResult) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[6]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -489,7 +884,7 @@ func (x *SubmitTaskResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubmitTaskResult.ProtoReflect.Descriptor instead.
 func (*SubmitTaskResult) Descriptor() ([]byte, []int) {
-	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{6}
+	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *SubmitTaskResult) GetResult() isSubmitTaskResult_Result {
@@ -554,7 +949,7 @@ type ListTasksRequest struct {
 
 func (x *ListTasksRequest) Reset() {
 	*x = ListTasksRequest{}
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[7]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -566,7 +961,7 @@ func (x *ListTasksRequest) String() string {
 func (*ListTasksRequest) ProtoMessage() {}
 
 func (x *ListTasksRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[7]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -579,7 +974,7 @@ func (x *ListTasksRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTasksRequest.ProtoReflect.Descriptor instead.
 func (*ListTasksRequest) Descriptor() ([]byte, []int) {
-	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{7}
+	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *ListTasksRequest) GetPageSize() int32 {
@@ -623,7 +1018,7 @@ type ListTasksResponse struct {
 
 func (x *ListTasksResponse) Reset() {
 	*x = ListTasksResponse{}
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[8]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -635,7 +1030,7 @@ func (x *ListTasksResponse) String() string {
 func (*ListTasksResponse) ProtoMessage() {}
 
 func (x *ListTasksResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[8]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -648,7 +1043,7 @@ func (x *ListTasksResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTasksResponse.ProtoReflect.Descriptor instead.
 func (*ListTasksResponse) Descriptor() ([]byte, []int) {
-	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{8}
+	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *ListTasksResponse) GetTasks() []*Task {
@@ -678,7 +1073,7 @@ type StreamTaskRequest struct {
 
 func (x *StreamTaskRequest) Reset() {
 	*x = StreamTaskRequest{}
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[9]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -690,7 +1085,7 @@ func (x *StreamTaskRequest) String() string {
 func (*StreamTaskRequest) ProtoMessage() {}
 
 func (x *StreamTaskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[9]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -703,7 +1098,7 @@ func (x *StreamTaskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamTaskRequest.ProtoReflect.Descriptor instead.
 func (*StreamTaskRequest) Descriptor() ([]byte, []int) {
-	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{9}
+	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *StreamTaskRequest) GetTaskId() string {
@@ -731,7 +1126,7 @@ type StreamTaskResponse struct {
 
 func (x *StreamTaskResponse) Reset() {
 	*x = StreamTaskResponse{}
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[10]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -743,7 +1138,7 @@ func (x *StreamTaskResponse) String() string {
 func (*StreamTaskResponse) ProtoMessage() {}
 
 func (x *StreamTaskResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[10]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -756,7 +1151,7 @@ func (x *StreamTaskResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamTaskResponse.ProtoReflect.Descriptor instead.
 func (*StreamTaskResponse) Descriptor() ([]byte, []int) {
-	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{10}
+	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *StreamTaskResponse) GetEvent() *TaskEvent {
@@ -789,7 +1184,7 @@ type TaskEvent struct {
 
 func (x *TaskEvent) Reset() {
 	*x = TaskEvent{}
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[11]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -801,7 +1196,7 @@ func (x *TaskEvent) String() string {
 func (*TaskEvent) ProtoMessage() {}
 
 func (x *TaskEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[11]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -814,7 +1209,7 @@ func (x *TaskEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TaskEvent.ProtoReflect.Descriptor instead.
 func (*TaskEvent) Descriptor() ([]byte, []int) {
-	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{11}
+	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *TaskEvent) GetTaskId() string {
@@ -928,7 +1323,7 @@ type Queued struct {
 
 func (x *Queued) Reset() {
 	*x = Queued{}
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[12]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -940,7 +1335,7 @@ func (x *Queued) String() string {
 func (*Queued) ProtoMessage() {}
 
 func (x *Queued) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[12]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -953,7 +1348,7 @@ func (x *Queued) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Queued.ProtoReflect.Descriptor instead.
 func (*Queued) Descriptor() ([]byte, []int) {
-	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{12}
+	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *Queued) GetPosition() uint32 {
@@ -989,7 +1384,7 @@ type Started struct {
 
 func (x *Started) Reset() {
 	*x = Started{}
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[13]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1001,7 +1396,7 @@ func (x *Started) String() string {
 func (*Started) ProtoMessage() {}
 
 func (x *Started) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[13]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1014,7 +1409,7 @@ func (x *Started) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Started.ProtoReflect.Descriptor instead.
 func (*Started) Descriptor() ([]byte, []int) {
-	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{13}
+	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *Started) GetPoolId() string {
@@ -1065,7 +1460,7 @@ type Metrics struct {
 
 func (x *Metrics) Reset() {
 	*x = Metrics{}
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[14]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1077,7 +1472,7 @@ func (x *Metrics) String() string {
 func (*Metrics) ProtoMessage() {}
 
 func (x *Metrics) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[14]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1090,7 +1485,7 @@ func (x *Metrics) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Metrics.ProtoReflect.Descriptor instead.
 func (*Metrics) Descriptor() ([]byte, []int) {
-	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{14}
+	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *Metrics) GetDecodeTokensPerSecond() float64 {
@@ -1118,7 +1513,7 @@ type CancelTaskRequest struct {
 
 func (x *CancelTaskRequest) Reset() {
 	*x = CancelTaskRequest{}
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[15]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1130,7 +1525,7 @@ func (x *CancelTaskRequest) String() string {
 func (*CancelTaskRequest) ProtoMessage() {}
 
 func (x *CancelTaskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[15]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1143,7 +1538,7 @@ func (x *CancelTaskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelTaskRequest.ProtoReflect.Descriptor instead.
 func (*CancelTaskRequest) Descriptor() ([]byte, []int) {
-	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{15}
+	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *CancelTaskRequest) GetTaskId() string {
@@ -1164,7 +1559,7 @@ type CancelTaskResponse struct {
 
 func (x *CancelTaskResponse) Reset() {
 	*x = CancelTaskResponse{}
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[16]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1176,7 +1571,7 @@ func (x *CancelTaskResponse) String() string {
 func (*CancelTaskResponse) ProtoMessage() {}
 
 func (x *CancelTaskResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[16]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1189,7 +1584,7 @@ func (x *CancelTaskResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelTaskResponse.ProtoReflect.Descriptor instead.
 func (*CancelTaskResponse) Descriptor() ([]byte, []int) {
-	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{16}
+	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *CancelTaskResponse) GetState() TaskState {
@@ -1210,7 +1605,7 @@ type GetTaskRequest struct {
 
 func (x *GetTaskRequest) Reset() {
 	*x = GetTaskRequest{}
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[17]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1222,7 +1617,7 @@ func (x *GetTaskRequest) String() string {
 func (*GetTaskRequest) ProtoMessage() {}
 
 func (x *GetTaskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[17]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1235,7 +1630,7 @@ func (x *GetTaskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetTaskRequest.ProtoReflect.Descriptor instead.
 func (*GetTaskRequest) Descriptor() ([]byte, []int) {
-	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{17}
+	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *GetTaskRequest) GetTaskId() string {
@@ -1256,7 +1651,7 @@ type GetTaskResponse struct {
 
 func (x *GetTaskResponse) Reset() {
 	*x = GetTaskResponse{}
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[18]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1268,7 +1663,7 @@ func (x *GetTaskResponse) String() string {
 func (*GetTaskResponse) ProtoMessage() {}
 
 func (x *GetTaskResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[18]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1281,7 +1676,7 @@ func (x *GetTaskResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetTaskResponse.ProtoReflect.Descriptor instead.
 func (*GetTaskResponse) Descriptor() ([]byte, []int) {
-	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{18}
+	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *GetTaskResponse) GetTask() *Task {
@@ -1328,7 +1723,7 @@ type Task struct {
 
 func (x *Task) Reset() {
 	*x = Task{}
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[19]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1340,7 +1735,7 @@ func (x *Task) String() string {
 func (*Task) ProtoMessage() {}
 
 func (x *Task) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[19]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1353,7 +1748,7 @@ func (x *Task) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Task.ProtoReflect.Descriptor instead.
 func (*Task) Descriptor() ([]byte, []int) {
-	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{19}
+	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *Task) GetTaskId() string {
@@ -1467,7 +1862,7 @@ type PoolExclusion struct {
 
 func (x *PoolExclusion) Reset() {
 	*x = PoolExclusion{}
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[20]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1479,7 +1874,7 @@ func (x *PoolExclusion) String() string {
 func (*PoolExclusion) ProtoMessage() {}
 
 func (x *PoolExclusion) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[20]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1492,7 +1887,7 @@ func (x *PoolExclusion) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PoolExclusion.ProtoReflect.Descriptor instead.
 func (*PoolExclusion) Descriptor() ([]byte, []int) {
-	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{20}
+	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *PoolExclusion) GetPool() string {
@@ -1526,7 +1921,7 @@ type TaskError struct {
 
 func (x *TaskError) Reset() {
 	*x = TaskError{}
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[21]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1538,7 +1933,7 @@ func (x *TaskError) String() string {
 func (*TaskError) ProtoMessage() {}
 
 func (x *TaskError) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[21]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1551,7 +1946,7 @@ func (x *TaskError) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TaskError.ProtoReflect.Descriptor instead.
 func (*TaskError) Descriptor() ([]byte, []int) {
-	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{21}
+	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *TaskError) GetCode() string {
@@ -1586,21 +1981,41 @@ var File_llorch_orchestrator_v1_orchestrator_proto protoreflect.FileDescriptor
 
 const file_llorch_orchestrator_v1_orchestrator_proto_rawDesc = "" +
 	"\n" +
-	")llorch/orchestrator/v1/orchestrator.proto\x12\x16llorch.orchestrator.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x17google/rpc/status.proto\x1a\x1dllorch/common/v1/common.proto\"\xba\x01\n" +
+	")llorch/orchestrator/v1/orchestrator.proto\x12\x16llorch.orchestrator.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x17google/rpc/status.proto\x1a\x1dllorch/common/v1/common.proto\"\xcc\x02\n" +
 	"\x0fGenerateRequest\x12\x19\n" +
 	"\bmodel_id\x18\x01 \x01(\tR\amodelId\x12\x16\n" +
 	"\x06prompt\x18\x02 \x01(\tR\x06prompt\x12<\n" +
 	"\bsampling\x18\x03 \x01(\v2 .llorch.common.v1.SamplingParamsR\bsampling\x126\n" +
-	"\bpriority\x18\x04 \x01(\x0e2\x1a.llorch.common.v1.PriorityR\bpriority\"K\n" +
+	"\bpriority\x18\x04 \x01(\x0e2\x1a.llorch.common.v1.PriorityR\bpriority\x12?\n" +
+	"\bmessages\x18\x05 \x03(\v2#.llorch.orchestrator.v1.ChatMessageR\bmessages\x12O\n" +
+	"\x0fresponse_format\x18\x06 \x01(\v2&.llorch.orchestrator.v1.ResponseFormatR\x0eresponseFormat\"Y\n" +
+	"\vChatMessage\x120\n" +
+	"\x04role\x18\x01 \x01(\x0e2\x1c.llorch.orchestrator.v1.RoleR\x04role\x12\x18\n" +
+	"\acontent\x18\x02 \x01(\tR\acontent\"\xee\x01\n" +
+	"\x0eResponseFormat\x128\n" +
+	"\x04text\x18\x01 \x01(\v2\".llorch.orchestrator.v1.TextFormatH\x00R\x04text\x12K\n" +
+	"\vjson_object\x18\x02 \x01(\v2(.llorch.orchestrator.v1.JsonObjectFormatH\x00R\n" +
+	"jsonObject\x12K\n" +
+	"\vjson_schema\x18\x03 \x01(\v2(.llorch.orchestrator.v1.JsonSchemaFormatH\x00R\n" +
+	"jsonSchemaB\b\n" +
+	"\x06format\"\f\n" +
+	"\n" +
+	"TextFormat\"\x12\n" +
+	"\x10JsonObjectFormat\">\n" +
+	"\x10JsonSchemaFormat\x12\x16\n" +
+	"\x06schema\x18\x01 \x01(\tR\x06schema\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\"K\n" +
 	"\x10GenerateResponse\x127\n" +
-	"\x05event\x18\x01 \x01(\v2!.llorch.orchestrator.v1.TaskEventR\x05event\"\xdb\x01\n" +
+	"\x05event\x18\x01 \x01(\v2!.llorch.orchestrator.v1.TaskEventR\x05event\"\xed\x02\n" +
 	"\x11SubmitTaskRequest\x12\x19\n" +
 	"\bmodel_id\x18\x01 \x01(\tR\amodelId\x12\x16\n" +
 	"\x06prompt\x18\x02 \x01(\tR\x06prompt\x12<\n" +
 	"\bsampling\x18\x03 \x01(\v2 .llorch.common.v1.SamplingParamsR\bsampling\x126\n" +
 	"\bpriority\x18\x04 \x01(\x0e2\x1a.llorch.common.v1.PriorityR\bpriority\x12\x1d\n" +
 	"\n" +
-	"request_id\x18\x05 \x01(\tR\trequestId\"\x82\x01\n" +
+	"request_id\x18\x05 \x01(\tR\trequestId\x12?\n" +
+	"\bmessages\x18\x06 \x03(\v2#.llorch.orchestrator.v1.ChatMessageR\bmessages\x12O\n" +
+	"\x0fresponse_format\x18\a \x01(\v2&.llorch.orchestrator.v1.ResponseFormatR\x0eresponseFormat\"\x82\x01\n" +
 	"\x12SubmitTaskResponse\x12\x17\n" +
 	"\atask_id\x18\x01 \x01(\tR\x06taskId\x12%\n" +
 	"\x0equeue_position\x18\x02 \x01(\rR\rqueuePosition\x12,\n" +
@@ -1688,7 +2103,13 @@ const file_llorch_orchestrator_v1_orchestrator_proto_rawDesc = "" +
 	"\x12TASK_STATE_RUNNING\x10\x02\x12\x18\n" +
 	"\x14TASK_STATE_SUCCEEDED\x10\x03\x12\x15\n" +
 	"\x11TASK_STATE_FAILED\x10\x04\x12\x18\n" +
-	"\x14TASK_STATE_CANCELLED\x10\x052\x9c\a\n" +
+	"\x14TASK_STATE_CANCELLED\x10\x05*_\n" +
+	"\x04Role\x12\x14\n" +
+	"\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n" +
+	"\vROLE_SYSTEM\x10\x01\x12\r\n" +
+	"\tROLE_USER\x10\x02\x12\x12\n" +
+	"\x0eROLE_ASSISTANT\x10\x03\x12\r\n" +
+	"\tROLE_TOOL\x10\x042\x9c\a\n" +
 	"\x13OrchestratorService\x12x\n" +
 	"\bGenerate\x12'.llorch.orchestrator.v1.GenerateRequest\x1a(.llorch.orchestrator.v1.GenerateResponse\"\x17\x82\xd3\xe4\x93\x02\x11:\x01*\"\f/v1/generate0\x01\x12y\n" +
 	"\n" +
@@ -1714,82 +2135,96 @@ func file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP() []byte {
 	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescData
 }
 
-var file_llorch_orchestrator_v1_orchestrator_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_llorch_orchestrator_v1_orchestrator_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
+var file_llorch_orchestrator_v1_orchestrator_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
+var file_llorch_orchestrator_v1_orchestrator_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
 var file_llorch_orchestrator_v1_orchestrator_proto_goTypes = []any{
 	(TaskState)(0),              // 0: llorch.orchestrator.v1.TaskState
-	(*GenerateRequest)(nil),     // 1: llorch.orchestrator.v1.GenerateRequest
-	(*GenerateResponse)(nil),    // 2: llorch.orchestrator.v1.GenerateResponse
-	(*SubmitTaskRequest)(nil),   // 3: llorch.orchestrator.v1.SubmitTaskRequest
-	(*SubmitTaskResponse)(nil),  // 4: llorch.orchestrator.v1.SubmitTaskResponse
-	(*SubmitTasksRequest)(nil),  // 5: llorch.orchestrator.v1.SubmitTasksRequest
-	(*SubmitTasksResponse)(nil), // 6: llorch.orchestrator.v1.SubmitTasksResponse
-	(*SubmitTaskResult)(nil),    // 7: llorch.orchestrator.v1.SubmitTaskResult
-	(*ListTasksRequest)(nil),    // 8: llorch.orchestrator.v1.ListTasksRequest
-	(*ListTasksResponse)(nil),   // 9: llorch.orchestrator.v1.ListTasksResponse
-	(*StreamTaskRequest)(nil),   // 10: llorch.orchestrator.v1.StreamTaskRequest
-	(*StreamTaskResponse)(nil),  // 11: llorch.orchestrator.v1.StreamTaskResponse
-	(*TaskEvent)(nil),           // 12: llorch.orchestrator.v1.TaskEvent
-	(*Queued)(nil),              // 13: llorch.orchestrator.v1.Queued
-	(*Started)(nil),             // 14: llorch.orchestrator.v1.Started
-	(*Metrics)(nil),             // 15: llorch.orchestrator.v1.Metrics
-	(*CancelTaskRequest)(nil),   // 16: llorch.orchestrator.v1.CancelTaskRequest
-	(*CancelTaskResponse)(nil),  // 17: llorch.orchestrator.v1.CancelTaskResponse
-	(*GetTaskRequest)(nil),      // 18: llorch.orchestrator.v1.GetTaskRequest
-	(*GetTaskResponse)(nil),     // 19: llorch.orchestrator.v1.GetTaskResponse
-	(*Task)(nil),                // 20: llorch.orchestrator.v1.Task
-	(*PoolExclusion)(nil),       // 21: llorch.orchestrator.v1.PoolExclusion
-	(*TaskError)(nil),           // 22: llorch.orchestrator.v1.TaskError
-	(*v1.SamplingParams)(nil),   // 23: llorch.common.v1.SamplingParams
-	(v1.Priority)(0),            // 24: llorch.common.v1.Priority
-	(*status.Status)(nil),       // 25: google.rpc.Status
-	(*v1.Token)(nil),            // 26: llorch.common.v1.Token
-	(*v1.Finished)(nil),         // 27: llorch.common.v1.Finished
+	(Role)(0),                   // 1: llorch.orchestrator.v1.Role
+	(*GenerateRequest)(nil),     // 2: llorch.orchestrator.v1.GenerateRequest
+	(*ChatMessage)(nil),         // 3: llorch.orchestrator.v1.ChatMessage
+	(*ResponseFormat)(nil),      // 4: llorch.orchestrator.v1.ResponseFormat
+	(*TextFormat)(nil),          // 5: llorch.orchestrator.v1.TextFormat
+	(*JsonObjectFormat)(nil),    // 6: llorch.orchestrator.v1.JsonObjectFormat
+	(*JsonSchemaFormat)(nil),    // 7: llorch.orchestrator.v1.JsonSchemaFormat
+	(*GenerateResponse)(nil),    // 8: llorch.orchestrator.v1.GenerateResponse
+	(*SubmitTaskRequest)(nil),   // 9: llorch.orchestrator.v1.SubmitTaskRequest
+	(*SubmitTaskResponse)(nil),  // 10: llorch.orchestrator.v1.SubmitTaskResponse
+	(*SubmitTasksRequest)(nil),  // 11: llorch.orchestrator.v1.SubmitTasksRequest
+	(*SubmitTasksResponse)(nil), // 12: llorch.orchestrator.v1.SubmitTasksResponse
+	(*SubmitTaskResult)(nil),    // 13: llorch.orchestrator.v1.SubmitTaskResult
+	(*ListTasksRequest)(nil),    // 14: llorch.orchestrator.v1.ListTasksRequest
+	(*ListTasksResponse)(nil),   // 15: llorch.orchestrator.v1.ListTasksResponse
+	(*StreamTaskRequest)(nil),   // 16: llorch.orchestrator.v1.StreamTaskRequest
+	(*StreamTaskResponse)(nil),  // 17: llorch.orchestrator.v1.StreamTaskResponse
+	(*TaskEvent)(nil),           // 18: llorch.orchestrator.v1.TaskEvent
+	(*Queued)(nil),              // 19: llorch.orchestrator.v1.Queued
+	(*Started)(nil),             // 20: llorch.orchestrator.v1.Started
+	(*Metrics)(nil),             // 21: llorch.orchestrator.v1.Metrics
+	(*CancelTaskRequest)(nil),   // 22: llorch.orchestrator.v1.CancelTaskRequest
+	(*CancelTaskResponse)(nil),  // 23: llorch.orchestrator.v1.CancelTaskResponse
+	(*GetTaskRequest)(nil),      // 24: llorch.orchestrator.v1.GetTaskRequest
+	(*GetTaskResponse)(nil),     // 25: llorch.orchestrator.v1.GetTaskResponse
+	(*Task)(nil),                // 26: llorch.orchestrator.v1.Task
+	(*PoolExclusion)(nil),       // 27: llorch.orchestrator.v1.PoolExclusion
+	(*TaskError)(nil),           // 28: llorch.orchestrator.v1.TaskError
+	(*v1.SamplingParams)(nil),   // 29: llorch.common.v1.SamplingParams
+	(v1.Priority)(0),            // 30: llorch.common.v1.Priority
+	(*status.Status)(nil),       // 31: google.rpc.Status
+	(*v1.Token)(nil),            // 32: llorch.common.v1.Token
+	(*v1.Finished)(nil),         // 33: llorch.common.v1.Finished
 }
 var file_llorch_orchestrator_v1_orchestrator_proto_depIdxs = []int32{
-	23, // 0: llorch.orchestrator.v1.GenerateRequest.sampling:type_name -> llorch.common.v1.SamplingParams
-	24, // 1: llorch.orchestrator.v1.GenerateRequest.priority:type_name -> llorch.common.v1.Priority
-	12, // 2: llorch.orchestrator.v1.GenerateResponse.event:type_name -> llorch.orchestrator.v1.TaskEvent
-	23, // 3: llorch.orchestrator.v1.SubmitTaskRequest.sampling:type_name -> llorch.common.v1.SamplingParams
-	24, // 4: llorch.orchestrator.v1.SubmitTaskRequest.priority:type_name -> llorch.common.v1.Priority
-	3,  // 5: llorch.orchestrator.v1.SubmitTasksRequest.requests:type_name -> llorch.orchestrator.v1.SubmitTaskRequest
-	7,  // 6: llorch.orchestrator.v1.SubmitTasksResponse.results:type_name -> llorch.orchestrator.v1.SubmitTaskResult
-	4,  // 7: llorch.orchestrator.v1.SubmitTaskResult.task:type_name -> llorch.orchestrator.v1.SubmitTaskResponse
-	25, // 8: llorch.orchestrator.v1.SubmitTaskResult.error:type_name -> google.rpc.Status
-	0,  // 9: llorch.orchestrator.v1.ListTasksRequest.state:type_name -> llorch.orchestrator.v1.TaskState
-	20, // 10: llorch.orchestrator.v1.ListTasksResponse.tasks:type_name -> llorch.orchestrator.v1.Task
-	12, // 11: llorch.orchestrator.v1.StreamTaskResponse.event:type_name -> llorch.orchestrator.v1.TaskEvent
-	13, // 12: llorch.orchestrator.v1.TaskEvent.queued:type_name -> llorch.orchestrator.v1.Queued
-	14, // 13: llorch.orchestrator.v1.TaskEvent.started:type_name -> llorch.orchestrator.v1.Started
-	26, // 14: llorch.orchestrator.v1.TaskEvent.token:type_name -> llorch.common.v1.Token
-	15, // 15: llorch.orchestrator.v1.TaskEvent.metrics:type_name -> llorch.orchestrator.v1.Metrics
-	27, // 16: llorch.orchestrator.v1.TaskEvent.finished:type_name -> llorch.common.v1.Finished
-	0,  // 17: llorch.orchestrator.v1.CancelTaskResponse.state:type_name -> llorch.orchestrator.v1.TaskState
-	20, // 18: llorch.orchestrator.v1.GetTaskResponse.task:type_name -> llorch.orchestrator.v1.Task
-	0,  // 19: llorch.orchestrator.v1.Task.state:type_name -> llorch.orchestrator.v1.TaskState
-	24, // 20: llorch.orchestrator.v1.Task.priority:type_name -> llorch.common.v1.Priority
-	27, // 21: llorch.orchestrator.v1.Task.finished:type_name -> llorch.common.v1.Finished
-	22, // 22: llorch.orchestrator.v1.Task.error:type_name -> llorch.orchestrator.v1.TaskError
-	21, // 23: llorch.orchestrator.v1.Task.excluded_pools:type_name -> llorch.orchestrator.v1.PoolExclusion
-	1,  // 24: llorch.orchestrator.v1.OrchestratorService.Generate:input_type -> llorch.orchestrator.v1.GenerateRequest
-	3,  // 25: llorch.orchestrator.v1.OrchestratorService.SubmitTask:input_type -> llorch.orchestrator.v1.SubmitTaskRequest
-	5,  // 26: llorch.orchestrator.v1.OrchestratorService.SubmitTasks:input_type -> llorch.orchestrator.v1.SubmitTasksRequest
-	10, // 27: llorch.orchestrator.v1.OrchestratorService.StreamTask:input_type -> llorch.orchestrator.v1.StreamTaskRequest
-	16, // 28: llorch.orchestrator.v1.OrchestratorService.CancelTask:input_type -> llorch.orchestrator.v1.CancelTaskRequest
-	18, // 29: llorch.orchestrator.v1.OrchestratorService.GetTask:input_type -> llorch.orchestrator.v1.GetTaskRequest
-	8,  // 30: llorch.orchestrator.v1.OrchestratorService.ListTasks:input_type -> llorch.orchestrator.v1.ListTasksRequest
-	2,  // 31: llorch.orchestrator.v1.OrchestratorService.Generate:output_type -> llorch.orchestrator.v1.GenerateResponse
-	4,  // 32: llorch.orchestrator.v1.OrchestratorService.SubmitTask:output_type -> llorch.orchestrator.v1.SubmitTaskResponse
-	6,  // 33: llorch.orchestrator.v1.OrchestratorService.SubmitTasks:output_type -> llorch.orchestrator.v1.SubmitTasksResponse
-	11, // 34: llorch.orchestrator.v1.OrchestratorService.StreamTask:output_type -> llorch.orchestrator.v1.StreamTaskResponse
-	17, // 35: llorch.orchestrator.v1.OrchestratorService.CancelTask:output_type -> llorch.orchestrator.v1.CancelTaskResponse
-	19, // 36: llorch.orchestrator.v1.OrchestratorService.GetTask:output_type -> llorch.orchestrator.v1.GetTaskResponse
-	9,  // 37: llorch.orchestrator.v1.OrchestratorService.ListTasks:output_type -> llorch.orchestrator.v1.ListTasksResponse
-	31, // [31:38] is the sub-list for method output_type
-	24, // [24:31] is the sub-list for method input_type
-	24, // [24:24] is the sub-list for extension type_name
-	24, // [24:24] is the sub-list for extension extendee
-	0,  // [0:24] is the sub-list for field type_name
+	29, // 0: llorch.orchestrator.v1.GenerateRequest.sampling:type_name -> llorch.common.v1.SamplingParams
+	30, // 1: llorch.orchestrator.v1.GenerateRequest.priority:type_name -> llorch.common.v1.Priority
+	3,  // 2: llorch.orchestrator.v1.GenerateRequest.messages:type_name -> llorch.orchestrator.v1.ChatMessage
+	4,  // 3: llorch.orchestrator.v1.GenerateRequest.response_format:type_name -> llorch.orchestrator.v1.ResponseFormat
+	1,  // 4: llorch.orchestrator.v1.ChatMessage.role:type_name -> llorch.orchestrator.v1.Role
+	5,  // 5: llorch.orchestrator.v1.ResponseFormat.text:type_name -> llorch.orchestrator.v1.TextFormat
+	6,  // 6: llorch.orchestrator.v1.ResponseFormat.json_object:type_name -> llorch.orchestrator.v1.JsonObjectFormat
+	7,  // 7: llorch.orchestrator.v1.ResponseFormat.json_schema:type_name -> llorch.orchestrator.v1.JsonSchemaFormat
+	18, // 8: llorch.orchestrator.v1.GenerateResponse.event:type_name -> llorch.orchestrator.v1.TaskEvent
+	29, // 9: llorch.orchestrator.v1.SubmitTaskRequest.sampling:type_name -> llorch.common.v1.SamplingParams
+	30, // 10: llorch.orchestrator.v1.SubmitTaskRequest.priority:type_name -> llorch.common.v1.Priority
+	3,  // 11: llorch.orchestrator.v1.SubmitTaskRequest.messages:type_name -> llorch.orchestrator.v1.ChatMessage
+	4,  // 12: llorch.orchestrator.v1.SubmitTaskRequest.response_format:type_name -> llorch.orchestrator.v1.ResponseFormat
+	9,  // 13: llorch.orchestrator.v1.SubmitTasksRequest.requests:type_name -> llorch.orchestrator.v1.SubmitTaskRequest
+	13, // 14: llorch.orchestrator.v1.SubmitTasksResponse.results:type_name -> llorch.orchestrator.v1.SubmitTaskResult
+	10, // 15: llorch.orchestrator.v1.SubmitTaskResult.task:type_name -> llorch.orchestrator.v1.SubmitTaskResponse
+	31, // 16: llorch.orchestrator.v1.SubmitTaskResult.error:type_name -> google.rpc.Status
+	0,  // 17: llorch.orchestrator.v1.ListTasksRequest.state:type_name -> llorch.orchestrator.v1.TaskState
+	26, // 18: llorch.orchestrator.v1.ListTasksResponse.tasks:type_name -> llorch.orchestrator.v1.Task
+	18, // 19: llorch.orchestrator.v1.StreamTaskResponse.event:type_name -> llorch.orchestrator.v1.TaskEvent
+	19, // 20: llorch.orchestrator.v1.TaskEvent.queued:type_name -> llorch.orchestrator.v1.Queued
+	20, // 21: llorch.orchestrator.v1.TaskEvent.started:type_name -> llorch.orchestrator.v1.Started
+	32, // 22: llorch.orchestrator.v1.TaskEvent.token:type_name -> llorch.common.v1.Token
+	21, // 23: llorch.orchestrator.v1.TaskEvent.metrics:type_name -> llorch.orchestrator.v1.Metrics
+	33, // 24: llorch.orchestrator.v1.TaskEvent.finished:type_name -> llorch.common.v1.Finished
+	0,  // 25: llorch.orchestrator.v1.CancelTaskResponse.state:type_name -> llorch.orchestrator.v1.TaskState
+	26, // 26: llorch.orchestrator.v1.GetTaskResponse.task:type_name -> llorch.orchestrator.v1.Task
+	0,  // 27: llorch.orchestrator.v1.Task.state:type_name -> llorch.orchestrator.v1.TaskState
+	30, // 28: llorch.orchestrator.v1.Task.priority:type_name -> llorch.common.v1.Priority
+	33, // 29: llorch.orchestrator.v1.Task.finished:type_name -> llorch.common.v1.Finished
+	28, // 30: llorch.orchestrator.v1.Task.error:type_name -> llorch.orchestrator.v1.TaskError
+	27, // 31: llorch.orchestrator.v1.Task.excluded_pools:type_name -> llorch.orchestrator.v1.PoolExclusion
+	2,  // 32: llorch.orchestrator.v1.OrchestratorService.Generate:input_type -> llorch.orchestrator.v1.GenerateRequest
+	9,  // 33: llorch.orchestrator.v1.OrchestratorService.SubmitTask:input_type -> llorch.orchestrator.v1.SubmitTaskRequest
+	11, // 34: llorch.orchestrator.v1.OrchestratorService.SubmitTasks:input_type -> llorch.orchestrator.v1.SubmitTasksRequest
+	16, // 35: llorch.orchestrator.v1.OrchestratorService.StreamTask:input_type -> llorch.orchestrator.v1.StreamTaskRequest
+	22, // 36: llorch.orchestrator.v1.OrchestratorService.CancelTask:input_type -> llorch.orchestrator.v1.CancelTaskRequest
+	24, // 37: llorch.orchestrator.v1.OrchestratorService.GetTask:input_type -> llorch.orchestrator.v1.GetTaskRequest
+	14, // 38: llorch.orchestrator.v1.OrchestratorService.ListTasks:input_type -> llorch.orchestrator.v1.ListTasksRequest
+	8,  // 39: llorch.orchestrator.v1.OrchestratorService.Generate:output_type -> llorch.orchestrator.v1.GenerateResponse
+	10, // 40: llorch.orchestrator.v1.OrchestratorService.SubmitTask:output_type -> llorch.orchestrator.v1.SubmitTaskResponse
+	12, // 41: llorch.orchestrator.v1.OrchestratorService.SubmitTasks:output_type -> llorch.orchestrator.v1.SubmitTasksResponse
+	17, // 42: llorch.orchestrator.v1.OrchestratorService.StreamTask:output_type -> llorch.orchestrator.v1.StreamTaskResponse
+	23, // 43: llorch.orchestrator.v1.OrchestratorService.CancelTask:output_type -> llorch.orchestrator.v1.CancelTaskResponse
+	25, // 44: llorch.orchestrator.v1.OrchestratorService.GetTask:output_type -> llorch.orchestrator.v1.GetTaskResponse
+	15, // 45: llorch.orchestrator.v1.OrchestratorService.ListTasks:output_type -> llorch.orchestrator.v1.ListTasksResponse
+	39, // [39:46] is the sub-list for method output_type
+	32, // [32:39] is the sub-list for method input_type
+	32, // [32:32] is the sub-list for extension type_name
+	32, // [32:32] is the sub-list for extension extendee
+	0,  // [0:32] is the sub-list for field type_name
 }
 
 func init() { file_llorch_orchestrator_v1_orchestrator_proto_init() }
@@ -1797,11 +2232,16 @@ func file_llorch_orchestrator_v1_orchestrator_proto_init() {
 	if File_llorch_orchestrator_v1_orchestrator_proto != nil {
 		return
 	}
-	file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[6].OneofWrappers = []any{
+	file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[2].OneofWrappers = []any{
+		(*ResponseFormat_Text)(nil),
+		(*ResponseFormat_JsonObject)(nil),
+		(*ResponseFormat_JsonSchema)(nil),
+	}
+	file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[11].OneofWrappers = []any{
 		(*SubmitTaskResult_Task)(nil),
 		(*SubmitTaskResult_Error)(nil),
 	}
-	file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[11].OneofWrappers = []any{
+	file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[16].OneofWrappers = []any{
 		(*TaskEvent_Queued)(nil),
 		(*TaskEvent_Started)(nil),
 		(*TaskEvent_Token)(nil),
@@ -1813,8 +2253,8 @@ func file_llorch_orchestrator_v1_orchestrator_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_llorch_orchestrator_v1_orchestrator_proto_rawDesc), len(file_llorch_orchestrator_v1_orchestrator_proto_rawDesc)),
-			NumEnums:      1,
-			NumMessages:   22,
+			NumEnums:      2,
+			NumMessages:   27,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -1388,8 +1388,14 @@ type ExecuteRequest struct {
 	// max_tokens is the client's default, not its choice: shorten it to the room the prompt leaves
 	// in the context instead of refusing the execution.
 	MaxTokensDefaulted bool `protobuf:"varint,7,opt,name=max_tokens_defaulted,json=maxTokensDefaulted,proto3" json:"max_tokens_defaulted,omitempty"`
-	unknownFields      protoimpl.UnknownFields
-	sizeCache          protoimpl.SizeCache
+	// The prompt is a rendered chat template: it is tokenized with its special tokens' text read as
+	// those tokens and no beginning-of-sequence token added (the template writes its own).
+	Templated bool `protobuf:"varint,8,opt,name=templated,proto3" json:"templated,omitempty"`
+	// A GBNF grammar (root rule "root") every sampled token must follow; empty for none. The
+	// generation ends when the grammar is complete.
+	Grammar       string `protobuf:"bytes,9,opt,name=grammar,proto3" json:"grammar,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ExecuteRequest) Reset() {
@@ -1469,6 +1475,20 @@ func (x *ExecuteRequest) GetMaxTokensDefaulted() bool {
 		return x.MaxTokensDefaulted
 	}
 	return false
+}
+
+func (x *ExecuteRequest) GetTemplated() bool {
+	if x != nil {
+		return x.Templated
+	}
+	return false
+}
+
+func (x *ExecuteRequest) GetGrammar() string {
+	if x != nil {
+		return x.Grammar
+	}
+	return ""
 }
 
 // One event of an execution.
@@ -2040,7 +2060,7 @@ const file_llorch_poolmanager_v1_poolmanager_proto_rawDesc = "" +
 	"\bmodel_id\x18\x01 \x01(\tR\amodelId\"j\n" +
 	"\x14UnstageModelResponse\x12\x18\n" +
 	"\aremoved\x18\x01 \x01(\bR\aremoved\x128\n" +
-	"\astaging\x18\x02 \x01(\v2\x1e.llorch.poolmanager.v1.StagingR\astaging\"\x88\x02\n" +
+	"\astaging\x18\x02 \x01(\v2\x1e.llorch.poolmanager.v1.StagingR\astaging\"\xc0\x02\n" +
 	"\x0eExecuteRequest\x12!\n" +
 	"\fexecution_id\x18\x01 \x01(\tR\vexecutionId\x12\x17\n" +
 	"\atask_id\x18\x02 \x01(\tR\x06taskId\x12\x17\n" +
@@ -2048,7 +2068,9 @@ const file_llorch_poolmanager_v1_poolmanager_proto_rawDesc = "" +
 	"\bmodel_id\x18\x04 \x01(\tR\amodelId\x12\x16\n" +
 	"\x06prompt\x18\x05 \x01(\tR\x06prompt\x12<\n" +
 	"\bsampling\x18\x06 \x01(\v2 .llorch.common.v1.SamplingParamsR\bsampling\x120\n" +
-	"\x14max_tokens_defaulted\x18\a \x01(\bR\x12maxTokensDefaulted\"\xc9\x01\n" +
+	"\x14max_tokens_defaulted\x18\a \x01(\bR\x12maxTokensDefaulted\x12\x1c\n" +
+	"\ttemplated\x18\b \x01(\bR\ttemplated\x12\x18\n" +
+	"\agrammar\x18\t \x01(\tR\agrammar\"\xc9\x01\n" +
 	"\x0fExecuteResponse\x12C\n" +
 	"\astarted\x18\x01 \x01(\v2'.llorch.poolmanager.v1.ExecutionStartedH\x00R\astarted\x12/\n" +
 	"\x05token\x18\x02 \x01(\v2\x17.llorch.common.v1.TokenH\x00R\x05token\x128\n" +
