@@ -31,6 +31,8 @@ class ModelInfo:
     """Text of the end-of-sequence token, for the template."""
     control_tokens: tuple[str, ...] = ()
     """Texts of the vocabulary's control tokens, which chat message content may not contain."""
+    created_unix_ms: int = 0
+    """When the model was registered."""
 
 
 class CatalogClient:
@@ -53,19 +55,28 @@ class CatalogClient:
             )
         except grpc.aio.AioRpcError as err:
             raise _catalog_error(err) from None
-        model = response.model
-        info = ModelInfo(
-            model_id=model.model_id,
-            context_length=model.facts.context_length,
-            active=model.state == catalog_pb2.MODEL_STATE_ACTIVE,
-            size_bytes=model.size_bytes,
-            chat_template=model.facts.chat_template,
-            bos_token=model.facts.bos_token,
-            eos_token=model.facts.eos_token,
-            control_tokens=tuple(model.facts.control_tokens),
-        )
+        info = _info_of(response.model)
         self._cache[model_id] = (now, info)
         return info
+
+    async def active_models(self) -> list[ModelInfo]:
+        """Every active model, in id order (every page); UnavailableError when unreachable."""
+        out: list[ModelInfo] = []
+        token = ""
+        while True:
+            try:
+                response = await self._stub.ListModels(
+                    catalog_pb2.ListModelsRequest(
+                        page_size=1000, page_token=token, state=catalog_pb2.MODEL_STATE_ACTIVE
+                    ),
+                    timeout=_CALL_TIMEOUT_S,
+                )
+            except grpc.aio.AioRpcError as err:
+                raise _catalog_error(err) from None
+            out.extend(_info_of(model) for model in response.models)
+            token = response.next_page_token
+            if not token:
+                return out
 
     async def delete_model(self, model_id: str) -> list[catalog_pb2.ModelLocation]:
         """Deletes a model and its file records; the records. NotFoundError when unknown."""
@@ -94,6 +105,20 @@ class CatalogClient:
                 f"node {node_id} holds no copy of model {model_id}", reason="MODEL_NOT_ON_NODE"
             )
         return str(response.locations[0].path)
+
+
+def _info_of(model: catalog_pb2.Model) -> ModelInfo:
+    return ModelInfo(
+        model_id=model.model_id,
+        context_length=model.facts.context_length,
+        active=model.state == catalog_pb2.MODEL_STATE_ACTIVE,
+        size_bytes=model.size_bytes,
+        chat_template=model.facts.chat_template,
+        bos_token=model.facts.bos_token,
+        eos_token=model.facts.eos_token,
+        control_tokens=tuple(model.facts.control_tokens),
+        created_unix_ms=model.created_unix_ms,
+    )
 
 
 def _catalog_error(err: grpc.aio.AioRpcError) -> Exception:

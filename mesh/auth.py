@@ -83,6 +83,7 @@ POLICY: dict[str, frozenset[str]] = {
             "CancelTask",
             "GetTask",
             "ListTasks",
+            "ListModels",
         )
     },
     **{

@@ -343,6 +343,12 @@ class Orchestrator:
         )
         return task, committed
 
+    async def models(self) -> list[ModelInfo]:
+        """The catalog's active models, newest first (UnavailableError: the catalog is
+        unreachable)."""
+        models = await self._catalog.active_models()
+        return sorted(models, key=lambda m: (-m.created_unix_ms, m.model_id))
+
     def tasks(self) -> list[Task]:
         """Every task held: queued, running, and finished within their retention."""
         return list(self._table)

@@ -111,6 +111,23 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         task = _own(self._orch.get(_task_id(request.task_id)))
         return orchestrator_pb2.GetTaskResponse(task=convert.task_to_pb(task))
 
+    async def ListModels(
+        self, request: orchestrator_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> orchestrator_pb2.ListModelsResponse:
+        who = auth.caller.get()
+        return orchestrator_pb2.ListModelsResponse(
+            models=[
+                orchestrator_pb2.ServedModel(
+                    model_id=m.model_id,
+                    context_length=m.context_length,
+                    chat=bool(m.chat_template),
+                    created_unix_ms=m.created_unix_ms,
+                )
+                for m in await self._orch.models()
+                if who is None or who.may_use(m.model_id)
+            ]
+        )
+
     async def ListTasks(
         self, request: orchestrator_pb2.ListTasksRequest, context: grpc.aio.ServicerContext
     ) -> orchestrator_pb2.ListTasksResponse:

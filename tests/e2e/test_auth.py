@@ -235,6 +235,10 @@ async def test_tenants_see_only_their_tasks_and_models_their_keys_allow(secure: 
         assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert error_details(denied.value)["reason"] == "MODEL_NOT_ALLOWED"
         assert first_a != task_id
+        # ListModels shows each key the models it may use.
+        models = orchestrator_pb2.ListModelsRequest()
+        assert "tiny-llama" in {m.model_id for m in (await stub_a.ListModels(models)).models}
+        assert not (await stub_b.ListModels(models)).models
     finally:
         for channel in (a, b, o):
             await channel.close()

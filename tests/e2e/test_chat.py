@@ -177,6 +177,11 @@ async def test_a_model_without_a_template_refuses_messages(mesh: Mesh, tmp_path:
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert error_details(err)["reason"] == "CHAT_TEMPLATE_MISSING"
     assert "plain" in (err.details() or "")
+    listed = await mesh.stub.ListModels(pb.ListModelsRequest())
+    chat = {m.model_id: m.chat for m in listed.models}
+    assert chat["tiny-llama"] is True and chat["plain"] is False
+    assert listed.models[0].model_id == "plain"  # newest first
+    assert listed.models[0].context_length == 2048
 
 
 async def test_llorch_chat_keeps_the_conversation_and_answers_each_turn(

@@ -218,6 +218,9 @@ class FakeCatalog:
             raise NotFoundError(f"model {model_id} does not exist", reason="MODEL_NOT_FOUND")
         return info
 
+    async def active_models(self) -> list[ModelInfo]:
+        return [info for _, info in sorted(self.models.items()) if info.active]
+
     async def delete_model(self, model_id: str) -> list[catalog_pb2.ModelLocation]:
         await self.model_info(model_id)
         del self.models[model_id]

@@ -27,7 +27,7 @@ from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 from llorch.common.v1 import common_pb2 as llorch_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)llorch/orchestrator/v1/orchestrator.proto\x12\x16llorch.orchestrator.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x17google/rpc/status.proto\x1a\x1dllorch/common/v1/common.proto\"\x8d\x02\n\x0fGenerateRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x32\n\x08sampling\x18\x03 \x01(\x0b\x32 .llorch.common.v1.SamplingParams\x12,\n\x08priority\x18\x04 \x01(\x0e\x32\x1a.llorch.common.v1.Priority\x12\x35\n\x08messages\x18\x05 \x03(\x0b\x32#.llorch.orchestrator.v1.ChatMessage\x12?\n\x0fresponse_format\x18\x06 \x01(\x0b\x32&.llorch.orchestrator.v1.ResponseFormat\"J\n\x0b\x43hatMessage\x12*\n\x04role\x18\x01 \x01(\x0e\x32\x1c.llorch.orchestrator.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xd0\x01\n\x0eResponseFormat\x12\x32\n\x04text\x18\x01 \x01(\x0b\x32\".llorch.orchestrator.v1.TextFormatH\x00\x12?\n\x0bjson_object\x18\x02 \x01(\x0b\x32(.llorch.orchestrator.v1.JsonObjectFormatH\x00\x12?\n\x0bjson_schema\x18\x03 \x01(\x0b\x32(.llorch.orchestrator.v1.JsonSchemaFormatH\x00\x42\x08\n\x06\x66ormat\"\x0c\n\nTextFormat\"\x12\n\x10JsonObjectFormat\"0\n\x10JsonSchemaFormat\x12\x0e\n\x06schema\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"D\n\x10GenerateResponse\x12\x30\n\x05\x65vent\x18\x01 \x01(\x0b\x32!.llorch.orchestrator.v1.TaskEvent\"\xa3\x02\n\x11SubmitTaskRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x32\n\x08sampling\x18\x03 \x01(\x0b\x32 .llorch.common.v1.SamplingParams\x12,\n\x08priority\x18\x04 \x01(\x0e\x32\x1a.llorch.common.v1.Priority\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x35\n\x08messages\x18\x06 \x03(\x0b\x32#.llorch.orchestrator.v1.ChatMessage\x12?\n\x0fresponse_format\x18\x07 \x01(\x0b\x32&.llorch.orchestrator.v1.ResponseFormat\"Y\n\x12SubmitTaskResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x16\n\x0equeue_position\x18\x02 \x01(\r\x12\x1a\n\x12predicted_start_ms\x18\x03 \x01(\x04\"Q\n\x12SubmitTasksRequest\x12;\n\x08requests\x18\x01 \x03(\x0b\x32).llorch.orchestrator.v1.SubmitTaskRequest\"P\n\x13SubmitTasksResponse\x12\x39\n\x07results\x18\x01 \x03(\x0b\x32(.llorch.orchestrator.v1.SubmitTaskResult\"}\n\x10SubmitTaskResult\x12:\n\x04task\x18\x01 \x01(\x0b\x32*.llorch.orchestrator.v1.SubmitTaskResponseH\x00\x12#\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\x08\n\x06result\"}\n\x10ListTasksRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x30\n\x05state\x18\x03 \x01(\x0e\x32!.llorch.orchestrator.v1.TaskState\x12\x10\n\x08model_id\x18\x04 \x01(\t\"Y\n\x11ListTasksResponse\x12+\n\x05tasks\x18\x01 \x03(\x0b\x32\x1c.llorch.orchestrator.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"8\n\x11StreamTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x12\n\nfrom_index\x18\x02 \x01(\r\"F\n\x12StreamTaskResponse\x12\x30\n\x05\x65vent\x18\x01 \x01(\x0b\x32!.llorch.orchestrator.v1.TaskEvent\"\x98\x02\n\tTaskEvent\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x30\n\x06queued\x18\x02 \x01(\x0b\x32\x1e.llorch.orchestrator.v1.QueuedH\x00\x12\x32\n\x07started\x18\x03 \x01(\x0b\x32\x1f.llorch.orchestrator.v1.StartedH\x00\x12(\n\x05token\x18\x04 \x01(\x0b\x32\x17.llorch.common.v1.TokenH\x00\x12\x32\n\x07metrics\x18\x05 \x01(\x0b\x32\x1f.llorch.orchestrator.v1.MetricsH\x00\x12.\n\x08\x66inished\x18\x06 \x01(\x0b\x32\x1a.llorch.common.v1.FinishedH\x00\x42\x06\n\x04kind\"6\n\x06Queued\x12\x10\n\x08position\x18\x01 \x01(\r\x12\x1a\n\x12predicted_start_ms\x18\x02 \x01(\x04\"g\n\x07Started\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x16\n\x0e\x65ngine_version\x18\x04 \x01(\t\x12\x10\n\x08queue_ms\x18\x05 \x01(\x01\"=\n\x07Metrics\x12 \n\x18\x64\x65\x63ode_tokens_per_second\x18\x01 \x01(\x01\x12\x10\n\x08total_ms\x18\x02 \x01(\x01\"$\n\x11\x43\x61ncelTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"F\n\x12\x43\x61ncelTaskResponse\x12\x30\n\x05state\x18\x01 \x01(\x0e\x32!.llorch.orchestrator.v1.TaskState\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"=\n\x0fGetTaskResponse\x12*\n\x04task\x18\x01 \x01(\x0b\x32\x1c.llorch.orchestrator.v1.Task\"\xb3\x03\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x30\n\x05state\x18\x03 \x01(\x0e\x32!.llorch.orchestrator.v1.TaskState\x12,\n\x08priority\x18\x04 \x01(\x0e\x32\x1a.llorch.common.v1.Priority\x12\x16\n\x0equeue_position\x18\x05 \x01(\r\x12\x0f\n\x07pool_id\x18\x06 \x01(\t\x12\x12\n\ntokens_out\x18\x07 \x01(\r\x12,\n\x08\x66inished\x18\x08 \x01(\x0b\x32\x1a.llorch.common.v1.Finished\x12\x30\n\x05\x65rror\x18\t \x01(\x0b\x32!.llorch.orchestrator.v1.TaskError\x12\x16\n\x0e\x63orrelation_id\x18\n \x01(\t\x12\x0e\n\x06tenant\x18\x0b \x01(\t\x12\x0f\n\x07node_id\x18\x0c \x01(\t\x12\x13\n\x0bwait_reason\x18\r \x01(\t\x12=\n\x0e\x65xcluded_pools\x18\x0e \x03(\x0b\x32%.llorch.orchestrator.v1.PoolExclusion\"-\n\rPoolExclusion\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"M\n\tTaskError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x11\n\tretriable\x18\x04 \x01(\x08*\xa1\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11TASK_STATE_QUEUED\x10\x01\x12\x16\n\x12TASK_STATE_RUNNING\x10\x02\x12\x18\n\x14TASK_STATE_SUCCEEDED\x10\x03\x12\x15\n\x11TASK_STATE_FAILED\x10\x04\x12\x18\n\x14TASK_STATE_CANCELLED\x10\x05*_\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03\x12\r\n\tROLE_TOOL\x10\x04\x32\x9c\x07\n\x13OrchestratorService\x12x\n\x08Generate\x12\'.llorch.orchestrator.v1.GenerateRequest\x1a(.llorch.orchestrator.v1.GenerateResponse\"\x17\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/generate:\x01*0\x01\x12y\n\nSubmitTask\x12).llorch.orchestrator.v1.SubmitTaskRequest\x1a*.llorch.orchestrator.v1.SubmitTaskResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\"\t/v1/tasks:\x01*\x12\x88\x01\n\x0bSubmitTasks\x12*.llorch.orchestrator.v1.SubmitTasksRequest\x1a+.llorch.orchestrator.v1.SubmitTasksResponse\" \x82\xd3\xe4\x93\x02\x1a\"\x15/v1/tasks:batchSubmit:\x01*\x12\x89\x01\n\nStreamTask\x12).llorch.orchestrator.v1.StreamTaskRequest\x1a*.llorch.orchestrator.v1.StreamTaskResponse\"\"\x82\xd3\xe4\x93\x02\x1c\x12\x1a/v1/tasks/{task_id}/events0\x01\x12\x8a\x01\n\nCancelTask\x12).llorch.orchestrator.v1.CancelTaskRequest\x1a*.llorch.orchestrator.v1.CancelTaskResponse\"%\x82\xd3\xe4\x93\x02\x1f\"\x1a/v1/tasks/{task_id}:cancel:\x01*\x12w\n\x07GetTask\x12&.llorch.orchestrator.v1.GetTaskRequest\x1a\'.llorch.orchestrator.v1.GetTaskResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\x12\x13/v1/tasks/{task_id}\x12s\n\tListTasks\x12(.llorch.orchestrator.v1.ListTasksRequest\x1a).llorch.orchestrator.v1.ListTasksResponse\"\x11\x82\xd3\xe4\x93\x02\x0b\x12\t/v1/tasksb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)llorch/orchestrator/v1/orchestrator.proto\x12\x16llorch.orchestrator.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x17google/rpc/status.proto\x1a\x1dllorch/common/v1/common.proto\"\x8d\x02\n\x0fGenerateRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x32\n\x08sampling\x18\x03 \x01(\x0b\x32 .llorch.common.v1.SamplingParams\x12,\n\x08priority\x18\x04 \x01(\x0e\x32\x1a.llorch.common.v1.Priority\x12\x35\n\x08messages\x18\x05 \x03(\x0b\x32#.llorch.orchestrator.v1.ChatMessage\x12?\n\x0fresponse_format\x18\x06 \x01(\x0b\x32&.llorch.orchestrator.v1.ResponseFormat\"J\n\x0b\x43hatMessage\x12*\n\x04role\x18\x01 \x01(\x0e\x32\x1c.llorch.orchestrator.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xd0\x01\n\x0eResponseFormat\x12\x32\n\x04text\x18\x01 \x01(\x0b\x32\".llorch.orchestrator.v1.TextFormatH\x00\x12?\n\x0bjson_object\x18\x02 \x01(\x0b\x32(.llorch.orchestrator.v1.JsonObjectFormatH\x00\x12?\n\x0bjson_schema\x18\x03 \x01(\x0b\x32(.llorch.orchestrator.v1.JsonSchemaFormatH\x00\x42\x08\n\x06\x66ormat\"\x0c\n\nTextFormat\"\x12\n\x10JsonObjectFormat\"0\n\x10JsonSchemaFormat\x12\x0e\n\x06schema\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"D\n\x10GenerateResponse\x12\x30\n\x05\x65vent\x18\x01 \x01(\x0b\x32!.llorch.orchestrator.v1.TaskEvent\"\xa3\x02\n\x11SubmitTaskRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x32\n\x08sampling\x18\x03 \x01(\x0b\x32 .llorch.common.v1.SamplingParams\x12,\n\x08priority\x18\x04 \x01(\x0e\x32\x1a.llorch.common.v1.Priority\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x35\n\x08messages\x18\x06 \x03(\x0b\x32#.llorch.orchestrator.v1.ChatMessage\x12?\n\x0fresponse_format\x18\x07 \x01(\x0b\x32&.llorch.orchestrator.v1.ResponseFormat\"Y\n\x12SubmitTaskResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x16\n\x0equeue_position\x18\x02 \x01(\r\x12\x1a\n\x12predicted_start_ms\x18\x03 \x01(\x04\"Q\n\x12SubmitTasksRequest\x12;\n\x08requests\x18\x01 \x03(\x0b\x32).llorch.orchestrator.v1.SubmitTaskRequest\"P\n\x13SubmitTasksResponse\x12\x39\n\x07results\x18\x01 \x03(\x0b\x32(.llorch.orchestrator.v1.SubmitTaskResult\"}\n\x10SubmitTaskResult\x12:\n\x04task\x18\x01 \x01(\x0b\x32*.llorch.orchestrator.v1.SubmitTaskResponseH\x00\x12#\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\x08\n\x06result\"\x13\n\x11ListModelsRequest\"I\n\x12ListModelsResponse\x12\x33\n\x06models\x18\x01 \x03(\x0b\x32#.llorch.orchestrator.v1.ServedModel\"^\n\x0bServedModel\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\r\x12\x0c\n\x04\x63hat\x18\x03 \x01(\x08\x12\x17\n\x0f\x63reated_unix_ms\x18\x04 \x01(\x03\"}\n\x10ListTasksRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x30\n\x05state\x18\x03 \x01(\x0e\x32!.llorch.orchestrator.v1.TaskState\x12\x10\n\x08model_id\x18\x04 \x01(\t\"Y\n\x11ListTasksResponse\x12+\n\x05tasks\x18\x01 \x03(\x0b\x32\x1c.llorch.orchestrator.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"8\n\x11StreamTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x12\n\nfrom_index\x18\x02 \x01(\r\"F\n\x12StreamTaskResponse\x12\x30\n\x05\x65vent\x18\x01 \x01(\x0b\x32!.llorch.orchestrator.v1.TaskEvent\"\x98\x02\n\tTaskEvent\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x30\n\x06queued\x18\x02 \x01(\x0b\x32\x1e.llorch.orchestrator.v1.QueuedH\x00\x12\x32\n\x07started\x18\x03 \x01(\x0b\x32\x1f.llorch.orchestrator.v1.StartedH\x00\x12(\n\x05token\x18\x04 \x01(\x0b\x32\x17.llorch.common.v1.TokenH\x00\x12\x32\n\x07metrics\x18\x05 \x01(\x0b\x32\x1f.llorch.orchestrator.v1.MetricsH\x00\x12.\n\x08\x66inished\x18\x06 \x01(\x0b\x32\x1a.llorch.common.v1.FinishedH\x00\x42\x06\n\x04kind\"6\n\x06Queued\x12\x10\n\x08position\x18\x01 \x01(\r\x12\x1a\n\x12predicted_start_ms\x18\x02 \x01(\x04\"g\n\x07Started\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x16\n\x0e\x65ngine_version\x18\x04 \x01(\t\x12\x10\n\x08queue_ms\x18\x05 \x01(\x01\"=\n\x07Metrics\x12 \n\x18\x64\x65\x63ode_tokens_per_second\x18\x01 \x01(\x01\x12\x10\n\x08total_ms\x18\x02 \x01(\x01\"$\n\x11\x43\x61ncelTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"F\n\x12\x43\x61ncelTaskResponse\x12\x30\n\x05state\x18\x01 \x01(\x0e\x32!.llorch.orchestrator.v1.TaskState\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"=\n\x0fGetTaskResponse\x12*\n\x04task\x18\x01 \x01(\x0b\x32\x1c.llorch.orchestrator.v1.Task\"\xb3\x03\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x30\n\x05state\x18\x03 \x01(\x0e\x32!.llorch.orchestrator.v1.TaskState\x12,\n\x08priority\x18\x04 \x01(\x0e\x32\x1a.llorch.common.v1.Priority\x12\x16\n\x0equeue_position\x18\x05 \x01(\r\x12\x0f\n\x07pool_id\x18\x06 \x01(\t\x12\x12\n\ntokens_out\x18\x07 \x01(\r\x12,\n\x08\x66inished\x18\x08 \x01(\x0b\x32\x1a.llorch.common.v1.Finished\x12\x30\n\x05\x65rror\x18\t \x01(\x0b\x32!.llorch.orchestrator.v1.TaskError\x12\x16\n\x0e\x63orrelation_id\x18\n \x01(\t\x12\x0e\n\x06tenant\x18\x0b \x01(\t\x12\x0f\n\x07node_id\x18\x0c \x01(\t\x12\x13\n\x0bwait_reason\x18\r \x01(\t\x12=\n\x0e\x65xcluded_pools\x18\x0e \x03(\x0b\x32%.llorch.orchestrator.v1.PoolExclusion\"-\n\rPoolExclusion\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"M\n\tTaskError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x11\n\tretriable\x18\x04 \x01(\x08*\xa1\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11TASK_STATE_QUEUED\x10\x01\x12\x16\n\x12TASK_STATE_RUNNING\x10\x02\x12\x18\n\x14TASK_STATE_SUCCEEDED\x10\x03\x12\x15\n\x11TASK_STATE_FAILED\x10\x04\x12\x18\n\x14TASK_STATE_CANCELLED\x10\x05*_\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03\x12\r\n\tROLE_TOOL\x10\x04\x32\x9c\x08\n\x13OrchestratorService\x12x\n\x08Generate\x12\'.llorch.orchestrator.v1.GenerateRequest\x1a(.llorch.orchestrator.v1.GenerateResponse\"\x17\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/generate:\x01*0\x01\x12y\n\nSubmitTask\x12).llorch.orchestrator.v1.SubmitTaskRequest\x1a*.llorch.orchestrator.v1.SubmitTaskResponse\"\x14\x82\xd3\xe4\x93\x02\x0e\"\t/v1/tasks:\x01*\x12\x88\x01\n\x0bSubmitTasks\x12*.llorch.orchestrator.v1.SubmitTasksRequest\x1a+.llorch.orchestrator.v1.SubmitTasksResponse\" \x82\xd3\xe4\x93\x02\x1a\"\x15/v1/tasks:batchSubmit:\x01*\x12\x89\x01\n\nStreamTask\x12).llorch.orchestrator.v1.StreamTaskRequest\x1a*.llorch.orchestrator.v1.StreamTaskResponse\"\"\x82\xd3\xe4\x93\x02\x1c\x12\x1a/v1/tasks/{task_id}/events0\x01\x12\x8a\x01\n\nCancelTask\x12).llorch.orchestrator.v1.CancelTaskRequest\x1a*.llorch.orchestrator.v1.CancelTaskResponse\"%\x82\xd3\xe4\x93\x02\x1f\"\x1a/v1/tasks/{task_id}:cancel:\x01*\x12w\n\x07GetTask\x12&.llorch.orchestrator.v1.GetTaskRequest\x1a\'.llorch.orchestrator.v1.GetTaskResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\x12\x13/v1/tasks/{task_id}\x12~\n\nListModels\x12).llorch.orchestrator.v1.ListModelsRequest\x1a*.llorch.orchestrator.v1.ListModelsResponse\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/served-models\x12s\n\tListTasks\x12(.llorch.orchestrator.v1.ListTasksRequest\x1a).llorch.orchestrator.v1.ListTasksResponse\"\x11\x82\xd3\xe4\x93\x02\x0b\x12\t/v1/tasksb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,12 +46,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ORCHESTRATORSERVICE'].methods_by_name['CancelTask']._serialized_options = b'\202\323\344\223\002\037\"\032/v1/tasks/{task_id}:cancel:\001*'
   _globals['_ORCHESTRATORSERVICE'].methods_by_name['GetTask']._loaded_options = None
   _globals['_ORCHESTRATORSERVICE'].methods_by_name['GetTask']._serialized_options = b'\202\323\344\223\002\025\022\023/v1/tasks/{task_id}'
+  _globals['_ORCHESTRATORSERVICE'].methods_by_name['ListModels']._loaded_options = None
+  _globals['_ORCHESTRATORSERVICE'].methods_by_name['ListModels']._serialized_options = b'\202\323\344\223\002\023\022\021/v1/served-models'
   _globals['_ORCHESTRATORSERVICE'].methods_by_name['ListTasks']._loaded_options = None
   _globals['_ORCHESTRATORSERVICE'].methods_by_name['ListTasks']._serialized_options = b'\202\323\344\223\002\013\022\t/v1/tasks'
-  _globals['_TASKSTATE']._serialized_start=3173
-  _globals['_TASKSTATE']._serialized_end=3334
-  _globals['_ROLE']._serialized_start=3336
-  _globals['_ROLE']._serialized_end=3431
+  _globals['_TASKSTATE']._serialized_start=3365
+  _globals['_TASKSTATE']._serialized_end=3526
+  _globals['_ROLE']._serialized_start=3528
+  _globals['_ROLE']._serialized_end=3623
   _globals['_GENERATEREQUEST']._serialized_start=156
   _globals['_GENERATEREQUEST']._serialized_end=425
   _globals['_CHATMESSAGE']._serialized_start=427
@@ -76,36 +78,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SUBMITTASKSRESPONSE']._serialized_end=1416
   _globals['_SUBMITTASKRESULT']._serialized_start=1418
   _globals['_SUBMITTASKRESULT']._serialized_end=1543
-  _globals['_LISTTASKSREQUEST']._serialized_start=1545
-  _globals['_LISTTASKSREQUEST']._serialized_end=1670
-  _globals['_LISTTASKSRESPONSE']._serialized_start=1672
-  _globals['_LISTTASKSRESPONSE']._serialized_end=1761
-  _globals['_STREAMTASKREQUEST']._serialized_start=1763
-  _globals['_STREAMTASKREQUEST']._serialized_end=1819
-  _globals['_STREAMTASKRESPONSE']._serialized_start=1821
-  _globals['_STREAMTASKRESPONSE']._serialized_end=1891
-  _globals['_TASKEVENT']._serialized_start=1894
-  _globals['_TASKEVENT']._serialized_end=2174
-  _globals['_QUEUED']._serialized_start=2176
-  _globals['_QUEUED']._serialized_end=2230
-  _globals['_STARTED']._serialized_start=2232
-  _globals['_STARTED']._serialized_end=2335
-  _globals['_METRICS']._serialized_start=2337
-  _globals['_METRICS']._serialized_end=2398
-  _globals['_CANCELTASKREQUEST']._serialized_start=2400
-  _globals['_CANCELTASKREQUEST']._serialized_end=2436
-  _globals['_CANCELTASKRESPONSE']._serialized_start=2438
-  _globals['_CANCELTASKRESPONSE']._serialized_end=2508
-  _globals['_GETTASKREQUEST']._serialized_start=2510
-  _globals['_GETTASKREQUEST']._serialized_end=2543
-  _globals['_GETTASKRESPONSE']._serialized_start=2545
-  _globals['_GETTASKRESPONSE']._serialized_end=2606
-  _globals['_TASK']._serialized_start=2609
-  _globals['_TASK']._serialized_end=3044
-  _globals['_POOLEXCLUSION']._serialized_start=3046
-  _globals['_POOLEXCLUSION']._serialized_end=3091
-  _globals['_TASKERROR']._serialized_start=3093
-  _globals['_TASKERROR']._serialized_end=3170
-  _globals['_ORCHESTRATORSERVICE']._serialized_start=3434
-  _globals['_ORCHESTRATORSERVICE']._serialized_end=4358
+  _globals['_LISTMODELSREQUEST']._serialized_start=1545
+  _globals['_LISTMODELSREQUEST']._serialized_end=1564
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1566
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1639
+  _globals['_SERVEDMODEL']._serialized_start=1641
+  _globals['_SERVEDMODEL']._serialized_end=1735
+  _globals['_LISTTASKSREQUEST']._serialized_start=1737
+  _globals['_LISTTASKSREQUEST']._serialized_end=1862
+  _globals['_LISTTASKSRESPONSE']._serialized_start=1864
+  _globals['_LISTTASKSRESPONSE']._serialized_end=1953
+  _globals['_STREAMTASKREQUEST']._serialized_start=1955
+  _globals['_STREAMTASKREQUEST']._serialized_end=2011
+  _globals['_STREAMTASKRESPONSE']._serialized_start=2013
+  _globals['_STREAMTASKRESPONSE']._serialized_end=2083
+  _globals['_TASKEVENT']._serialized_start=2086
+  _globals['_TASKEVENT']._serialized_end=2366
+  _globals['_QUEUED']._serialized_start=2368
+  _globals['_QUEUED']._serialized_end=2422
+  _globals['_STARTED']._serialized_start=2424
+  _globals['_STARTED']._serialized_end=2527
+  _globals['_METRICS']._serialized_start=2529
+  _globals['_METRICS']._serialized_end=2590
+  _globals['_CANCELTASKREQUEST']._serialized_start=2592
+  _globals['_CANCELTASKREQUEST']._serialized_end=2628
+  _globals['_CANCELTASKRESPONSE']._serialized_start=2630
+  _globals['_CANCELTASKRESPONSE']._serialized_end=2700
+  _globals['_GETTASKREQUEST']._serialized_start=2702
+  _globals['_GETTASKREQUEST']._serialized_end=2735
+  _globals['_GETTASKRESPONSE']._serialized_start=2737
+  _globals['_GETTASKRESPONSE']._serialized_end=2798
+  _globals['_TASK']._serialized_start=2801
+  _globals['_TASK']._serialized_end=3236
+  _globals['_POOLEXCLUSION']._serialized_start=3238
+  _globals['_POOLEXCLUSION']._serialized_end=3283
+  _globals['_TASKERROR']._serialized_start=3285
+  _globals['_TASKERROR']._serialized_end=3362
+  _globals['_ORCHESTRATORSERVICE']._serialized_start=3626
+  _globals['_ORCHESTRATORSERVICE']._serialized_end=4678
 # @@protoc_insertion_point(module_scope)

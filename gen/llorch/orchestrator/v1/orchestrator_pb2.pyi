@@ -142,6 +142,28 @@ class SubmitTaskResult(_message.Message):
     error: _status_pb2.Status
     def __init__(self, task: _Optional[_Union[SubmitTaskResponse, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
 
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ServedModel]
+    def __init__(self, models: _Optional[_Iterable[_Union[ServedModel, _Mapping]]] = ...) -> None: ...
+
+class ServedModel(_message.Message):
+    __slots__ = ("model_id", "context_length", "chat", "created_unix_ms")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    CHAT_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    context_length: int
+    chat: bool
+    created_unix_ms: int
+    def __init__(self, model_id: _Optional[str] = ..., context_length: _Optional[int] = ..., chat: _Optional[bool] = ..., created_unix_ms: _Optional[int] = ...) -> None: ...
+
 class ListTasksRequest(_message.Message):
     __slots__ = ("page_size", "page_token", "state", "model_id")
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]

@@ -68,6 +68,11 @@ class OrchestratorServiceStub:
                 request_serializer=llorch_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetTaskRequest.SerializeToString,
                 response_deserializer=llorch_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetTaskResponse.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/llorch.orchestrator.v1.OrchestratorService/ListModels',
+                request_serializer=llorch_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=llorch_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
         self.ListTasks = channel.unary_unary(
                 '/llorch.orchestrator.v1.OrchestratorService/ListTasks',
                 request_serializer=llorch_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListTasksRequest.SerializeToString,
@@ -127,6 +132,15 @@ class OrchestratorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModels(self, request, context):
+        """Lists the models a caller may ask for: the catalog's active models (for a client key with
+        a model allow-list, those it names), newest first. The catalog's own ListModels
+        (/v1/models) is the operators' full listing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListTasks(self, request, context):
         """Lists the tasks the orchestrator holds (queued, running, and finished ones within their
         retention), newest first: a client key sees its tenant's, an operator every tenant's.
@@ -167,6 +181,11 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
                     servicer.GetTask,
                     request_deserializer=llorch_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetTaskRequest.FromString,
                     response_serializer=llorch_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetTaskResponse.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=llorch_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListModelsRequest.FromString,
+                    response_serializer=llorch_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListModelsResponse.SerializeToString,
             ),
             'ListTasks': grpc.unary_unary_rpc_method_handler(
                     servicer.ListTasks,
@@ -340,6 +359,33 @@ class OrchestratorService:
             '/llorch.orchestrator.v1.OrchestratorService/GetTask',
             llorch_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetTaskRequest.SerializeToString,
             llorch_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llorch.orchestrator.v1.OrchestratorService/ListModels',
+            llorch_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListModelsRequest.SerializeToString,
+            llorch_dot_orchestrator_dot_v1_dot_orchestrator__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -932,6 +932,162 @@ func (*SubmitTaskResult_Task) isSubmitTaskResult_Result() {}
 
 func (*SubmitTaskResult_Error) isSubmitTaskResult_Result() {}
 
+// Lists the models a caller may use.
+type ListModelsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListModelsRequest) Reset() {
+	*x = ListModelsRequest{}
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListModelsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListModelsRequest) ProtoMessage() {}
+
+func (x *ListModelsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListModelsRequest.ProtoReflect.Descriptor instead.
+func (*ListModelsRequest) Descriptor() ([]byte, []int) {
+	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{12}
+}
+
+// The models a caller may use.
+type ListModelsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Newest first.
+	Models        []*ServedModel `protobuf:"bytes,1,rep,name=models,proto3" json:"models,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListModelsResponse) Reset() {
+	*x = ListModelsResponse{}
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListModelsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListModelsResponse) ProtoMessage() {}
+
+func (x *ListModelsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListModelsResponse.ProtoReflect.Descriptor instead.
+func (*ListModelsResponse) Descriptor() ([]byte, []int) {
+	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *ListModelsResponse) GetModels() []*ServedModel {
+	if x != nil {
+		return x.Models
+	}
+	return nil
+}
+
+// A model a caller may ask for.
+type ServedModel struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Catalog id, the model_id of a request.
+	ModelId string `protobuf:"bytes,1,opt,name=model_id,json=modelId,proto3" json:"model_id,omitempty"`
+	// Tokens of context the model was trained for (a pool may run it with less).
+	ContextLength uint32 `protobuf:"varint,2,opt,name=context_length,json=contextLength,proto3" json:"context_length,omitempty"`
+	// The model has a chat template, so requests may carry messages.
+	Chat bool `protobuf:"varint,3,opt,name=chat,proto3" json:"chat,omitempty"`
+	// When the model was registered, Unix milliseconds.
+	CreatedUnixMs int64 `protobuf:"varint,4,opt,name=created_unix_ms,json=createdUnixMs,proto3" json:"created_unix_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ServedModel) Reset() {
+	*x = ServedModel{}
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ServedModel) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ServedModel) ProtoMessage() {}
+
+func (x *ServedModel) ProtoReflect() protoreflect.Message {
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ServedModel.ProtoReflect.Descriptor instead.
+func (*ServedModel) Descriptor() ([]byte, []int) {
+	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *ServedModel) GetModelId() string {
+	if x != nil {
+		return x.ModelId
+	}
+	return ""
+}
+
+func (x *ServedModel) GetContextLength() uint32 {
+	if x != nil {
+		return x.ContextLength
+	}
+	return 0
+}
+
+func (x *ServedModel) GetChat() bool {
+	if x != nil {
+		return x.Chat
+	}
+	return false
+}
+
+func (x *ServedModel) GetCreatedUnixMs() int64 {
+	if x != nil {
+		return x.CreatedUnixMs
+	}
+	return 0
+}
+
 // Which tasks to list.
 type ListTasksRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -949,7 +1105,7 @@ type ListTasksRequest struct {
 
 func (x *ListTasksRequest) Reset() {
 	*x = ListTasksRequest{}
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[12]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -961,7 +1117,7 @@ func (x *ListTasksRequest) String() string {
 func (*ListTasksRequest) ProtoMessage() {}
 
 func (x *ListTasksRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[12]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -974,7 +1130,7 @@ func (x *ListTasksRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTasksRequest.ProtoReflect.Descriptor instead.
 func (*ListTasksRequest) Descriptor() ([]byte, []int) {
-	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{12}
+	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ListTasksRequest) GetPageSize() int32 {
@@ -1018,7 +1174,7 @@ type ListTasksResponse struct {
 
 func (x *ListTasksResponse) Reset() {
 	*x = ListTasksResponse{}
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[13]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1030,7 +1186,7 @@ func (x *ListTasksResponse) String() string {
 func (*ListTasksResponse) ProtoMessage() {}
 
 func (x *ListTasksResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[13]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1043,7 +1199,7 @@ func (x *ListTasksResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListTasksResponse.ProtoReflect.Descriptor instead.
 func (*ListTasksResponse) Descriptor() ([]byte, []int) {
-	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{13}
+	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ListTasksResponse) GetTasks() []*Task {
@@ -1073,7 +1229,7 @@ type StreamTaskRequest struct {
 
 func (x *StreamTaskRequest) Reset() {
 	*x = StreamTaskRequest{}
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[14]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1085,7 +1241,7 @@ func (x *StreamTaskRequest) String() string {
 func (*StreamTaskRequest) ProtoMessage() {}
 
 func (x *StreamTaskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[14]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1098,7 +1254,7 @@ func (x *StreamTaskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamTaskRequest.ProtoReflect.Descriptor instead.
 func (*StreamTaskRequest) Descriptor() ([]byte, []int) {
-	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{14}
+	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *StreamTaskRequest) GetTaskId() string {
@@ -1126,7 +1282,7 @@ type StreamTaskResponse struct {
 
 func (x *StreamTaskResponse) Reset() {
 	*x = StreamTaskResponse{}
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[15]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1138,7 +1294,7 @@ func (x *StreamTaskResponse) String() string {
 func (*StreamTaskResponse) ProtoMessage() {}
 
 func (x *StreamTaskResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[15]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1151,7 +1307,7 @@ func (x *StreamTaskResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamTaskResponse.ProtoReflect.Descriptor instead.
 func (*StreamTaskResponse) Descriptor() ([]byte, []int) {
-	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{15}
+	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *StreamTaskResponse) GetEvent() *TaskEvent {
@@ -1184,7 +1340,7 @@ type TaskEvent struct {
 
 func (x *TaskEvent) Reset() {
 	*x = TaskEvent{}
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[16]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1196,7 +1352,7 @@ func (x *TaskEvent) String() string {
 func (*TaskEvent) ProtoMessage() {}
 
 func (x *TaskEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[16]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1209,7 +1365,7 @@ func (x *TaskEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TaskEvent.ProtoReflect.Descriptor instead.
 func (*TaskEvent) Descriptor() ([]byte, []int) {
-	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{16}
+	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *TaskEvent) GetTaskId() string {
@@ -1323,7 +1479,7 @@ type Queued struct {
 
 func (x *Queued) Reset() {
 	*x = Queued{}
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[17]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1335,7 +1491,7 @@ func (x *Queued) String() string {
 func (*Queued) ProtoMessage() {}
 
 func (x *Queued) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[17]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1348,7 +1504,7 @@ func (x *Queued) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Queued.ProtoReflect.Descriptor instead.
 func (*Queued) Descriptor() ([]byte, []int) {
-	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{17}
+	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *Queued) GetPosition() uint32 {
@@ -1384,7 +1540,7 @@ type Started struct {
 
 func (x *Started) Reset() {
 	*x = Started{}
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[18]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1396,7 +1552,7 @@ func (x *Started) String() string {
 func (*Started) ProtoMessage() {}
 
 func (x *Started) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[18]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1409,7 +1565,7 @@ func (x *Started) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Started.ProtoReflect.Descriptor instead.
 func (*Started) Descriptor() ([]byte, []int) {
-	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{18}
+	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *Started) GetPoolId() string {
@@ -1460,7 +1616,7 @@ type Metrics struct {
 
 func (x *Metrics) Reset() {
 	*x = Metrics{}
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[19]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1472,7 +1628,7 @@ func (x *Metrics) String() string {
 func (*Metrics) ProtoMessage() {}
 
 func (x *Metrics) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[19]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1485,7 +1641,7 @@ func (x *Metrics) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Metrics.ProtoReflect.Descriptor instead.
 func (*Metrics) Descriptor() ([]byte, []int) {
-	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{19}
+	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *Metrics) GetDecodeTokensPerSecond() float64 {
@@ -1513,7 +1669,7 @@ type CancelTaskRequest struct {
 
 func (x *CancelTaskRequest) Reset() {
 	*x = CancelTaskRequest{}
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[20]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1525,7 +1681,7 @@ func (x *CancelTaskRequest) String() string {
 func (*CancelTaskRequest) ProtoMessage() {}
 
 func (x *CancelTaskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[20]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1538,7 +1694,7 @@ func (x *CancelTaskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelTaskRequest.ProtoReflect.Descriptor instead.
 func (*CancelTaskRequest) Descriptor() ([]byte, []int) {
-	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{20}
+	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *CancelTaskRequest) GetTaskId() string {
@@ -1559,7 +1715,7 @@ type CancelTaskResponse struct {
 
 func (x *CancelTaskResponse) Reset() {
 	*x = CancelTaskResponse{}
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[21]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1571,7 +1727,7 @@ func (x *CancelTaskResponse) String() string {
 func (*CancelTaskResponse) ProtoMessage() {}
 
 func (x *CancelTaskResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[21]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1584,7 +1740,7 @@ func (x *CancelTaskResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelTaskResponse.ProtoReflect.Descriptor instead.
 func (*CancelTaskResponse) Descriptor() ([]byte, []int) {
-	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{21}
+	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *CancelTaskResponse) GetState() TaskState {
@@ -1605,7 +1761,7 @@ type GetTaskRequest struct {
 
 func (x *GetTaskRequest) Reset() {
 	*x = GetTaskRequest{}
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[22]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1617,7 +1773,7 @@ func (x *GetTaskRequest) String() string {
 func (*GetTaskRequest) ProtoMessage() {}
 
 func (x *GetTaskRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[22]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1630,7 +1786,7 @@ func (x *GetTaskRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetTaskRequest.ProtoReflect.Descriptor instead.
 func (*GetTaskRequest) Descriptor() ([]byte, []int) {
-	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{22}
+	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *GetTaskRequest) GetTaskId() string {
@@ -1651,7 +1807,7 @@ type GetTaskResponse struct {
 
 func (x *GetTaskResponse) Reset() {
 	*x = GetTaskResponse{}
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[23]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1663,7 +1819,7 @@ func (x *GetTaskResponse) String() string {
 func (*GetTaskResponse) ProtoMessage() {}
 
 func (x *GetTaskResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[23]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1676,7 +1832,7 @@ func (x *GetTaskResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetTaskResponse.ProtoReflect.Descriptor instead.
 func (*GetTaskResponse) Descriptor() ([]byte, []int) {
-	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{23}
+	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *GetTaskResponse) GetTask() *Task {
@@ -1723,7 +1879,7 @@ type Task struct {
 
 func (x *Task) Reset() {
 	*x = Task{}
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[24]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1735,7 +1891,7 @@ func (x *Task) String() string {
 func (*Task) ProtoMessage() {}
 
 func (x *Task) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[24]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1748,7 +1904,7 @@ func (x *Task) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Task.ProtoReflect.Descriptor instead.
 func (*Task) Descriptor() ([]byte, []int) {
-	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{24}
+	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *Task) GetTaskId() string {
@@ -1862,7 +2018,7 @@ type PoolExclusion struct {
 
 func (x *PoolExclusion) Reset() {
 	*x = PoolExclusion{}
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[25]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1874,7 +2030,7 @@ func (x *PoolExclusion) String() string {
 func (*PoolExclusion) ProtoMessage() {}
 
 func (x *PoolExclusion) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[25]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1887,7 +2043,7 @@ func (x *PoolExclusion) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PoolExclusion.ProtoReflect.Descriptor instead.
 func (*PoolExclusion) Descriptor() ([]byte, []int) {
-	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{25}
+	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *PoolExclusion) GetPool() string {
@@ -1921,7 +2077,7 @@ type TaskError struct {
 
 func (x *TaskError) Reset() {
 	*x = TaskError{}
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[26]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1933,7 +2089,7 @@ func (x *TaskError) String() string {
 func (*TaskError) ProtoMessage() {}
 
 func (x *TaskError) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[26]
+	mi := &file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1946,7 +2102,7 @@ func (x *TaskError) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TaskError.ProtoReflect.Descriptor instead.
 func (*TaskError) Descriptor() ([]byte, []int) {
-	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{26}
+	return file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *TaskError) GetCode() string {
@@ -2027,7 +2183,15 @@ const file_llorch_orchestrator_v1_orchestrator_proto_rawDesc = "" +
 	"\x10SubmitTaskResult\x12@\n" +
 	"\x04task\x18\x01 \x01(\v2*.llorch.orchestrator.v1.SubmitTaskResponseH\x00R\x04task\x12*\n" +
 	"\x05error\x18\x02 \x01(\v2\x12.google.rpc.StatusH\x00R\x05errorB\b\n" +
-	"\x06result\"\xa2\x01\n" +
+	"\x06result\"\x13\n" +
+	"\x11ListModelsRequest\"Q\n" +
+	"\x12ListModelsResponse\x12;\n" +
+	"\x06models\x18\x01 \x03(\v2#.llorch.orchestrator.v1.ServedModelR\x06models\"\x8b\x01\n" +
+	"\vServedModel\x12\x19\n" +
+	"\bmodel_id\x18\x01 \x01(\tR\amodelId\x12%\n" +
+	"\x0econtext_length\x18\x02 \x01(\rR\rcontextLength\x12\x12\n" +
+	"\x04chat\x18\x03 \x01(\bR\x04chat\x12&\n" +
+	"\x0fcreated_unix_ms\x18\x04 \x01(\x03R\rcreatedUnixMs\"\xa2\x01\n" +
 	"\x10ListTasksRequest\x12\x1b\n" +
 	"\tpage_size\x18\x01 \x01(\x05R\bpageSize\x12\x1d\n" +
 	"\n" +
@@ -2109,7 +2273,7 @@ const file_llorch_orchestrator_v1_orchestrator_proto_rawDesc = "" +
 	"\vROLE_SYSTEM\x10\x01\x12\r\n" +
 	"\tROLE_USER\x10\x02\x12\x12\n" +
 	"\x0eROLE_ASSISTANT\x10\x03\x12\r\n" +
-	"\tROLE_TOOL\x10\x042\x9c\a\n" +
+	"\tROLE_TOOL\x10\x042\x9c\b\n" +
 	"\x13OrchestratorService\x12x\n" +
 	"\bGenerate\x12'.llorch.orchestrator.v1.GenerateRequest\x1a(.llorch.orchestrator.v1.GenerateResponse\"\x17\x82\xd3\xe4\x93\x02\x11:\x01*\"\f/v1/generate0\x01\x12y\n" +
 	"\n" +
@@ -2119,7 +2283,9 @@ const file_llorch_orchestrator_v1_orchestrator_proto_rawDesc = "" +
 	"StreamTask\x12).llorch.orchestrator.v1.StreamTaskRequest\x1a*.llorch.orchestrator.v1.StreamTaskResponse\"\"\x82\xd3\xe4\x93\x02\x1c\x12\x1a/v1/tasks/{task_id}/events0\x01\x12\x8a\x01\n" +
 	"\n" +
 	"CancelTask\x12).llorch.orchestrator.v1.CancelTaskRequest\x1a*.llorch.orchestrator.v1.CancelTaskResponse\"%\x82\xd3\xe4\x93\x02\x1f:\x01*\"\x1a/v1/tasks/{task_id}:cancel\x12w\n" +
-	"\aGetTask\x12&.llorch.orchestrator.v1.GetTaskRequest\x1a'.llorch.orchestrator.v1.GetTaskResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\x12\x13/v1/tasks/{task_id}\x12s\n" +
+	"\aGetTask\x12&.llorch.orchestrator.v1.GetTaskRequest\x1a'.llorch.orchestrator.v1.GetTaskResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\x12\x13/v1/tasks/{task_id}\x12~\n" +
+	"\n" +
+	"ListModels\x12).llorch.orchestrator.v1.ListModelsRequest\x1a*.llorch.orchestrator.v1.ListModelsResponse\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/served-models\x12s\n" +
 	"\tListTasks\x12(.llorch.orchestrator.v1.ListTasksRequest\x1a).llorch.orchestrator.v1.ListTasksResponse\"\x11\x82\xd3\xe4\x93\x02\v\x12\t/v1/tasksB\xe7\x01\n" +
 	"\x1acom.llorch.orchestrator.v1B\x11OrchestratorProtoP\x01Z<llama-orch/gateway/gen/llorch/orchestrator/v1;orchestratorv1\xa2\x02\x03LOX\xaa\x02\x16Llorch.Orchestrator.V1\xca\x02\x16Llorch\\Orchestrator\\V1\xe2\x02\"Llorch\\Orchestrator\\V1\\GPBMetadata\xea\x02\x18Llorch::Orchestrator::V1b\x06proto3"
 
@@ -2136,7 +2302,7 @@ func file_llorch_orchestrator_v1_orchestrator_proto_rawDescGZIP() []byte {
 }
 
 var file_llorch_orchestrator_v1_orchestrator_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_llorch_orchestrator_v1_orchestrator_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
+var file_llorch_orchestrator_v1_orchestrator_proto_msgTypes = make([]protoimpl.MessageInfo, 30)
 var file_llorch_orchestrator_v1_orchestrator_proto_goTypes = []any{
 	(TaskState)(0),              // 0: llorch.orchestrator.v1.TaskState
 	(Role)(0),                   // 1: llorch.orchestrator.v1.Role
@@ -2152,79 +2318,85 @@ var file_llorch_orchestrator_v1_orchestrator_proto_goTypes = []any{
 	(*SubmitTasksRequest)(nil),  // 11: llorch.orchestrator.v1.SubmitTasksRequest
 	(*SubmitTasksResponse)(nil), // 12: llorch.orchestrator.v1.SubmitTasksResponse
 	(*SubmitTaskResult)(nil),    // 13: llorch.orchestrator.v1.SubmitTaskResult
-	(*ListTasksRequest)(nil),    // 14: llorch.orchestrator.v1.ListTasksRequest
-	(*ListTasksResponse)(nil),   // 15: llorch.orchestrator.v1.ListTasksResponse
-	(*StreamTaskRequest)(nil),   // 16: llorch.orchestrator.v1.StreamTaskRequest
-	(*StreamTaskResponse)(nil),  // 17: llorch.orchestrator.v1.StreamTaskResponse
-	(*TaskEvent)(nil),           // 18: llorch.orchestrator.v1.TaskEvent
-	(*Queued)(nil),              // 19: llorch.orchestrator.v1.Queued
-	(*Started)(nil),             // 20: llorch.orchestrator.v1.Started
-	(*Metrics)(nil),             // 21: llorch.orchestrator.v1.Metrics
-	(*CancelTaskRequest)(nil),   // 22: llorch.orchestrator.v1.CancelTaskRequest
-	(*CancelTaskResponse)(nil),  // 23: llorch.orchestrator.v1.CancelTaskResponse
-	(*GetTaskRequest)(nil),      // 24: llorch.orchestrator.v1.GetTaskRequest
-	(*GetTaskResponse)(nil),     // 25: llorch.orchestrator.v1.GetTaskResponse
-	(*Task)(nil),                // 26: llorch.orchestrator.v1.Task
-	(*PoolExclusion)(nil),       // 27: llorch.orchestrator.v1.PoolExclusion
-	(*TaskError)(nil),           // 28: llorch.orchestrator.v1.TaskError
-	(*v1.SamplingParams)(nil),   // 29: llorch.common.v1.SamplingParams
-	(v1.Priority)(0),            // 30: llorch.common.v1.Priority
-	(*status.Status)(nil),       // 31: google.rpc.Status
-	(*v1.Token)(nil),            // 32: llorch.common.v1.Token
-	(*v1.Finished)(nil),         // 33: llorch.common.v1.Finished
+	(*ListModelsRequest)(nil),   // 14: llorch.orchestrator.v1.ListModelsRequest
+	(*ListModelsResponse)(nil),  // 15: llorch.orchestrator.v1.ListModelsResponse
+	(*ServedModel)(nil),         // 16: llorch.orchestrator.v1.ServedModel
+	(*ListTasksRequest)(nil),    // 17: llorch.orchestrator.v1.ListTasksRequest
+	(*ListTasksResponse)(nil),   // 18: llorch.orchestrator.v1.ListTasksResponse
+	(*StreamTaskRequest)(nil),   // 19: llorch.orchestrator.v1.StreamTaskRequest
+	(*StreamTaskResponse)(nil),  // 20: llorch.orchestrator.v1.StreamTaskResponse
+	(*TaskEvent)(nil),           // 21: llorch.orchestrator.v1.TaskEvent
+	(*Queued)(nil),              // 22: llorch.orchestrator.v1.Queued
+	(*Started)(nil),             // 23: llorch.orchestrator.v1.Started
+	(*Metrics)(nil),             // 24: llorch.orchestrator.v1.Metrics
+	(*CancelTaskRequest)(nil),   // 25: llorch.orchestrator.v1.CancelTaskRequest
+	(*CancelTaskResponse)(nil),  // 26: llorch.orchestrator.v1.CancelTaskResponse
+	(*GetTaskRequest)(nil),      // 27: llorch.orchestrator.v1.GetTaskRequest
+	(*GetTaskResponse)(nil),     // 28: llorch.orchestrator.v1.GetTaskResponse
+	(*Task)(nil),                // 29: llorch.orchestrator.v1.Task
+	(*PoolExclusion)(nil),       // 30: llorch.orchestrator.v1.PoolExclusion
+	(*TaskError)(nil),           // 31: llorch.orchestrator.v1.TaskError
+	(*v1.SamplingParams)(nil),   // 32: llorch.common.v1.SamplingParams
+	(v1.Priority)(0),            // 33: llorch.common.v1.Priority
+	(*status.Status)(nil),       // 34: google.rpc.Status
+	(*v1.Token)(nil),            // 35: llorch.common.v1.Token
+	(*v1.Finished)(nil),         // 36: llorch.common.v1.Finished
 }
 var file_llorch_orchestrator_v1_orchestrator_proto_depIdxs = []int32{
-	29, // 0: llorch.orchestrator.v1.GenerateRequest.sampling:type_name -> llorch.common.v1.SamplingParams
-	30, // 1: llorch.orchestrator.v1.GenerateRequest.priority:type_name -> llorch.common.v1.Priority
+	32, // 0: llorch.orchestrator.v1.GenerateRequest.sampling:type_name -> llorch.common.v1.SamplingParams
+	33, // 1: llorch.orchestrator.v1.GenerateRequest.priority:type_name -> llorch.common.v1.Priority
 	3,  // 2: llorch.orchestrator.v1.GenerateRequest.messages:type_name -> llorch.orchestrator.v1.ChatMessage
 	4,  // 3: llorch.orchestrator.v1.GenerateRequest.response_format:type_name -> llorch.orchestrator.v1.ResponseFormat
 	1,  // 4: llorch.orchestrator.v1.ChatMessage.role:type_name -> llorch.orchestrator.v1.Role
 	5,  // 5: llorch.orchestrator.v1.ResponseFormat.text:type_name -> llorch.orchestrator.v1.TextFormat
 	6,  // 6: llorch.orchestrator.v1.ResponseFormat.json_object:type_name -> llorch.orchestrator.v1.JsonObjectFormat
 	7,  // 7: llorch.orchestrator.v1.ResponseFormat.json_schema:type_name -> llorch.orchestrator.v1.JsonSchemaFormat
-	18, // 8: llorch.orchestrator.v1.GenerateResponse.event:type_name -> llorch.orchestrator.v1.TaskEvent
-	29, // 9: llorch.orchestrator.v1.SubmitTaskRequest.sampling:type_name -> llorch.common.v1.SamplingParams
-	30, // 10: llorch.orchestrator.v1.SubmitTaskRequest.priority:type_name -> llorch.common.v1.Priority
+	21, // 8: llorch.orchestrator.v1.GenerateResponse.event:type_name -> llorch.orchestrator.v1.TaskEvent
+	32, // 9: llorch.orchestrator.v1.SubmitTaskRequest.sampling:type_name -> llorch.common.v1.SamplingParams
+	33, // 10: llorch.orchestrator.v1.SubmitTaskRequest.priority:type_name -> llorch.common.v1.Priority
 	3,  // 11: llorch.orchestrator.v1.SubmitTaskRequest.messages:type_name -> llorch.orchestrator.v1.ChatMessage
 	4,  // 12: llorch.orchestrator.v1.SubmitTaskRequest.response_format:type_name -> llorch.orchestrator.v1.ResponseFormat
 	9,  // 13: llorch.orchestrator.v1.SubmitTasksRequest.requests:type_name -> llorch.orchestrator.v1.SubmitTaskRequest
 	13, // 14: llorch.orchestrator.v1.SubmitTasksResponse.results:type_name -> llorch.orchestrator.v1.SubmitTaskResult
 	10, // 15: llorch.orchestrator.v1.SubmitTaskResult.task:type_name -> llorch.orchestrator.v1.SubmitTaskResponse
-	31, // 16: llorch.orchestrator.v1.SubmitTaskResult.error:type_name -> google.rpc.Status
-	0,  // 17: llorch.orchestrator.v1.ListTasksRequest.state:type_name -> llorch.orchestrator.v1.TaskState
-	26, // 18: llorch.orchestrator.v1.ListTasksResponse.tasks:type_name -> llorch.orchestrator.v1.Task
-	18, // 19: llorch.orchestrator.v1.StreamTaskResponse.event:type_name -> llorch.orchestrator.v1.TaskEvent
-	19, // 20: llorch.orchestrator.v1.TaskEvent.queued:type_name -> llorch.orchestrator.v1.Queued
-	20, // 21: llorch.orchestrator.v1.TaskEvent.started:type_name -> llorch.orchestrator.v1.Started
-	32, // 22: llorch.orchestrator.v1.TaskEvent.token:type_name -> llorch.common.v1.Token
-	21, // 23: llorch.orchestrator.v1.TaskEvent.metrics:type_name -> llorch.orchestrator.v1.Metrics
-	33, // 24: llorch.orchestrator.v1.TaskEvent.finished:type_name -> llorch.common.v1.Finished
-	0,  // 25: llorch.orchestrator.v1.CancelTaskResponse.state:type_name -> llorch.orchestrator.v1.TaskState
-	26, // 26: llorch.orchestrator.v1.GetTaskResponse.task:type_name -> llorch.orchestrator.v1.Task
-	0,  // 27: llorch.orchestrator.v1.Task.state:type_name -> llorch.orchestrator.v1.TaskState
-	30, // 28: llorch.orchestrator.v1.Task.priority:type_name -> llorch.common.v1.Priority
-	33, // 29: llorch.orchestrator.v1.Task.finished:type_name -> llorch.common.v1.Finished
-	28, // 30: llorch.orchestrator.v1.Task.error:type_name -> llorch.orchestrator.v1.TaskError
-	27, // 31: llorch.orchestrator.v1.Task.excluded_pools:type_name -> llorch.orchestrator.v1.PoolExclusion
-	2,  // 32: llorch.orchestrator.v1.OrchestratorService.Generate:input_type -> llorch.orchestrator.v1.GenerateRequest
-	9,  // 33: llorch.orchestrator.v1.OrchestratorService.SubmitTask:input_type -> llorch.orchestrator.v1.SubmitTaskRequest
-	11, // 34: llorch.orchestrator.v1.OrchestratorService.SubmitTasks:input_type -> llorch.orchestrator.v1.SubmitTasksRequest
-	16, // 35: llorch.orchestrator.v1.OrchestratorService.StreamTask:input_type -> llorch.orchestrator.v1.StreamTaskRequest
-	22, // 36: llorch.orchestrator.v1.OrchestratorService.CancelTask:input_type -> llorch.orchestrator.v1.CancelTaskRequest
-	24, // 37: llorch.orchestrator.v1.OrchestratorService.GetTask:input_type -> llorch.orchestrator.v1.GetTaskRequest
-	14, // 38: llorch.orchestrator.v1.OrchestratorService.ListTasks:input_type -> llorch.orchestrator.v1.ListTasksRequest
-	8,  // 39: llorch.orchestrator.v1.OrchestratorService.Generate:output_type -> llorch.orchestrator.v1.GenerateResponse
-	10, // 40: llorch.orchestrator.v1.OrchestratorService.SubmitTask:output_type -> llorch.orchestrator.v1.SubmitTaskResponse
-	12, // 41: llorch.orchestrator.v1.OrchestratorService.SubmitTasks:output_type -> llorch.orchestrator.v1.SubmitTasksResponse
-	17, // 42: llorch.orchestrator.v1.OrchestratorService.StreamTask:output_type -> llorch.orchestrator.v1.StreamTaskResponse
-	23, // 43: llorch.orchestrator.v1.OrchestratorService.CancelTask:output_type -> llorch.orchestrator.v1.CancelTaskResponse
-	25, // 44: llorch.orchestrator.v1.OrchestratorService.GetTask:output_type -> llorch.orchestrator.v1.GetTaskResponse
-	15, // 45: llorch.orchestrator.v1.OrchestratorService.ListTasks:output_type -> llorch.orchestrator.v1.ListTasksResponse
-	39, // [39:46] is the sub-list for method output_type
-	32, // [32:39] is the sub-list for method input_type
-	32, // [32:32] is the sub-list for extension type_name
-	32, // [32:32] is the sub-list for extension extendee
-	0,  // [0:32] is the sub-list for field type_name
+	34, // 16: llorch.orchestrator.v1.SubmitTaskResult.error:type_name -> google.rpc.Status
+	16, // 17: llorch.orchestrator.v1.ListModelsResponse.models:type_name -> llorch.orchestrator.v1.ServedModel
+	0,  // 18: llorch.orchestrator.v1.ListTasksRequest.state:type_name -> llorch.orchestrator.v1.TaskState
+	29, // 19: llorch.orchestrator.v1.ListTasksResponse.tasks:type_name -> llorch.orchestrator.v1.Task
+	21, // 20: llorch.orchestrator.v1.StreamTaskResponse.event:type_name -> llorch.orchestrator.v1.TaskEvent
+	22, // 21: llorch.orchestrator.v1.TaskEvent.queued:type_name -> llorch.orchestrator.v1.Queued
+	23, // 22: llorch.orchestrator.v1.TaskEvent.started:type_name -> llorch.orchestrator.v1.Started
+	35, // 23: llorch.orchestrator.v1.TaskEvent.token:type_name -> llorch.common.v1.Token
+	24, // 24: llorch.orchestrator.v1.TaskEvent.metrics:type_name -> llorch.orchestrator.v1.Metrics
+	36, // 25: llorch.orchestrator.v1.TaskEvent.finished:type_name -> llorch.common.v1.Finished
+	0,  // 26: llorch.orchestrator.v1.CancelTaskResponse.state:type_name -> llorch.orchestrator.v1.TaskState
+	29, // 27: llorch.orchestrator.v1.GetTaskResponse.task:type_name -> llorch.orchestrator.v1.Task
+	0,  // 28: llorch.orchestrator.v1.Task.state:type_name -> llorch.orchestrator.v1.TaskState
+	33, // 29: llorch.orchestrator.v1.Task.priority:type_name -> llorch.common.v1.Priority
+	36, // 30: llorch.orchestrator.v1.Task.finished:type_name -> llorch.common.v1.Finished
+	31, // 31: llorch.orchestrator.v1.Task.error:type_name -> llorch.orchestrator.v1.TaskError
+	30, // 32: llorch.orchestrator.v1.Task.excluded_pools:type_name -> llorch.orchestrator.v1.PoolExclusion
+	2,  // 33: llorch.orchestrator.v1.OrchestratorService.Generate:input_type -> llorch.orchestrator.v1.GenerateRequest
+	9,  // 34: llorch.orchestrator.v1.OrchestratorService.SubmitTask:input_type -> llorch.orchestrator.v1.SubmitTaskRequest
+	11, // 35: llorch.orchestrator.v1.OrchestratorService.SubmitTasks:input_type -> llorch.orchestrator.v1.SubmitTasksRequest
+	19, // 36: llorch.orchestrator.v1.OrchestratorService.StreamTask:input_type -> llorch.orchestrator.v1.StreamTaskRequest
+	25, // 37: llorch.orchestrator.v1.OrchestratorService.CancelTask:input_type -> llorch.orchestrator.v1.CancelTaskRequest
+	27, // 38: llorch.orchestrator.v1.OrchestratorService.GetTask:input_type -> llorch.orchestrator.v1.GetTaskRequest
+	14, // 39: llorch.orchestrator.v1.OrchestratorService.ListModels:input_type -> llorch.orchestrator.v1.ListModelsRequest
+	17, // 40: llorch.orchestrator.v1.OrchestratorService.ListTasks:input_type -> llorch.orchestrator.v1.ListTasksRequest
+	8,  // 41: llorch.orchestrator.v1.OrchestratorService.Generate:output_type -> llorch.orchestrator.v1.GenerateResponse
+	10, // 42: llorch.orchestrator.v1.OrchestratorService.SubmitTask:output_type -> llorch.orchestrator.v1.SubmitTaskResponse
+	12, // 43: llorch.orchestrator.v1.OrchestratorService.SubmitTasks:output_type -> llorch.orchestrator.v1.SubmitTasksResponse
+	20, // 44: llorch.orchestrator.v1.OrchestratorService.StreamTask:output_type -> llorch.orchestrator.v1.StreamTaskResponse
+	26, // 45: llorch.orchestrator.v1.OrchestratorService.CancelTask:output_type -> llorch.orchestrator.v1.CancelTaskResponse
+	28, // 46: llorch.orchestrator.v1.OrchestratorService.GetTask:output_type -> llorch.orchestrator.v1.GetTaskResponse
+	15, // 47: llorch.orchestrator.v1.OrchestratorService.ListModels:output_type -> llorch.orchestrator.v1.ListModelsResponse
+	18, // 48: llorch.orchestrator.v1.OrchestratorService.ListTasks:output_type -> llorch.orchestrator.v1.ListTasksResponse
+	41, // [41:49] is the sub-list for method output_type
+	33, // [33:41] is the sub-list for method input_type
+	33, // [33:33] is the sub-list for extension type_name
+	33, // [33:33] is the sub-list for extension extendee
+	0,  // [0:33] is the sub-list for field type_name
 }
 
 func init() { file_llorch_orchestrator_v1_orchestrator_proto_init() }
@@ -2241,7 +2413,7 @@ func file_llorch_orchestrator_v1_orchestrator_proto_init() {
 		(*SubmitTaskResult_Task)(nil),
 		(*SubmitTaskResult_Error)(nil),
 	}
-	file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[16].OneofWrappers = []any{
+	file_llorch_orchestrator_v1_orchestrator_proto_msgTypes[19].OneofWrappers = []any{
 		(*TaskEvent_Queued)(nil),
 		(*TaskEvent_Started)(nil),
 		(*TaskEvent_Token)(nil),
@@ -2254,7 +2426,7 @@ func file_llorch_orchestrator_v1_orchestrator_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_llorch_orchestrator_v1_orchestrator_proto_rawDesc), len(file_llorch_orchestrator_v1_orchestrator_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   27,
+			NumMessages:   30,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -25,6 +25,7 @@ const (
 	OrchestratorService_StreamTask_FullMethodName  = "/llorch.orchestrator.v1.OrchestratorService/StreamTask"
 	OrchestratorService_CancelTask_FullMethodName  = "/llorch.orchestrator.v1.OrchestratorService/CancelTask"
 	OrchestratorService_GetTask_FullMethodName     = "/llorch.orchestrator.v1.OrchestratorService/GetTask"
+	OrchestratorService_ListModels_FullMethodName  = "/llorch.orchestrator.v1.OrchestratorService/ListModels"
 	OrchestratorService_ListTasks_FullMethodName   = "/llorch.orchestrator.v1.OrchestratorService/ListTasks"
 )
 
@@ -52,6 +53,10 @@ type OrchestratorServiceClient interface {
 	CancelTask(ctx context.Context, in *CancelTaskRequest, opts ...grpc.CallOption) (*CancelTaskResponse, error)
 	// Returns a task's current state.
 	GetTask(ctx context.Context, in *GetTaskRequest, opts ...grpc.CallOption) (*GetTaskResponse, error)
+	// Lists the models a caller may ask for: the catalog's active models (for a client key with
+	// a model allow-list, those it names), newest first. The catalog's own ListModels
+	// (/v1/models) is the operators' full listing.
+	ListModels(ctx context.Context, in *ListModelsRequest, opts ...grpc.CallOption) (*ListModelsResponse, error)
 	// Lists the tasks the orchestrator holds (queued, running, and finished ones within their
 	// retention), newest first: a client key sees its tenant's, an operator every tenant's.
 	ListTasks(ctx context.Context, in *ListTasksRequest, opts ...grpc.CallOption) (*ListTasksResponse, error)
@@ -143,6 +148,16 @@ func (c *orchestratorServiceClient) GetTask(ctx context.Context, in *GetTaskRequ
 	return out, nil
 }
 
+func (c *orchestratorServiceClient) ListModels(ctx context.Context, in *ListModelsRequest, opts ...grpc.CallOption) (*ListModelsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListModelsResponse)
+	err := c.cc.Invoke(ctx, OrchestratorService_ListModels_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *orchestratorServiceClient) ListTasks(ctx context.Context, in *ListTasksRequest, opts ...grpc.CallOption) (*ListTasksResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(ListTasksResponse)
@@ -177,6 +192,10 @@ type OrchestratorServiceServer interface {
 	CancelTask(context.Context, *CancelTaskRequest) (*CancelTaskResponse, error)
 	// Returns a task's current state.
 	GetTask(context.Context, *GetTaskRequest) (*GetTaskResponse, error)
+	// Lists the models a caller may ask for: the catalog's active models (for a client key with
+	// a model allow-list, those it names), newest first. The catalog's own ListModels
+	// (/v1/models) is the operators' full listing.
+	ListModels(context.Context, *ListModelsRequest) (*ListModelsResponse, error)
 	// Lists the tasks the orchestrator holds (queued, running, and finished ones within their
 	// retention), newest first: a client key sees its tenant's, an operator every tenant's.
 	ListTasks(context.Context, *ListTasksRequest) (*ListTasksResponse, error)
@@ -207,6 +226,9 @@ func (UnimplementedOrchestratorServiceServer) CancelTask(context.Context, *Cance
 }
 func (UnimplementedOrchestratorServiceServer) GetTask(context.Context, *GetTaskRequest) (*GetTaskResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetTask not implemented")
+}
+func (UnimplementedOrchestratorServiceServer) ListModels(context.Context, *ListModelsRequest) (*ListModelsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListModels not implemented")
 }
 func (UnimplementedOrchestratorServiceServer) ListTasks(context.Context, *ListTasksRequest) (*ListTasksResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ListTasks not implemented")
@@ -326,6 +348,24 @@ func _OrchestratorService_GetTask_Handler(srv interface{}, ctx context.Context, 
 	return interceptor(ctx, in, info, handler)
 }
 
+func _OrchestratorService_ListModels_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListModelsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(OrchestratorServiceServer).ListModels(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: OrchestratorService_ListModels_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(OrchestratorServiceServer).ListModels(ctx, req.(*ListModelsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _OrchestratorService_ListTasks_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(ListTasksRequest)
 	if err := dec(in); err != nil {
@@ -366,6 +406,10 @@ var OrchestratorService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "GetTask",
 			Handler:    _OrchestratorService_GetTask_Handler,
+		},
+		{
+			MethodName: "ListModels",
+			Handler:    _OrchestratorService_ListModels_Handler,
 		},
 		{
 			MethodName: "ListTasks",
