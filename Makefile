@@ -77,6 +77,7 @@ lint: setup
 	$(BIN)/ruff format --check .
 	cd gateway && go=$$(../tools/ensure-go.sh) && $$go vet ./... \
 	  && test -z "$$($$(dirname $$go)/gofmt -l edge cmd openapi)" || { echo "gateway/: go vet or gofmt -l failed" >&2; exit 1; }
+	cd gateway && $$(../tools/ensure-go.sh) test ./...
 
 format: setup
 	$(BIN)/ruff check --fix .

@@ -1,6 +1,7 @@
 """What the REST edge costs a client: time to first token and to the last, over REST through
-llorch-gateway beside gRPC straight to the orchestrator, against one `llorch up`, calls
-interleaved so both see the same machine.
+llorch-gateway (our NDJSON routes, and the OpenAI-compatible SSE routes /openai/v1/completions
+and /chat/completions) beside gRPC straight to the orchestrator, against one `llorch up`, calls
+interleaved so all see the same machine.
 
     python bench/gateway.py [--runs 30] [--tokens 32] [--model tiny|170m]
 
@@ -31,13 +32,18 @@ from provisioners.tiny_model import DEFAULT_MODEL_ID, TinyModelSpec, write_tiny_
 
 
 def _grpc_call(
-    stub: orchestrator_pb2_grpc.OrchestratorServiceStub, model: str, tokens: int
+    stub: orchestrator_pb2_grpc.OrchestratorServiceStub, model: str, tokens: int, chat: bool
 ) -> tuple[float, float]:
+    """One Generate: the prompt, or (``chat``) the one user message the OpenAI chat call
+    sends, so each edge path has a gRPC twin doing the same work."""
     request = orchestrator_pb2.GenerateRequest(
         model_id=model,
-        prompt="Hello there",
         sampling=common_pb2.SamplingParams(max_tokens=tokens, ignore_eos=True, seed=1),
     )
+    if chat:
+        request.messages.add(role=orchestrator_pb2.ROLE_USER, content="Hello there")
+    else:
+        request.prompt = "Hello there"
     started = time.perf_counter()
     first = 0.0
     for response in stub.Generate(request, timeout=120):
@@ -73,6 +79,45 @@ def _rest_call(conn: http.client.HTTPConnection, model: str, tokens: int) -> tup
     return (first - started) * 1000, (ended - started) * 1000
 
 
+def _openai_call(
+    conn: http.client.HTTPConnection, model: str, tokens: int, route: str
+) -> tuple[float, float]:
+    """One streamed OpenAI call (``completions``: the same prompt as the others; ``chat``: one
+    user message, rendered with the model's template). SSE lines are read as they come."""
+    body: dict[str, object] = {
+        "model": model,
+        "max_tokens": tokens,
+        "seed": 1,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": True,
+    }
+    if route == "chat":
+        body["messages"] = [{"role": "user", "content": "Hello there"}]
+        path = "/openai/v1/chat/completions"
+    else:
+        body["prompt"] = "Hello there"
+        path = "/openai/v1/completions"
+    started = time.perf_counter()
+    conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200, response.read()
+    first = 0.0
+    usage = None
+    while line := response.readline():
+        if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+            continue
+        chunk = json.loads(line[len(b"data: ") :])
+        for choice in chunk["choices"]:
+            text = choice.get("text") or (choice.get("delta") or {}).get("content")
+            if text and not first:
+                first = time.perf_counter()
+        usage = chunk.get("usage") or usage
+    ended = time.perf_counter()
+    assert usage is not None and usage["completion_tokens"] == tokens
+    return (first - started) * 1000, (ended - started) * 1000
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=30)
@@ -101,13 +146,20 @@ def main() -> int:
             conn = http.client.HTTPConnection(host, int(port), timeout=120)
             with grpc.insecure_channel(address) as channel:
                 stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
-                for _ in range(3):  # warm both paths (connections, caches)
-                    _grpc_call(stub, model_id, args.tokens)
+                for _ in range(3):  # warm every path (connections, caches)
+                    _grpc_call(stub, model_id, args.tokens, chat=False)
+                    _grpc_call(stub, model_id, args.tokens, chat=True)
                     _rest_call(conn, model_id, args.tokens)
-                grpc_runs, rest_runs = [], []
+                    _openai_call(conn, model_id, args.tokens, "completions")
+                    _openai_call(conn, model_id, args.tokens, "chat")
+                grpc_runs, grpc_chat_runs, rest_runs = [], [], []
+                completion_runs, chat_runs = [], []
                 for _ in range(args.runs):
-                    grpc_runs.append(_grpc_call(stub, model_id, args.tokens))
+                    grpc_runs.append(_grpc_call(stub, model_id, args.tokens, chat=False))
+                    grpc_chat_runs.append(_grpc_call(stub, model_id, args.tokens, chat=True))
                     rest_runs.append(_rest_call(conn, model_id, args.tokens))
+                    completion_runs.append(_openai_call(conn, model_id, args.tokens, "completions"))
+                    chat_runs.append(_openai_call(conn, model_id, args.tokens, "chat"))
             conn.close()
         finally:
             stop_home(proc)
@@ -120,19 +172,32 @@ def main() -> int:
         "model": model_id,
         "runs": args.runs,
         "tokens": args.tokens,
-        "grpc_ttft_ms": median(grpc_runs, 0),
-        "rest_ttft_ms": median(rest_runs, 0),
-        "grpc_total_ms": median(grpc_runs, 1),
-        "rest_total_ms": median(rest_runs, 1),
     }
-    figures["rest_over_grpc_ttft"] = round(figures["rest_ttft_ms"] / figures["grpc_ttft_ms"], 2)
-    figures["rest_over_grpc_total"] = round(figures["rest_total_ms"] / figures["grpc_total_ms"], 2)
+    # Each edge path beside its gRPC twin: the prompt's, or the same chat message's.
+    paths = {
+        "grpc": ("gRPC prompt", grpc_runs, ""),
+        "grpc_chat": ("gRPC chat", grpc_chat_runs, ""),
+        "rest": ("REST (NDJSON)", rest_runs, "grpc"),
+        "openai_completions": ("OpenAI completions", completion_runs, "grpc"),
+        "openai_chat": ("OpenAI chat", chat_runs, "grpc_chat"),
+    }
+    for kind, (_, runs, _) in paths.items():
+        figures[f"{kind}_ttft_ms"] = median(runs, 0)
+        figures[f"{kind}_total_ms"] = median(runs, 1)
     print(f"{model_id}, {args.tokens} tokens, median of {args.runs} calls each:")
-    for label, kind in (("gRPC (direct)", "grpc"), ("REST (gateway)", "rest")):
+    for kind, (label, _, twin) in paths.items():
         ttft, total = figures[f"{kind}_ttft_ms"], figures[f"{kind}_total_ms"]
-        print(f"  {label:<15} first token {ttft:8.2f} ms   all {total:8.2f} ms")
-    ratios = figures["rest_over_grpc_ttft"], figures["rest_over_grpc_total"]
-    print(f"  REST / gRPC     first token {ratios[0]}x   all {ratios[1]}x")
+        ratio = ""
+        if twin:
+            for what in ("ttft", "total"):
+                figures[f"{kind}_over_grpc_{what}"] = round(
+                    figures[f"{kind}_{what}_ms"] / figures[f"{twin}_{what}_ms"], 2
+                )
+            ratio = (
+                f"   / {paths[twin][0]}: first {figures[f'{kind}_over_grpc_ttft']}x, "
+                f"all {figures[f'{kind}_over_grpc_total']}x"
+            )
+        print(f"  {label:<19} first token {ttft:8.2f} ms   all {total:8.2f} ms{ratio}")
     print(json.dumps(figures))
     return 0
 

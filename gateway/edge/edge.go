@@ -3,6 +3,8 @@
 // conventions client developers rely on:
 //
 //   - JSON field names are the proto names (task_id, not taskId); unknown fields are refused.
+//   - Under /openai/v1, hand-written handlers (openai.go) serve OpenAI's API over the same
+//     orchestrator calls: OpenAI's shapes, SSE streams and error body; unknown fields ignored.
 //   - Server-streaming calls (Generate, StreamTask) answer application/x-ndjson: one
 //     {"result": {...}} line per message, written and flushed as each message arrives, and one
 //     {"error": {...}} line if the stream fails after it started.
@@ -89,7 +91,8 @@ func NewHandler(ctx context.Context, backends Backends, log *slog.Logger) (http.
 	if err != nil {
 		return nil, fmt.Errorf("/openapi.json: %w", err)
 	}
-	return logRequests(limitBody(keepWriter(mux)), log), nil
+	openai := newOpenAI(orchestratorv1.NewOrchestratorServiceClient(backends.Orchestrator))
+	return logRequests(limitBody(withOpenAI(openai, keepWriter(mux))), log), nil
 }
 
 // ndjsonMarshaler is JSONPb whose streams are labelled newline-delimited JSON, and whose

@@ -11,6 +11,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -197,6 +198,43 @@ def test_up_serves_rest_and_its_edge_dies_with_it(
     while _alive(edges[0]) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _alive(edges[0])
+
+
+@pytest.mark.skipif(find_gateway() is None, reason="llorch-gateway is not built (`make gateway`)")
+def test_up_serves_the_openai_api_to_the_openai_package(
+    home: tuple[subprocess.Popen[str], str, Path],
+) -> None:
+    import openai
+    from pydantic import BaseModel
+
+    class Verdict(BaseModel):
+        answer: Literal["yes", "no"]
+        score: int
+
+    _, _, data_dir = home
+    url = json.loads((data_dir / "run" / "endpoints.json").read_text())["gateway"]
+    # The home profile takes no API keys (loopback only); the SDK insists on sending one.
+    with openai.OpenAI(base_url=f"{url}/openai/v1", api_key="unused", max_retries=0) as client:
+        assert [m.id for m in client.models.list()] == ["tiny-llama"]
+        stream = client.chat.completions.create(
+            model="tiny-llama",
+            messages=[{"role": "user", "content": "Tell me about the river."}],
+            max_tokens=24,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = list(stream)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text and chunks[-1].usage is not None
+        parsed = client.chat.completions.parse(
+            model="tiny-llama",
+            messages=[{"role": "user", "content": "Is the river quiet?"}],
+            response_format=Verdict,
+            max_tokens=200,
+        )
+        verdict = parsed.choices[0].message.parsed
+        assert isinstance(verdict, Verdict)
+        print(f"\nstreamed: {text!r}\nparsed: {verdict!r}")  # shown with pytest -s
 
 
 def test_models_add_registers_a_gguf_file(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from pathlib import Path
 
 from orchestrator.journal import Journal, TaskRow, spec_from_json, spec_to_json
@@ -40,6 +41,16 @@ def row(task_id: str) -> TaskRow:
 
 def test_spec_round_trips() -> None:
     assert spec_from_json(spec_to_json(SPEC)) == SPEC
+    # A rendered chat prompt and its grammar come back as they were: recovery never renders
+    # again (the catalog's template may have changed since).
+    chat = replace(
+        SPEC, prompt="<|im_start|>user\nhi<|im_end|>\n", templated=True, grammar='root ::= "x"'
+    )
+    assert spec_from_json(spec_to_json(chat)) == chat
+    # A spec journaled before those fields existed reads as a plain prompt.
+    old = spec_to_json(SPEC)
+    del old["templated"], old["grammar"]
+    assert spec_from_json(old) == SPEC
 
 
 async def test_a_task_is_committed_before_its_future_resolves(tmp_path: Path) -> None:
