@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
 import threading
 from pathlib import Path
 
@@ -79,10 +80,31 @@ async def register_local_file(
 async def ensure_default_model(
     stub: catalog_pb2_grpc.CatalogServiceStub, model_dir: Path, node_id: str
 ) -> catalog_pb2.Model:
-    """Creates the embedded default model on first use and registers it as ``tiny-llama``."""
+    """Creates the embedded default model on first use and registers it as ``tiny-llama``.
+
+    The model is generated, so a release may change it (this one gave it a chat template): a
+    file from an earlier release is replaced by this release's, and the catalog's record of the
+    old file is dropped first (it names the old sha256). Generating it takes milliseconds.
+    """
     path = model_dir / f"{DEFAULT_MODEL_ID}.gguf"
-    if not path.is_file():
-        await asyncio.to_thread(write_tiny_model, path, TinyModelSpec())
+    fresh = model_dir / f".{DEFAULT_MODEL_ID}.current.gguf"
+    await asyncio.to_thread(write_tiny_model, fresh, TinyModelSpec())
+    if path.is_file():
+        old, new = await asyncio.gather(
+            asyncio.to_thread(sha256_file, path), asyncio.to_thread(sha256_file, fresh)
+        )
+        if old == new:
+            await asyncio.to_thread(fresh.unlink)
+            return await register_local_file(stub, DEFAULT_MODEL_ID, path, node_id, sha256=old)
+        try:
+            got = await stub.GetModel(catalog_pb2.GetModelRequest(model_id=DEFAULT_MODEL_ID))
+        except grpc.aio.AioRpcError as err:
+            if err.code() != grpc.StatusCode.NOT_FOUND:
+                raise from_rpc_error(err) from None
+        else:
+            if got.model.sha256 == old:
+                await stub.DeleteModel(catalog_pb2.DeleteModelRequest(model_id=DEFAULT_MODEL_ID))
+    await asyncio.to_thread(os.replace, fresh, path)
     return await register_local_file(stub, DEFAULT_MODEL_ID, path, node_id)
 
 

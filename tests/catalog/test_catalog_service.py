@@ -17,7 +17,7 @@ from catalog.client import CatalogClient
 from mesh.errors import AlreadyExistsError, InvalidArgumentError
 from mesh.settings import Settings
 from provisioners.gguf_facts import sha256_file
-from provisioners.models import register_local_file
+from provisioners.models import ensure_default_model, register_local_file
 from provisioners.tiny_model import CHATML_TEMPLATE, TinyModelSpec, write_tiny_model
 
 
@@ -623,3 +623,19 @@ async def test_a_catalog_from_before_the_tokenizer_facts_opens_and_fills_them_in
     finally:
         await channel.close()
         await app.stop()
+
+
+async def test_the_default_model_of_an_earlier_release_is_replaced_with_this_ones(
+    catalog: Catalog, tmp_path: Path
+) -> None:
+    store = tmp_path / "models"
+    old = write_tiny_model(store / "tiny-llama.gguf", TinyModelSpec(chat_template=""))
+    old_sha = sha256_file(old)
+    await register_local_file(catalog.stub, "tiny-llama", old, "local")
+    model = await ensure_default_model(catalog.stub, store, "local")
+    assert model.sha256 != old_sha and model.facts.chat_template == CHATML_TEMPLATE
+    assert sha256_file(store / "tiny-llama.gguf") == model.sha256
+    assert sorted(p.name for p in store.iterdir()) == ["tiny-llama.gguf"]
+    again = await ensure_default_model(catalog.stub, store, "local")  # a second start
+    assert again.sha256 == model.sha256
+    assert sorted(p.name for p in store.iterdir()) == ["tiny-llama.gguf"]
