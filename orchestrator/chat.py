@@ -91,9 +91,31 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+MAX_RENDERED_ITEMS = 1_000_000
+"""Largest string or list a template's ``*`` may make, and the largest exponent of its ``**``
+(the sandbox bounds ``range`` but not these; ``'a' * 10**10`` would take the process's
+memory)."""
+
+
+class _TemplateSandbox(ImmutableSandboxedEnvironment):
+    """The immutable sandbox with ``*`` and ``**`` bounded."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**" and isinstance(right, int) and abs(right) > 64:
+            raise _TemplateRaised(f"exponent {right} is too large")
+        if operator == "*":
+            for seq, count in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(count, int):
+                    if len(seq) * count > MAX_RENDERED_ITEMS:
+                        raise _TemplateRaised("a repetition would be too large")
+        return super().call_binop(context, operator, left, right)
+
+
 @functools.cache
 def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(
+    env = _TemplateSandbox(
         loader=jinja2.BaseLoader(),
         trim_blocks=True,
         lstrip_blocks=True,
@@ -156,7 +178,9 @@ def render(chat: ChatTemplate, messages: Sequence[ChatMessage], field: str = "me
         raise InvalidArgumentError(
             field, f"model {chat.model_id}'s chat template failed on them: {exc}"
         ) from None
-    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
+    except Exception as exc:  # a model's template is code from its file
+        # RecursionError, ZeroDivisionError, OverflowError, MemoryError…: whatever a template
+        # does, it is this request's bad luck with this model, never the orchestrator's.
         raise InvalidArgumentError(
             field, f"model {chat.model_id}'s chat template failed on them: {exc!r}"
         ) from None

@@ -30,6 +30,14 @@ from mesh.common_types import MAX_GRAMMAR_BYTES
 from mesh.errors import InvalidArgumentError
 
 MAX_SCHEMA_BYTES = 64 * 1024
+MAX_DEPTH = 32
+"""Most nested schema objects (deeper ones would recurse in the validator and the converter)."""
+MAX_REPEAT = 1000
+"""Largest minItems, maxItems, minLength or maxLength: the converter writes a grammar rule per
+repetition, so a bound of millions takes seconds and gigabytes to compile."""
+MAX_CHOICES = 256
+"""Most values of one enum: the grammar checks every candidate token against each branch at
+every step, which costs the whole batch (a 6,000-value enum made a step 170x slower)."""
 
 _ANNOTATIONS = frozenset(
     {
@@ -107,10 +115,16 @@ def grammar_of(response_format: orchestrator_pb2.ResponseFormat, field: str) -> 
         raise InvalidArgumentError(schema_field, f"is longer than {MAX_SCHEMA_BYTES} bytes")
     try:
         schema = json.loads(text)
+    except RecursionError:
+        raise InvalidArgumentError(schema_field, "is nested too deeply") from None
     except ValueError as exc:
         raise InvalidArgumentError(schema_field, f"is not JSON: {exc}") from None
     if not isinstance(schema, dict):
         raise InvalidArgumentError(schema_field, "must be a JSON object")
+    if _depth(schema) > MAX_DEPTH:
+        raise InvalidArgumentError(
+            schema_field, f"nests more than {MAX_DEPTH} levels of objects and arrays"
+        )
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as exc:
@@ -119,6 +133,23 @@ def grammar_of(response_format: orchestrator_pb2.ResponseFormat, field: str) -> 
         ) from None
     _check_enforceable(schema, schema_field, "")
     return _compile(schema, schema_field)
+
+
+def _depth(value: Any) -> int:
+    """How deeply objects and arrays nest in a parsed JSON value (without recursion)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = (
+            item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        )
+        for child in children:
+            if isinstance(child, (dict, list)):
+                deepest = max(deepest, depth + 1)
+                if deepest > MAX_DEPTH:
+                    return deepest
+                stack.append((child, depth + 1))
+    return deepest
 
 
 def _compile(schema: dict[str, Any], field: str) -> str:
@@ -187,8 +218,59 @@ def _check_enforceable(schema: Any, field: str, at: str) -> None:
             field, f"{where}: format {fmt!r} cannot be enforced (supported: {sorted(_FORMATS)})"
         )
     pattern = schema.get("pattern")
-    if isinstance(pattern, str) and not re.fullmatch(r"\^.*\$", pattern, re.DOTALL):
+    if isinstance(pattern, str):
+        _check_pattern(pattern, field, where)
+    for keyword in ("minItems", "maxItems", "minLength", "maxLength"):
+        bound = schema.get(keyword)
+        if isinstance(bound, int) and bound > MAX_REPEAT:
+            raise InvalidArgumentError(field, f"{where}: {keyword} may be at most {MAX_REPEAT}")
+    if kinds == {"array"} and "items" not in schema and "prefixItems" not in schema:
+        raise InvalidArgumentError(
+            field, f"{where}: minItems and maxItems are enforced only with items or prefixItems"
+        )
+    if "items" in schema and "prefixItems" in schema:
+        raise InvalidArgumentError(
+            field, f"{where}: items and prefixItems together cannot be enforced; use one"
+        )
+    if schema.get("items") == {}:
+        raise InvalidArgumentError(field, f"{where}: items must say what the items are")
+    required = schema.get("required")
+    if isinstance(required, list):
+        missing = [r for r in required if r not in (schema.get("properties") or {})]
+        if missing:
+            raise InvalidArgumentError(
+                field, f"{where}: required names {missing[0]!r}, which properties lacks"
+            )
+    values = schema["enum"] if "enum" in schema else [schema["const"]] if "const" in schema else []
+    if len(values) > MAX_CHOICES:
+        raise InvalidArgumentError(field, f"{where}: enum may hold at most {MAX_CHOICES} values")
+    if values and types is not None:
+        check = jsonschema.validators.validator_for({})({"type": types})
+        for value in values:
+            if not check.is_valid(value):
+                raise InvalidArgumentError(
+                    field, f"{where}: value {value!r} is not of type {types!r}"
+                )
+
+
+# What a pattern may hold: the converter turns these into a grammar faithfully, and what they
+# match needs no escaping inside a JSON string. Escapes (\d is not translated; \\ and \"
+# would be written raw), "." and negated classes (which let quotes, backslashes and control
+# characters through) and control characters themselves (NUL matches no token, and a grammar
+# that allows no token aborts llama.cpp) are refused.
+_PATTERN_REFUSED = re.compile(r'[\\."\x00-\x1f\x7f]|\[\^')
+
+
+def _check_pattern(pattern: str, field: str, where: str) -> None:
+    if not re.fullmatch(r"\^.*\$", pattern, re.DOTALL):
         raise InvalidArgumentError(field, f"{where}: pattern must start with ^ and end with $")
+    refused = _PATTERN_REFUSED.search(pattern)
+    if refused is not None:
+        raise InvalidArgumentError(
+            field,
+            f"{where}: pattern may not hold {refused.group(0)!r} (escapes, '.', quotes, negated "
+            "classes and control characters cannot be enforced inside a JSON string)",
+        )
 
 
 def _check_type(value: Any, field: str, where: str) -> None:

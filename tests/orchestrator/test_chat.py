@@ -88,3 +88,18 @@ def test_a_model_without_a_template_is_failed_precondition_naming_it() -> None:
         render(ChatTemplate("plain-model", ""), [ChatMessage("user", "x")])
     assert caught.value.reason == "CHAT_TEMPLATE_MISSING"
     assert "plain-model" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{{ 'a' * 10**10 }}",  # would take the process's memory
+        "{{ 2 ** 100000 }}",
+        "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}",  # RecursionError
+        "{{ 1 / 0 }}",
+    ],
+)
+def test_a_template_that_runs_away_is_invalid_argument(template: str) -> None:
+    with pytest.raises(InvalidArgumentError) as caught:
+        render(chatml(template), [ChatMessage("user", "x")])
+    assert caught.value.field_violations[0][0] == "messages"

@@ -75,6 +75,11 @@ def test_compiling_does_not_import_the_engine() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
+def test_a_bounded_pattern_compiles() -> None:
+    schema = {"type": "string", "pattern": "^[a-z]{2,5}-[0-9]+$"}
+    assert "root ::=" in grammar_of(schema_format(schema), "response_format")
+
+
 def test_json_strings_may_not_hold_raw_control_characters() -> None:
     grammar = grammar_of(schema_format({"type": "string"}), "response_format")
     assert r'char ::= [^"\\\x7F\x00-\x1F]' in grammar
@@ -96,7 +101,21 @@ def test_json_strings_may_not_hold_raw_control_characters() -> None:
         ({"type": ["string", "null"], "maxLength": 3}, "use anyOf"),
         ({"type": "integer", "maxLength": 3}, "needs type string"),
         ({"$ref": "https://example.com/s.json"}, "cannot be enforced as a grammar"),
-        ({"type": "array", "items": {"type": "integer"}, "maxItems": 100_000}, "more than"),
+        ({"type": "array", "items": {"type": "integer"}, "maxItems": 30_000_000}, "at most 1000"),
+        ({"type": "string", "maxLength": 100_000_000}, "at most 1000"),
+        ({"enum": list(range(6000))}, "at most 256 values"),
+        ({"type": "string", "pattern": "^\\x00$"}, "may not hold"),  # NUL matches no token
+        ({"type": "string", "pattern": "^\\d{3}$"}, "may not hold"),  # escapes: not translated
+        ({"type": "string", "pattern": "^a.b$"}, "may not hold '.'"),
+        ({"type": "string", "pattern": "^[^a]+$"}, "may not hold '[^'"),
+        ({"type": "string", "pattern": '^a"$'}, "may not hold"),
+        ({"type": "array", "maxItems": 2}, "only with items or prefixItems"),
+        ({"type": "array", "prefixItems": [{"type": "string"}], "items": {}}, "together"),
+        ({"type": "array", "items": {}}, "must say what the items are"),
+        ({"properties": {"a": {"type": "string"}}, "required": ["b"]}, "'b', which properties"),
+        ({"type": "string", "enum": ["a", 1]}, "value 1 is not of type"),
+        ('{"anyOf": [' * 40 + "{}" + "]}" * 40, "nests more than 32"),
+        ("[" * 30_000 + "]" * 30_000, "nested too deeply"),
     ],
 )
 def test_a_schema_that_cannot_be_enforced_is_refused_naming_the_keyword(
