@@ -60,14 +60,15 @@ class CatalogClient:
         return info
 
     async def active_models(self) -> list[ModelInfo]:
-        """Every active model, in id order (every page); UnavailableError when unreachable."""
+        """Every active model, in id order (every page); UnavailableError when unreachable.
+        Pages are small: each record carries its chat template and control tokens."""
         out: list[ModelInfo] = []
         token = ""
         while True:
             try:
                 response = await self._stub.ListModels(
                     catalog_pb2.ListModelsRequest(
-                        page_size=1000, page_token=token, state=catalog_pb2.MODEL_STATE_ACTIVE
+                        page_size=100, page_token=token, state=catalog_pb2.MODEL_STATE_ACTIVE
                     ),
                     timeout=_CALL_TIMEOUT_S,
                 )
