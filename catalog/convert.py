@@ -18,7 +18,8 @@ SHA256_RE = re.compile(r"[0-9a-f]{64}")
 MAX_INT64 = 2**63 - 1  # SQLite integers are signed 64-bit
 
 MAX_CHAT_TEMPLATE_BYTES = 256 * 1024
-MAX_CONTROL_TOKENS = 4096
+MAX_CONTROL_TOKENS = 16384
+MAX_CONTROL_TOKENS_BYTES = 512 * 1024
 MAX_TOKEN_TEXT_BYTES = 256
 
 STATE_TO_PB = {
@@ -196,8 +197,15 @@ def _check_tokenizer_facts(facts: catalog_pb2.ModelFacts) -> None:
         raise InvalidArgumentError(
             "model.facts.control_tokens", f"must be at most {MAX_CONTROL_TOKENS} tokens"
         )
+    total = 0
     for i, token in enumerate(facts.control_tokens):
-        if len(token.encode()) > MAX_TOKEN_TEXT_BYTES:
+        size = len(token.encode())
+        if size > MAX_TOKEN_TEXT_BYTES:
             raise InvalidArgumentError(
                 f"model.facts.control_tokens[{i}]", f"must be at most {MAX_TOKEN_TEXT_BYTES} bytes"
             )
+        total += size
+    if total > MAX_CONTROL_TOKENS_BYTES:
+        raise InvalidArgumentError(
+            "model.facts.control_tokens", f"must be at most {MAX_CONTROL_TOKENS_BYTES} bytes in all"
+        )

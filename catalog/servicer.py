@@ -29,6 +29,10 @@ from mesh.server import ServiceBinding
 SERVICE_NAME = catalog_pb2.DESCRIPTOR.services_by_name["CatalogService"].full_name
 _DEFAULT_PAGE = 100
 _MAX_PAGE = 1000
+_MAX_PAGE_BYTES = 2 * 1024 * 1024
+"""A ListModels answer stops short of its page size past this many bytes: records carry chat
+templates and control tokens (up to ~800 KiB each, catalog.convert), and gRPC's default receive
+limit is 4 MiB."""
 
 
 class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
@@ -96,13 +100,18 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
         records = await asyncio.to_thread(
             self._store.list_models, after, size + 1, state, request.node_id
         )
+        models: list[catalog_pb2.Model] = []
+        page_bytes = 0
+        for record in records[:size]:
+            model = model_to_pb(record)
+            page_bytes += model.ByteSize()
+            if models and page_bytes > _MAX_PAGE_BYTES:
+                break
+            models.append(model)
         next_token = ""
-        if len(records) > size:
-            records = records[:size]
-            next_token = base64.urlsafe_b64encode(records[-1].model_id.encode()).decode()
-        return catalog_pb2.ListModelsResponse(
-            models=[model_to_pb(r) for r in records], next_page_token=next_token
-        )
+        if len(models) < len(records):
+            next_token = base64.urlsafe_b64encode(models[-1].model_id.encode()).decode()
+        return catalog_pb2.ListModelsResponse(models=models, next_page_token=next_token)
 
     async def LocateModel(
         self, request: catalog_pb2.LocateModelRequest, context: grpc.aio.ServicerContext

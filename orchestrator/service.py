@@ -27,6 +27,7 @@ from mesh import logs, tracing
 from mesh.errors import CancelledError as TaskCancelledError
 from mesh.errors import (
     FailedPreconditionError,
+    InternalError,
     InvalidArgumentError,
     LlorchError,
     NotFoundError,
@@ -205,6 +206,11 @@ class Orchestrator:
             except LlorchError as err:
                 self.metrics.rejected.labels(err.reason).inc()
                 results.append(err)
+                continue
+            except Exception:  # a bug: this entry fails, and the tasks admitted before it stand
+                _log.exception("admitting entry %d of a batch failed", len(results))
+                self.metrics.rejected.labels("INTERNAL").inc()
+                results.append(InternalError("admission failed; the orchestrator's log says why"))
                 continue
             results.append(task)
             if committed is not None:

@@ -11,6 +11,8 @@ import gguf
 import numpy as np
 
 _CONTROL = int(gguf.TokenType.CONTROL)
+_UNKNOWN = int(gguf.TokenType.UNKNOWN)
+_USER_DEFINED = int(gguf.TokenType.USER_DEFINED)
 
 
 class NotAGgufError(ValueError):
@@ -34,7 +36,8 @@ class GgufFacts:
     eos_token: str = ""
     """Text of the token at ``tokenizer.ggml.eos_token_id``; empty when there is none."""
     control_tokens: tuple[str, ...] = ()
-    """Texts of the tokens of type CONTROL, in vocabulary order."""
+    """Texts of the tokens message content could forge, in vocabulary order (see
+    ``_control_tokens``)."""
 
 
 def read_gguf_facts(path: Path) -> GgufFacts:
@@ -65,6 +68,9 @@ def read_gguf_facts(path: Path) -> GgufFacts:
     tokens = reader.get_field("tokenizer.ggml.tokens")
     if tokens is not None and tokens.types != [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING]:
         tokens = None
+    chat_template = _text(reader.get_field("tokenizer.chat_template"))
+    bos_token = _token_text(tokens, field("tokenizer.ggml.bos_token_id"))
+    eos_token = _token_text(tokens, field("tokenizer.ggml.eos_token_id"))
     return GgufFacts(
         architecture=arch,
         parameter_count=sum(int(t.n_elements) for t in reader.tensors),
@@ -72,10 +78,10 @@ def read_gguf_facts(path: Path) -> GgufFacts:
         context_length=context_length,
         block_count=int(field(f"{arch}.block_count") or 0),
         embedding_length=int(field(f"{arch}.embedding_length") or 0),
-        chat_template=_text(reader.get_field("tokenizer.chat_template")),
-        bos_token=_token_text(tokens, field("tokenizer.ggml.bos_token_id")),
-        eos_token=_token_text(tokens, field("tokenizer.ggml.eos_token_id")),
-        control_tokens=_control_tokens(reader, tokens),
+        chat_template=chat_template,
+        bos_token=bos_token,
+        eos_token=eos_token,
+        control_tokens=_control_tokens(reader, tokens, chat_template, (bos_token, eos_token)),
     )
 
 
@@ -95,8 +101,21 @@ def _token_text(tokens: gguf.ReaderField | None, token_id: object) -> str:
     return bytes(tokens.parts[tokens.data[token_id]]).decode("utf-8", errors="replace")
 
 
-def _control_tokens(reader: gguf.GGUFReader, tokens: gguf.ReaderField | None) -> tuple[str, ...]:
-    """Texts of the tokens of type CONTROL, in vocabulary order."""
+def _control_tokens(
+    reader: gguf.GGUFReader,
+    tokens: gguf.ReaderField | None,
+    chat_template: str,
+    bos_eos: tuple[str, str],
+) -> tuple[str, ...]:
+    """Texts of the tokens that message content could forge, in vocabulary order.
+
+    llama.cpp parses CONTROL and UNKNOWN tokens from text when special tokens are parsed (as
+    rendered chat prompts are), and USER_DEFINED tokens always. Every CONTROL and UNKNOWN token
+    counts. A USER_DEFINED one counts when the chat template writes its text or it is the BOS or
+    EOS: some vocabularies mark thousands of ordinary pieces USER_DEFINED (whitespace runs, HTML
+    tags), and refusing those in messages would refuse ordinary text, while a turn marker that a
+    conversion left USER_DEFINED (ChatML's in some files) is exactly what a template writes.
+    """
     types = reader.get_field("tokenizer.ggml.token_type")
     if tokens is None or types is None or types.types[:1] != [gguf.GGUFValueType.ARRAY]:
         return ()
@@ -109,7 +128,14 @@ def _control_tokens(reader: gguf.GGUFReader, tokens: gguf.ReaderField | None) ->
     # step per token (a 128k vocabulary: 0.3 ms instead of 30).
     start = types.offset + sum(int(part.nbytes) for part in types.parts[: types.data[0]])
     values = reader.data[start : start + first.nbytes * len(types.data)].view(first.dtype)
-    return tuple(_token_text(tokens, i) for i in np.flatnonzero(values == _CONTROL).tolist())
+    out: list[str] = []
+    for i in np.flatnonzero(
+        (values == _CONTROL) | (values == _UNKNOWN) | (values == _USER_DEFINED)
+    ).tolist():
+        text = _token_text(tokens, i)
+        if values[i] != _USER_DEFINED or (text and (text in chat_template or text in bos_eos)):
+            out.append(text)
+    return tuple(out)
 
 
 def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:

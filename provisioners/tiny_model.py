@@ -72,6 +72,8 @@ class TinyModelSpec:
     tokens); by default they are never sampled, and the text reads as words."""
     chat_template: str = CHATML_TEMPLATE
     """``tokenizer.chat_template``; empty for a model without one (no such key)."""
+    chat_token_type: gguf.TokenType = gguf.TokenType.CONTROL
+    """Token type of ``CHAT_TOKENS``: CONTROL, or USER_DEFINED as some conversions leave them."""
 
     @classmethod
     def bench(cls) -> TinyModelSpec:
@@ -102,7 +104,9 @@ class TinyModelSpec:
         )
 
 
-def vocabulary() -> tuple[list[bytes], list[float], list[int]]:
+def vocabulary(
+    chat_token_type: gguf.TokenType = gguf.TokenType.CONTROL,
+) -> tuple[list[bytes], list[float], list[int]]:
     """Tokens, scores and token types of the SPM vocabulary."""
     tokens: list[bytes] = [b"<unk>", b"<s>", b"</s>"]
     types = [
@@ -124,7 +128,7 @@ def vocabulary() -> tuple[list[bytes], list[float], list[int]]:
     scores = [0.0] * 259 + [float(len(t)) - 100.0 for t in tokens[259:]]
     tokens += [t.encode() for t in CHAT_TOKENS]
     scores += [0.0] * len(CHAT_TOKENS)
-    types += [int(gguf.TokenType.CONTROL)] * len(CHAT_TOKENS)
+    types += [int(chat_token_type)] * len(CHAT_TOKENS)
     return tokens, scores, types
 
 
@@ -133,7 +137,7 @@ def write_tiny_model(path: Path, spec: TinyModelSpec | None = None) -> Path:
     spec = spec or TinyModelSpec()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tokens, scores, types = vocabulary()
+    tokens, scores, types = vocabulary(spec.chat_token_type)
     n_vocab = len(tokens)
     n_words = n_vocab - len(CHAT_TOKENS)  # the vocabulary before the chat tokens
     rng = np.random.default_rng(spec.seed)

@@ -21,6 +21,7 @@ from typing import Any
 import grpc
 
 from launch.cli.common import ORCHESTRATOR, call, failed, orchestrator_address
+from mesh.errors import LlorchError, UnavailableError
 
 
 def add_parsers(sub: Any) -> None:
@@ -98,6 +99,11 @@ def _cmd_chat(args: argparse.Namespace) -> int:
                     raise
                 failed(err.code().name, err.details() or "")
                 continue
+            except LlorchError as err:
+                if args.json:
+                    raise
+                failed(err.code.name, str(err))
+                continue
             conversation = [*turn, pb.ChatMessage(role=pb.ROLE_ASSISTANT, content=answer)]
             if args.json:
                 print(
@@ -119,7 +125,11 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
 async def _answer(stub: Any, request: Any, *, stream: bool) -> tuple[str, Any]:
     """The answer's text and its Finished event; with ``stream``, its tokens are printed as
-    they come."""
+    they come.
+
+    Raises:
+        UnavailableError: the stream ended without its Finished event (the answer is partial).
+    """
     parts: list[str] = []
     finished = None
     try:
@@ -136,4 +146,6 @@ async def _answer(stub: Any, request: Any, *, stream: bool) -> tuple[str, Any]:
     finally:
         if stream and parts:
             print(flush=True)
+    if finished is None:
+        raise UnavailableError("the answer's stream ended before it finished; ask again")
     return "".join(parts), finished

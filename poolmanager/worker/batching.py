@@ -30,7 +30,13 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from poolmanager.worker import log
-from poolmanager.worker.engine import EngineMisuse, GrammarError, LlamaEngine, Sampler
+from poolmanager.worker.engine import (
+    EngineMisuse,
+    GrammarDeadEnd,
+    GrammarError,
+    LlamaEngine,
+    Sampler,
+)
 from poolmanager.worker.protocol import (
     Cancelled,
     Done,
@@ -353,6 +359,22 @@ class BatchEngine:
             except EngineMisuse as exc:  # a bug of this module: end the sequence, not all
                 self._fail(
                     seq, out, Failed(id=seq.cmd.id, code="INTERNAL", message=f"engine: {exc}")
+                )
+                continue
+            except GrammarDeadEnd:  # a schema admission did not see through: this one ends
+                self._fail(
+                    seq,
+                    out,
+                    Failed(
+                        id=seq.cmd.id,
+                        code="INVALID_ARGUMENT",
+                        field="response_format",
+                        reason="GRAMMAR_DEAD_END",
+                        message=(
+                            "response_format: its grammar allows no token after "
+                            f"{seq.produced} tokens of output, so no answer can match it"
+                        ),
+                    ),
                 )
                 continue
             if seq.produced == 0:

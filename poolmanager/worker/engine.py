@@ -25,6 +25,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from poolmanager.worker.protocol import LoadSpec
 
 # ggml type ids of the KV cache types (ggml.h).
@@ -61,6 +63,11 @@ class EngineMisuse(Exception):
 
 class GrammarError(ValueError):
     """llama.cpp could not parse a grammar (its log says where)."""
+
+
+class GrammarDeadEnd(Exception):
+    """A sequence's grammar allows none of the vocabulary's tokens next: sampling would have
+    aborted the process in llama.cpp. The sequence cannot go on; the others can."""
 
 
 class EngineLog:
@@ -174,6 +181,8 @@ class LlamaEngine:
         ll = self._ll
         self.vocab = ll.llama_model_get_vocab(self._model)
         self.n_vocab = int(ll.llama_vocab_n_tokens(self.vocab))
+        self._candidates: Any = None  # the grammar path's token array, made on first use
+        self._all_ids: Any = None
         self.n_ctx = spec.n_ctx or int(ll.llama_model_n_ctx_train(self._model))
         """Context of each execution (prompt + generated tokens)."""
         most = int(ll.llama_max_parallel_sequences())
@@ -285,7 +294,8 @@ class LlamaEngine:
         every EOG token with a -inf logit bias, as llama.cpp does. A ``grammar`` (GBNF, root
         rule ``root``) comes first, so the others choose among the tokens it allows; once it is
         complete it allows only EOG tokens (never combine it with ``ignore_eos``: nothing would
-        be left to sample, and llama.cpp aborts).
+        be left to sample). The grammar is kept out of the chain, so that ``sample`` can see
+        that it allowed no token before llama.cpp would abort on it.
 
         Raises:
             GrammarError: llama.cpp could not parse ``grammar``.
@@ -294,13 +304,12 @@ class LlamaEngine:
         ll = self._ll
         if grammar and ignore_eos:
             raise EngineMisuse("a grammar cannot be combined with ignore_eos")
-        chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
+        constraint = None
         if grammar:
             constraint = ll.llama_sampler_init_grammar(self.vocab, grammar.encode(), b"root")
             if not constraint:
-                ll.llama_sampler_free(chain)
                 raise GrammarError("llama.cpp could not parse the grammar")
-            ll.llama_sampler_chain_add(chain, constraint)
+        chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
         if ignore_eos and self.eog_tokens:
             biases = (ll.llama_logit_bias * len(self.eog_tokens))(
                 *((t, float("-inf")) for t in self.eog_tokens)
@@ -317,7 +326,7 @@ class LlamaEngine:
                 ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_p(top_p, 1))
             ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_temp(temperature))
             ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_dist(seed & 0xFFFFFFFF))
-        return Sampler(self, chain)
+        return Sampler(self, chain, constraint)
 
     def sample(self, sampler: Sampler, batch_index: int) -> int:
         """Samples (and accepts) the next token from the logits of ``batch_index`` of the last
@@ -325,10 +334,45 @@ class LlamaEngine:
 
         Raises:
             EngineMisuse: no logits were asked for at that index.
+            GrammarDeadEnd: the sequence's grammar allows no token (nothing was accepted).
         """
         if batch_index not in self._logits_at:
             raise EngineMisuse(f"no logits at batch index {batch_index}")
-        return int(self._ll.llama_sampler_sample(sampler.handle, self._ctx, batch_index))
+        if sampler.grammar is None:
+            return int(self._ll.llama_sampler_sample(sampler.handle, self._ctx, batch_index))
+        return self._sample_constrained(sampler, batch_index)
+
+    def _sample_constrained(self, sampler: Sampler, batch_index: int) -> int:
+        """``llama_sampler_sample`` in its steps, with the grammar applied on its own first: a
+        grammar that rejects every token leaves every logit -inf, and llama.cpp would then
+        accept an arbitrary token and abort on the grammar's empty stack."""
+        ll = self._ll
+        if self._candidates is None:
+            self._candidates = np.zeros(
+                self.n_vocab, dtype=[("id", np.int32), ("logit", np.float32), ("p", np.float32)]
+            )
+            self._all_ids = np.arange(self.n_vocab, dtype=np.int32)
+        cand = self._candidates
+        logits = ll.llama_get_logits_ith(self._ctx, batch_index)
+        cand["id"] = self._all_ids
+        cand["logit"] = np.ctypeslib.as_array(logits, shape=(self.n_vocab,))
+        cand["p"] = 0.0
+        array = ll.llama_token_data_array(
+            data=cand.ctypes.data_as(ll.llama_token_data_p),
+            size=self.n_vocab,
+            selected=-1,
+            sorted=False,
+        )
+        ll.llama_sampler_apply(sampler.grammar, ctypes.byref(array))
+        if not np.isfinite(cand["logit"][: array.size]).any():
+            raise GrammarDeadEnd("the grammar allows no token here")
+        ll.llama_sampler_apply(sampler.handle, ctypes.byref(array))
+        if not 0 <= array.selected < array.size:
+            raise EngineMisuse(f"the sampler chain selected {array.selected} of {array.size}")
+        token = int(cand["id"][array.selected])
+        ll.llama_sampler_accept(sampler.grammar, token)
+        ll.llama_sampler_accept(sampler.handle, token)
+        return token
 
     def logits(self, batch_index: int) -> Any:
         """The raw logits of ``batch_index`` of the last decode: a ctypes float pointer,
@@ -415,14 +459,19 @@ class LlamaEngine:
 
 
 class Sampler:
-    """One sequence's sampler chain; ``free()`` it when the sequence ends."""
+    """One sequence's sampler chain, and its grammar beside it; ``free()`` it when the sequence
+    ends."""
 
-    def __init__(self, engine: LlamaEngine, handle: Any) -> None:
+    def __init__(self, engine: LlamaEngine, handle: Any, grammar: Any = None) -> None:
         self._engine = engine
         self.handle = handle
+        self.grammar = grammar
 
     def free(self) -> None:
-        """Frees the chain and every sampler in it (idempotent)."""
+        """Frees the chain, every sampler in it and the grammar (idempotent)."""
         if self.handle is not None:
             self._engine._ll.llama_sampler_free(self.handle)
             self.handle = None
+        if self.grammar is not None:
+            self._engine._ll.llama_sampler_free(self.grammar)
+            self.grammar = None

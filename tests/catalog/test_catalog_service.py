@@ -507,7 +507,7 @@ async def test_the_tokenizer_facts_round_trip(
     assert got == registered
     assert got.facts.chat_template == CHATML_TEMPLATE
     assert got.facts.bos_token == "<s>" and got.facts.eos_token == "</s>"
-    assert list(got.facts.control_tokens) == ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    assert list(got.facts.control_tokens) == ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
     listed = await catalog.stub.ListModels(catalog_pb2.ListModelsRequest())
     assert [m.facts for m in listed.models] == [got.facts]
     # What other services read through the client.
@@ -515,7 +515,7 @@ async def test_the_tokenizer_facts_round_trip(
         info = await CatalogClient(channel).model_info("tiny-llama")
     assert info.chat_template == CHATML_TEMPLATE
     assert (info.bos_token, info.eos_token) == ("<s>", "</s>")
-    assert info.control_tokens == ("<s>", "</s>", "<|im_start|>", "<|im_end|>")
+    assert info.control_tokens == ("<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>")
     # A model without a template has none in the catalog.
     plain = write_tiny_model(tmp_path / "plain.gguf", TinyModelSpec(chat_template=""))
     model = await register_local_file(catalog.stub, "plain", plain, "local")
@@ -526,7 +526,8 @@ async def test_the_tokenizer_facts_round_trip(
     ("facts", "field"),
     [
         ({"chat_template": "x" * (256 * 1024 + 1)}, "model.facts.chat_template"),
-        ({"control_tokens": [f"<t{i}>" for i in range(4097)]}, "model.facts.control_tokens"),
+        ({"control_tokens": [f"<t{i}>" for i in range(16385)]}, "model.facts.control_tokens"),
+        ({"control_tokens": ["x" * 256] * 2049}, "model.facts.control_tokens"),  # > 512 KiB
         ({"control_tokens": ["<ok>", "x" * 257]}, "model.facts.control_tokens[1]"),
         ({"eos_token": "x" * 257}, "model.facts.eos_token"),
         ({"bos_token": "\u00e9" * 129}, "model.facts.bos_token"),  # 258 bytes
@@ -549,12 +550,37 @@ async def test_tokenizer_facts_at_their_bounds_are_accepted(catalog: Catalog) ->
     model = _model_with_facts(
         "edge",
         chat_template="x" * (256 * 1024),
-        control_tokens=["\u00e9" * 128] * 4096,  # 256 bytes of UTF-8 each
+        control_tokens=["\u00e9" * 128] * 2048,  # 256 bytes of UTF-8 each: 512 KiB
         bos_token="x" * 256,
         eos_token="x" * 256,
     )
     response = await catalog.stub.RegisterModel(catalog_pb2.RegisterModelRequest(model=model))
     assert response.model.facts == model.facts
+
+
+async def test_pages_of_big_records_stop_short_of_their_size_and_list_every_model(
+    catalog: Catalog,
+) -> None:
+    for i in range(6):  # ~770 KiB each: a page of 100 would be 4.6 MiB, past gRPC's 4 MiB
+        model = _model_with_facts(
+            f"big-{i}", chat_template="x" * (256 * 1024), control_tokens=["y" * 256] * 2048
+        )
+        await catalog.stub.RegisterModel(catalog_pb2.RegisterModelRequest(model=model))
+    sizes: list[int] = []
+    seen: list[str] = []
+    token = ""
+    while True:
+        page = await catalog.stub.ListModels(
+            catalog_pb2.ListModelsRequest(page_size=100, page_token=token)
+        )
+        assert page.ByteSize() <= 2 * 1024 * 1024 + 1024
+        sizes.append(len(page.models))
+        seen += [m.model_id for m in page.models]
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == [f"big-{i}" for i in range(6)]
+    assert len(sizes) > 1 and all(0 < n < 6 for n in sizes)
 
 
 def _model_with_facts(model_id: str, **facts: object) -> catalog_pb2.Model:

@@ -10,7 +10,13 @@ from typing import Any
 
 import pytest
 
-from mesh.errors import FailedPreconditionError, UnavailableError
+from catalog.client import ModelInfo
+from mesh.errors import (
+    FailedPreconditionError,
+    InternalError,
+    InvalidArgumentError,
+    UnavailableError,
+)
 from orchestrator.journal import Journal
 from orchestrator.service import Orchestrator
 from orchestrator.tasks import Finished, Sampling, Task, TaskSpec, TaskState
@@ -221,3 +227,29 @@ async def test_queued_tasks_survive_a_restart_in_their_order(
     assert all(t.state is TaskState.SUCCEEDED for t in tasks)
     assert [e.request.prompt for e in node.executed] == prompts
     assert isinstance(tasks[0].finished, Finished)
+
+
+class _BuggyCatalog(FakeCatalog):
+    """A catalog client with a bug for one model: the exception no caller expects."""
+
+    async def model_info(self, model_id: str) -> ModelInfo:
+        if model_id == "boom":
+            raise RuntimeError("a bug")
+        return await super().model_info(model_id)
+
+
+async def test_a_bug_admitting_one_entry_of_a_batch_leaves_the_others_admitted(
+    started: Start,
+) -> None:
+    node = FakePoolManager("n1")
+    node.add_pool("p", "m", slots=4)
+    orch = await started(_BuggyCatalog("m"), node)
+    results = await orch.submit_many(
+        [spec(), spec("boom"), spec(), InvalidArgumentError("prompt", "bad")], correlation_id="c"
+    )
+    first, bug, third, bad = results
+    assert isinstance(first, Task) and isinstance(third, Task)
+    assert isinstance(bug, InternalError) and "log" in str(bug)
+    assert isinstance(bad, InvalidArgumentError)
+    for task in (first, third):
+        assert (await ended(task)).state is TaskState.SUCCEEDED

@@ -125,7 +125,7 @@ def test_facts_of_the_default_model_include_its_chat_template_and_special_tokens
     assert facts.chat_template == CHATML == CHATML_TEMPLATE
     assert facts.bos_token == "<s>"
     assert facts.eos_token == "</s>"
-    assert facts.control_tokens == ("<s>", "</s>", "<|im_start|>", "<|im_end|>")
+    assert facts.control_tokens == ("<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>")
 
 
 def test_a_model_without_a_template_reads_as_empty(tmp_path: Path) -> None:
@@ -143,10 +143,13 @@ def _write_gguf(
     types: list[int] | None = None,
     bos: int | None = None,
     eos: int | None = None,
+    template: str | None = None,
 ) -> Path:
     """A model header with only the tokenizer keys given (no real weights)."""
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_context_length(128)
+    if template is not None:
+        writer.add_chat_template(template)
     if tokens is not None:
         writer.add_token_list(tokens)
     if types is not None:
@@ -192,6 +195,89 @@ def test_token_texts_that_are_not_utf8_are_read_with_replacement_characters(
     assert facts.bos_token == "<x>"
     assert facts.eos_token == "\ufffd<bad>"
     assert facts.control_tokens == ("<x>", "\ufffd<bad>", "<|end|>")
+
+
+def test_unknown_tokens_and_the_user_defined_ones_a_template_writes_count_as_control(
+    tmp_path: Path,
+) -> None:
+    """llama.cpp parses CONTROL and UNKNOWN tokens from a rendered prompt, and USER_DEFINED ones
+    from any text. The USER_DEFINED ones that count are those the template writes or the BOS/EOS;
+    the vocabulary's other USER_DEFINED pieces (whitespace runs, tags) are ordinary text."""
+    kinds = {
+        "unknown": int(gguf.TokenType.UNKNOWN),
+        "control": int(gguf.TokenType.CONTROL),
+        "user": int(gguf.TokenType.USER_DEFINED),
+        "normal": int(gguf.TokenType.NORMAL),
+        "unused": int(gguf.TokenType.UNUSED),
+        "byte": int(gguf.TokenType.BYTE),
+    }
+    vocab = [
+        (b"<unk>", "unknown"),
+        (b"<bos>", "user"),
+        (b"<eos>", "control"),
+        (b"<start_of_turn>", "user"),
+        (b"<end_of_turn>", "user"),
+        (b"<table>", "user"),
+        (b"\n\n", "user"),
+        (b"hello", "normal"),
+        (b"<unused0>", "unused"),
+        (b"<0x41>", "byte"),
+        (b"<reserved>", "control"),
+    ]
+    template = "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m.content }}<end_of_turn>"
+    path = _write_gguf(
+        tmp_path / "gemma-like.gguf",
+        tokens=[t for t, _ in vocab],
+        types=[kinds[k] for _, k in vocab],
+        bos=1,
+        eos=2,
+        template=template + "{% endfor %}",
+    )
+    facts = read_gguf_facts(path)
+    assert facts.control_tokens == (
+        "<unk>",
+        "<bos>",
+        "<eos>",
+        "<start_of_turn>",
+        "<end_of_turn>",
+        "<reserved>",
+    )
+    # Without a template only the BOS/EOS of the USER_DEFINED ones count.
+    plain = _write_gguf(
+        tmp_path / "plain.gguf",
+        tokens=[t for t, _ in vocab],
+        types=[kinds[k] for _, k in vocab],
+        bos=1,
+        eos=2,
+    )
+    assert read_gguf_facts(plain).control_tokens == ("<unk>", "<bos>", "<eos>", "<reserved>")
+
+
+def test_a_model_whose_chat_tokens_are_user_defined_records_them_and_llama_cpp_parses_them(
+    tmp_path: Path,
+) -> None:
+    path = write_tiny_model(
+        tmp_path / "user-defined.gguf",
+        TinyModelSpec(chat_token_type=gguf.TokenType.USER_DEFINED),
+    )
+    assert read_gguf_facts(path).control_tokens == (
+        "<unk>",
+        "<s>",
+        "</s>",
+        "<|im_start|>",
+        "<|im_end|>",
+    )
+    llama = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    try:
+        n_vocab = len(vocabulary()[0])
+        # USER_DEFINED tokens are parsed from text even without special parsing: message content
+        # holding one would forge a turn whatever the worker did, so the catalog names them.
+        for special in (True, False):
+            assert llama.tokenize(b"<|im_start|>", add_bos=False, special=special) == [
+                n_vocab - len(CHAT_TOKENS)
+            ]
+    finally:
+        llama.close()
 
 
 def test_the_chat_tokens_are_single_control_tokens_to_llama_cpp(tiny_model: Path) -> None:

@@ -149,3 +149,39 @@ def test_the_engine_refuses_a_grammar_with_ignore_eos(engine: LlamaEngine) -> No
         )
     with pytest.raises(GrammarError):
         engine.sampler(temperature=0, top_k=0, top_p=1, seed=0, ignore_eos=False, grammar="x")
+
+
+@pytest.mark.parametrize(
+    ("dead_end", "after"),
+    [
+        # No token's text can hold NUL (llama.cpp matches grammars against C strings).
+        ('root ::= "\\x00"', 0),
+        ('root ::= "river" "\\x00"', 5),  # "river" without its space: five letter tokens
+    ],
+)
+def test_a_grammar_that_allows_no_token_ends_that_execution_only(
+    engine: LlamaEngine, dead_end: str, after: int
+) -> None:
+    """llama.cpp aborts the process when a grammar rejects every token; the engine sees it
+    first, and only the execution with that grammar ends."""
+    runner = Runner(engine)
+    runner.submit(
+        Execute(id="dead", prompt="x", max_tokens=8, temperature=1.0, seed=3, grammar=dead_end),
+        Execute(id="greedy-dead", prompt="x", max_tokens=8, grammar=dead_end),
+        Execute(id="free", prompt="x", max_tokens=6, temperature=1.0, seed=3),
+        Execute(id="json", prompt="x", max_tokens=400, grammar=grammar(SCHEMA)),
+    )
+    streams = runner.run()
+    for name in ("dead", "greedy-dead"):
+        end = streams[name].end
+        assert isinstance(end, Failed), (name, end)
+        assert (end.code, end.field, end.reason) == (
+            "INVALID_ARGUMENT",
+            "response_format",
+            "GRAMMAR_DEAD_END",
+        )
+        assert f"after {after} tokens" in end.message
+    assert isinstance(streams["free"].end, Done)
+    json_end = streams["json"].end
+    assert isinstance(json_end, Done) and json_end.reason == "stop"
+    jsonschema.validate(json.loads(streams["json"].text), SCHEMA)

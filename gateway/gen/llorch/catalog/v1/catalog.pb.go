@@ -224,8 +224,10 @@ type ModelFacts struct {
 	BosToken string `protobuf:"bytes,8,opt,name=bos_token,json=bosToken,proto3" json:"bos_token,omitempty"`
 	// Text of the end-of-sequence token (tokenizer.ggml.eos_token_id), for templates.
 	EosToken string `protobuf:"bytes,9,opt,name=eos_token,json=eosToken,proto3" json:"eos_token,omitempty"`
-	// Texts of the vocabulary's control tokens (token type CONTROL, such as "<|im_start|>"), which
-	// chat message content may not contain.
+	// Texts of the vocabulary's tokens that message text could forge: those of type CONTROL (such as
+	// "<|im_start|>") or UNKNOWN, and those of type USER_DEFINED that the chat template writes or
+	// that are the BOS/EOS. Chat message content may not contain them. At most 16384 texts of at
+	// most 256 bytes each, 512 KiB in all.
 	ControlTokens []string `protobuf:"bytes,10,rep,name=control_tokens,json=controlTokens,proto3" json:"control_tokens,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -600,7 +602,8 @@ func (x *GetModelResponse) GetModel() *Model {
 // Lists models.
 type ListModelsRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// Most models to return; 0 means 100; at most 1000.
+	// Most models to return; 0 means 100; at most 1000. A page may hold fewer (each answer is kept
+	// under 2 MiB, since records carry chat templates); only an empty next_page_token ends the list.
 	PageSize int32 `protobuf:"varint,1,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
 	// next_page_token of the previous page; empty for the first page. A token is only valid with
 	// the same filters as the request that returned it.
