@@ -129,6 +129,12 @@ class PoolSettings(BaseModel):
     prompt alone takes the whole batch): a long prompt is read in chunks of this size, and each
     chunk delays the running streams' next token by its cost. 0: ``CPU_PREFILL_CHUNK_TOKENS``
     on a CPU pool, ``GPU_PREFILL_CHUNK_TOKENS`` on a GPU pool."""
+    prefix_cache_entries: int = Field(default=16, ge=0, le=128)
+    """Finished sequences the worker keeps resident in its KV cache, so that a prompt starting
+    the same way (a system prompt, the earlier turns of a chat) copies their cells instead of
+    reading that start again. They live in the cache's free cells and give them up first when
+    running sequences need room: no memory is set aside for them. 0: off. Off by itself for
+    models whose memory cannot share cells (recurrent, hybrid, sliding-window attention)."""
     n_threads: int = Field(default=0, ge=0, le=512)
     """CPU threads for decoding and prompts; 0: half the machine's cores."""
     cache_type: Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"] = "f16"
@@ -299,6 +305,9 @@ class OrchestratorSettings(BaseModel):
     """A pool manager silent this long is unreachable (its pools get no work until it returns)."""
     finished_task_ttl_s: float = Field(default=3600.0, ge=0, le=7 * 86400)
     """How long a finished task stays readable with GetTask and StreamTask."""
+    prefix_affinity: bool = True
+    """Placement prefers the pool whose workers hold the start of a task's prompt warm, by the
+    cost model of docs/decisions.md ("Prefix reuse"); off: least loaded only."""
     max_attempts: int = Field(default=3, ge=1, le=20)
     """Placements a task gets when its pool fails before the first token (then it fails)."""
     swap_failure_cooldown_s: float = Field(default=60.0, ge=0, le=86_400)

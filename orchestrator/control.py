@@ -166,6 +166,9 @@ class ControlServicer(control_pb2_grpc.ControlServiceServicer):
                     cpu_only=pool.cpu_only,
                     tasks_finished=finished,
                     tokens_out=tokens,
+                    prefix_cache_entries=pool.prefix_cache.entries,
+                    prefix_lookup_tokens=pool.prefix_cache.lookup_tokens,
+                    prefix_hit_tokens=pool.prefix_cache.hit_tokens,
                 )
             )
         return out

@@ -215,6 +215,7 @@ def finished_to_pb(event: Finished) -> common_pb2.Finished:
         tokens_out=event.tokens_out,
         ttft_ms=event.ttft_ms,
         decode_ms=event.decode_ms,
+        tokens_cached=event.tokens_cached,
     )
 
 
@@ -236,6 +237,7 @@ def task_to_pb(task: Task) -> orchestrator_pb2.Task:
             orchestrator_pb2.PoolExclusion(pool=pool, reason=reason)
             for pool, reason in sorted(task.excluded.items())
         ],
+        prefix_hit_blocks=task.prefix_hit_blocks,
     )
     if task.finished is not None:
         out.finished.CopyFrom(finished_to_pb(task.finished))

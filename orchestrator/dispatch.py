@@ -13,12 +13,13 @@ import contextlib
 import heapq
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import NamedTuple
 
 from mesh import logs
 from mesh.errors import DeadlineExceededError, FailedPreconditionError, LlorchError
+from mesh.prefix import hit_blocks
 from orchestrator.admission import AdmissionQueue
 from orchestrator.forecast import Forecaster
 from orchestrator.lifecycle import PoolLifecycle
@@ -49,11 +50,23 @@ class DecisionKey(NamedTuple):
     tokens_needed: int
     starving: bool
     """Waited past the swap starvation bound (only where a swap is possible; else False)."""
+    prefix_hits: tuple[int, ...] = ()
+    """Blocks of its prompt each pool holds, when any pool holds some (else empty)."""
+    prompt_bytes: int = 0
+    """With ``prefix_hits`` only: the prompt's size, which the cost model counts."""
 
 
-def decision_key(task: Task, starving: bool = False) -> DecisionKey:
-    """The decision key of ``task``."""
-    return DecisionKey(task.spec.model_id, task.spec.sampling.max_tokens + 1, starving)
+def decision_key(
+    task: Task, starving: bool = False, views: Sequence[PoolView] = (), *, affinity: bool = True
+) -> DecisionKey:
+    """The decision key of ``task`` among ``views``."""
+    model, tokens = task.spec.model_id, task.spec.sampling.max_tokens + 1
+    if affinity and any(v.prefix_blocks for v in views):
+        hashes = list(task.prefix_hashes)
+        hits = tuple(hit_blocks(hashes, v.prefix_blocks) for v in views)
+        if any(hits):
+            return DecisionKey(model, tokens, starving, hits, len(task.spec.prompt.encode()))
+    return DecisionKey(model, tokens, starving)
 
 
 class Dispatcher:
@@ -85,6 +98,8 @@ class Dispatcher:
         self._loop: asyncio.Task[None] | None = None
         self._memo: dict[DecisionKey, PlacementDecision] = {}
         self._pass_started_ns = 0
+        self.prefix_affinity = True
+        """Placement weighs where a prompt's start is cached (off: least loaded only)."""
         """Wall time (ns) the current pass began, for placement spans."""
         # Deadlines of queued tasks (deadline, arrival number, task); stale entries are skipped.
         self._deadlines: list[tuple[float, int, Task]] = []
@@ -168,7 +183,8 @@ class Dispatcher:
             return open_models is None or model_id in open_models
 
         for task in self._placeable(open_models, still_open):
-            key = decision_key(task, swaps and is_starving(task.spec.priority, now - task.created))
+            starving = swaps and is_starving(task.spec.priority, now - task.created)
+            key = decision_key(task, starving, views, affinity=self.prefix_affinity)
             decision = memo.get(key)
             if decision is None:
                 decision = self._decide(self._placement_input(task, views, demand, now))
@@ -190,6 +206,7 @@ class Dispatcher:
                 open_models = _open_models(views)
             elif decision.outcome is Outcome.ASSIGN and decision.pool is not None:
                 pool = decision.pool
+                task.prefix_hit_blocks = decision.prefix_hit_blocks
                 self._queue.take(task)
                 self._forecaster.started(now)
                 self._relay.start(task, pool, now, self._pass_started_ns)
@@ -293,16 +310,19 @@ class Dispatcher:
             priority=task.spec.priority,
             waited_s=now - task.created,
             demand=demand,
+            prefix_hashes=task.prefix_hashes if self.prefix_affinity else (),
+            prompt_bytes=len(task.spec.prompt.encode()),
+            max_tokens=task.spec.sampling.max_tokens,
         )
 
     def _note_waiting(
         self, task: Task, now: float, decision: PlacementDecision | None = None
     ) -> None:
         """Placement reasons for a task queued while no pool could take it."""
-        key = decision_key(task)
+        views = list(self._registry.views())
+        key = decision_key(task, False, views, affinity=self.prefix_affinity)
         decision = decision or self._memo.get(key)
         if decision is None:
-            views = list(self._registry.views())
             decision = self._decide(self._placement_input(task, views, {}, now))
             self._memo[key] = decision
         self._note_placement(task, decision)
@@ -310,7 +330,11 @@ class Dispatcher:
     def _note_placement(self, task: Task, decision: PlacementDecision) -> None:
         """Keeps a task's placement reasons for GetTask, and logs them when they change."""
         wait_reason = decision.reason if decision.outcome is Outcome.WAIT else ""
-        if decision.excluded != task.excluded or wait_reason != task.wait_reason:
+        if (
+            decision.excluded != task.excluded
+            or wait_reason != task.wait_reason
+            or decision.prefix_hit_blocks
+        ):
             _log.info(
                 "placement: %s%s",
                 decision.outcome.value,
@@ -319,6 +343,7 @@ class Dispatcher:
                     "task_id": task.task_id,
                     "excluded": "; ".join(f"{k}: {v}" for k, v in decision.excluded.items()),
                     "locality": decision.locality.name.lower() if decision.locality else "",
+                    "prefix_hit_blocks": decision.prefix_hit_blocks,
                 },
             )
             task.excluded = dict(decision.excluded)

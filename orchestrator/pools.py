@@ -53,6 +53,8 @@ class _Node:
     """Models in the node's store (placement prefers not to fetch)."""
     staged: frozenset[str] = frozenset()
     """Models in the node's RAM staging cache."""
+    prefixes: dict[str, frozenset[int]] = field(default_factory=dict)
+    """Each pool's prefix block hashes (mesh.prefix), made once per report of its pools."""
     reachable: bool = False
     conflict: bool = False
     registered: bool = False
@@ -199,6 +201,7 @@ class PoolRegistry:
                     vram_free_bytes=sum(g.vram_free_bytes for g in gpus),
                     disk_models=node.stored,
                     staged_models=node.staged,
+                    prefix_blocks=node.prefixes.get(pool.pool_id, frozenset()),
                 )
                 target = self._changing.get(key)
                 if target is not None:
@@ -256,6 +259,7 @@ class PoolRegistry:
         for node in self._nodes:
             if node.node_id == node_id:
                 node.pools = tuple(pool if p.pool_id == pool.pool_id else p for p in node.pools)
+                node.prefixes[pool.pool_id] = frozenset(pool.prefix_cache.block_hashes)
                 self._views = None
                 self._on_change()
                 return
@@ -362,6 +366,7 @@ class PoolRegistry:
             _log.info("pool manager %s (node %s) is reachable", node.address, node_id)
         node.node_id = node_id
         node.pools = pools
+        node.prefixes = {p.pool_id: frozenset(p.prefix_cache.block_hashes) for p in pools}
         node.reachable = True
         self._views = None  # the VRAM figures at least
         if changed:

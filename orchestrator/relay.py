@@ -221,6 +221,7 @@ class Relay:
                             f.tokens_out,
                             f.ttft_ms,
                             f.decode_ms,
+                            f.tokens_cached,
                         ),
                         Metrics(tps, (now - task.created) * 1000),
                         now,

@@ -113,6 +113,7 @@ class Orchestrator:
             self._end,
             self._sweep,
         )
+        self._dispatcher.prefix_affinity = settings.prefix_affinity
 
     @property
     def registry(self) -> PoolRegistry:

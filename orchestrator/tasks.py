@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from mesh.errors import CancelledError as TaskCancelledError
 from mesh.errors import LlorchError
+from mesh.prefix import prefix_block_hashes
 from orchestrator.chat import ChatMessage
 
 if TYPE_CHECKING:
@@ -127,6 +128,8 @@ class Finished:
     tokens_out: int
     ttft_ms: float
     decode_ms: float
+    tokens_cached: int = 0
+    """Of tokens_in, those the worker's prefix cache held."""
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,10 @@ class Failed:
 
 
 TaskEvent = Queued | Started | Tokens | Metrics | Finished | Failed
+
+
+MAX_PROMPT_BLOCKS = 1024
+"""Blocks of a prompt placement looks at (256 KiB of text): the summaries hold no more."""
 
 
 class Task:
@@ -175,6 +182,18 @@ class Task:
         """Called with every event appended to the log (the orchestrator's journal)."""
         self.trace: TaskTrace | None = None
         """The task's spans when tracing is on (orchestrator/tracing.py)."""
+        self.prefix_hit_blocks = 0
+        """Blocks of its prompt the pool it was placed on held warm (placement's reason)."""
+        self._prefix_hashes: tuple[int, ...] | None = None
+
+    @property
+    def prefix_hashes(self) -> tuple[int, ...]:
+        """Block hashes of the prompt (mesh.prefix), made once: placement by prefix."""
+        if self._prefix_hashes is None:
+            self._prefix_hashes = tuple(
+                prefix_block_hashes(self.spec.prompt, max_blocks=MAX_PROMPT_BLOCKS)
+            )
+        return self._prefix_hashes
 
     @property
     def terminal(self) -> bool:

@@ -82,6 +82,8 @@ class ExecFinished:
     0 from a worker that did not say."""
     first_token_ns: int = 0
     ended_ns: int = 0
+    tokens_cached: int = 0
+    """Prompt tokens whose cells came from the worker's prefix cache."""
 
 
 ExecEvent = ExecStarted | ExecTokens | ExecFinished
@@ -244,6 +246,8 @@ class Execution:
                         out.append(event)
                     if isinstance(event, ExecFinished):
                         finished = True
+                        self.pool.prefix_lookup_tokens += event.tokens_in
+                        self.pool.prefix_hit_tokens += event.tokens_cached
                         self._trace_phases(event)
                 if out:
                     yield out
@@ -336,12 +340,15 @@ def _convert(raw: Event | WorkerExited | Interrupted, spec: ExecutionSpec) -> Ex
             raw.started_ns,
             raw.first_token_ns,
             raw.ended_ns,
+            raw.tokens_cached,
         )
     if isinstance(raw, Cancelled):
         raise ExecutionCancelledError(f"execution {spec.execution_id} was cancelled")
     if isinstance(raw, Failed):
         if raw.code == "INVALID_ARGUMENT":
-            raise InvalidArgumentError(raw.field or "prompt", raw.message)
+            raise InvalidArgumentError(
+                raw.field or "prompt", raw.message, reason=raw.reason or None
+            )
         if raw.code == "UNAVAILABLE":
             raise UnavailableError(
                 f"pool {spec.pool_id}: {raw.message}",

@@ -59,6 +59,14 @@ class Lifecycle:
         self._operations: set[asyncio.Task[Any]] = set()
         self._stopping = False
 
+    def _cache_changed(self) -> None:
+        """A worker's prefix cache changed: the node's state did (WatchNode carries it)."""
+        if self._stopping:
+            return
+        task = asyncio.get_running_loop().create_task(self._changes.changed())
+        self._operations.add(task)
+        task.add_done_callback(self._operations.discard)
+
     def start(self, pool: Pool) -> None:
         """Marks the pool LOADING and starts its supervisor, which loads its model."""
         if pool.cpu_only:
@@ -293,6 +301,7 @@ class Lifecycle:
 
     async def _ready(self, pool: Pool, worker: WorkerProcess) -> None:
         pool.worker = worker
+        worker.on_cache = self._cache_changed
         self._loader.replenish_spare(pool)
         pool.engine_version = worker.ready.engine_version
         pool.n_ctx = worker.ready.n_ctx

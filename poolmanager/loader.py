@@ -116,6 +116,7 @@ class Loader:
             slots=settings.slots,
             kv_cache_tokens=settings.kv_cache_tokens,
             prefill_chunk_tokens=settings.prefill_chunk_tokens,
+            prefix_cache_entries=settings.prefix_cache_entries,
             n_threads=settings.n_threads,
             gpu=not pool.cpu_only,
             tensor_split=tuple(split) if split and len(split) > 1 else (),

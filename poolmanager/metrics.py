@@ -52,10 +52,32 @@ class _NodeCollector(Collector):
         ready = GaugeMetricFamily(
             "pool_ready", "1 when a pool is ready to serve.", labels=["node_id", "pool", "model_id"]
         )
+        labels = ["node_id", "pool"]  # counters of the pool, whichever model it runs
+        hit = CounterMetricFamily(
+            "prefix_cache_hit_tokens",
+            "Prompt tokens whose KV cells came from the worker's prefix cache.",
+            labels=labels,
+        )
+        lookup = CounterMetricFamily(
+            "prefix_cache_lookup_tokens",
+            "Prompt tokens of finished executions (what the prefix cache was asked for).",
+            labels=labels,
+        )
+        entries = GaugeMetricFamily(
+            "prefix_cache_entries", "Finished sequences resident in the KV cache.", labels=labels
+        )
         for pool in self._manager.pools.values():
+            values = [node, pool.settings.pool_id]
             is_ready = 1.0 if pool.state is PoolState.READY else 0.0
-            ready.add_metric([node, pool.settings.pool_id, pool.model_id], is_ready)
+            ready.add_metric([*values, pool.model_id], is_ready)
+            hit.add_metric(values, pool.prefix_hit_tokens)
+            lookup.add_metric(values, pool.prefix_lookup_tokens)
+            worker = pool.worker
+            entries.add_metric(values, worker.cache.entries if worker is not None else 0)
         yield ready
+        yield hit
+        yield lookup
+        yield entries
 
 
 def pool_manager_registry(manager: PoolManager) -> CollectorRegistry:

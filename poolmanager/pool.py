@@ -65,6 +65,10 @@ class Pool:
     """During a reload, the model it rolls back to if the new one fails (kept on disk)."""
     loaded_in_spare: bool = False
     """The running worker was a spare: its load did not wait for a process to start."""
+    prefix_lookup_tokens: int = 0
+    """Prompt tokens of the executions that finished here (since the pool manager started)."""
+    prefix_hit_tokens: int = 0
+    """Of those, the tokens whose cells came from the worker's prefix cache."""
 
     @property
     def spare_ready(self) -> bool:

@@ -229,6 +229,19 @@ def pool_to_pb(manager: PoolManager, p: Pool) -> poolmanager_pb2.Pool:
         spare_ready=p.spare_ready,
         loaded_in_spare=p.loaded_in_spare,
         can_load=p.settings.swappable,
+        prefix_cache=_prefix_cache_to_pb(p),
+    )
+
+
+def _prefix_cache_to_pb(p: Pool) -> poolmanager_pb2.PrefixCache:
+    """The pool's prefix cache as its worker last reported it (empty without a worker)."""
+    cache = p.worker.cache if p.worker is not None else None
+    return poolmanager_pb2.PrefixCache(
+        entries=cache.entries if cache else 0,
+        cells=cache.cells if cache else 0,
+        block_hashes=cache.block_hashes if cache else (),
+        lookup_tokens=p.prefix_lookup_tokens,
+        hit_tokens=p.prefix_hit_tokens,
     )
 
 
@@ -313,5 +326,6 @@ def _event_to_pb(event: ExecStarted | ExecTokens | ExecFinished) -> poolmanager_
             tokens_out=event.tokens_out,
             ttft_ms=event.ttft_ms,
             decode_ms=event.decode_ms,
+            tokens_cached=event.tokens_cached,
         )
     )

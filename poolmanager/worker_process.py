@@ -11,13 +11,14 @@ import asyncio
 import contextlib
 import signal
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from mesh import logs
 from poolmanager.worker import protocol
 from poolmanager.worker.protocol import (
     TERMINAL,
+    CacheState,
     Cancel,
     Command,
     Event,
@@ -133,6 +134,10 @@ class WorkerProcess:
         self._proc = proc
         self.ready = ready
         self._executions: dict[str, ExecutionQueue] = {}
+        self.cache = CacheState(entries=0, cells=0)
+        """What the worker's prefix cache holds, as it last said."""
+        self.on_cache: Callable[[], None] | None = None
+        """Called when ``cache`` changes."""
         self._reader = asyncio.get_running_loop().create_task(self._read_events())
         self.exited = asyncio.Event()
 
@@ -227,6 +232,11 @@ class WorkerProcess:
         try:
             while line := await stdout.readline():
                 event = protocol.decode_event(line)
+                if isinstance(event, CacheState):
+                    self.cache = event
+                    if self.on_cache is not None:
+                        self.on_cache()
+                    continue
                 exec_id = getattr(event, "id", None)
                 queue = self._executions.get(exec_id) if exec_id is not None else None
                 if queue is not None:
@@ -272,6 +282,8 @@ def _argv(spec: LoadSpec) -> list[str]:
         str(spec.kv_cache_tokens),
         "--prefill-chunk-tokens",
         str(spec.prefill_chunk_tokens),
+        "--prefix-cache-entries",
+        str(spec.prefix_cache_entries),
         "--n-threads",
         str(spec.n_threads),
         "--log-level",

@@ -754,16 +754,23 @@ var completionAPI = &api{
 }
 
 type usage struct {
-	PromptTokens     uint32 `json:"prompt_tokens"`
-	CompletionTokens uint32 `json:"completion_tokens"`
-	TotalTokens      uint64 `json:"total_tokens"`
+	PromptTokens        uint32        `json:"prompt_tokens"`
+	CompletionTokens    uint32        `json:"completion_tokens"`
+	TotalTokens         uint64        `json:"total_tokens"`
+	PromptTokensDetails promptDetails `json:"prompt_tokens_details"`
+}
+
+// promptDetails says how many prompt tokens the worker's prefix cache held (not read again).
+type promptDetails struct {
+	CachedTokens uint32 `json:"cached_tokens"`
 }
 
 func usageOf(f *commonv1.Finished) *usage {
 	return &usage{
-		PromptTokens:     f.GetTokensIn(),
-		CompletionTokens: f.GetTokensOut(),
-		TotalTokens:      uint64(f.GetTokensIn()) + uint64(f.GetTokensOut()),
+		PromptTokens:        f.GetTokensIn(),
+		CompletionTokens:    f.GetTokensOut(),
+		TotalTokens:         uint64(f.GetTokensIn()) + uint64(f.GetTokensOut()),
+		PromptTokensDetails: promptDetails{CachedTokens: f.GetTokensCached()},
 	}
 }
 

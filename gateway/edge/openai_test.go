@@ -152,7 +152,7 @@ func script(reason commonv1.FinishReason) []*orchestratorv1.GenerateResponse {
 		event(&commonv1.Token{Index: 1, Text: "", TokenIds: []int32{2}}),
 		event(&commonv1.Token{Index: 2, Text: "lo <b>", TokenIds: []int32{3}}),
 		event(&orchestratorv1.Metrics{DecodeTokensPerSecond: 10}),
-		event(&commonv1.Finished{FinishReason: reason, TokensIn: 5, TokensOut: 3}),
+		event(&commonv1.Finished{FinishReason: reason, TokensIn: 5, TokensOut: 3, TokensCached: 2}),
 	}
 }
 
@@ -379,7 +379,7 @@ func TestChatCompletionBody(t *testing.T) {
 	jsonEqual(t, w.Body.String(), `{
 		"id": "chatcmpl-t1", "object": "chat.completion", "created": 1700000000, "model": "m",
 		"choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello <b>"}, "finish_reason": "stop", "logprobs": null}],
-		"usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+		"usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8, "prompt_tokens_details": {"cached_tokens": 2}}
 	}`)
 	if strings.Contains(w.Body.String(), `\u003c`) {
 		t.Errorf("text is HTML-escaped: %s", w.Body)
@@ -392,7 +392,7 @@ func TestTextCompletionBody(t *testing.T) {
 	jsonEqual(t, w.Body.String(), `{
 		"id": "cmpl-t1", "object": "text_completion", "created": 1700000000, "model": "m",
 		"choices": [{"index": 0, "text": "Hello <b>", "finish_reason": "length", "logprobs": null}],
-		"usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+		"usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8, "prompt_tokens_details": {"cached_tokens": 2}}
 	}`)
 }
 
@@ -424,7 +424,7 @@ func TestChatStreamWithUsage(t *testing.T) {
 		head + `"choices":[{"index":0,"delta":{"content":"Hel"},"logprobs":null,"finish_reason":null}],"usage":null}`,
 		head + `"choices":[{"index":0,"delta":{"content":"lo <b>"},"logprobs":null,"finish_reason":null}],"usage":null}`,
 		head + `"choices":[{"index":0,"delta":{},"logprobs":null,"finish_reason":"length"}],"usage":null}`,
-		head + `"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":3,"total_tokens":8}}`,
+		head + `"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":3,"total_tokens":8,"prompt_tokens_details":{"cached_tokens":2}}}`,
 		"data: [DONE]",
 	}
 	if got := sseLines(w.Body.String()); !reflect.DeepEqual(got, want) {

@@ -106,13 +106,22 @@ def _cmd_pools(args: argparse.Namespace) -> int:
         if getattr(args, "json", False):
             print_messages(statuses)
             return
-        print(f"{'POOL':<24} {'MODEL':<20} {'STATE':<9} {'SLOTS':>7} {'QUEUED':>6}  NOTE")
+        print(
+            f"{'POOL':<24} {'MODEL':<20} {'STATE':<9} {'SLOTS':>7} {'QUEUED':>6} "
+            f"{'CACHED':>6} {'HIT':>5}  NOTE"
+        )
         for s in statuses:
             note = "drained" if s.drained else ("" if s.reachable else "node unreachable")
             note = note or s.last_error
+            hit = (
+                f"{100 * s.prefix_hit_tokens / s.prefix_lookup_tokens:.0f}%"
+                if s.prefix_lookup_tokens
+                else "-"
+            )
             print(
                 f"{s.node_id + '/' + s.pool_id:<24} {s.model_id:<20} {s.state:<9} "
-                f"{f'{s.slots_busy}/{s.slots_total}':>7} {s.queued:>6}  {note}"
+                f"{f'{s.slots_busy}/{s.slots_total}':>7} {s.queued:>6} "
+                f"{s.prefix_cache_entries:>6} {hit:>5}  {note}"
             )
 
     return call(orchestrator_address(args), run)

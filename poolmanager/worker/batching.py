@@ -29,6 +29,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from mesh.prefix import prefix_block_hashes
 from poolmanager.worker import log
 from poolmanager.worker.engine import (
     EngineMisuse,
@@ -37,7 +38,9 @@ from poolmanager.worker.engine import (
     LlamaEngine,
     Sampler,
 )
+from poolmanager.worker.prefix import MIN_REUSE_TOKENS, Cells, Entry, PrefixCache, common_prefix
 from poolmanager.worker.protocol import (
+    CacheState,
     Cancelled,
     Done,
     Event,
@@ -76,6 +79,17 @@ class _Sequence:
     batch_index: int = -1
     """Where its logits are in the batch being decoded (-1: none this step)."""
     trace_ids: dict[str, str] = field(default_factory=dict)
+    tokens_cached: int = 0
+    """Prompt tokens whose cells came from the prefix cache."""
+    generated: list[int] = field(default_factory=list)
+    """Tokens sampled so far (those decoded are in its cells after the prompt)."""
+    generated_text: list[str] = field(default_factory=list)
+    cells: Cells = field(default_factory=Cells)
+    borrowed_from: Cells | None = None
+    """Whose cells its first ``tokens_cached`` are, shared: counted there while that holder
+    lives."""
+    hashes: list[int] = field(default_factory=list)
+    """Block hashes of its prompt text (mesh.prefix), for the cache's summary."""
 
     @property
     def generating(self) -> bool:
@@ -99,14 +113,25 @@ class StepStats:
 class BatchEngine:
     """The scheduler of one context: waiting executions, running sequences, one step at a time."""
 
-    def __init__(self, engine: LlamaEngine, *, prefill_chunk_tokens: int = 256) -> None:
+    def __init__(
+        self,
+        engine: LlamaEngine,
+        *,
+        prefill_chunk_tokens: int = 256,
+        prefix_cache_entries: int | None = None,
+    ) -> None:
         self._engine = engine
         self.prefill_chunk_tokens = max(1, prefill_chunk_tokens)
         self._waiting: deque[tuple[Execute, float]] = deque()
         self._running: dict[int, _Sequence] = {}  # by sequence id, in admission order
         self._by_id: dict[str, _Sequence] = {}
-        self._free_ids = list(range(engine.slots))
+        engine.clear()  # the context is this scheduler's alone, from empty
+        self._free_ids = list(range(engine.n_seq_ids))
         heapq.heapify(self._free_ids)
+        spare_ids = engine.n_seq_ids - engine.slots  # 0 where the model cannot share cells
+        entries = spare_ids if prefix_cache_entries is None else prefix_cache_entries
+        self._cache = PrefixCache(min(entries, spare_ids))
+        self._reported: int | None = None  # the cache version last reported
         self._cancels: set[str] = set()
         self._admitted = 0
         self.last_step = StepStats()
@@ -156,7 +181,29 @@ class BatchEngine:
         self._admit(out)
         if self._running and self._decode(out):
             self._sample(out)
+        self._report(out)
         return out
+
+    @property
+    def cache(self) -> PrefixCache:
+        """The prefix cache (for tests and benchmarks to read)."""
+        return self._cache
+
+    def _report(self, out: list[Event]) -> None:
+        """A CacheState when the entries or the running prompts changed since the last."""
+        if not self._cache.capacity:
+            return
+        version = hash((self._cache.version, tuple(self._running)))
+        if version == self._reported:
+            return
+        self._reported = version
+        out.append(
+            CacheState(
+                entries=len(self._cache),
+                cells=self._cache.cells,
+                block_hashes=self._cache.summary(s.hashes for s in self._running.values()),
+            )
+        )
 
     def _apply_cancels(self, out: list[Event]) -> None:
         if not self._cancels:
@@ -179,7 +226,7 @@ class BatchEngine:
 
     def _admit(self, out: list[Event]) -> None:
         engine = self._engine
-        while self._waiting and self._free_ids:
+        while self._waiting and len(self._running) < engine.slots:
             cmd, queued_at = self._waiting[0]
             try:
                 prompt, max_tokens = self._check(cmd)
@@ -187,10 +234,8 @@ class BatchEngine:
                 self._waiting.popleft()
                 out.append(refusal.event)
                 continue
-            reserved = sum(s.cells_needed for s in self._running.values())
-            if self._running and reserved + len(prompt) + len(self._running) > (
-                engine.kv_cache_tokens
-            ):
+            source, reuse = self._lookup(prompt)
+            if not self._room_for(len(prompt) - reuse, keep=source):
                 return  # no room for its prompt yet: it waits, and so do those behind it
             self._waiting.popleft()
             try:
@@ -205,7 +250,7 @@ class BatchEngine:
             except (GrammarError, EngineMisuse) as exc:
                 out.append(_Refused.invalid(cmd, "grammar", str(exc)).event)
                 continue
-            seq_id = heapq.heappop(self._free_ids)
+            seq_id, cells = self._claim(source, reuse)
             now = time.perf_counter()
             seq = _Sequence(
                 cmd=cmd,
@@ -219,6 +264,11 @@ class BatchEngine:
                 admitted_at=now,
                 admitted_ns=time.time_ns(),
                 trace_ids=log.trace_ids(cmd.traceparent),
+                n_past=reuse,
+                tokens_cached=reuse,
+                cells=cells or Cells(),
+                borrowed_from=None if cells is not None or source is None else source.cells,
+                hashes=prefix_block_hashes(cmd.prompt) if self._cache.capacity else [],
             )
             self._admitted += 1
             self._running[seq_id] = seq
@@ -228,9 +278,75 @@ class BatchEngine:
                 "execution started",
                 execution_id=cmd.id,
                 tokens_in=len(prompt),
+                tokens_cached=reuse,
                 slot=seq_id,
                 **self._ids(seq),
             )
+
+    # ----- the prefix cache -----------------------------------------------------------------
+
+    def _lookup(self, prompt: list[int]) -> tuple[Entry | _Sequence | None, int]:
+        """The entry or running sequence whose cells hold the longest start of ``prompt``, and
+        how many of its cells to reuse: never the prompt's last token, whose logits are needed
+        (a prompt cached whole still decodes it)."""
+        if not self._cache.capacity:
+            return None, 0
+        source: Entry | _Sequence | None
+        source, length = self._cache.best(prompt)
+        for seq in self._running.values():
+            if seq.n_past <= length:
+                continue
+            n = min(common_prefix(prompt, seq.prompt + seq.generated), seq.n_past)
+            if n > length:
+                source, length = seq, n
+        reuse = min(length, len(prompt) - 1)
+        if source is None or reuse < MIN_REUSE_TOKENS:
+            return None, 0
+        return source, reuse
+
+    def _cells_in_use(self) -> int:
+        """Cells the running sequences and the entries hold: an upper bound (a copy is counted
+        once, at its holder, while that holder is alive; entries count shared cells again)."""
+        alive = {seq.cells for seq in self._running.values()} | self._cache.alive()
+        running = sum(
+            seq.cells_needed - (seq.tokens_cached if seq.borrowed_from in alive else 0)
+            for seq in self._running.values()
+        )
+        return running + self._cache.cells
+
+    def _room_for(self, new_cells: int, *, keep: Entry | _Sequence | None) -> bool:
+        """Whether ``new_cells`` more fit in the KV cache, evicting entries (the least recently
+        used first, never ``keep``) until they do. Alone, a sequence always fits."""
+        capacity = self._engine.kv_cache_tokens
+        while self._cells_in_use() + new_cells + len(self._running) > capacity:
+            victim = self._cache.oldest(keep=keep if isinstance(keep, Entry) else None)
+            if victim is None:
+                return not self._running
+            self._evict(victim)
+        return True
+
+    def _evict(self, entry: Entry) -> None:
+        self._cache.take(entry.seq_id)
+        self._engine.free_sequence(entry.seq_id)
+        heapq.heappush(self._free_ids, entry.seq_id)
+
+    def _claim(self, source: Entry | _Sequence | None, reuse: int) -> tuple[int, Cells | None]:
+        """A sequence id for a new execution, holding the first ``reuse`` cells of ``source``;
+        with the ``Cells`` it took over (None: its own, or copied)."""
+        engine = self._engine
+        if isinstance(source, Entry) and reuse == len(source.tokens):
+            self._cache.take(source.seq_id)  # the new prompt extends it: take it over
+            return source.seq_id, source.cells
+        if not self._free_ids:  # every spare id holds an entry: the oldest gives its id up
+            victim = self._cache.oldest(keep=source if isinstance(source, Entry) else None)
+            assert victim is not None, "ids beyond the running slots are free or entries"
+            self._evict(victim)
+        seq_id = heapq.heappop(self._free_ids)
+        if source is not None:
+            engine.copy_prefix(source.seq_id, seq_id, reuse)
+            if isinstance(source, Entry):
+                self._cache.touch(source)
+        return seq_id, None
 
     def _check(self, cmd: Execute) -> tuple[list[int], int]:
         """The prompt's tokens and the max_tokens to use, or the refusal."""
@@ -329,6 +445,10 @@ class BatchEngine:
                             ),
                         )
                 return False
+            victim = self._cache.oldest()
+            if victim is not None:  # no room: resident entries give their cells up first
+                self._evict(victim)
+                continue
             if prefill and any(s.generating for s in self._running.values()):
                 prefill = False  # no room: prompts wait a step, generating sequences go on
                 continue
@@ -384,8 +504,10 @@ class BatchEngine:
                 self._finish(seq, out, "stop")
                 continue
             seq.produced += 1
+            seq.generated.append(token)
             chunk = seq.text.push(token, engine.piece(token))
             if chunk is not None:
+                seq.generated_text.append(chunk.text)
                 out.append(_tokens(seq, chunk))
             if seq.text.stopped:
                 self._finish(seq, out, "stop_sequence")
@@ -399,6 +521,7 @@ class BatchEngine:
     def _finish(self, seq: _Sequence, out: list[Event], reason: FinishReason) -> None:
         chunk = seq.text.finish()
         if chunk is not None:
+            seq.generated_text.append(chunk.text)
             out.append(_tokens(seq, chunk))
         end = time.perf_counter()
         first = seq.first_at or end
@@ -414,9 +537,10 @@ class BatchEngine:
                 first_token_ns=seq.first_ns,
                 ended_ns=time.time_ns(),
                 queue_ms=(seq.admitted_at - seq.queued_at) * 1000,
+                tokens_cached=seq.tokens_cached,
             )
         )
-        self._release(seq)
+        self._release(seq, keep=True)
         log.log(
             "INFO",
             "execution finished",
@@ -431,12 +555,22 @@ class BatchEngine:
         self._release(seq)
         log.log("WARNING", event.message, execution_id=seq.cmd.id, **self._ids(seq))
 
-    def _release(self, seq: _Sequence) -> None:
-        """Frees the sequence's cells, sampler and slot."""
-        self._engine.free_sequence(seq.seq_id)
+    def _release(self, seq: _Sequence, *, keep: bool = False) -> None:
+        """Frees the sequence's sampler and slot, and its cells, unless ``keep``: a finished
+        sequence's cells become an entry of the prefix cache."""
         seq.sampler.free()
         del self._running[seq.seq_id]
         del self._by_id[seq.cmd.id]
+        if keep and self._cache.capacity and seq.n_past >= MIN_REUSE_TOKENS:
+            tokens = (seq.prompt + seq.generated)[: seq.n_past]
+            entry = Entry(
+                seq.seq_id, tokens, seq.cmd.prompt + "".join(seq.generated_text), seq.cells
+            )
+            for dropped in self._cache.add(entry):
+                self._engine.free_sequence(dropped.seq_id)
+                heapq.heappush(self._free_ids, dropped.seq_id)
+            return
+        self._engine.free_sequence(seq.seq_id)
         heapq.heappush(self._free_ids, seq.seq_id)
 
     @staticmethod

@@ -199,7 +199,16 @@ class LlamaEngine:
         cparams.n_ctx = cells
         cparams.n_batch = N_BATCH
         cparams.n_ubatch = N_BATCH
-        cparams.n_seq_max = spec.slots
+        self.prefix_cache_supported = not (
+            ll.llama_model_is_recurrent(self._model)
+            or ll.llama_model_is_hybrid(self._model)
+            or int(ll.llama_model_n_swa(self._model)) > 0
+        )
+        """Cells can be shared between sequences and cut at a position: not so for recurrent
+        state or a sliding window (llama-server turns its prompt cache off for those too)."""
+        spare_ids = spec.prefix_cache_entries if self.prefix_cache_supported else 0
+        n_seq = min(spec.slots + max(0, spare_ids), most)
+        cparams.n_seq_max = n_seq
         cparams.n_threads = threads
         # Prompts use as many threads as decoding: more would wait on cores that the rest of
         # the machine (the pool manager, other pools) is using.
@@ -218,18 +227,21 @@ class LlamaEngine:
             )
         self._ctx = ctx
         self.kv_cache_tokens = int(ll.llama_n_ctx(ctx))
-        self.slots = int(ll.llama_n_seq_max(ctx))
+        self.n_seq_ids = int(ll.llama_n_seq_max(ctx))
+        """Sequence ids of the context: ``slots`` to run on, the rest for the prefix cache."""
+        self.slots = spec.slots
+        """Sequences decoded at once."""
         self.n_batch = int(ll.llama_n_batch(ctx))
-        if self.slots < spec.slots or self.kv_cache_tokens < cells or self.n_batch < spec.slots:
+        if self.n_seq_ids < n_seq or self.kv_cache_tokens < cells or self.n_batch < spec.slots:
             raise EngineError(
-                f"llama.cpp gave {self.slots} sequences, {self.kv_cache_tokens} cells and a "
-                f"batch of {self.n_batch} for {spec.slots} sequences of {cells} cells"
+                f"llama.cpp gave {self.n_seq_ids} sequences, {self.kv_cache_tokens} cells and a "
+                f"batch of {self.n_batch} for {n_seq} sequences of {cells} cells"
             )
         self._mem = ll.llama_get_memory(ctx)
         self._batch = ll.llama_batch_init(self.n_batch, 0, 1)
         self._n = 0
         self._logits_at: set[int] = set()
-        self._pos = [_SeqPos() for _ in range(self.slots)]
+        self._pos = [_SeqPos() for _ in range(self.n_seq_ids)]
         self.eog_tokens = tuple(
             t for t in range(self.n_vocab) if ll.llama_vocab_is_eog(self.vocab, t)
         )
@@ -407,8 +419,7 @@ class LlamaEngine:
         """
         if self._n >= self.n_batch:
             raise EngineMisuse(f"a batch holds at most {self.n_batch} tokens")
-        if not 0 <= seq_id < self.slots:
-            raise EngineMisuse(f"sequence id {seq_id} is outside [0, {self.slots})")
+        self._check_id(seq_id)
         seq = self._pos[seq_id]
         if pos != seq.next_pos:
             raise EngineMisuse(f"sequence {seq_id} is at position {seq.next_pos}, not {pos}")
@@ -446,12 +457,58 @@ class LlamaEngine:
 
     # ----- cells ----------------------------------------------------------------------------
 
+    def clear(self) -> None:
+        """Frees every cell of every sequence."""
+        self._ll.llama_memory_clear(self._mem, True)
+        for pos in self._pos:
+            pos.next_pos = 0
+
+    def _check_id(self, seq_id: int) -> None:
+        if not 0 <= seq_id < self.n_seq_ids:
+            raise EngineMisuse(f"sequence id {seq_id} is outside [0, {self.n_seq_ids})")
+
     def free_sequence(self, seq_id: int) -> None:
         """Frees every cell of a sequence at once; the id can be used again from position 0."""
-        if not 0 <= seq_id < self.slots:
-            raise EngineMisuse(f"sequence id {seq_id} is outside [0, {self.slots})")
+        self._check_id(seq_id)
         self._ll.llama_memory_seq_rm(self._mem, seq_id, -1, -1)
         self._pos[seq_id].next_pos = 0
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Gives empty sequence ``dst`` the cells of positions 0..n-1 of ``src`` (in the unified
+        cache: the same cells, now shared; nothing is computed). ``dst`` goes on at ``n``.
+
+        Raises:
+            EngineMisuse: an id is out of range or the same, ``dst`` is not empty, ``src`` holds
+                fewer than ``n`` cells, or the model cannot share cells.
+        """
+        self._check_id(src)
+        self._check_id(dst)
+        if not self.prefix_cache_supported:
+            raise EngineMisuse("this model's memory cannot share cells between sequences")
+        if src == dst or self._pos[dst].next_pos != 0 or not 0 < n <= self._pos[src].next_pos:
+            raise EngineMisuse(f"cannot copy {n} cells of sequence {src} to sequence {dst}")
+        self._ll.llama_memory_seq_cp(self._mem, src, dst, 0, n)
+        self._pos[dst].next_pos = n
+
+    def truncate(self, seq_id: int, n: int) -> None:
+        """Frees the cells of ``seq_id`` from position ``n`` on; it goes on at ``n``.
+
+        Raises:
+            EngineMisuse: out of range, or llama.cpp cannot cut this model's memory there.
+        """
+        self._check_id(seq_id)
+        if not 0 <= n <= self._pos[seq_id].next_pos:
+            raise EngineMisuse(f"sequence {seq_id} has {self._pos[seq_id].next_pos} cells, not {n}")
+        if n == self._pos[seq_id].next_pos:
+            return
+        if not self._ll.llama_memory_seq_rm(self._mem, seq_id, n, -1):
+            raise EngineMisuse(f"llama.cpp cannot cut sequence {seq_id} at position {n}")
+        self._pos[seq_id].next_pos = n
+
+    def next_pos(self, seq_id: int) -> int:
+        """The position the sequence's next token takes (its cells are 0..next-1)."""
+        self._check_id(seq_id)
+        return self._pos[seq_id].next_pos
 
     def cells_used(self, seq_id: int) -> int:
         """Cells a sequence holds (its positions are 0..n-1)."""

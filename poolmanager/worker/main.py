@@ -43,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--slots", type=int, default=default.slots)
     parser.add_argument("--kv-cache-tokens", type=int, default=default.kv_cache_tokens)
     parser.add_argument("--prefill-chunk-tokens", type=int, default=default.prefill_chunk_tokens)
+    parser.add_argument("--prefix-cache-entries", type=int, default=default.prefix_cache_entries)
     parser.add_argument("--n-threads", type=int, default=default.n_threads)
     parser.add_argument("--gpu", action="store_true", help="offload every layer to the GPU")
     parser.add_argument("--tensor-split", default="", help="shares of the visible GPUs, a,b,...")
@@ -60,6 +61,7 @@ def _spec(args: argparse.Namespace) -> LoadSpec:
         slots=args.slots,
         kv_cache_tokens=args.kv_cache_tokens,
         prefill_chunk_tokens=args.prefill_chunk_tokens,
+        prefix_cache_entries=args.prefix_cache_entries,
         n_threads=args.n_threads,
         gpu=args.gpu,
         tensor_split=split,
@@ -183,7 +185,11 @@ def serve(spec: LoadSpec, out: EventWriter, commands: CommandReader) -> int:
         n_ctx=engine.n_ctx,
         kv_cache_tokens=engine.kv_cache_tokens,
     )
-    batcher = BatchEngine(engine, prefill_chunk_tokens=spec.prefill_chunk_tokens)
+    batcher = BatchEngine(
+        engine,
+        prefill_chunk_tokens=spec.prefill_chunk_tokens,
+        prefix_cache_entries=spec.prefix_cache_entries,
+    )
     while True:
         if batcher.idle:
             out.flush()

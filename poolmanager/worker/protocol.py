@@ -40,6 +40,10 @@ class LoadSpec(msgspec.Struct, frozen=True, kw_only=True):
     prefill_chunk_tokens: int = 256
     """Most prompt tokens decoded in one step while other sequences are generating (a lone
     prompt takes the whole batch): bounds how long a long prompt holds the others up."""
+    prefix_cache_entries: int = 16
+    """Finished sequences kept resident in the KV cache for prompts that start the same way
+    (sequence ids beyond ``slots``; their cells are the cache's free cells, given up when
+    running sequences need them). 0: off."""
     n_threads: int = 0
     """CPU threads for decoding; 0: half the machine's cores."""
     gpu: bool = False
@@ -160,12 +164,24 @@ class Done(msgspec.Struct, frozen=True, kw_only=True, tag="done", tag_field="typ
     ended_ns: int
     queue_ms: float = 0.0
     """How long it waited in the worker for a free slot."""
+    tokens_cached: int = 0
+    """Prompt tokens whose cells came from the prefix cache (not read again)."""
 
 
 class Cancelled(msgspec.Struct, frozen=True, tag="cancelled", tag_field="type"):
     """An execution ended by ``Cancel`` (or the pool manager going away)."""
 
     id: str
+
+
+class CacheState(msgspec.Struct, frozen=True, kw_only=True, tag="cache", tag_field="type"):
+    """What the prefix cache holds, sent when it changes: its entries, the cells they hold
+    (shared cells counted once per entry) and the chained block hashes (mesh.prefix) of the
+    text of the entries and the running prompts, at most ``MAX_SUMMARY_HASHES``."""
+
+    entries: int
+    cells: int
+    block_hashes: tuple[int, ...] = ()
 
 
 ErrorCode = Literal["INVALID_ARGUMENT", "UNAVAILABLE", "INTERNAL"]
@@ -182,7 +198,7 @@ class Failed(msgspec.Struct, frozen=True, kw_only=True, tag="error", tag_field="
     reason: str = ""
 
 
-Event = Spare | Ready | LoadFailed | Tokens | Done | Cancelled | Failed
+Event = Spare | Ready | LoadFailed | Tokens | Done | Cancelled | Failed | CacheState
 
 TERMINAL = (Done, Cancelled, Failed)
 """Events after which an execution says nothing more."""

@@ -14,6 +14,7 @@ import pytest
 from poolmanager.worker.batching import BatchEngine
 from poolmanager.worker.engine import EngineLog, EngineMisuse, LlamaEngine
 from poolmanager.worker.protocol import (
+    CacheState,
     Cancelled,
     Done,
     Event,
@@ -45,10 +46,20 @@ class Stream:
 class Runner:
     """Drives a BatchEngine step by step and files each event under its execution."""
 
-    def __init__(self, engine: LlamaEngine, prefill_chunk_tokens: int = 64) -> None:
+    def __init__(
+        self,
+        engine: LlamaEngine,
+        prefill_chunk_tokens: int = 64,
+        prefix_cache_entries: int | None = None,
+    ) -> None:
         self.engine = engine
-        self.batcher = BatchEngine(engine, prefill_chunk_tokens=prefill_chunk_tokens)
+        self.batcher = BatchEngine(
+            engine,
+            prefill_chunk_tokens=prefill_chunk_tokens,
+            prefix_cache_entries=prefix_cache_entries,
+        )
         self.streams: dict[str, Stream] = {}
+        self.cache_states: list[CacheState] = []
         self.step_no = 0
 
     def submit(self, *cmds: Execute) -> None:
@@ -60,14 +71,17 @@ class Runner:
         events = self.batcher.step()
         self.step_no += 1
         for event in events:
-            stream = self.streams[event.id]  # type: ignore[union-attr]
+            if isinstance(event, CacheState):
+                self.cache_states.append(event)
+                continue
+            stream = self.streams[event.id]
             if isinstance(event, Tokens):
                 assert event.index == len(stream.ids), "tokens out of order"
                 stream.ids += event.ids
                 stream.text += event.text
                 stream.steps.append(self.step_no)
             else:
-                assert stream.end is None, f"{event.id} ended twice"  # type: ignore[union-attr]
+                assert stream.end is None, f"{event.id} ended twice"
                 stream.end = event
         return events
 
@@ -279,7 +293,14 @@ def test_overflowing_the_shared_cache_ends_only_the_youngest(tiny_model: Path) -
             assert out[c.id].ids == _alone(small, c).ids[: len(out[c.id].ids)]
         # Youngest first: o2 ended before o1.
         assert len(out["o2"].ids) < len(out["o1"].ids)
-        assert all(small.cells_used(s) == 0 for s in range(small.slots))
+        # Every cell is free again but those of the finished sequences the prefix cache keeps.
+        again = Runner(small)
+        again.submit(*cmds)
+        again.run()
+        cached = {e.seq_id: len(e.tokens) for e in again.batcher.cache.entries()}
+        assert cached and all(
+            small.cells_used(s) == cached.get(s, 0) for s in range(small.n_seq_ids)
+        )
     finally:
         small.close()
 
@@ -317,11 +338,12 @@ def test_a_defaulted_max_tokens_is_shortened_to_fit_the_context(engine: LlamaEng
 
 
 def test_the_guards_refuse_what_would_abort_the_process(engine: LlamaEngine) -> None:
+    engine.clear()
     engine.clear_batch()
     with pytest.raises(EngineMisuse, match="position"):
         engine.add(0, 1, 5, logits=False)  # position 5 of an empty sequence
     with pytest.raises(EngineMisuse, match="sequence id"):
-        engine.add(engine.slots, 1, 0, logits=False)
+        engine.add(engine.n_seq_ids, 1, 0, logits=False)
     for pos in range(engine.n_batch):
         engine.add(0, 1, pos, logits=pos == 3)
     with pytest.raises(EngineMisuse, match="at most"):

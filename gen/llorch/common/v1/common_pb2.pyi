@@ -56,15 +56,17 @@ class Token(_message.Message):
     def __init__(self, index: _Optional[int] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Finished(_message.Message):
-    __slots__ = ("finish_reason", "tokens_in", "tokens_out", "ttft_ms", "decode_ms")
+    __slots__ = ("finish_reason", "tokens_in", "tokens_out", "ttft_ms", "decode_ms", "tokens_cached")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     TOKENS_IN_FIELD_NUMBER: _ClassVar[int]
     TOKENS_OUT_FIELD_NUMBER: _ClassVar[int]
     TTFT_MS_FIELD_NUMBER: _ClassVar[int]
     DECODE_MS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_CACHED_FIELD_NUMBER: _ClassVar[int]
     finish_reason: FinishReason
     tokens_in: int
     tokens_out: int
     ttft_ms: float
     decode_ms: float
-    def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., tokens_in: _Optional[int] = ..., tokens_out: _Optional[int] = ..., ttft_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ...) -> None: ...
+    tokens_cached: int
+    def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., tokens_in: _Optional[int] = ..., tokens_out: _Optional[int] = ..., ttft_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., tokens_cached: _Optional[int] = ...) -> None: ...

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PoolStatus(_message.Message):
-    __slots__ = ("node_id", "pool_id", "model_id", "state", "reachable", "drained", "slots_total", "slots_busy", "n_ctx", "engine_version", "devices", "queued", "last_error", "vram_estimate_bytes", "vram_measured_bytes", "vram_free_bytes", "cpu_only", "tasks_finished", "tokens_out")
+    __slots__ = ("node_id", "pool_id", "model_id", "state", "reachable", "drained", "slots_total", "slots_busy", "n_ctx", "engine_version", "devices", "queued", "last_error", "vram_estimate_bytes", "vram_measured_bytes", "vram_free_bytes", "cpu_only", "tasks_finished", "tokens_out", "prefix_cache_entries", "prefix_lookup_tokens", "prefix_hit_tokens")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     POOL_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,9 @@ class PoolStatus(_message.Message):
     CPU_ONLY_FIELD_NUMBER: _ClassVar[int]
     TASKS_FINISHED_FIELD_NUMBER: _ClassVar[int]
     TOKENS_OUT_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_LOOKUP_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     pool_id: str
     model_id: str
@@ -47,7 +50,10 @@ class PoolStatus(_message.Message):
     cpu_only: bool
     tasks_finished: int
     tokens_out: int
-    def __init__(self, node_id: _Optional[str] = ..., pool_id: _Optional[str] = ..., model_id: _Optional[str] = ..., state: _Optional[str] = ..., reachable: _Optional[bool] = ..., drained: _Optional[bool] = ..., slots_total: _Optional[int] = ..., slots_busy: _Optional[int] = ..., n_ctx: _Optional[int] = ..., engine_version: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., queued: _Optional[int] = ..., last_error: _Optional[str] = ..., vram_estimate_bytes: _Optional[int] = ..., vram_measured_bytes: _Optional[int] = ..., vram_free_bytes: _Optional[int] = ..., cpu_only: _Optional[bool] = ..., tasks_finished: _Optional[int] = ..., tokens_out: _Optional[int] = ...) -> None: ...
+    prefix_cache_entries: int
+    prefix_lookup_tokens: int
+    prefix_hit_tokens: int
+    def __init__(self, node_id: _Optional[str] = ..., pool_id: _Optional[str] = ..., model_id: _Optional[str] = ..., state: _Optional[str] = ..., reachable: _Optional[bool] = ..., drained: _Optional[bool] = ..., slots_total: _Optional[int] = ..., slots_busy: _Optional[int] = ..., n_ctx: _Optional[int] = ..., engine_version: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., queued: _Optional[int] = ..., last_error: _Optional[str] = ..., vram_estimate_bytes: _Optional[int] = ..., vram_measured_bytes: _Optional[int] = ..., vram_free_bytes: _Optional[int] = ..., cpu_only: _Optional[bool] = ..., tasks_finished: _Optional[int] = ..., tokens_out: _Optional[int] = ..., prefix_cache_entries: _Optional[int] = ..., prefix_lookup_tokens: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ...) -> None: ...
 
 class ListPoolsRequest(_message.Message):
     __slots__ = ()

@@ -269,7 +269,7 @@ class GetTaskResponse(_message.Message):
     def __init__(self, task: _Optional[_Union[Task, _Mapping]] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("task_id", "model_id", "state", "priority", "queue_position", "pool_id", "tokens_out", "finished", "error", "correlation_id", "tenant", "node_id", "wait_reason", "excluded_pools")
+    __slots__ = ("task_id", "model_id", "state", "priority", "queue_position", "pool_id", "tokens_out", "finished", "error", "correlation_id", "tenant", "node_id", "wait_reason", "excluded_pools", "prefix_hit_blocks")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -284,6 +284,7 @@ class Task(_message.Message):
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     WAIT_REASON_FIELD_NUMBER: _ClassVar[int]
     EXCLUDED_POOLS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_HIT_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     model_id: str
     state: TaskState
@@ -298,7 +299,8 @@ class Task(_message.Message):
     node_id: str
     wait_reason: str
     excluded_pools: _containers.RepeatedCompositeFieldContainer[PoolExclusion]
-    def __init__(self, task_id: _Optional[str] = ..., model_id: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., priority: _Optional[_Union[_common_pb2.Priority, str]] = ..., queue_position: _Optional[int] = ..., pool_id: _Optional[str] = ..., tokens_out: _Optional[int] = ..., finished: _Optional[_Union[_common_pb2.Finished, _Mapping]] = ..., error: _Optional[_Union[TaskError, _Mapping]] = ..., correlation_id: _Optional[str] = ..., tenant: _Optional[str] = ..., node_id: _Optional[str] = ..., wait_reason: _Optional[str] = ..., excluded_pools: _Optional[_Iterable[_Union[PoolExclusion, _Mapping]]] = ...) -> None: ...
+    prefix_hit_blocks: int
+    def __init__(self, task_id: _Optional[str] = ..., model_id: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., priority: _Optional[_Union[_common_pb2.Priority, str]] = ..., queue_position: _Optional[int] = ..., pool_id: _Optional[str] = ..., tokens_out: _Optional[int] = ..., finished: _Optional[_Union[_common_pb2.Finished, _Mapping]] = ..., error: _Optional[_Union[TaskError, _Mapping]] = ..., correlation_id: _Optional[str] = ..., tenant: _Optional[str] = ..., node_id: _Optional[str] = ..., wait_reason: _Optional[str] = ..., excluded_pools: _Optional[_Iterable[_Union[PoolExclusion, _Mapping]]] = ..., prefix_hit_blocks: _Optional[int] = ...) -> None: ...
 
 class PoolExclusion(_message.Message):
     __slots__ = ("pool", "reason")

@@ -108,7 +108,7 @@ class StagedModel(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., size_bytes: _Optional[int] = ..., in_use: _Optional[bool] = ...) -> None: ...
 
 class Pool(_message.Message):
-    __slots__ = ("pool_id", "state", "model_id", "engine_version", "devices", "slots_total", "slots_free", "n_ctx", "last_error", "cpu_only", "vram_estimate_bytes", "vram_measured_bytes", "load_ms", "loaded_from", "restarts", "breaker_open", "spare_ready", "loaded_in_spare", "can_load")
+    __slots__ = ("pool_id", "state", "model_id", "engine_version", "devices", "slots_total", "slots_free", "n_ctx", "last_error", "cpu_only", "vram_estimate_bytes", "vram_measured_bytes", "load_ms", "loaded_from", "restarts", "breaker_open", "spare_ready", "loaded_in_spare", "can_load", "prefix_cache")
     POOL_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +128,7 @@ class Pool(_message.Message):
     SPARE_READY_FIELD_NUMBER: _ClassVar[int]
     LOADED_IN_SPARE_FIELD_NUMBER: _ClassVar[int]
     CAN_LOAD_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_FIELD_NUMBER: _ClassVar[int]
     pool_id: str
     state: PoolState
     model_id: str
@@ -147,7 +148,22 @@ class Pool(_message.Message):
     spare_ready: bool
     loaded_in_spare: bool
     can_load: bool
-    def __init__(self, pool_id: _Optional[str] = ..., state: _Optional[_Union[PoolState, str]] = ..., model_id: _Optional[str] = ..., engine_version: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., slots_total: _Optional[int] = ..., slots_free: _Optional[int] = ..., n_ctx: _Optional[int] = ..., last_error: _Optional[str] = ..., cpu_only: _Optional[bool] = ..., vram_estimate_bytes: _Optional[int] = ..., vram_measured_bytes: _Optional[int] = ..., load_ms: _Optional[float] = ..., loaded_from: _Optional[str] = ..., restarts: _Optional[int] = ..., breaker_open: _Optional[bool] = ..., spare_ready: _Optional[bool] = ..., loaded_in_spare: _Optional[bool] = ..., can_load: _Optional[bool] = ...) -> None: ...
+    prefix_cache: PrefixCache
+    def __init__(self, pool_id: _Optional[str] = ..., state: _Optional[_Union[PoolState, str]] = ..., model_id: _Optional[str] = ..., engine_version: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., slots_total: _Optional[int] = ..., slots_free: _Optional[int] = ..., n_ctx: _Optional[int] = ..., last_error: _Optional[str] = ..., cpu_only: _Optional[bool] = ..., vram_estimate_bytes: _Optional[int] = ..., vram_measured_bytes: _Optional[int] = ..., load_ms: _Optional[float] = ..., loaded_from: _Optional[str] = ..., restarts: _Optional[int] = ..., breaker_open: _Optional[bool] = ..., spare_ready: _Optional[bool] = ..., loaded_in_spare: _Optional[bool] = ..., can_load: _Optional[bool] = ..., prefix_cache: _Optional[_Union[PrefixCache, _Mapping]] = ...) -> None: ...
+
+class PrefixCache(_message.Message):
+    __slots__ = ("entries", "cells", "block_hashes", "lookup_tokens", "hit_tokens")
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    CELLS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    LOOKUP_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    entries: int
+    cells: int
+    block_hashes: _containers.RepeatedScalarFieldContainer[int]
+    lookup_tokens: int
+    hit_tokens: int
+    def __init__(self, entries: _Optional[int] = ..., cells: _Optional[int] = ..., block_hashes: _Optional[_Iterable[int]] = ..., lookup_tokens: _Optional[int] = ..., hit_tokens: _Optional[int] = ...) -> None: ...
 
 class PreloadPoolRequest(_message.Message):
     __slots__ = ("pool_id", "model_id")

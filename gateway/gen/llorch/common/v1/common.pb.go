@@ -308,7 +308,10 @@ type Finished struct {
 	// Milliseconds from the start of execution to the first generated token.
 	TtftMs float64 `protobuf:"fixed64,4,opt,name=ttft_ms,json=ttftMs,proto3" json:"ttft_ms,omitempty"`
 	// Milliseconds from the first generated token to the end of generation.
-	DecodeMs      float64 `protobuf:"fixed64,5,opt,name=decode_ms,json=decodeMs,proto3" json:"decode_ms,omitempty"`
+	DecodeMs float64 `protobuf:"fixed64,5,opt,name=decode_ms,json=decodeMs,proto3" json:"decode_ms,omitempty"`
+	// Of tokens_in, those whose KV cells came from the worker's prefix cache instead of being
+	// read again (OpenAI's usage.prompt_tokens_details.cached_tokens).
+	TokensCached  uint32 `protobuf:"varint,6,opt,name=tokens_cached,json=tokensCached,proto3" json:"tokens_cached,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -378,6 +381,13 @@ func (x *Finished) GetDecodeMs() float64 {
 	return 0
 }
 
+func (x *Finished) GetTokensCached() uint32 {
+	if x != nil {
+		return x.TokensCached
+	}
+	return 0
+}
+
 var File_llorch_common_v1_common_proto protoreflect.FileDescriptor
 
 const file_llorch_common_v1_common_proto_rawDesc = "" +
@@ -401,14 +411,15 @@ const file_llorch_common_v1_common_proto_rawDesc = "" +
 	"\x05Token\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\rR\x05index\x12\x12\n" +
 	"\x04text\x18\x02 \x01(\tR\x04text\x12\x1b\n" +
-	"\ttoken_ids\x18\x03 \x03(\x05R\btokenIds\"\xc1\x01\n" +
+	"\ttoken_ids\x18\x03 \x03(\x05R\btokenIds\"\xe6\x01\n" +
 	"\bFinished\x12C\n" +
 	"\rfinish_reason\x18\x01 \x01(\x0e2\x1e.llorch.common.v1.FinishReasonR\ffinishReason\x12\x1b\n" +
 	"\ttokens_in\x18\x02 \x01(\rR\btokensIn\x12\x1d\n" +
 	"\n" +
 	"tokens_out\x18\x03 \x01(\rR\ttokensOut\x12\x17\n" +
 	"\attft_ms\x18\x04 \x01(\x01R\x06ttftMs\x12\x1b\n" +
-	"\tdecode_ms\x18\x05 \x01(\x01R\bdecodeMs*R\n" +
+	"\tdecode_ms\x18\x05 \x01(\x01R\bdecodeMs\x12#\n" +
+	"\rtokens_cached\x18\x06 \x01(\rR\ftokensCached*R\n" +
 	"\bPriority\x12\x18\n" +
 	"\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14PRIORITY_INTERACTIVE\x10\x01\x12\x12\n" +

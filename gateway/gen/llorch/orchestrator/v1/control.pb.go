@@ -62,9 +62,15 @@ type PoolStatus struct {
 	// Tasks that finished on this pool since the orchestrator started (rates: two readings).
 	TasksFinished uint64 `protobuf:"varint,18,opt,name=tasks_finished,json=tasksFinished,proto3" json:"tasks_finished,omitempty"`
 	// Tokens generated on this pool since the orchestrator started.
-	TokensOut     uint64 `protobuf:"varint,19,opt,name=tokens_out,json=tokensOut,proto3" json:"tokens_out,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	TokensOut uint64 `protobuf:"varint,19,opt,name=tokens_out,json=tokensOut,proto3" json:"tokens_out,omitempty"`
+	// Finished sequences resident in the worker's KV cache for prompts that start the same way.
+	PrefixCacheEntries uint32 `protobuf:"varint,20,opt,name=prefix_cache_entries,json=prefixCacheEntries,proto3" json:"prefix_cache_entries,omitempty"`
+	// Prompt tokens of the executions that finished on the pool (since its pool manager started).
+	PrefixLookupTokens uint64 `protobuf:"varint,21,opt,name=prefix_lookup_tokens,json=prefixLookupTokens,proto3" json:"prefix_lookup_tokens,omitempty"`
+	// Of those, the tokens the prefix cache held; the hit rate is hit / lookup.
+	PrefixHitTokens uint64 `protobuf:"varint,22,opt,name=prefix_hit_tokens,json=prefixHitTokens,proto3" json:"prefix_hit_tokens,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *PoolStatus) Reset() {
@@ -226,6 +232,27 @@ func (x *PoolStatus) GetTasksFinished() uint64 {
 func (x *PoolStatus) GetTokensOut() uint64 {
 	if x != nil {
 		return x.TokensOut
+	}
+	return 0
+}
+
+func (x *PoolStatus) GetPrefixCacheEntries() uint32 {
+	if x != nil {
+		return x.PrefixCacheEntries
+	}
+	return 0
+}
+
+func (x *PoolStatus) GetPrefixLookupTokens() uint64 {
+	if x != nil {
+		return x.PrefixLookupTokens
+	}
+	return 0
+}
+
+func (x *PoolStatus) GetPrefixHitTokens() uint64 {
+	if x != nil {
+		return x.PrefixHitTokens
 	}
 	return 0
 }
@@ -1354,7 +1381,7 @@ var File_llorch_orchestrator_v1_control_proto protoreflect.FileDescriptor
 
 const file_llorch_orchestrator_v1_control_proto_rawDesc = "" +
 	"\n" +
-	"$llorch/orchestrator/v1/control.proto\x12\x16llorch.orchestrator.v1\x1a\x1cgoogle/api/annotations.proto\"\xdd\x04\n" +
+	"$llorch/orchestrator/v1/control.proto\x12\x16llorch.orchestrator.v1\x1a\x1cgoogle/api/annotations.proto\"\xed\x05\n" +
 	"\n" +
 	"PoolStatus\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x17\n" +
@@ -1380,7 +1407,10 @@ const file_llorch_orchestrator_v1_control_proto_rawDesc = "" +
 	"\bcpu_only\x18\x11 \x01(\bR\acpuOnly\x12%\n" +
 	"\x0etasks_finished\x18\x12 \x01(\x04R\rtasksFinished\x12\x1d\n" +
 	"\n" +
-	"tokens_out\x18\x13 \x01(\x04R\ttokensOut\"\x12\n" +
+	"tokens_out\x18\x13 \x01(\x04R\ttokensOut\x120\n" +
+	"\x14prefix_cache_entries\x18\x14 \x01(\rR\x12prefixCacheEntries\x120\n" +
+	"\x14prefix_lookup_tokens\x18\x15 \x01(\x04R\x12prefixLookupTokens\x12*\n" +
+	"\x11prefix_hit_tokens\x18\x16 \x01(\x04R\x0fprefixHitTokens\"\x12\n" +
 	"\x10ListPoolsRequest\"M\n" +
 	"\x11ListPoolsResponse\x128\n" +
 	"\x05pools\x18\x01 \x03(\v2\".llorch.orchestrator.v1.PoolStatusR\x05pools\"B\n" +

@@ -1873,8 +1873,11 @@ type Task struct {
 	WaitReason string `protobuf:"bytes,13,opt,name=wait_reason,json=waitReason,proto3" json:"wait_reason,omitempty"`
 	// Pools the latest placement decision passed over, each with its reason.
 	ExcludedPools []*PoolExclusion `protobuf:"bytes,14,rep,name=excluded_pools,json=excludedPools,proto3" json:"excluded_pools,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	// Once placed: 256-byte blocks of its prompt that the chosen pool's prefix cache held, the
+	// reason placement preferred that pool (0: placed by load alone).
+	PrefixHitBlocks uint32 `protobuf:"varint,15,opt,name=prefix_hit_blocks,json=prefixHitBlocks,proto3" json:"prefix_hit_blocks,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *Task) Reset() {
@@ -2003,6 +2006,13 @@ func (x *Task) GetExcludedPools() []*PoolExclusion {
 		return x.ExcludedPools
 	}
 	return nil
+}
+
+func (x *Task) GetPrefixHitBlocks() uint32 {
+	if x != nil {
+		return x.PrefixHitBlocks
+	}
+	return 0
 }
 
 // A pool that placement did not choose for a task, and why.
@@ -2234,7 +2244,7 @@ const file_llorch_orchestrator_v1_orchestrator_proto_rawDesc = "" +
 	"\x0eGetTaskRequest\x12\x17\n" +
 	"\atask_id\x18\x01 \x01(\tR\x06taskId\"C\n" +
 	"\x0fGetTaskResponse\x120\n" +
-	"\x04task\x18\x01 \x01(\v2\x1c.llorch.orchestrator.v1.TaskR\x04task\"\xc2\x04\n" +
+	"\x04task\x18\x01 \x01(\v2\x1c.llorch.orchestrator.v1.TaskR\x04task\"\xee\x04\n" +
 	"\x04Task\x12\x17\n" +
 	"\atask_id\x18\x01 \x01(\tR\x06taskId\x12\x19\n" +
 	"\bmodel_id\x18\x02 \x01(\tR\amodelId\x127\n" +
@@ -2252,7 +2262,8 @@ const file_llorch_orchestrator_v1_orchestrator_proto_rawDesc = "" +
 	"\anode_id\x18\f \x01(\tR\x06nodeId\x12\x1f\n" +
 	"\vwait_reason\x18\r \x01(\tR\n" +
 	"waitReason\x12L\n" +
-	"\x0eexcluded_pools\x18\x0e \x03(\v2%.llorch.orchestrator.v1.PoolExclusionR\rexcludedPools\";\n" +
+	"\x0eexcluded_pools\x18\x0e \x03(\v2%.llorch.orchestrator.v1.PoolExclusionR\rexcludedPools\x12*\n" +
+	"\x11prefix_hit_blocks\x18\x0f \x01(\rR\x0fprefixHitBlocks\";\n" +
 	"\rPoolExclusion\x12\x12\n" +
 	"\x04pool\x18\x01 \x01(\tR\x04pool\x12\x16\n" +
 	"\x06reason\x18\x02 \x01(\tR\x06reason\"o\n" +

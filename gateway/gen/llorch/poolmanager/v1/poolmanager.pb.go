@@ -660,7 +660,9 @@ type Pool struct {
 	// The running worker was a spare, so its load did not wait for a process to start.
 	LoadedInSpare bool `protobuf:"varint,18,opt,name=loaded_in_spare,json=loadedInSpare,proto3" json:"loaded_in_spare,omitempty"`
 	// The orchestrator may change this pool's model on demand (ReloadPool) when it is idle.
-	CanLoad       bool `protobuf:"varint,19,opt,name=can_load,json=canLoad,proto3" json:"can_load,omitempty"`
+	CanLoad bool `protobuf:"varint,19,opt,name=can_load,json=canLoad,proto3" json:"can_load,omitempty"`
+	// What the worker's prefix cache holds, for placement by prefix and for operators.
+	PrefixCache   *PrefixCache `protobuf:"bytes,20,opt,name=prefix_cache,json=prefixCache,proto3" json:"prefix_cache,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -828,6 +830,99 @@ func (x *Pool) GetCanLoad() bool {
 	return false
 }
 
+func (x *Pool) GetPrefixCache() *PrefixCache {
+	if x != nil {
+		return x.PrefixCache
+	}
+	return nil
+}
+
+// A worker's prefix cache: finished sequences kept resident in its KV cache, so that prompts
+// starting the same way reuse their cells.
+type PrefixCache struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Resident entries.
+	Entries uint32 `protobuf:"varint,1,opt,name=entries,proto3" json:"entries,omitempty"`
+	// Cells they hold (shared cells counted once per entry).
+	Cells uint64 `protobuf:"varint,2,opt,name=cells,proto3" json:"cells,omitempty"`
+	// Chained hashes of the whole 256-byte blocks of the text the entries and the running
+	// executions hold, newest first, at most 1024: hash k covers the text's bytes from its start
+	// to the end of block k (blake2b, 8 bytes, of hash k-1 and block k; docs/decisions.md,
+	// "Prefix reuse").
+	BlockHashes []uint64 `protobuf:"fixed64,3,rep,packed,name=block_hashes,json=blockHashes,proto3" json:"block_hashes,omitempty"`
+	// Prompt tokens of the executions that finished on the pool since its pool manager started.
+	LookupTokens uint64 `protobuf:"varint,4,opt,name=lookup_tokens,json=lookupTokens,proto3" json:"lookup_tokens,omitempty"`
+	// Of those, the tokens whose cells came from the cache.
+	HitTokens     uint64 `protobuf:"varint,5,opt,name=hit_tokens,json=hitTokens,proto3" json:"hit_tokens,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PrefixCache) Reset() {
+	*x = PrefixCache{}
+	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PrefixCache) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PrefixCache) ProtoMessage() {}
+
+func (x *PrefixCache) ProtoReflect() protoreflect.Message {
+	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PrefixCache.ProtoReflect.Descriptor instead.
+func (*PrefixCache) Descriptor() ([]byte, []int) {
+	return file_llorch_poolmanager_v1_poolmanager_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *PrefixCache) GetEntries() uint32 {
+	if x != nil {
+		return x.Entries
+	}
+	return 0
+}
+
+func (x *PrefixCache) GetCells() uint64 {
+	if x != nil {
+		return x.Cells
+	}
+	return 0
+}
+
+func (x *PrefixCache) GetBlockHashes() []uint64 {
+	if x != nil {
+		return x.BlockHashes
+	}
+	return nil
+}
+
+func (x *PrefixCache) GetLookupTokens() uint64 {
+	if x != nil {
+		return x.LookupTokens
+	}
+	return 0
+}
+
+func (x *PrefixCache) GetHitTokens() uint64 {
+	if x != nil {
+		return x.HitTokens
+	}
+	return 0
+}
+
 // Loads a model on a pool.
 type PreloadPoolRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -841,7 +936,7 @@ type PreloadPoolRequest struct {
 
 func (x *PreloadPoolRequest) Reset() {
 	*x = PreloadPoolRequest{}
-	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[9]
+	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -853,7 +948,7 @@ func (x *PreloadPoolRequest) String() string {
 func (*PreloadPoolRequest) ProtoMessage() {}
 
 func (x *PreloadPoolRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[9]
+	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -866,7 +961,7 @@ func (x *PreloadPoolRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PreloadPoolRequest.ProtoReflect.Descriptor instead.
 func (*PreloadPoolRequest) Descriptor() ([]byte, []int) {
-	return file_llorch_poolmanager_v1_poolmanager_proto_rawDescGZIP(), []int{9}
+	return file_llorch_poolmanager_v1_poolmanager_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *PreloadPoolRequest) GetPoolId() string {
@@ -894,7 +989,7 @@ type PreloadPoolResponse struct {
 
 func (x *PreloadPoolResponse) Reset() {
 	*x = PreloadPoolResponse{}
-	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[10]
+	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -906,7 +1001,7 @@ func (x *PreloadPoolResponse) String() string {
 func (*PreloadPoolResponse) ProtoMessage() {}
 
 func (x *PreloadPoolResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[10]
+	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -919,7 +1014,7 @@ func (x *PreloadPoolResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PreloadPoolResponse.ProtoReflect.Descriptor instead.
 func (*PreloadPoolResponse) Descriptor() ([]byte, []int) {
-	return file_llorch_poolmanager_v1_poolmanager_proto_rawDescGZIP(), []int{10}
+	return file_llorch_poolmanager_v1_poolmanager_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *PreloadPoolResponse) GetPool() *Pool {
@@ -943,7 +1038,7 @@ type DrainPoolRequest struct {
 
 func (x *DrainPoolRequest) Reset() {
 	*x = DrainPoolRequest{}
-	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[11]
+	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -955,7 +1050,7 @@ func (x *DrainPoolRequest) String() string {
 func (*DrainPoolRequest) ProtoMessage() {}
 
 func (x *DrainPoolRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[11]
+	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -968,7 +1063,7 @@ func (x *DrainPoolRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrainPoolRequest.ProtoReflect.Descriptor instead.
 func (*DrainPoolRequest) Descriptor() ([]byte, []int) {
-	return file_llorch_poolmanager_v1_poolmanager_proto_rawDescGZIP(), []int{11}
+	return file_llorch_poolmanager_v1_poolmanager_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *DrainPoolRequest) GetPoolId() string {
@@ -1000,7 +1095,7 @@ type DrainPoolResponse struct {
 
 func (x *DrainPoolResponse) Reset() {
 	*x = DrainPoolResponse{}
-	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[12]
+	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1012,7 +1107,7 @@ func (x *DrainPoolResponse) String() string {
 func (*DrainPoolResponse) ProtoMessage() {}
 
 func (x *DrainPoolResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[12]
+	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1025,7 +1120,7 @@ func (x *DrainPoolResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrainPoolResponse.ProtoReflect.Descriptor instead.
 func (*DrainPoolResponse) Descriptor() ([]byte, []int) {
-	return file_llorch_poolmanager_v1_poolmanager_proto_rawDescGZIP(), []int{12}
+	return file_llorch_poolmanager_v1_poolmanager_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *DrainPoolResponse) GetPool() *Pool {
@@ -1064,7 +1159,7 @@ type ReloadPoolRequest struct {
 
 func (x *ReloadPoolRequest) Reset() {
 	*x = ReloadPoolRequest{}
-	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[13]
+	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1076,7 +1171,7 @@ func (x *ReloadPoolRequest) String() string {
 func (*ReloadPoolRequest) ProtoMessage() {}
 
 func (x *ReloadPoolRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[13]
+	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1089,7 +1184,7 @@ func (x *ReloadPoolRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReloadPoolRequest.ProtoReflect.Descriptor instead.
 func (*ReloadPoolRequest) Descriptor() ([]byte, []int) {
-	return file_llorch_poolmanager_v1_poolmanager_proto_rawDescGZIP(), []int{13}
+	return file_llorch_poolmanager_v1_poolmanager_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *ReloadPoolRequest) GetPoolId() string {
@@ -1128,7 +1223,7 @@ type ReloadPoolResponse struct {
 
 func (x *ReloadPoolResponse) Reset() {
 	*x = ReloadPoolResponse{}
-	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[14]
+	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1140,7 +1235,7 @@ func (x *ReloadPoolResponse) String() string {
 func (*ReloadPoolResponse) ProtoMessage() {}
 
 func (x *ReloadPoolResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[14]
+	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1153,7 +1248,7 @@ func (x *ReloadPoolResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReloadPoolResponse.ProtoReflect.Descriptor instead.
 func (*ReloadPoolResponse) Descriptor() ([]byte, []int) {
-	return file_llorch_poolmanager_v1_poolmanager_proto_rawDescGZIP(), []int{14}
+	return file_llorch_poolmanager_v1_poolmanager_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ReloadPoolResponse) GetPool() *Pool {
@@ -1188,7 +1283,7 @@ type StageModelRequest struct {
 
 func (x *StageModelRequest) Reset() {
 	*x = StageModelRequest{}
-	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[15]
+	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1200,7 +1295,7 @@ func (x *StageModelRequest) String() string {
 func (*StageModelRequest) ProtoMessage() {}
 
 func (x *StageModelRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[15]
+	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1213,7 +1308,7 @@ func (x *StageModelRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StageModelRequest.ProtoReflect.Descriptor instead.
 func (*StageModelRequest) Descriptor() ([]byte, []int) {
-	return file_llorch_poolmanager_v1_poolmanager_proto_rawDescGZIP(), []int{15}
+	return file_llorch_poolmanager_v1_poolmanager_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *StageModelRequest) GetModelId() string {
@@ -1234,7 +1329,7 @@ type StageModelResponse struct {
 
 func (x *StageModelResponse) Reset() {
 	*x = StageModelResponse{}
-	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[16]
+	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1246,7 +1341,7 @@ func (x *StageModelResponse) String() string {
 func (*StageModelResponse) ProtoMessage() {}
 
 func (x *StageModelResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[16]
+	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1259,7 +1354,7 @@ func (x *StageModelResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StageModelResponse.ProtoReflect.Descriptor instead.
 func (*StageModelResponse) Descriptor() ([]byte, []int) {
-	return file_llorch_poolmanager_v1_poolmanager_proto_rawDescGZIP(), []int{16}
+	return file_llorch_poolmanager_v1_poolmanager_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *StageModelResponse) GetStaging() *Staging {
@@ -1280,7 +1375,7 @@ type UnstageModelRequest struct {
 
 func (x *UnstageModelRequest) Reset() {
 	*x = UnstageModelRequest{}
-	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[17]
+	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1292,7 +1387,7 @@ func (x *UnstageModelRequest) String() string {
 func (*UnstageModelRequest) ProtoMessage() {}
 
 func (x *UnstageModelRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[17]
+	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1305,7 +1400,7 @@ func (x *UnstageModelRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnstageModelRequest.ProtoReflect.Descriptor instead.
 func (*UnstageModelRequest) Descriptor() ([]byte, []int) {
-	return file_llorch_poolmanager_v1_poolmanager_proto_rawDescGZIP(), []int{17}
+	return file_llorch_poolmanager_v1_poolmanager_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *UnstageModelRequest) GetModelId() string {
@@ -1328,7 +1423,7 @@ type UnstageModelResponse struct {
 
 func (x *UnstageModelResponse) Reset() {
 	*x = UnstageModelResponse{}
-	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[18]
+	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1340,7 +1435,7 @@ func (x *UnstageModelResponse) String() string {
 func (*UnstageModelResponse) ProtoMessage() {}
 
 func (x *UnstageModelResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[18]
+	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1353,7 +1448,7 @@ func (x *UnstageModelResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnstageModelResponse.ProtoReflect.Descriptor instead.
 func (*UnstageModelResponse) Descriptor() ([]byte, []int) {
-	return file_llorch_poolmanager_v1_poolmanager_proto_rawDescGZIP(), []int{18}
+	return file_llorch_poolmanager_v1_poolmanager_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *UnstageModelResponse) GetRemoved() bool {
@@ -1400,7 +1495,7 @@ type ExecuteRequest struct {
 
 func (x *ExecuteRequest) Reset() {
 	*x = ExecuteRequest{}
-	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[19]
+	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1412,7 +1507,7 @@ func (x *ExecuteRequest) String() string {
 func (*ExecuteRequest) ProtoMessage() {}
 
 func (x *ExecuteRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[19]
+	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1425,7 +1520,7 @@ func (x *ExecuteRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecuteRequest.ProtoReflect.Descriptor instead.
 func (*ExecuteRequest) Descriptor() ([]byte, []int) {
-	return file_llorch_poolmanager_v1_poolmanager_proto_rawDescGZIP(), []int{19}
+	return file_llorch_poolmanager_v1_poolmanager_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *ExecuteRequest) GetExecutionId() string {
@@ -1508,7 +1603,7 @@ type ExecuteResponse struct {
 
 func (x *ExecuteResponse) Reset() {
 	*x = ExecuteResponse{}
-	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[20]
+	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1520,7 +1615,7 @@ func (x *ExecuteResponse) String() string {
 func (*ExecuteResponse) ProtoMessage() {}
 
 func (x *ExecuteResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[20]
+	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1533,7 +1628,7 @@ func (x *ExecuteResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecuteResponse.ProtoReflect.Descriptor instead.
 func (*ExecuteResponse) Descriptor() ([]byte, []int) {
-	return file_llorch_poolmanager_v1_poolmanager_proto_rawDescGZIP(), []int{20}
+	return file_llorch_poolmanager_v1_poolmanager_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ExecuteResponse) GetKind() isExecuteResponse_Kind {
@@ -1608,7 +1703,7 @@ type ExecutionStarted struct {
 
 func (x *ExecutionStarted) Reset() {
 	*x = ExecutionStarted{}
-	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[21]
+	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1620,7 +1715,7 @@ func (x *ExecutionStarted) String() string {
 func (*ExecutionStarted) ProtoMessage() {}
 
 func (x *ExecutionStarted) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[21]
+	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1633,7 +1728,7 @@ func (x *ExecutionStarted) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecutionStarted.ProtoReflect.Descriptor instead.
 func (*ExecutionStarted) Descriptor() ([]byte, []int) {
-	return file_llorch_poolmanager_v1_poolmanager_proto_rawDescGZIP(), []int{21}
+	return file_llorch_poolmanager_v1_poolmanager_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *ExecutionStarted) GetEngineVersion() string {
@@ -1661,7 +1756,7 @@ type CancelExecutionRequest struct {
 
 func (x *CancelExecutionRequest) Reset() {
 	*x = CancelExecutionRequest{}
-	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[22]
+	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1673,7 +1768,7 @@ func (x *CancelExecutionRequest) String() string {
 func (*CancelExecutionRequest) ProtoMessage() {}
 
 func (x *CancelExecutionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[22]
+	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1686,7 +1781,7 @@ func (x *CancelExecutionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelExecutionRequest.ProtoReflect.Descriptor instead.
 func (*CancelExecutionRequest) Descriptor() ([]byte, []int) {
-	return file_llorch_poolmanager_v1_poolmanager_proto_rawDescGZIP(), []int{22}
+	return file_llorch_poolmanager_v1_poolmanager_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *CancelExecutionRequest) GetExecutionId() string {
@@ -1707,7 +1802,7 @@ type CancelExecutionResponse struct {
 
 func (x *CancelExecutionResponse) Reset() {
 	*x = CancelExecutionResponse{}
-	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[23]
+	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1719,7 +1814,7 @@ func (x *CancelExecutionResponse) String() string {
 func (*CancelExecutionResponse) ProtoMessage() {}
 
 func (x *CancelExecutionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[23]
+	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1732,7 +1827,7 @@ func (x *CancelExecutionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelExecutionResponse.ProtoReflect.Descriptor instead.
 func (*CancelExecutionResponse) Descriptor() ([]byte, []int) {
-	return file_llorch_poolmanager_v1_poolmanager_proto_rawDescGZIP(), []int{23}
+	return file_llorch_poolmanager_v1_poolmanager_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *CancelExecutionResponse) GetCancelled() bool {
@@ -1753,7 +1848,7 @@ type CollectGarbageRequest struct {
 
 func (x *CollectGarbageRequest) Reset() {
 	*x = CollectGarbageRequest{}
-	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[24]
+	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1765,7 +1860,7 @@ func (x *CollectGarbageRequest) String() string {
 func (*CollectGarbageRequest) ProtoMessage() {}
 
 func (x *CollectGarbageRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[24]
+	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1778,7 +1873,7 @@ func (x *CollectGarbageRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CollectGarbageRequest.ProtoReflect.Descriptor instead.
 func (*CollectGarbageRequest) Descriptor() ([]byte, []int) {
-	return file_llorch_poolmanager_v1_poolmanager_proto_rawDescGZIP(), []int{24}
+	return file_llorch_poolmanager_v1_poolmanager_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *CollectGarbageRequest) GetDryRun() bool {
@@ -1805,7 +1900,7 @@ type GcDecision struct {
 
 func (x *GcDecision) Reset() {
 	*x = GcDecision{}
-	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[25]
+	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1817,7 +1912,7 @@ func (x *GcDecision) String() string {
 func (*GcDecision) ProtoMessage() {}
 
 func (x *GcDecision) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[25]
+	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1830,7 +1925,7 @@ func (x *GcDecision) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GcDecision.ProtoReflect.Descriptor instead.
 func (*GcDecision) Descriptor() ([]byte, []int) {
-	return file_llorch_poolmanager_v1_poolmanager_proto_rawDescGZIP(), []int{25}
+	return file_llorch_poolmanager_v1_poolmanager_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *GcDecision) GetModelId() string {
@@ -1884,7 +1979,7 @@ type CollectGarbageResponse struct {
 
 func (x *CollectGarbageResponse) Reset() {
 	*x = CollectGarbageResponse{}
-	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[26]
+	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1896,7 +1991,7 @@ func (x *CollectGarbageResponse) String() string {
 func (*CollectGarbageResponse) ProtoMessage() {}
 
 func (x *CollectGarbageResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[26]
+	mi := &file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1909,7 +2004,7 @@ func (x *CollectGarbageResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CollectGarbageResponse.ProtoReflect.Descriptor instead.
 func (*CollectGarbageResponse) Descriptor() ([]byte, []int) {
-	return file_llorch_poolmanager_v1_poolmanager_proto_rawDescGZIP(), []int{26}
+	return file_llorch_poolmanager_v1_poolmanager_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *CollectGarbageResponse) GetDryRun() bool {
@@ -2001,7 +2096,7 @@ const file_llorch_poolmanager_v1_poolmanager_proto_rawDesc = "" +
 	"\bmodel_id\x18\x01 \x01(\tR\amodelId\x12\x1d\n" +
 	"\n" +
 	"size_bytes\x18\x02 \x01(\x04R\tsizeBytes\x12\x15\n" +
-	"\x06in_use\x18\x03 \x01(\bR\x05inUse\"\xff\x04\n" +
+	"\x06in_use\x18\x03 \x01(\bR\x05inUse\"\xc6\x05\n" +
 	"\x04Pool\x12\x17\n" +
 	"\apool_id\x18\x01 \x01(\tR\x06poolId\x126\n" +
 	"\x05state\x18\x02 \x01(\x0e2 .llorch.poolmanager.v1.PoolStateR\x05state\x12\x19\n" +
@@ -2027,7 +2122,15 @@ const file_llorch_poolmanager_v1_poolmanager_proto_rawDesc = "" +
 	"\vspare_ready\x18\x11 \x01(\bR\n" +
 	"spareReady\x12&\n" +
 	"\x0floaded_in_spare\x18\x12 \x01(\bR\rloadedInSpare\x12\x19\n" +
-	"\bcan_load\x18\x13 \x01(\bR\acanLoad\"H\n" +
+	"\bcan_load\x18\x13 \x01(\bR\acanLoad\x12E\n" +
+	"\fprefix_cache\x18\x14 \x01(\v2\".llorch.poolmanager.v1.PrefixCacheR\vprefixCache\"\xa4\x01\n" +
+	"\vPrefixCache\x12\x18\n" +
+	"\aentries\x18\x01 \x01(\rR\aentries\x12\x14\n" +
+	"\x05cells\x18\x02 \x01(\x04R\x05cells\x12!\n" +
+	"\fblock_hashes\x18\x03 \x03(\x06R\vblockHashes\x12#\n" +
+	"\rlookup_tokens\x18\x04 \x01(\x04R\flookupTokens\x12\x1d\n" +
+	"\n" +
+	"hit_tokens\x18\x05 \x01(\x04R\thitTokens\"H\n" +
 	"\x12PreloadPoolRequest\x12\x17\n" +
 	"\apool_id\x18\x01 \x01(\tR\x06poolId\x12\x19\n" +
 	"\bmodel_id\x18\x02 \x01(\tR\amodelId\"F\n" +
@@ -2135,7 +2238,7 @@ func file_llorch_poolmanager_v1_poolmanager_proto_rawDescGZIP() []byte {
 }
 
 var file_llorch_poolmanager_v1_poolmanager_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_llorch_poolmanager_v1_poolmanager_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
+var file_llorch_poolmanager_v1_poolmanager_proto_msgTypes = make([]protoimpl.MessageInfo, 28)
 var file_llorch_poolmanager_v1_poolmanager_proto_goTypes = []any{
 	(PoolState)(0),                  // 0: llorch.poolmanager.v1.PoolState
 	(*GetNodeRequest)(nil),          // 1: llorch.poolmanager.v1.GetNodeRequest
@@ -2147,27 +2250,28 @@ var file_llorch_poolmanager_v1_poolmanager_proto_goTypes = []any{
 	(*Staging)(nil),                 // 7: llorch.poolmanager.v1.Staging
 	(*StagedModel)(nil),             // 8: llorch.poolmanager.v1.StagedModel
 	(*Pool)(nil),                    // 9: llorch.poolmanager.v1.Pool
-	(*PreloadPoolRequest)(nil),      // 10: llorch.poolmanager.v1.PreloadPoolRequest
-	(*PreloadPoolResponse)(nil),     // 11: llorch.poolmanager.v1.PreloadPoolResponse
-	(*DrainPoolRequest)(nil),        // 12: llorch.poolmanager.v1.DrainPoolRequest
-	(*DrainPoolResponse)(nil),       // 13: llorch.poolmanager.v1.DrainPoolResponse
-	(*ReloadPoolRequest)(nil),       // 14: llorch.poolmanager.v1.ReloadPoolRequest
-	(*ReloadPoolResponse)(nil),      // 15: llorch.poolmanager.v1.ReloadPoolResponse
-	(*StageModelRequest)(nil),       // 16: llorch.poolmanager.v1.StageModelRequest
-	(*StageModelResponse)(nil),      // 17: llorch.poolmanager.v1.StageModelResponse
-	(*UnstageModelRequest)(nil),     // 18: llorch.poolmanager.v1.UnstageModelRequest
-	(*UnstageModelResponse)(nil),    // 19: llorch.poolmanager.v1.UnstageModelResponse
-	(*ExecuteRequest)(nil),          // 20: llorch.poolmanager.v1.ExecuteRequest
-	(*ExecuteResponse)(nil),         // 21: llorch.poolmanager.v1.ExecuteResponse
-	(*ExecutionStarted)(nil),        // 22: llorch.poolmanager.v1.ExecutionStarted
-	(*CancelExecutionRequest)(nil),  // 23: llorch.poolmanager.v1.CancelExecutionRequest
-	(*CancelExecutionResponse)(nil), // 24: llorch.poolmanager.v1.CancelExecutionResponse
-	(*CollectGarbageRequest)(nil),   // 25: llorch.poolmanager.v1.CollectGarbageRequest
-	(*GcDecision)(nil),              // 26: llorch.poolmanager.v1.GcDecision
-	(*CollectGarbageResponse)(nil),  // 27: llorch.poolmanager.v1.CollectGarbageResponse
-	(*v1.SamplingParams)(nil),       // 28: llorch.common.v1.SamplingParams
-	(*v1.Token)(nil),                // 29: llorch.common.v1.Token
-	(*v1.Finished)(nil),             // 30: llorch.common.v1.Finished
+	(*PrefixCache)(nil),             // 10: llorch.poolmanager.v1.PrefixCache
+	(*PreloadPoolRequest)(nil),      // 11: llorch.poolmanager.v1.PreloadPoolRequest
+	(*PreloadPoolResponse)(nil),     // 12: llorch.poolmanager.v1.PreloadPoolResponse
+	(*DrainPoolRequest)(nil),        // 13: llorch.poolmanager.v1.DrainPoolRequest
+	(*DrainPoolResponse)(nil),       // 14: llorch.poolmanager.v1.DrainPoolResponse
+	(*ReloadPoolRequest)(nil),       // 15: llorch.poolmanager.v1.ReloadPoolRequest
+	(*ReloadPoolResponse)(nil),      // 16: llorch.poolmanager.v1.ReloadPoolResponse
+	(*StageModelRequest)(nil),       // 17: llorch.poolmanager.v1.StageModelRequest
+	(*StageModelResponse)(nil),      // 18: llorch.poolmanager.v1.StageModelResponse
+	(*UnstageModelRequest)(nil),     // 19: llorch.poolmanager.v1.UnstageModelRequest
+	(*UnstageModelResponse)(nil),    // 20: llorch.poolmanager.v1.UnstageModelResponse
+	(*ExecuteRequest)(nil),          // 21: llorch.poolmanager.v1.ExecuteRequest
+	(*ExecuteResponse)(nil),         // 22: llorch.poolmanager.v1.ExecuteResponse
+	(*ExecutionStarted)(nil),        // 23: llorch.poolmanager.v1.ExecutionStarted
+	(*CancelExecutionRequest)(nil),  // 24: llorch.poolmanager.v1.CancelExecutionRequest
+	(*CancelExecutionResponse)(nil), // 25: llorch.poolmanager.v1.CancelExecutionResponse
+	(*CollectGarbageRequest)(nil),   // 26: llorch.poolmanager.v1.CollectGarbageRequest
+	(*GcDecision)(nil),              // 27: llorch.poolmanager.v1.GcDecision
+	(*CollectGarbageResponse)(nil),  // 28: llorch.poolmanager.v1.CollectGarbageResponse
+	(*v1.SamplingParams)(nil),       // 29: llorch.common.v1.SamplingParams
+	(*v1.Token)(nil),                // 30: llorch.common.v1.Token
+	(*v1.Finished)(nil),             // 31: llorch.common.v1.Finished
 }
 var file_llorch_poolmanager_v1_poolmanager_proto_depIdxs = []int32{
 	5,  // 0: llorch.poolmanager.v1.GetNodeResponse.node:type_name -> llorch.poolmanager.v1.Node
@@ -2177,42 +2281,43 @@ var file_llorch_poolmanager_v1_poolmanager_proto_depIdxs = []int32{
 	7,  // 4: llorch.poolmanager.v1.Node.staging:type_name -> llorch.poolmanager.v1.Staging
 	8,  // 5: llorch.poolmanager.v1.Staging.models:type_name -> llorch.poolmanager.v1.StagedModel
 	0,  // 6: llorch.poolmanager.v1.Pool.state:type_name -> llorch.poolmanager.v1.PoolState
-	9,  // 7: llorch.poolmanager.v1.PreloadPoolResponse.pool:type_name -> llorch.poolmanager.v1.Pool
-	9,  // 8: llorch.poolmanager.v1.DrainPoolResponse.pool:type_name -> llorch.poolmanager.v1.Pool
-	9,  // 9: llorch.poolmanager.v1.ReloadPoolResponse.pool:type_name -> llorch.poolmanager.v1.Pool
-	7,  // 10: llorch.poolmanager.v1.StageModelResponse.staging:type_name -> llorch.poolmanager.v1.Staging
-	7,  // 11: llorch.poolmanager.v1.UnstageModelResponse.staging:type_name -> llorch.poolmanager.v1.Staging
-	28, // 12: llorch.poolmanager.v1.ExecuteRequest.sampling:type_name -> llorch.common.v1.SamplingParams
-	22, // 13: llorch.poolmanager.v1.ExecuteResponse.started:type_name -> llorch.poolmanager.v1.ExecutionStarted
-	29, // 14: llorch.poolmanager.v1.ExecuteResponse.token:type_name -> llorch.common.v1.Token
-	30, // 15: llorch.poolmanager.v1.ExecuteResponse.finished:type_name -> llorch.common.v1.Finished
-	26, // 16: llorch.poolmanager.v1.CollectGarbageResponse.deleted:type_name -> llorch.poolmanager.v1.GcDecision
-	26, // 17: llorch.poolmanager.v1.CollectGarbageResponse.kept:type_name -> llorch.poolmanager.v1.GcDecision
-	1,  // 18: llorch.poolmanager.v1.PoolManagerService.GetNode:input_type -> llorch.poolmanager.v1.GetNodeRequest
-	20, // 19: llorch.poolmanager.v1.PoolManagerService.Execute:input_type -> llorch.poolmanager.v1.ExecuteRequest
-	23, // 20: llorch.poolmanager.v1.PoolManagerService.CancelExecution:input_type -> llorch.poolmanager.v1.CancelExecutionRequest
-	3,  // 21: llorch.poolmanager.v1.PoolManagerService.WatchNode:input_type -> llorch.poolmanager.v1.WatchNodeRequest
-	10, // 22: llorch.poolmanager.v1.PoolManagerService.PreloadPool:input_type -> llorch.poolmanager.v1.PreloadPoolRequest
-	12, // 23: llorch.poolmanager.v1.PoolManagerService.DrainPool:input_type -> llorch.poolmanager.v1.DrainPoolRequest
-	14, // 24: llorch.poolmanager.v1.PoolManagerService.ReloadPool:input_type -> llorch.poolmanager.v1.ReloadPoolRequest
-	16, // 25: llorch.poolmanager.v1.PoolManagerService.StageModel:input_type -> llorch.poolmanager.v1.StageModelRequest
-	18, // 26: llorch.poolmanager.v1.PoolManagerService.UnstageModel:input_type -> llorch.poolmanager.v1.UnstageModelRequest
-	25, // 27: llorch.poolmanager.v1.PoolManagerService.CollectGarbage:input_type -> llorch.poolmanager.v1.CollectGarbageRequest
-	2,  // 28: llorch.poolmanager.v1.PoolManagerService.GetNode:output_type -> llorch.poolmanager.v1.GetNodeResponse
-	21, // 29: llorch.poolmanager.v1.PoolManagerService.Execute:output_type -> llorch.poolmanager.v1.ExecuteResponse
-	24, // 30: llorch.poolmanager.v1.PoolManagerService.CancelExecution:output_type -> llorch.poolmanager.v1.CancelExecutionResponse
-	4,  // 31: llorch.poolmanager.v1.PoolManagerService.WatchNode:output_type -> llorch.poolmanager.v1.WatchNodeResponse
-	11, // 32: llorch.poolmanager.v1.PoolManagerService.PreloadPool:output_type -> llorch.poolmanager.v1.PreloadPoolResponse
-	13, // 33: llorch.poolmanager.v1.PoolManagerService.DrainPool:output_type -> llorch.poolmanager.v1.DrainPoolResponse
-	15, // 34: llorch.poolmanager.v1.PoolManagerService.ReloadPool:output_type -> llorch.poolmanager.v1.ReloadPoolResponse
-	17, // 35: llorch.poolmanager.v1.PoolManagerService.StageModel:output_type -> llorch.poolmanager.v1.StageModelResponse
-	19, // 36: llorch.poolmanager.v1.PoolManagerService.UnstageModel:output_type -> llorch.poolmanager.v1.UnstageModelResponse
-	27, // 37: llorch.poolmanager.v1.PoolManagerService.CollectGarbage:output_type -> llorch.poolmanager.v1.CollectGarbageResponse
-	28, // [28:38] is the sub-list for method output_type
-	18, // [18:28] is the sub-list for method input_type
-	18, // [18:18] is the sub-list for extension type_name
-	18, // [18:18] is the sub-list for extension extendee
-	0,  // [0:18] is the sub-list for field type_name
+	10, // 7: llorch.poolmanager.v1.Pool.prefix_cache:type_name -> llorch.poolmanager.v1.PrefixCache
+	9,  // 8: llorch.poolmanager.v1.PreloadPoolResponse.pool:type_name -> llorch.poolmanager.v1.Pool
+	9,  // 9: llorch.poolmanager.v1.DrainPoolResponse.pool:type_name -> llorch.poolmanager.v1.Pool
+	9,  // 10: llorch.poolmanager.v1.ReloadPoolResponse.pool:type_name -> llorch.poolmanager.v1.Pool
+	7,  // 11: llorch.poolmanager.v1.StageModelResponse.staging:type_name -> llorch.poolmanager.v1.Staging
+	7,  // 12: llorch.poolmanager.v1.UnstageModelResponse.staging:type_name -> llorch.poolmanager.v1.Staging
+	29, // 13: llorch.poolmanager.v1.ExecuteRequest.sampling:type_name -> llorch.common.v1.SamplingParams
+	23, // 14: llorch.poolmanager.v1.ExecuteResponse.started:type_name -> llorch.poolmanager.v1.ExecutionStarted
+	30, // 15: llorch.poolmanager.v1.ExecuteResponse.token:type_name -> llorch.common.v1.Token
+	31, // 16: llorch.poolmanager.v1.ExecuteResponse.finished:type_name -> llorch.common.v1.Finished
+	27, // 17: llorch.poolmanager.v1.CollectGarbageResponse.deleted:type_name -> llorch.poolmanager.v1.GcDecision
+	27, // 18: llorch.poolmanager.v1.CollectGarbageResponse.kept:type_name -> llorch.poolmanager.v1.GcDecision
+	1,  // 19: llorch.poolmanager.v1.PoolManagerService.GetNode:input_type -> llorch.poolmanager.v1.GetNodeRequest
+	21, // 20: llorch.poolmanager.v1.PoolManagerService.Execute:input_type -> llorch.poolmanager.v1.ExecuteRequest
+	24, // 21: llorch.poolmanager.v1.PoolManagerService.CancelExecution:input_type -> llorch.poolmanager.v1.CancelExecutionRequest
+	3,  // 22: llorch.poolmanager.v1.PoolManagerService.WatchNode:input_type -> llorch.poolmanager.v1.WatchNodeRequest
+	11, // 23: llorch.poolmanager.v1.PoolManagerService.PreloadPool:input_type -> llorch.poolmanager.v1.PreloadPoolRequest
+	13, // 24: llorch.poolmanager.v1.PoolManagerService.DrainPool:input_type -> llorch.poolmanager.v1.DrainPoolRequest
+	15, // 25: llorch.poolmanager.v1.PoolManagerService.ReloadPool:input_type -> llorch.poolmanager.v1.ReloadPoolRequest
+	17, // 26: llorch.poolmanager.v1.PoolManagerService.StageModel:input_type -> llorch.poolmanager.v1.StageModelRequest
+	19, // 27: llorch.poolmanager.v1.PoolManagerService.UnstageModel:input_type -> llorch.poolmanager.v1.UnstageModelRequest
+	26, // 28: llorch.poolmanager.v1.PoolManagerService.CollectGarbage:input_type -> llorch.poolmanager.v1.CollectGarbageRequest
+	2,  // 29: llorch.poolmanager.v1.PoolManagerService.GetNode:output_type -> llorch.poolmanager.v1.GetNodeResponse
+	22, // 30: llorch.poolmanager.v1.PoolManagerService.Execute:output_type -> llorch.poolmanager.v1.ExecuteResponse
+	25, // 31: llorch.poolmanager.v1.PoolManagerService.CancelExecution:output_type -> llorch.poolmanager.v1.CancelExecutionResponse
+	4,  // 32: llorch.poolmanager.v1.PoolManagerService.WatchNode:output_type -> llorch.poolmanager.v1.WatchNodeResponse
+	12, // 33: llorch.poolmanager.v1.PoolManagerService.PreloadPool:output_type -> llorch.poolmanager.v1.PreloadPoolResponse
+	14, // 34: llorch.poolmanager.v1.PoolManagerService.DrainPool:output_type -> llorch.poolmanager.v1.DrainPoolResponse
+	16, // 35: llorch.poolmanager.v1.PoolManagerService.ReloadPool:output_type -> llorch.poolmanager.v1.ReloadPoolResponse
+	18, // 36: llorch.poolmanager.v1.PoolManagerService.StageModel:output_type -> llorch.poolmanager.v1.StageModelResponse
+	20, // 37: llorch.poolmanager.v1.PoolManagerService.UnstageModel:output_type -> llorch.poolmanager.v1.UnstageModelResponse
+	28, // 38: llorch.poolmanager.v1.PoolManagerService.CollectGarbage:output_type -> llorch.poolmanager.v1.CollectGarbageResponse
+	29, // [29:39] is the sub-list for method output_type
+	19, // [19:29] is the sub-list for method input_type
+	19, // [19:19] is the sub-list for extension type_name
+	19, // [19:19] is the sub-list for extension extendee
+	0,  // [0:19] is the sub-list for field type_name
 }
 
 func init() { file_llorch_poolmanager_v1_poolmanager_proto_init() }
@@ -2220,9 +2325,9 @@ func file_llorch_poolmanager_v1_poolmanager_proto_init() {
 	if File_llorch_poolmanager_v1_poolmanager_proto != nil {
 		return
 	}
-	file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[11].OneofWrappers = []any{}
-	file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[13].OneofWrappers = []any{}
-	file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[20].OneofWrappers = []any{
+	file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[12].OneofWrappers = []any{}
+	file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[14].OneofWrappers = []any{}
+	file_llorch_poolmanager_v1_poolmanager_proto_msgTypes[21].OneofWrappers = []any{
 		(*ExecuteResponse_Started)(nil),
 		(*ExecuteResponse_Token)(nil),
 		(*ExecuteResponse_Finished)(nil),
@@ -2233,7 +2338,7 @@ func file_llorch_poolmanager_v1_poolmanager_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_llorch_poolmanager_v1_poolmanager_proto_rawDesc), len(file_llorch_poolmanager_v1_poolmanager_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   27,
+			NumMessages:   28,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
