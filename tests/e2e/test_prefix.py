@@ -42,7 +42,7 @@ async def test_a_follow_up_turn_reuses_the_conversation_and_placement_names_the_
     assert first.finished.tokens_cached == 0
     # The pool's summary reaches the orchestrator on the node's watch stream.
     async with asyncio.timeout(20):
-        while not (await pools(mesh))[0].prefix_cache_entries:
+        while not (await pools(mesh))[0].prefix_cache_entries:  # noqa: ASYNC110  # a remote state
             await asyncio.sleep(0.05)
     messages += [
         pb.ChatMessage(role=pb.ROLE_ASSISTANT, content=first.text),
