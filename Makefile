@@ -100,6 +100,7 @@ bench: setup $(GATEWAY)
 	$(BIN)/python bench/gateway.py
 	$(BIN)/python bench/placement.py
 	$(BIN)/python bench/admission.py
+	$(BIN)/python bench/prefix.py
 	$(BIN)/python bench/prediction.py
 	$(BIN)/python bench/reload.py
 

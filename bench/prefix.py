@@ -18,8 +18,8 @@ The last line is JSON.
 
   .venv/bin/python bench/prefix.py                    # both parts, bench-170m
   .venv/bin/python bench/prefix.py --part reuse --sessions 2 --system-tokens 400   # quick
-  python bench/prefix.py --part reuse --model 1g --devices 0 --system-tokens 4000
-                                                      # a GPU: cold vs warm prefill
+  python bench/prefix.py --part reuse --model 1g --devices 0 --threads 4 --system-tokens 1800
+                                  # a GPU (scripts/gpu_check.py, prefix): cold vs warm prefill
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,16 @@ class Turn:
     text: str
     started: float
     ended: float
+    node: str = ""
+    queue_ms: float = 0.0
+    previous: Turn | None = None
+    """The session's turn before (follow-ups only)."""
+
+    @property
+    def reused(self) -> bool:
+        """A follow-up whose cached tokens cover most of the turn before's prompt (every prompt
+        shares the template's first few tokens, which do not count)."""
+        return self.previous is not None and self.tokens_cached >= 0.9 * self.previous.tokens_in
 
 
 async def ask(stub: Any, req: pb.GenerateRequest) -> Turn:
@@ -102,9 +113,12 @@ async def ask(stub: Any, req: pb.GenerateRequest) -> Turn:
     first = 0.0
     text: list[str] = []
     finished = None
+    node, queue_ms = "", 0.0
     async for response in stub.Generate(req, timeout=600):
         kind = response.event.WhichOneof("kind")
-        if kind == "token":
+        if kind == "started":
+            node, queue_ms = response.event.started.node_id, response.event.started.queue_ms
+        elif kind == "token":
             first = first or time.perf_counter()
             text.append(response.event.token.text)
         elif kind == "finished":
@@ -119,6 +133,8 @@ async def ask(stub: Any, req: pb.GenerateRequest) -> Turn:
         "".join(text),
         started,
         ended,
+        node,
+        queue_ms,
     )
 
 
@@ -338,10 +354,13 @@ async def fleet_sessions(
                     role=pb.ROLE_SYSTEM, content=system_prompt(k, args.fleet_system_tokens)
                 )
             ]
+            previous: Turn | None = None
             for t in range(args.turns):
                 messages.append(pb.ChatMessage(role=pb.ROLE_USER, content=f"Question {t}?"))
                 answer = await ask(stub, request(fleet.model_id, messages, args.tokens))
+                answer.previous = previous
                 (follows if t else firsts).append(answer)
+                previous = answer
                 messages.append(pb.ChatMessage(role=pb.ROLE_ASSISTANT, content=answer.text))
                 await asyncio.sleep(rng.uniform(0.5, 1.5) * args.think_s)
 
@@ -355,7 +374,12 @@ def fleet_figures(firsts: list[Turn], follows: list[Turn]) -> dict[str, Any]:
     ttfts = [t.ttft_ms for t in follows]
     return {
         "follow_ups": len(follows),
-        "hit_rate": round(sum(1 for t in follows if t.tokens_cached) / len(follows), 3),
+        "hit_rate": round(sum(1 for t in follows if t.reused) / len(follows), 3),
+        "same_node": round(
+            sum(1 for t in follows if t.previous and t.node == t.previous.node) / len(follows), 3
+        ),
+        "nodes": dict(sorted(Counter(t.node for t in turns).items())),
+        "queue_p50_ms": round(percentile([t.queue_ms for t in follows], 0.5), 1),
         "cached_share": round(
             sum(t.tokens_cached for t in follows) / sum(t.tokens_in for t in follows), 3
         ),
@@ -401,14 +425,17 @@ def main() -> None:
     parser.add_argument("--fleet-sessions", type=int, default=16, help="(b) chat sessions")
     parser.add_argument("--fleet-system-tokens", type=int, default=300, help="(b) system prompt")
     parser.add_argument("--turns", type=int, default=3, help="(b) turns per session")
-    parser.add_argument("--think-s", type=float, default=2.0, help="(b) think time between turns")
+    parser.add_argument("--think-s", type=float, default=3.0, help="(b) think time scale")
     parser.add_argument("--slots", type=int, default=4, help="(b) slots per pool")
+    parser.add_argument("--model-dir", type=Path, help="where <model id>.gguf already is")
     args = parser.parse_args()
     model_id = MODELS[args.model]
     results: dict[str, Any] = {"model": model_id}
     with tempfile.TemporaryDirectory(prefix="llorch-prefix-") as tmp_name:
         tmp = Path(tmp_name)
-        path = write_model(tmp / f"{model_id}.gguf", args.model)
+        path = args.model_dir / f"{model_id}.gguf" if args.model_dir else tmp / f"{model_id}.gguf"
+        if not path.is_file():
+            path = write_model(tmp / f"{model_id}.gguf", args.model)
         if args.part in ("all", "reuse"):
             results["reuse"] = part_reuse(args, model_id, path, tmp)
         if args.part in ("all", "affinity"):

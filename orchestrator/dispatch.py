@@ -54,10 +54,17 @@ class DecisionKey(NamedTuple):
     """Blocks of its prompt each pool holds, when any pool holds some (else empty)."""
     prompt_bytes: int = 0
     """With ``prefix_hits`` only: the prompt's size, which the cost model counts."""
+    patient: bool = False
+    """With ``prefix_hits`` only: it may still wait for a busy pool holding its prompt's start."""
 
 
 def decision_key(
-    task: Task, starving: bool = False, views: Sequence[PoolView] = (), *, affinity: bool = True
+    task: Task,
+    starving: bool = False,
+    views: Sequence[PoolView] = (),
+    *,
+    affinity: bool = True,
+    patient: bool = False,
 ) -> DecisionKey:
     """The decision key of ``task`` among ``views``."""
     model, tokens = task.spec.model_id, task.spec.sampling.max_tokens + 1
@@ -65,7 +72,8 @@ def decision_key(
         hashes = list(task.prefix_hashes)
         hits = tuple(hit_blocks(hashes, v.prefix_blocks) for v in views)
         if any(hits):
-            return DecisionKey(model, tokens, starving, hits, len(task.spec.prompt.encode()))
+            size = len(task.spec.prompt.encode())
+            return DecisionKey(model, tokens, starving, hits, size, patient)
     return DecisionKey(model, tokens, starving)
 
 
@@ -100,6 +108,9 @@ class Dispatcher:
         self._pass_started_ns = 0
         self.prefix_affinity = True
         """Placement weighs where a prompt's start is cached (off: least loaded only)."""
+        self.prefix_wait_s = 0.0
+        """How long a task may wait for a busy pool holding its prompt's start."""
+        self._prefix_due: float | None = None  # when the first such wait runs out
         """Wall time (ns) the current pass began, for placement spans."""
         # Deadlines of queued tasks (deadline, arrival number, task); stale entries are skipped.
         self._deadlines: list[tuple[float, int, Task]] = []
@@ -178,18 +189,27 @@ class Dispatcher:
         swaps = open_models is None
         demand: Counter[str] = Counter(self._demand() if swaps else {})
         memo = self._memo = {}
+        self._prefix_due = None
 
         def still_open(model_id: str) -> bool:
             return open_models is None or model_id in open_models
 
         for task in self._placeable(open_models, still_open):
             starving = swaps and is_starving(task.spec.priority, now - task.created)
-            key = decision_key(task, starving, views, affinity=self.prefix_affinity)
+            patient = self._prefix_waited(task, now) < self.prefix_wait_s
+            key = decision_key(
+                task, starving, views, affinity=self.prefix_affinity, patient=patient
+            )
             decision = memo.get(key)
             if decision is None:
                 decision = self._decide(self._placement_input(task, views, demand, now))
                 memo[key] = decision
             self._note_placement(task, decision)
+            if decision.prefix_wait:
+                if task.prefix_wait_since is None:
+                    task.prefix_wait_since = now
+                due = task.prefix_wait_since + self.prefix_wait_s
+                self._prefix_due = due if self._prefix_due is None else min(self._prefix_due, due)
             if decision.outcome is Outcome.REJECT and views:
                 self._end(
                     task, FailedPreconditionError(decision.reason, reason=decision.error_reason)
@@ -311,16 +331,24 @@ class Dispatcher:
             waited_s=now - task.created,
             demand=demand,
             prefix_hashes=task.prefix_hashes if self.prefix_affinity else (),
+            prefix_wait_s=self.prefix_wait_s,
+            prefix_waited_s=self._prefix_waited(task, now),
             prompt_bytes=len(task.spec.prompt.encode()),
             max_tokens=task.spec.sampling.max_tokens,
         )
+
+    @staticmethod
+    def _prefix_waited(task: Task, now: float) -> float:
+        """How long the task has waited for a busy pool holding its prompt's start."""
+        return 0.0 if task.prefix_wait_since is None else now - task.prefix_wait_since
 
     def _note_waiting(
         self, task: Task, now: float, decision: PlacementDecision | None = None
     ) -> None:
         """Placement reasons for a task queued while no pool could take it."""
         views = list(self._registry.views())
-        key = decision_key(task, False, views, affinity=self.prefix_affinity)
+        patient = self._prefix_waited(task, now) < self.prefix_wait_s
+        key = decision_key(task, False, views, affinity=self.prefix_affinity, patient=patient)
         decision = decision or self._memo.get(key)
         if decision is None:
             decision = self._decide(self._placement_input(task, views, {}, now))
@@ -356,7 +384,8 @@ class Dispatcher:
             self._arm_timer(self._clock())
 
     def _arm_timer(self, now: float) -> None:
-        """One timer, at the earliest deadline of a queued task or the next BATCH aging."""
+        """One timer, at the earliest deadline of a queued task, the next BATCH aging, or the
+        end of the first wait for a pool holding a prompt's start."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -367,6 +396,8 @@ class Dispatcher:
         aging = self._queue.next_aging_at()
         if aging is not None:
             deadlines.append(aging)
+        if self._prefix_due is not None:
+            deadlines.append(self._prefix_due)
         if deadlines:
             self._timer_at = min(deadlines)
             delay = max(0.0, self._timer_at - now)

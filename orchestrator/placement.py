@@ -26,6 +26,13 @@ holding its prefix while another could start it: affinity fills a warm pool, and
 goes elsewhere when that pool is full or too busy for the saving. With no prefix held anywhere
 the choice is the least-loaded one, unchanged.
 
+One bounded exception groups the queue by prefix (SGLang's idea): while the pool holding a task's
+prompt start has no free slot, the task may WAIT for it when the pool it would get instead holds
+at least ``PREFIX_WAIT_MIN_BLOCKS`` fewer blocks of it, for ``prefix_wait_s`` at most from the
+first time it was passed over so (``prefix_waited_s``). Tasks behind it then take the free slot
+(the dispatcher goes on down the queue), so a slot that frees on a pool goes to a task whose
+prompt lives there; past the bound the task takes any pool.
+
 Outcomes: ASSIGN a pool that has the model loaded and a free slot; ASSIGN with ``load=True``
 (the pool must first load the model: a swap); WAIT with a reason when some pool will be able
 to serve later (when is the forecaster's to say: orchestrator.forecast); REJECT with a reason
@@ -138,6 +145,10 @@ class PlacementInput:
     """After this long in the queue a task may swap a pool whose model other tasks still want."""
     prefix_hashes: tuple[int, ...] = ()
     """Block hashes of the task's prompt (mesh.prefix.prefix_block_hashes); empty: no affinity."""
+    prefix_wait_s: float = 0.0
+    """How long a task may wait for a busy pool holding its prompt's start (0: never)."""
+    prefix_waited_s: float = 0.0
+    """How long it has waited so, since it was first passed over for that reason."""
     prompt_bytes: int = 0
     """Size of the task's prompt, for the prefill the cost model counts."""
     max_tokens: int = 0
@@ -167,6 +178,8 @@ class PlacementDecision:
     """REJECT only: the machine-readable reason (MODEL_LOAD_FAILED when loads were tried)."""
     prefix_hit_blocks: int = 0
     """ASSIGN only: blocks of the task's prompt the chosen pool holds (0: none, or no affinity)."""
+    prefix_wait: bool = False
+    """WAIT only: the task waits for a busy pool holding its prompt's start (bounded)."""
 
 
 def _locality(pool: PoolView, model_id: str) -> Locality:
@@ -185,6 +198,7 @@ def decide(inp: PlacementInput) -> PlacementDecision:
     excluded: dict[str, str] = {}
     warm: list[PoolView] = []  # hold the model, healthy: serve now or later
     swappable: list[PoolView] = []  # could load the model now
+    full_warm: list[PoolView] = []  # hold the model, healthy, every slot taken
     warm_later = 0  # pools holding the model that may serve once a slot frees or they return
     later = 0  # any pool that may be able to serve once something changes
     starving = inp.waited_s >= inp.swap_starvation_s.get(inp.priority, 0.0)
@@ -222,6 +236,7 @@ def decide(inp: PlacementInput) -> PlacementDecision:
             excluded[key] = "no free slot"
             later += 1
             warm_later += 1
+            full_warm.append(pool)
         elif holds:
             warm.append(pool)
         elif pool.unloaded:
@@ -240,11 +255,24 @@ def decide(inp: PlacementInput) -> PlacementDecision:
         def least_loaded(p: PoolView) -> tuple[float, int, int, str]:
             return (p.in_flight / p.slots_total, -p.slots_free, -p.vram_free_bytes, p.key)
 
-        hits = {p.key: hit_blocks(list(inp.prefix_hashes), p.prefix_blocks) for p in warm}
+        hashes = list(inp.prefix_hashes)
+        hits = {p.key: hit_blocks(hashes, p.prefix_blocks) for p in warm}
         if any(hits.values()):
             best = min(warm, key=lambda p: (prefix_cost(inp, p, hits[p.key]), least_loaded(p)))
         else:
             best = min(warm, key=least_loaded)
+        if hashes and inp.prefix_waited_s < inp.prefix_wait_s:
+            holder = _busy_prefix_holder(inp, full_warm, hits[best.key])
+            if holder is not None:
+                excluded[best.key] = (
+                    f"holds fewer blocks of the prompt than {holder.key}, which it waits for"
+                )
+                return PlacementDecision(
+                    Outcome.WAIT,
+                    reason=f"waiting for pool {holder.key}, which holds its prompt's start",
+                    excluded=excluded,
+                    prefix_wait=True,
+                )
         return PlacementDecision(
             Outcome.ASSIGN,
             pool=best,
@@ -287,6 +315,26 @@ def decide(inp: PlacementInput) -> PlacementDecision:
     return PlacementDecision(
         Outcome.REJECT, reason=reason, excluded=excluded, error_reason=error_reason
     )
+
+
+PREFIX_WAIT_MIN_BLOCKS = 2
+"""A task waits for a busy pool holding its prompt's start only when that saves at least this
+many blocks (~128 tokens) over the pool it would get now."""
+
+
+def _busy_prefix_holder(
+    inp: PlacementInput, full: list[PoolView], free_hit: int
+) -> PoolView | None:
+    """The full pool holding the most blocks of the task's prompt, when that is at least
+    ``PREFIX_WAIT_MIN_BLOCKS`` more than ``free_hit`` (the pool it would get now)."""
+    hashes = list(inp.prefix_hashes)
+    best: PoolView | None = None
+    best_hit = free_hit + PREFIX_WAIT_MIN_BLOCKS - 1
+    for pool in sorted(full, key=lambda p: p.key):
+        hit = hit_blocks(hashes, pool.prefix_blocks)
+        if hit > best_hit:
+            best, best_hit = pool, hit
+    return best
 
 
 DECODE_SHARE_TOKENS = 1.0

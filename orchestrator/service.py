@@ -114,6 +114,7 @@ class Orchestrator:
             self._sweep,
         )
         self._dispatcher.prefix_affinity = settings.prefix_affinity
+        self._dispatcher.prefix_wait_s = settings.prefix_wait_s
 
     @property
     def registry(self) -> PoolRegistry:

@@ -184,6 +184,8 @@ class Task:
         """The task's spans when tracing is on (orchestrator/tracing.py)."""
         self.prefix_hit_blocks = 0
         """Blocks of its prompt the pool it was placed on held warm (placement's reason)."""
+        self.prefix_wait_since: float | None = None
+        """When placement first let it wait for a busy pool holding its prompt's start."""
         self._prefix_hashes: tuple[int, ...] | None = None
 
     @property

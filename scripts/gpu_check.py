@@ -14,6 +14,9 @@ Phases, each printing JSON lines (also appended to OUT/gpu_check.jsonl):
   concurrency  bench/concurrency.py on GPU 0: bench-1g fully offloaded, 1, 8 and 32 streams at
                once, slots=1 against slots=32 and a serial llama-cpp-python loop (aggregate
                tokens/s, time to first token), and a 2,000-token prompt beside four streams
+  prefix       bench/prefix.py (reuse) on GPU 0: a chat's follow-up turn after a 1,800-token
+               system prompt (bench-1g's context is 2,048), its first token with the prefix
+               cache on against off: cold against warm prefill
 """
 
 from __future__ import annotations
@@ -286,6 +289,45 @@ def phase_concurrency() -> None:
         )
 
 
+def phase_prefix() -> None:
+    paths = models()
+    command = [
+        sys.executable,
+        "bench/prefix.py",
+        "--part",
+        "reuse",
+        "--model",
+        "1g",
+        "--devices",
+        "0",
+        "--threads",
+        "4",
+        "--system-tokens",
+        "1800",
+        "--sessions",
+        "3",
+        "--model-dir",
+        str(paths["1g"].parent),
+    ]
+    try:
+        bench = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired as exc:
+        emit({"check": "prefix_bench", "error": f"timed out: {exc}"})
+        return
+    lines = bench.stdout.strip().splitlines()
+    if bench.returncode == 0 and lines:
+        emit({"check": "prefix_bench", **json.loads(lines[-1])})
+    else:
+        emit(
+            {
+                "check": "prefix_bench",
+                "returncode": bench.returncode,
+                "stdout": bench.stdout[-2000:],
+                "error": bench.stderr[-3000:],
+            }
+        )
+
+
 async def _vram_refusal(model: Path) -> None:
     """Fills the GPU until the 1 GiB model cannot fit, asks for it, then frees and asks again."""
     import torch
@@ -350,7 +392,7 @@ def main() -> int:
     child.add_argument("--model", required=True)
     child.add_argument("--n-ctx", type=int, default=512)
     parser.add_argument("--out", type=Path, default=Path("gpu-check-out"))
-    parser.add_argument("--phases", default="nvml,engine,poolmanager,relay,concurrency")
+    parser.add_argument("--phases", default="nvml,engine,poolmanager,relay,concurrency,prefix")
     args = parser.parse_args()
     if args.cmd == "probe-load":
         probe_load(args)
@@ -364,6 +406,7 @@ def main() -> int:
         "poolmanager": phase_poolmanager,
         "relay": phase_relay,
         "concurrency": phase_concurrency,
+        "prefix": phase_prefix,
     }
     for phase in args.phases.split(","):
         if phase not in phases:

@@ -6,7 +6,7 @@
 # stream, and batched throughput at 1/8/32 streams. See docs/operators.md.
 #
 #   scripts/gpu_check.sh [--sdist PATH | --engine-wheel PATH] [--wheels DIR] [--out DIR]
-#                        [--phases nvml,engine,poolmanager,relay,concurrency]
+#                        [--phases nvml,engine,poolmanager,relay,concurrency,prefix]
 #
 #   --sdist PATH         build llama-cpp-python with CUDA from this source archive (no network)
 #   --engine-wheel PATH  install this CUDA build instead of building one
@@ -18,7 +18,7 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
-SDIST="" ENGINE_WHEEL="" ENGINE_ARCHIVE="" WHEELS="" OUT_DIR="$PWD/gpu-check-out" PHASES="nvml,engine,poolmanager,relay,concurrency"
+SDIST="" ENGINE_WHEEL="" ENGINE_ARCHIVE="" WHEELS="" OUT_DIR="$PWD/gpu-check-out" PHASES="nvml,engine,poolmanager,relay,concurrency,prefix"
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --sdist) SDIST="$2"; shift 2 ;;

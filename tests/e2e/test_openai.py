@@ -91,6 +91,32 @@ async def test_chat_completion_with_usage(oai: openai.OpenAI) -> None:
     assert answer.usage is not None
     assert answer.usage.prompt_tokens > 0 and 0 < answer.usage.completion_tokens <= 12
     assert answer.usage.total_tokens == answer.usage.prompt_tokens + answer.usage.completion_tokens
+    details = answer.usage.prompt_tokens_details
+    assert details is not None and details.cached_tokens is not None
+
+
+async def test_a_repeated_conversation_reports_its_cached_prompt_tokens(oai: openai.OpenAI) -> None:
+    messages = [
+        {"role": "system", "content": "You know the river and the mountain well. " * 12},
+        {"role": "user", "content": "Is the river quiet?"},
+    ]
+    usages = []
+    for _ in range(2):
+        answer = await asyncio.to_thread(
+            oai.chat.completions.create,
+            model="tiny-llama",
+            messages=messages,  # type: ignore[arg-type]
+            max_tokens=4,
+            temperature=0,
+        )
+        assert answer.usage is not None and answer.usage.prompt_tokens_details is not None
+        usages.append(answer.usage)
+    first = usages[0].prompt_tokens_details.cached_tokens  # type: ignore[union-attr]
+    cached = usages[1].prompt_tokens_details.cached_tokens  # type: ignore[union-attr]
+    # At first at most the template's opening is shared with earlier chats; the second time all
+    # but the last prompt token, whose logits the answer needs.
+    assert first is not None and first < usages[0].prompt_tokens // 4
+    assert cached == usages[1].prompt_tokens - 1
 
 
 async def test_chat_stream_sends_role_then_content_then_finish_then_usage(

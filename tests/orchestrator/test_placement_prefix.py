@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from mesh.prefix import PREFIX_BLOCK_BYTES, hit_blocks, prefix_block_hashes
 from orchestrator.placement import (
     DECODE_SHARE_TOKENS,
+    PREFIX_WAIT_MIN_BLOCKS,
     Outcome,
     PlacementInput,
     PoolView,
@@ -157,3 +158,40 @@ def test_the_cost_model_in_numbers() -> None:
     idle, busy = pool("a", slots_total=4), pool("b", slots_total=4, in_flight=3)
     assert prefix_cost(inp, idle, 0) == 4096 / 4
     assert prefix_cost(inp, busy, 16) == 0 + DECODE_SHARE_TOKENS * 100 * 3
+
+
+def test_a_task_waits_a_bounded_time_for_the_busy_pool_holding_its_prompt() -> None:
+    full = holding(pool("full", slots_total=2, in_flight=2), SYSTEM)
+    other = pool("other", slots_total=2)
+    inp = replace(task(SYSTEM + " more", full, other), prefix_wait_s=1.0, prefix_waited_s=0.2)
+    decision = decide(inp)
+    assert decision.outcome is Outcome.WAIT and decision.prefix_wait
+    assert "full" in decision.reason
+    # Past the bound it takes the free pool; so does one that saves too little by waiting.
+    assert decide(replace(inp, prefix_waited_s=1.0)).pool == other
+    short = holding(pool("full", slots_total=2, in_flight=2), SYSTEM[:300])  # one block
+    assert decide(replace(inp, pools=(short, other))).pool == other
+
+
+@settings(max_examples=200, deadline=None)
+@given(prefix_inputs(), st.sampled_from([0.5, 10.0]))
+def test_a_task_only_waits_for_a_full_pool_that_saves_blocks_and_only_within_the_bound(
+    inp: PlacementInput, wait_s: float
+) -> None:
+    patient = replace(inp, prefix_wait_s=wait_s, prefix_waited_s=min(inp.waited_s, 5.0))
+    decision = decide(patient)
+    eager = decide(inp)  # prefix_wait_s = 0: never waits for a prefix
+    if not decision.prefix_wait:
+        assert decision == eager
+        return
+    assert decision.outcome is Outcome.WAIT and eager.outcome is Outcome.ASSIGN
+    assert patient.prefix_waited_s < wait_s
+    hashes = list(inp.prefix_hashes)
+    assert eager.pool is not None
+    now_hit = hit_blocks(hashes, eager.pool.prefix_blocks)
+    assert any(
+        p.model_id == inp.model_id
+        and p.slots_free == 0
+        and hit_blocks(hashes, p.prefix_blocks) >= now_hit + PREFIX_WAIT_MIN_BLOCKS
+        for p in inp.pools
+    )

@@ -253,3 +253,43 @@ async def test_a_bug_admitting_one_entry_of_a_batch_leaves_the_others_admitted(
     assert isinstance(bad, InvalidArgumentError)
     for task in (first, third):
         assert (await ended(task)).state is TaskState.SUCCEEDED
+
+
+SYSTEM = "You are the assistant of the river and the mountain. " * 20  # ~1 KB: 4 blocks
+
+
+async def _holding_the_system_prompt(started: Start, **settings: object) -> tuple[Any, Any]:
+    from mesh.prefix import prefix_block_hashes
+
+    node = FakePoolManager("n1")
+    node.add_pool("a", "m", slots=1)
+    node.add_pool("b", "m", slots=1)
+    node.pools["a"].prefix_cache.block_hashes.extend(prefix_block_hashes(SYSTEM))
+    gate = asyncio.Event()
+    node.plan("a", Plan(tokens=1, gate=gate))
+    orch = await started(FakeCatalog("m"), node, **settings)
+    busy = await orch.submit(spec(prompt=SYSTEM + " first"), correlation_id="c", timeout_s=None)
+    assert busy.pool_id == "a" and busy.state is TaskState.RUNNING  # affinity, on a free fleet
+    return orch, gate
+
+
+async def test_a_task_waits_for_the_busy_pool_holding_its_prompt_and_others_pass_it(
+    started: Start,
+) -> None:
+    orch, gate = await _holding_the_system_prompt(started, prefix_wait_s=30.0)
+    follow = await orch.submit(spec(prompt=SYSTEM + " again"), correlation_id="c", timeout_s=None)
+    other = await orch.submit(spec(prompt="unrelated"), correlation_id="c", timeout_s=None)
+    assert follow.state is TaskState.QUEUED and "holds its prompt's start" in follow.wait_reason
+    assert other.state is TaskState.RUNNING and other.pool_id == "b"  # it went past
+    gate.set()
+    await ended(follow)
+    assert follow.pool_id == "a" and follow.prefix_hit_blocks == 4
+
+
+async def test_the_wait_for_a_prefix_is_bounded(started: Start) -> None:
+    orch, gate = await _holding_the_system_prompt(started, prefix_wait_s=0.2)
+    follow = await orch.submit(spec(prompt=SYSTEM + " again"), correlation_id="c", timeout_s=None)
+    assert follow.state is TaskState.QUEUED
+    await ended(follow)  # a stays busy: after 0.2 s it takes b
+    assert follow.pool_id == "b" and follow.prefix_hit_blocks == 0
+    gate.set()
