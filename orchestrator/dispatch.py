@@ -154,8 +154,9 @@ class Dispatcher:
         open_models = _open_models(self._registry.views())
         alone = self._decide_alone(task, now) if open_models is None else None
         if (open_models is not None and task.spec.model_id in open_models) or (
-            alone is not None and alone.outcome is not Outcome.WAIT
+            alone is not None and (alone.outcome is not Outcome.WAIT or alone.prefix_wait)
         ):
+            # A wait for a prefix's pool runs the pass too: it starts the wait's clock and timer.
             self.pass_once()
             return
         self._note_waiting(task, now, alone)

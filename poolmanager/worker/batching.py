@@ -28,6 +28,7 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Literal
 
 from mesh.prefix import prefix_block_hashes
 from poolmanager.worker import log
@@ -131,7 +132,8 @@ class BatchEngine:
         spare_ids = engine.n_seq_ids - engine.slots  # 0 where the model cannot share cells
         entries = spare_ids if prefix_cache_entries is None else prefix_cache_entries
         self._cache = PrefixCache(min(entries, spare_ids))
-        self._reported: int | None = None  # the cache version last reported
+        self._reported: tuple[int, int] | None = None  # the versions last reported
+        self._changes = 0  # counts admissions and releases: the running prompts changed
         self._cancels: set[str] = set()
         self._admitted = 0
         self.last_step = StepStats()
@@ -193,7 +195,7 @@ class BatchEngine:
         """A CacheState when the entries or the running prompts changed since the last."""
         if not self._cache.capacity:
             return
-        version = hash((self._cache.version, tuple(self._running)))
+        version = (self._cache.version, self._changes)
         if version == self._reported:
             return
         self._reported = version
@@ -235,7 +237,8 @@ class BatchEngine:
                 out.append(refusal.event)
                 continue
             source, reuse = self._lookup(prompt)
-            if not self._room_for(len(prompt) - reuse, keep=source):
+            room = self._room_for(len(prompt) - reuse, source, reuse)
+            if room is None:
                 return  # no room for its prompt yet: it waits, and so do those behind it
             self._waiting.popleft()
             try:
@@ -251,6 +254,8 @@ class BatchEngine:
                 out.append(_Refused.invalid(cmd, "grammar", str(exc)).event)
                 continue
             seq_id, cells = self._claim(source, reuse)
+            if room == "drop source" and isinstance(source, Entry) and source.seq_id in self._cache:
+                self._evict(source)  # the copy keeps the cells it shares; the rest are freed
             now = time.perf_counter()
             seq = _Sequence(
                 cmd=cmd,
@@ -271,6 +276,7 @@ class BatchEngine:
                 hashes=prefix_block_hashes(cmd.prompt) if self._cache.capacity else [],
             )
             self._admitted += 1
+            self._changes += 1
             self._running[seq_id] = seq
             self._by_id[cmd.id] = seq
             log.log(
@@ -314,16 +320,28 @@ class BatchEngine:
         )
         return running + self._cache.cells
 
-    def _room_for(self, new_cells: int, *, keep: Entry | _Sequence | None) -> bool:
+    def _room_for(
+        self, new_cells: int, source: Entry | _Sequence | None, reuse: int
+    ) -> Literal["fits", "drop source"] | None:
         """Whether ``new_cells`` more fit in the KV cache, evicting entries (the least recently
-        used first, never ``keep``) until they do. Alone, a sequence always fits."""
+        used first, the ``source`` of the copy last) until they do: "fits"; "drop source" when
+        they fit only if the source entry goes once its first ``reuse`` cells are copied (the
+        copy keeps those), so an entry never makes an execution wait that would fit without the
+        cache; None: no room yet. Alone, a sequence always fits."""
         capacity = self._engine.kv_cache_tokens
+        keep = source if isinstance(source, Entry) else None
         while self._cells_in_use() + new_cells + len(self._running) > capacity:
-            victim = self._cache.oldest(keep=keep if isinstance(keep, Entry) else None)
+            victim = self._cache.oldest(keep=keep)
             if victim is None:
-                return not self._running
+                break
             self._evict(victim)
-        return True
+        else:
+            return "fits"
+        if keep is not None and keep.seq_id in self._cache:
+            spare = len(keep.tokens) - reuse  # the source's cells the copy does not keep
+            if self._cells_in_use() - spare + new_cells + len(self._running) <= capacity:
+                return "drop source"
+        return "fits" if not self._running else None
 
     def _evict(self, entry: Entry) -> None:
         self._cache.take(entry.seq_id)
@@ -561,6 +579,7 @@ class BatchEngine:
         seq.sampler.free()
         del self._running[seq.seq_id]
         del self._by_id[seq.cmd.id]
+        self._changes += 1
         if keep and self._cache.capacity and seq.n_past >= MIN_REUSE_TOKENS:
             tokens = (seq.prompt + seq.generated)[: seq.n_past]
             entry = Entry(

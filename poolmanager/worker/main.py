@@ -185,6 +185,15 @@ def serve(spec: LoadSpec, out: EventWriter, commands: CommandReader) -> int:
         n_ctx=engine.n_ctx,
         kv_cache_tokens=engine.kv_cache_tokens,
     )
+    spare_ids = engine.n_seq_ids - engine.slots
+    if spec.prefix_cache_entries and not engine.prefix_cache_supported:
+        log.log("INFO", "prefix cache off: this model's memory cannot share cells")
+    elif spare_ids < spec.prefix_cache_entries:
+        log.log(
+            "WARNING",
+            f"prefix cache holds {spare_ids} entries, not {spec.prefix_cache_entries}: "
+            "slots and entries share llama.cpp's 256 sequence ids",
+        )
     batcher = BatchEngine(
         engine,
         prefill_chunk_tokens=spec.prefill_chunk_tokens,

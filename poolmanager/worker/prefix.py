@@ -112,7 +112,9 @@ class PrefixCache:
             n = common_prefix(old.tokens, entry.tokens)
             if n == len(entry.tokens):
                 self.touch(old)
-                return [entry]
+                if dropped:
+                    self.version += 1
+                return [*dropped, entry]
             if n == len(old.tokens):
                 dropped.append(self._entries.pop(old.seq_id))
         entry.hashes = prefix_block_hashes(entry.text)

@@ -101,8 +101,40 @@ def prefix_inputs(draw: st.DrawFn) -> PlacementInput:
     )
 
 
+@st.composite
+def affine_inputs(draw: st.DrawFn) -> PlacementInput:
+    """Fleets built around the cases affinity decides: every pool healthy and holding the task's
+    model, some full and some free, each holding a random start of the prompt's document."""
+    doc = draw(st.sampled_from(DOCS[:2]))
+    pools = []
+    for i in range(draw(st.integers(2, 5))):
+        slots = draw(st.integers(1, 4))
+        full = draw(st.booleans())
+        held = doc[: draw(st.sampled_from([0, len(doc)]) | st.integers(0, len(doc)))]
+        pools.append(
+            replace(
+                pool(f"p{i}", model_id="m", slots_total=slots),
+                in_flight=slots if full else draw(st.integers(0, slots - 1)),
+                prefix_blocks=frozenset(prefix_block_hashes(held)),
+            )
+        )
+    prompt = doc[: draw(st.integers(0, len(doc)))] + " and a question"
+    return PlacementInput(
+        model_id="m",
+        tokens_needed=100,
+        pools=tuple(pools),
+        prefix_hashes=tuple(prefix_block_hashes(prompt)),
+        prompt_bytes=len(prompt.encode()),
+        max_tokens=draw(st.integers(1, 512)),
+        waited_s=draw(st.sampled_from([0.0, 0.5, 3.0])),
+    )
+
+
+fleets = st.one_of(prefix_inputs(), affine_inputs())
+
+
 @settings(max_examples=200, deadline=None)
-@given(prefix_inputs(), st.randoms(use_true_random=False))
+@given(fleets, st.randoms(use_true_random=False))
 def test_prefix_placement_is_deterministic_and_independent_of_pool_order(
     inp: PlacementInput, rnd
 ) -> None:
@@ -112,8 +144,8 @@ def test_prefix_placement_is_deterministic_and_independent_of_pool_order(
     assert decide(replace(inp, pools=tuple(shuffled))) == first
 
 
-@settings(max_examples=200, deadline=None)
-@given(prefix_inputs())
+@settings(max_examples=300, deadline=None)
+@given(fleets)
 def test_affinity_only_chooses_among_pools_that_can_start_the_task_now(
     inp: PlacementInput,
 ) -> None:
@@ -141,7 +173,7 @@ def test_affinity_only_chooses_among_pools_that_can_start_the_task_now(
 
 
 @settings(max_examples=200, deadline=None)
-@given(prefix_inputs())
+@given(fleets)
 def test_holding_more_of_the_prompt_never_loses_a_pool_the_task(inp: PlacementInput) -> None:
     decision = decide(inp)
     if decision.outcome is not Outcome.ASSIGN or decision.load or decision.pool is None:
@@ -173,8 +205,8 @@ def test_a_task_waits_a_bounded_time_for_the_busy_pool_holding_its_prompt() -> N
     assert decide(replace(inp, pools=(short, other))).pool == other
 
 
-@settings(max_examples=200, deadline=None)
-@given(prefix_inputs(), st.sampled_from([0.5, 10.0]))
+@settings(max_examples=300, deadline=None)
+@given(fleets, st.sampled_from([0.5, 10.0]))
 def test_a_task_only_waits_for_a_full_pool_that_saves_blocks_and_only_within_the_bound(
     inp: PlacementInput, wait_s: float
 ) -> None:

@@ -258,12 +258,14 @@ async def test_a_bug_admitting_one_entry_of_a_batch_leaves_the_others_admitted(
 SYSTEM = "You are the assistant of the river and the mountain. " * 20  # ~1 KB: 4 blocks
 
 
-async def _holding_the_system_prompt(started: Start, **settings: object) -> tuple[Any, Any]:
+async def _holding_the_system_prompt(
+    started: Start, can_load: bool = False, **settings: object
+) -> tuple[Any, Any]:
     from mesh.prefix import prefix_block_hashes
 
     node = FakePoolManager("n1")
-    node.add_pool("a", "m", slots=1)
-    node.add_pool("b", "m", slots=1)
+    node.add_pool("a", "m", slots=1, can_load=can_load)
+    node.add_pool("b", "m", slots=1, can_load=can_load)
     node.pools["a"].prefix_cache.block_hashes.extend(prefix_block_hashes(SYSTEM))
     gate = asyncio.Event()
     node.plan("a", Plan(tokens=1, gate=gate))
@@ -286,10 +288,15 @@ async def test_a_task_waits_for_the_busy_pool_holding_its_prompt_and_others_pass
     assert follow.pool_id == "a" and follow.prefix_hit_blocks == 4
 
 
-async def test_the_wait_for_a_prefix_is_bounded(started: Start) -> None:
-    orch, gate = await _holding_the_system_prompt(started, prefix_wait_s=0.2)
+@pytest.mark.parametrize("can_load", [False, True], ids=["fixed", "swappable"])
+async def test_the_wait_for_a_prefix_is_bounded(started: Start, can_load: bool) -> None:
+    # Swappable pools: an idle one could load any model, so admission decides the task alone
+    # rather than in a pass; the wait's timer must be armed all the same.
+    orch, gate = await _holding_the_system_prompt(started, can_load, prefix_wait_s=0.2)
+    await asyncio.sleep(0.3)  # the node's state has settled: only a timer wakes a pass now
     follow = await orch.submit(spec(prompt=SYSTEM + " again"), correlation_id="c", timeout_s=None)
     assert follow.state is TaskState.QUEUED
-    await ended(follow)  # a stays busy: after 0.2 s it takes b
+    async with asyncio.timeout(2):
+        await ended(follow)  # a stays busy: after 0.2 s it takes b
     assert follow.pool_id == "b" and follow.prefix_hit_blocks == 0
     gate.set()

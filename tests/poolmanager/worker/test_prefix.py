@@ -194,3 +194,39 @@ def test_common_prefix() -> None:
     assert common_prefix(a, a[:300]) == 300
     assert common_prefix([], a) == 0
     assert common_prefix([5], [6]) == 0
+
+
+def test_the_entry_a_prompt_copies_from_never_makes_it_wait(tiny_model: Path) -> None:
+    """1,024 cells: an entry of ~500 (its prompt and a long answer) and a running sequence of
+    ~460. A prompt sharing only the entry's prompt fits once the entry's answer goes: it is
+    admitted at once, with the shared cells copied, as it would be with the cache off."""
+    small = LlamaEngine(
+        LoadSpec(
+            model=str(tiny_model),
+            n_ctx=512,
+            slots=2,
+            kv_cache_tokens=1024,
+            n_threads=1,
+            prefix_cache_entries=4,
+        )
+    )
+    try:
+        runner = Runner(small)
+        start = "E " + SYSTEM[:300]
+        run(runner, cmd("E", start, max_tokens=270, ignore_eos=True))
+        (entry,) = runner.batcher.cache.entries()
+        assert len(entry.tokens) > 450
+        other = "zz unrelated " + SYSTEM[300:700]
+        runner.submit(cmd("R", other, max_tokens=512 - len(small.tokenize(other)), ignore_eos=True))
+        for _ in range(150):
+            runner.step()
+        assert runner.streams["R"].end is None  # still running, ~460 cells
+        runner.submit(cmd("N", start + " and " + SYSTEM[700:820], max_tokens=5))
+        runner.step()
+        assert runner.batcher.seq_id_of("N") is not None  # admitted in the next step
+        assert len(runner.batcher.cache) == 0  # the entry gave up what the copy did not keep
+        out = runner.run()
+        assert done(out["N"]).tokens_cached >= len(small.tokenize(start)) - 1
+        assert isinstance(out["R"].end, Done)
+    finally:
+        small.close()
