@@ -9,7 +9,9 @@ In one run, on the generated bench-170m model:
 (b) ``affinity``: a cloud-profile fleet on loopback (catalog, orchestrator and two pool
     managers as ``llorch serve`` processes, mTLS between them, TLS and an API key at the
     client port), one pool each, serving interleaved chat sessions (each its own system prompt
-    and a few turns, a think time between turns). Placement by prefix against least loaded
+    and a few turns, the sessions starting over --arrival-s, a think time between turns: a load
+    the fleet keeps up with; start them together and the queue, not placement, sets every
+    figure). Placement by prefix against least loaded
     (``prefix_affinity`` off): the share of follow-ups whose prompt start was cached, their time
     to first token p50 and p99, and aggregate tokens/s. Targets: >= 90% of follow-ups reuse a
     prefix; p50 <= 0.5x least loaded; tokens/s not lower.
@@ -348,7 +350,7 @@ async def fleet_sessions(
 
         async def session(k: int) -> None:
             rng = random.Random(1000 + k)
-            await asyncio.sleep(rng.uniform(0, args.think_s))
+            await asyncio.sleep(rng.uniform(0, args.arrival_s))
             messages = [
                 pb.ChatMessage(
                     role=pb.ROLE_SYSTEM, content=system_prompt(k, args.fleet_system_tokens)
@@ -427,6 +429,9 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=3, help="(b) turns per session")
     parser.add_argument("--think-s", type=float, default=3.0, help="(b) think time scale")
     parser.add_argument("--slots", type=int, default=4, help="(b) slots per pool")
+    parser.add_argument(
+        "--arrival-s", type=float, default=12.0, help="(b) sessions start spread over this long"
+    )
     parser.add_argument("--model-dir", type=Path, help="where <model id>.gguf already is")
     args = parser.parse_args()
     model_id = MODELS[args.model]

@@ -308,9 +308,11 @@ class OrchestratorSettings(BaseModel):
     prefix_affinity: bool = True
     """Placement prefers the pool whose workers hold the start of a task's prompt warm, by the
     cost model of docs/decisions.md ("Prefix reuse"); off: least loaded only."""
-    prefix_wait_s: float = Field(default=1.0, ge=0, le=60)
+    prefix_wait_s: float = Field(default=5.0, ge=0, le=60)
     """Longest a queued task waits for a busy pool holding its prompt's start while another pool
-    could take it now (it lets the tasks behind it take that pool); 0: never waits for one."""
+    could take it now (it lets the tasks behind it take that pool). Within it, a task waits no
+    longer than reading the cached part would take on that pool (its measured prefill rate:
+    seconds on a CPU, milliseconds on a GPU). 0: never waits for one."""
     max_attempts: int = Field(default=3, ge=1, le=20)
     """Placements a task gets when its pool fails before the first token (then it fails)."""
     swap_failure_cooldown_s: float = Field(default=60.0, ge=0, le=86_400)

@@ -54,8 +54,9 @@ class DecisionKey(NamedTuple):
     """Blocks of its prompt each pool holds, when any pool holds some (else empty)."""
     prompt_bytes: int = 0
     """With ``prefix_hits`` only: the prompt's size, which the cost model counts."""
-    patient: bool = False
-    """With ``prefix_hits`` only: it may still wait for a busy pool holding its prompt's start."""
+    prefix_waited_s: float = 0.0
+    """With ``prefix_hits`` only: how long it has waited for a pool holding its prompt's start
+    (tasks not passed over yet share decisions; one that was has its own)."""
 
 
 def decision_key(
@@ -64,7 +65,7 @@ def decision_key(
     views: Sequence[PoolView] = (),
     *,
     affinity: bool = True,
-    patient: bool = False,
+    prefix_waited_s: float = 0.0,
 ) -> DecisionKey:
     """The decision key of ``task`` among ``views``."""
     model, tokens = task.spec.model_id, task.spec.sampling.max_tokens + 1
@@ -73,7 +74,7 @@ def decision_key(
         hits = tuple(hit_blocks(hashes, v.prefix_blocks) for v in views)
         if any(hits):
             size = len(task.spec.prompt.encode())
-            return DecisionKey(model, tokens, starving, hits, size, patient)
+            return DecisionKey(model, tokens, starving, hits, size, prefix_waited_s)
     return DecisionKey(model, tokens, starving)
 
 
@@ -197,9 +198,12 @@ class Dispatcher:
 
         for task in self._placeable(open_models, still_open):
             starving = swaps and is_starving(task.spec.priority, now - task.created)
-            patient = self._prefix_waited(task, now) < self.prefix_wait_s
             key = decision_key(
-                task, starving, views, affinity=self.prefix_affinity, patient=patient
+                task,
+                starving,
+                views,
+                affinity=self.prefix_affinity,
+                prefix_waited_s=self._prefix_waited(task, now),
             )
             decision = memo.get(key)
             if decision is None:
@@ -209,7 +213,7 @@ class Dispatcher:
             if decision.prefix_wait:
                 if task.prefix_wait_since is None:
                     task.prefix_wait_since = now
-                due = task.prefix_wait_since + self.prefix_wait_s
+                due = task.prefix_wait_since + decision.prefix_wait_bound_s
                 self._prefix_due = due if self._prefix_due is None else min(self._prefix_due, due)
             if decision.outcome is Outcome.REJECT and views:
                 self._end(
@@ -336,6 +340,7 @@ class Dispatcher:
             prefix_waited_s=self._prefix_waited(task, now),
             prompt_bytes=len(task.spec.prompt.encode()),
             max_tokens=task.spec.sampling.max_tokens,
+            bytes_per_token=self._forecaster.bytes_per_token(model_id),
         )
 
     @staticmethod
@@ -348,8 +353,13 @@ class Dispatcher:
     ) -> None:
         """Placement reasons for a task queued while no pool could take it."""
         views = list(self._registry.views())
-        patient = self._prefix_waited(task, now) < self.prefix_wait_s
-        key = decision_key(task, False, views, affinity=self.prefix_affinity, patient=patient)
+        key = decision_key(
+            task,
+            False,
+            views,
+            affinity=self.prefix_affinity,
+            prefix_waited_s=self._prefix_waited(task, now),
+        )
         decision = decision or self._memo.get(key)
         if decision is None:
             decision = self._decide(self._placement_input(task, views, {}, now))

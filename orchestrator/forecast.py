@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
+from mesh.prefix import BYTES_PER_TOKEN
 from mesh.settings import OrchestratorSettings
 from orchestrator.admission import AdmissionQueue, DrainMeter
 from orchestrator.placement import PoolKey, PoolView, pool_key
@@ -61,6 +62,7 @@ class Forecaster:
         self._views = views
         self._running = running
         self._drain = DrainMeter()
+        self._bytes_per_token: dict[str, float] = {}
         # Measured service times, EWMA: by (pool key, model) and by ("", model).
         self._service: dict[tuple[PoolKey, str], ServiceTime] = {}
         # The prediction simulation per model as the last publication left it, and when.
@@ -86,9 +88,22 @@ class Forecaster:
         self._drain.record(now)
 
     def finished(
-        self, key: PoolKey, spec: TaskSpec, total_ms: float, tokens_out: int, decode_ms: float
+        self,
+        key: PoolKey,
+        spec: TaskSpec,
+        total_ms: float,
+        tokens_out: int,
+        decode_ms: float,
+        tokens_in: int = 0,
     ) -> None:
-        """Folds one finished execution into the pool's and the model's service averages."""
+        """Folds one finished execution into the pool's and the model's service averages, and
+        its prompt's bytes per token into the model's."""
+        if tokens_in > 0 and spec.prompt:
+            ratio = len(spec.prompt.encode()) / tokens_in
+            old_ratio = self._bytes_per_token.get(spec.model_id)
+            self._bytes_per_token[spec.model_id] = (
+                ratio if old_ratio is None else old_ratio + _EWMA_WEIGHT * (ratio - old_ratio)
+            )
         sample = ServiceTime(
             fixed_ms=max(0.0, total_ms - decode_ms),
             per_token_ms=decode_ms / max(1, tokens_out - 1),
@@ -99,6 +114,11 @@ class Forecaster:
             self._service[k] = sample if old is None else old.blend(sample, _EWMA_WEIGHT)
 
     # --- predicting --------------------------------------------------------------------------
+
+    def bytes_per_token(self, model_id: str) -> float:
+        """Bytes of prompt text per token of the model's tokenizer, as measured (BYTES_PER_TOKEN
+        before the first finished task)."""
+        return self._bytes_per_token.get(model_id, BYTES_PER_TOKEN)
 
     def estimate_ms(self, key: PoolKey, model_id: str, max_tokens: int) -> float:
         """How long a task of ``model_id`` asking for ``max_tokens`` holds a slot of the pool:

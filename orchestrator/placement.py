@@ -20,18 +20,21 @@ the task's prompt in its worker's prefix cache (``PoolView.prefix_blocks``, chai
 of mesh.prefix), the pools with a free slot are ranked by an estimated cost instead, in prompt
 tokens of prefill (``prefix_cost``): the prompt tokens the pool would have to read, plus, for
 every sequence already running there, ``DECODE_SHARE_TOKENS`` for each token the task will
-generate (a batch with more sequences takes longer a step). The cheapest wins; ties fall to the
-least-loaded order. Only pools with a free slot are ranked, so a task never waits for the pool
-holding its prefix while another could start it: affinity fills a warm pool, and the next task
-goes elsewhere when that pool is full or too busy for the saving. With no prefix held anywhere
-the choice is the least-loaded one, unchanged.
+generate (a batch with more sequences takes longer a step); prompt bytes become tokens at the
+model's bytes per token, which the orchestrator measures from finished tasks (4 until then).
+The cheapest wins; ties fall to the least-loaded order. Only pools with a free slot are ranked,
+so a task never waits for the pool holding its prefix while another could start it (but for the
+exception below): affinity fills a warm pool, and the next task goes elsewhere when that pool is
+full or too busy for the saving. With no prefix held anywhere the choice is the least-loaded one,
+unchanged.
 
 One bounded exception groups the queue by prefix (SGLang's idea): while the pool holding a task's
 prompt start has no free slot, the task may WAIT for it when the pool it would get instead holds
-at least ``PREFIX_WAIT_MIN_BLOCKS`` fewer blocks of it, for ``prefix_wait_s`` at most from the
-first time it was passed over so (``prefix_waited_s``). Tasks behind it then take the free slot
-(the dispatcher goes on down the queue), so a slot that frees on a pool goes to a task whose
-prompt lives there; past the bound the task takes any pool.
+blocks worth ``PREFIX_WAIT_MIN_TOKENS`` tokens fewer of it: from the first time it was passed
+over so (``prefix_waited_s``), for as long as reading those blocks would take on that pool (its
+measured ``prefill_ms_per_token``), and never past ``prefix_wait_s``. Tasks behind it then take
+the free slot (the dispatcher goes on down the queue), so a slot that frees on a pool goes to a
+task whose prompt lives there; past the bound the task takes any pool.
 
 Outcomes: ASSIGN a pool that has the model loaded and a free slot; ASSIGN with ``load=True``
 (the pool must first load the model: a swap); WAIT with a reason when some pool will be able
@@ -42,6 +45,7 @@ when none ever can.
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import NewType
@@ -109,6 +113,8 @@ class PoolView:
     """Models whose files are in the node's model store."""
     prefix_blocks: frozenset[int] = frozenset()
     """Block hashes (mesh.prefix) of the prompt starts its worker holds warm."""
+    prefill_ms_per_token: float = 0.0
+    """What reading a prompt token costs there (0: not measured yet)."""
 
     @property
     def key(self) -> PoolKey:
@@ -153,6 +159,8 @@ class PlacementInput:
     """Size of the task's prompt, for the prefill the cost model counts."""
     max_tokens: int = 0
     """Tokens the task may generate, for the decode share the cost model counts."""
+    bytes_per_token: float = BYTES_PER_TOKEN
+    """Prompt bytes per token of the model's tokenizer (measured by the orchestrator)."""
 
 
 class Outcome(enum.Enum):
@@ -180,6 +188,8 @@ class PlacementDecision:
     """ASSIGN only: blocks of the task's prompt the chosen pool holds (0: none, or no affinity)."""
     prefix_wait: bool = False
     """WAIT only: the task waits for a busy pool holding its prompt's start (bounded)."""
+    prefix_wait_bound_s: float = 0.0
+    """With ``prefix_wait``: how long it may wait so in all, from the first time."""
 
 
 def _locality(pool: PoolView, model_id: str) -> Locality:
@@ -263,7 +273,10 @@ def decide(inp: PlacementInput) -> PlacementDecision:
             best = min(warm, key=least_loaded)
         if hashes and inp.prefix_waited_s < inp.prefix_wait_s:
             holder = _busy_prefix_holder(inp, full_warm, hits[best.key])
+            bound = 0.0
             if holder is not None:
+                bound = prefix_wait_bound_s(inp, holder, hits[best.key])
+            if holder is not None and inp.prefix_waited_s < bound:
                 excluded[best.key] = (
                     f"holds fewer blocks of the prompt than {holder.key}, which it waits for"
                 )
@@ -272,6 +285,7 @@ def decide(inp: PlacementInput) -> PlacementDecision:
                     reason=f"waiting for pool {holder.key}, which holds its prompt's start",
                     excluded=excluded,
                     prefix_wait=True,
+                    prefix_wait_bound_s=bound,
                 )
         return PlacementDecision(
             Outcome.ASSIGN,
@@ -317,24 +331,37 @@ def decide(inp: PlacementInput) -> PlacementDecision:
     )
 
 
-PREFIX_WAIT_MIN_BLOCKS = 2
-"""A task waits for a busy pool holding its prompt's start only when that saves at least this
-many blocks (~128 tokens) over the pool it would get now."""
+PREFIX_WAIT_MIN_TOKENS = 64
+"""A task waits for a busy pool holding its prompt's start only when that saves reading at least
+this many prompt tokens (by the model's bytes per token) over the pool it would get now."""
 
 
 def _busy_prefix_holder(
     inp: PlacementInput, full: list[PoolView], free_hit: int
 ) -> PoolView | None:
-    """The full pool holding the most blocks of the task's prompt, when that is at least
-    ``PREFIX_WAIT_MIN_BLOCKS`` more than ``free_hit`` (the pool it would get now)."""
+    """The full pool holding the most blocks of the task's prompt, when they are worth at least
+    ``PREFIX_WAIT_MIN_TOKENS`` more than ``free_hit`` (the pool it would get now)."""
     hashes = list(inp.prefix_hashes)
     best: PoolView | None = None
-    best_hit = free_hit + PREFIX_WAIT_MIN_BLOCKS - 1
+    least = max(1, math.ceil(PREFIX_WAIT_MIN_TOKENS * inp.bytes_per_token / PREFIX_BLOCK_BYTES))
+    best_hit = free_hit + least - 1
     for pool in sorted(full, key=lambda p: p.key):
         hit = hit_blocks(hashes, pool.prefix_blocks)
         if hit > best_hit:
             best, best_hit = pool, hit
     return best
+
+
+def prefix_wait_bound_s(inp: PlacementInput, holder: PoolView, free_hit: int) -> float:
+    """How long a task may wait for ``holder`` in all: the time reading the blocks it holds
+    beyond ``free_hit`` would take there (its measured rate), at most ``prefix_wait_s``; the
+    cap alone while the rate is not measured."""
+    if holder.prefill_ms_per_token <= 0:
+        return inp.prefix_wait_s
+    saved_tokens = (hit_blocks(list(inp.prefix_hashes), holder.prefix_blocks) - free_hit) * (
+        PREFIX_BLOCK_BYTES / inp.bytes_per_token
+    )
+    return min(inp.prefix_wait_s, saved_tokens * holder.prefill_ms_per_token / 1000)
 
 
 DECODE_SHARE_TOKENS = 1.0
@@ -346,7 +373,7 @@ prompt token ~2-4 ms to read; on a GPU both are smaller by about the same factor
 def prefix_cost(inp: PlacementInput, pool: PoolView, hit: int) -> float:
     """Estimated cost of running the task on ``pool``, in prompt tokens of prefill: the prompt
     it would read (all but the ``hit`` blocks the pool holds) and its share of the pool's batch."""
-    uncached = max(0, inp.prompt_bytes - hit * PREFIX_BLOCK_BYTES) / BYTES_PER_TOKEN
+    uncached = max(0, inp.prompt_bytes - hit * PREFIX_BLOCK_BYTES) / inp.bytes_per_token
     return uncached + DECODE_SHARE_TOKENS * inp.max_tokens * pool.in_flight
 
 

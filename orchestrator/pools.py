@@ -202,6 +202,7 @@ class PoolRegistry:
                     disk_models=node.stored,
                     staged_models=node.staged,
                     prefix_blocks=node.prefixes.get(pool.pool_id, frozenset()),
+                    prefill_ms_per_token=pool.prefix_cache.prefill_ms_per_token,
                 )
                 target = self._changing.get(key)
                 if target is not None:

@@ -212,6 +212,7 @@ class Relay:
                         (now - (task.started_at or now)) * 1000,
                         f.tokens_out,
                         f.decode_ms,
+                        f.tokens_in,
                     )
                     tps = (f.tokens_out - 1) / (f.decode_ms / 1000) if f.decode_ms > 0 else 0.0
                     task.succeed(

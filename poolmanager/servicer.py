@@ -242,6 +242,7 @@ def _prefix_cache_to_pb(p: Pool) -> poolmanager_pb2.PrefixCache:
         block_hashes=cache.block_hashes if cache else (),
         lookup_tokens=p.prefix_lookup_tokens,
         hit_tokens=p.prefix_hit_tokens,
+        prefill_ms_per_token=cache.prefill_ms_per_token if cache else 0.0,
     )
 
 

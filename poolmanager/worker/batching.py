@@ -102,6 +102,9 @@ class _Sequence:
         return len(self.prompt) + self.produced
 
 
+_RATE_MIN_PROMPT_TOKENS = 32
+
+
 @dataclass(frozen=True)
 class StepStats:
     """What the last step did (for benchmarks and logs)."""
@@ -137,6 +140,9 @@ class BatchEngine:
         self._cancels: set[str] = set()
         self._admitted = 0
         self.last_step = StepStats()
+        self.prefill_ms_per_token = 0.0
+        """What reading a prompt token costs here (a moving average over steps that read 32
+        tokens or more; 0 before the first): what a task saves by finding its prompt cached."""
 
     # ----- inputs ---------------------------------------------------------------------------
 
@@ -204,6 +210,7 @@ class BatchEngine:
                 entries=len(self._cache),
                 cells=self._cache.cells,
                 block_hashes=self._cache.summary(s.hashes for s in self._running.values()),
+                prefill_ms_per_token=round(self.prefill_ms_per_token, 4),
             )
         )
 
@@ -449,6 +456,10 @@ class BatchEngine:
                 self.last_step = StepStats(
                     generating, prompt_tokens, (time.perf_counter() - started) * 1000
                 )
+                if prompt_tokens >= _RATE_MIN_PROMPT_TOKENS:
+                    rate = self.last_step.decode_ms / (prompt_tokens + generating)
+                    old = self.prefill_ms_per_token
+                    self.prefill_ms_per_token = rate if not old else old + 0.2 * (rate - old)
                 return True
             if code != 1:
                 for seq in list(self._running.values()):

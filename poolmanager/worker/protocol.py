@@ -182,6 +182,8 @@ class CacheState(msgspec.Struct, frozen=True, kw_only=True, tag="cache", tag_fie
     entries: int
     cells: int
     block_hashes: tuple[int, ...] = ()
+    prefill_ms_per_token: float = 0.0
+    """What reading one prompt token costs on this pool now (0: not measured yet)."""
 
 
 ErrorCode = Literal["INVALID_ARGUMENT", "UNAVAILABLE", "INTERNAL"]

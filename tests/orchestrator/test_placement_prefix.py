@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from mesh.prefix import PREFIX_BLOCK_BYTES, hit_blocks, prefix_block_hashes
 from orchestrator.placement import (
     DECODE_SHARE_TOKENS,
-    PREFIX_WAIT_MIN_BLOCKS,
+    PREFIX_WAIT_MIN_TOKENS,
     Outcome,
     PlacementInput,
     PoolView,
@@ -202,7 +202,9 @@ def test_a_task_waits_a_bounded_time_for_the_busy_pool_holding_its_prompt() -> N
     # Past the bound it takes the free pool; so does one that saves too little by waiting.
     assert decide(replace(inp, prefix_waited_s=1.0)).pool == other
     short = holding(pool("full", slots_total=2, in_flight=2), SYSTEM[:300])  # one block
-    assert decide(replace(inp, pools=(short, other))).pool == other
+    assert decide(replace(inp, pools=(short, other))).prefix_wait  # 64 tokens at 4 bytes each
+    # With 8 bytes a token one block is 32 tokens: less than PREFIX_WAIT_MIN_TOKENS.
+    assert decide(replace(inp, pools=(short, other), bytes_per_token=8.0)).pool == other
 
 
 @settings(max_examples=300, deadline=None)
@@ -217,13 +219,30 @@ def test_a_task_only_waits_for_a_full_pool_that_saves_blocks_and_only_within_the
         assert decision == eager
         return
     assert decision.outcome is Outcome.WAIT and eager.outcome is Outcome.ASSIGN
-    assert patient.prefix_waited_s < wait_s
+    assert patient.prefix_waited_s < decision.prefix_wait_bound_s <= wait_s
     hashes = list(inp.prefix_hashes)
     assert eager.pool is not None
     now_hit = hit_blocks(hashes, eager.pool.prefix_blocks)
     assert any(
         p.model_id == inp.model_id
         and p.slots_free == 0
-        and hit_blocks(hashes, p.prefix_blocks) >= now_hit + PREFIX_WAIT_MIN_BLOCKS
+        and (hit_blocks(hashes, p.prefix_blocks) - now_hit) * PREFIX_BLOCK_BYTES
+        >= PREFIX_WAIT_MIN_TOKENS * inp.bytes_per_token
         for p in inp.pools
     )
+
+
+def test_the_wait_is_bounded_by_the_reading_it_saves_at_the_pools_rate() -> None:
+    full = replace(
+        holding(pool("full", slots_total=2, in_flight=2), SYSTEM), prefill_ms_per_token=2.0
+    )
+    other = pool("other", slots_total=2)
+    inp = replace(task(SYSTEM + " more", full, other), prefix_wait_s=30.0)
+    decision = decide(inp)
+    blocks = len(SYSTEM.encode()) // PREFIX_BLOCK_BYTES
+    saved_s = blocks * PREFIX_BLOCK_BYTES / 4 * 2.0 / 1000  # tokens x 2 ms
+    assert decision.prefix_wait and abs(decision.prefix_wait_bound_s - saved_s) < 1e-9
+    assert decide(replace(inp, prefix_waited_s=saved_s)).pool == other
+    # A fast pool (a GPU reads a token in microseconds) is hardly worth waiting for.
+    fast = replace(full, prefill_ms_per_token=0.001)
+    assert decide(replace(inp, pools=(fast, other), prefix_waited_s=0.01)).pool == other

@@ -300,3 +300,21 @@ async def test_the_wait_for_a_prefix_is_bounded(started: Start, can_load: bool) 
         await ended(follow)  # a stays busy: after 0.2 s it takes b
     assert follow.pool_id == "b" and follow.prefix_hit_blocks == 0
     gate.set()
+
+
+def test_the_forecaster_learns_a_models_bytes_per_token() -> None:
+    from mesh.prefix import BYTES_PER_TOKEN
+    from mesh.settings import OrchestratorSettings
+    from orchestrator.admission import AdmissionQueue
+    from orchestrator.forecast import Forecaster
+    from orchestrator.placement import pool_key
+
+    forecaster = Forecaster(
+        OrchestratorSettings(catalog="fake"), AdmissionQueue(10), lambda: 0.0, tuple, tuple
+    )
+    assert forecaster.bytes_per_token("m") == BYTES_PER_TOKEN
+    task = spec(prompt="x" * 1270)
+    for _ in range(30):
+        forecaster.finished(pool_key("n", "p"), task, 100.0, 3, 10.0, tokens_in=1000)
+    assert abs(forecaster.bytes_per_token("m") - 1.27) < 0.01
+    assert forecaster.bytes_per_token("other") == BYTES_PER_TOKEN

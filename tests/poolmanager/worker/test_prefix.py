@@ -168,6 +168,7 @@ def test_the_cache_reports_the_block_hashes_of_what_it_holds(engine: LlamaEngine
     out = run(runner, cmd("h", SYSTEM, max_tokens=10))["h"]
     last = runner.cache_states[-1]
     assert last.entries == 1 and last.cells > 0
+    assert last.prefill_ms_per_token > 0  # measured on the prompt's read
     expected = prefix_block_hashes(SYSTEM + out.text)
     assert expected and set(expected) <= set(last.block_hashes)
     off = Runner(engine, prefix_cache_entries=0)

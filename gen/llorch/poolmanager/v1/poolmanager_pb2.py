@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from llorch.common.v1 import common_pb2 as llorch_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'llorch/poolmanager/v1/poolmanager.proto\x12\x15llorch.poolmanager.v1\x1a\x1dllorch/common/v1/common.proto\"\x10\n\x0eGetNodeRequest\"<\n\x0fGetNodeResponse\x12)\n\x04node\x18\x01 \x01(\x0b\x32\x1b.llorch.poolmanager.v1.Node\"(\n\x10WatchNodeRequest\x12\x14\n\x0cheartbeat_ms\x18\x01 \x01(\r\"O\n\x11WatchNodeResponse\x12)\n\x04node\x18\x01 \x01(\x0b\x32\x1b.llorch.poolmanager.v1.Node\x12\x0f\n\x07version\x18\x02 \x01(\x04\"\xc9\x01\n\x04Node\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12*\n\x05pools\x18\x02 \x03(\x0b\x32\x1b.llorch.poolmanager.v1.Pool\x12(\n\x04gpus\x18\x03 \x03(\x0b\x32\x1a.llorch.poolmanager.v1.Gpu\x12\x12\n\ngpu_status\x18\x04 \x01(\t\x12/\n\x07staging\x18\x05 \x01(\x0b\x32\x1e.llorch.poolmanager.v1.Staging\x12\x15\n\rstored_models\x18\x06 \x03(\t\"\xb1\x01\n\x03Gpu\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x18\n\x10vram_total_bytes\x18\x04 \x01(\x04\x12\x17\n\x0fvram_free_bytes\x18\x05 \x01(\x04\x12\x17\n\x0fvram_used_bytes\x18\x06 \x01(\x04\x12\x17\n\x0futilization_pct\x18\x07 \x01(\r\x12\x1a\n\x12\x63ompute_capability\x18\x08 \x01(\t\"\x87\x01\n\x07Staging\x12\x14\n\x0c\x62udget_bytes\x18\x01 \x01(\x04\x12\x14\n\x0cstaged_bytes\x18\x02 \x01(\x04\x12\x0c\n\x04hits\x18\x03 \x01(\x04\x12\x0e\n\x06misses\x18\x04 \x01(\x04\x12\x32\n\x06models\x18\x05 \x03(\x0b\x32\".llorch.poolmanager.v1.StagedModel\"C\n\x0bStagedModel\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06in_use\x18\x03 \x01(\x08\"\xe3\x03\n\x04Pool\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\x12/\n\x05state\x18\x02 \x01(\x0e\x32 .llorch.poolmanager.v1.PoolState\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x16\n\x0e\x65ngine_version\x18\x04 \x01(\t\x12\x0f\n\x07\x64\x65vices\x18\x05 \x03(\t\x12\x13\n\x0bslots_total\x18\x06 \x01(\r\x12\x12\n\nslots_free\x18\x07 \x01(\r\x12\r\n\x05n_ctx\x18\x08 \x01(\r\x12\x12\n\nlast_error\x18\t \x01(\t\x12\x10\n\x08\x63pu_only\x18\n \x01(\x08\x12\x1b\n\x13vram_estimate_bytes\x18\x0b \x01(\x04\x12\x1b\n\x13vram_measured_bytes\x18\x0c \x01(\x04\x12\x0f\n\x07load_ms\x18\r \x01(\x01\x12\x13\n\x0bloaded_from\x18\x0e \x01(\t\x12\x10\n\x08restarts\x18\x0f \x01(\r\x12\x14\n\x0c\x62reaker_open\x18\x10 \x01(\x08\x12\x13\n\x0bspare_ready\x18\x11 \x01(\x08\x12\x17\n\x0floaded_in_spare\x18\x12 \x01(\x08\x12\x10\n\x08\x63\x61n_load\x18\x13 \x01(\x08\x12\x38\n\x0cprefix_cache\x18\x14 \x01(\x0b\x32\".llorch.poolmanager.v1.PrefixCache\"n\n\x0bPrefixCache\x12\x0f\n\x07\x65ntries\x18\x01 \x01(\r\x12\r\n\x05\x63\x65lls\x18\x02 \x01(\x04\x12\x14\n\x0c\x62lock_hashes\x18\x03 \x03(\x06\x12\x15\n\rlookup_tokens\x18\x04 \x01(\x04\x12\x12\n\nhit_tokens\x18\x05 \x01(\x04\"7\n\x12PreloadPoolRequest\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\"@\n\x13PreloadPoolResponse\x12)\n\x04pool\x18\x01 \x01(\x0b\x32\x1b.llorch.poolmanager.v1.Pool\"M\n\x10\x44rainPoolRequest\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\x12\x18\n\x0b\x64\x65\x61\x64line_ms\x18\x02 \x01(\rH\x00\x88\x01\x01\x42\x0e\n\x0c_deadline_ms\"c\n\x11\x44rainPoolResponse\x12)\n\x04pool\x18\x01 \x01(\x0b\x32\x1b.llorch.poolmanager.v1.Pool\x12\x10\n\x08\x66inished\x18\x02 \x01(\r\x12\x11\n\tcancelled\x18\x03 \x01(\r\"`\n\x11ReloadPoolRequest\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x18\n\x0b\x64\x65\x61\x64line_ms\x18\x03 \x01(\rH\x00\x88\x01\x01\x42\x0e\n\x0c_deadline_ms\"d\n\x12ReloadPoolResponse\x12)\n\x04pool\x18\x01 \x01(\x0b\x32\x1b.llorch.poolmanager.v1.Pool\x12\x10\n\x08\x66inished\x18\x02 \x01(\r\x12\x11\n\tcancelled\x18\x03 \x01(\r\"%\n\x11StageModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"E\n\x12StageModelResponse\x12/\n\x07staging\x18\x01 \x01(\x0b\x32\x1e.llorch.poolmanager.v1.Staging\"\'\n\x13UnstageModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"X\n\x14UnstageModelResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x08\x12/\n\x07staging\x18\x02 \x01(\x0b\x32\x1e.llorch.poolmanager.v1.Staging\"\xe0\x01\n\x0e\x45xecuteRequest\x12\x14\n\x0c\x65xecution_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x0f\n\x07pool_id\x18\x03 \x01(\t\x12\x10\n\x08model_id\x18\x04 \x01(\t\x12\x0e\n\x06prompt\x18\x05 \x01(\t\x12\x32\n\x08sampling\x18\x06 \x01(\x0b\x32 .llorch.common.v1.SamplingParams\x12\x1c\n\x14max_tokens_defaulted\x18\x07 \x01(\x08\x12\x11\n\ttemplated\x18\x08 \x01(\x08\x12\x0f\n\x07grammar\x18\t \x01(\t\"\xaf\x01\n\x0f\x45xecuteResponse\x12:\n\x07started\x18\x01 \x01(\x0b\x32\'.llorch.poolmanager.v1.ExecutionStartedH\x00\x12(\n\x05token\x18\x02 \x01(\x0b\x32\x17.llorch.common.v1.TokenH\x00\x12.\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x1a.llorch.common.v1.FinishedH\x00\x42\x06\n\x04kind\"=\n\x10\x45xecutionStarted\x12\x16\n\x0e\x65ngine_version\x18\x01 \x01(\t\x12\x11\n\ttokens_in\x18\x02 \x01(\r\".\n\x16\x43\x61ncelExecutionRequest\x12\x14\n\x0c\x65xecution_id\x18\x01 \x01(\t\",\n\x17\x43\x61ncelExecutionResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\"(\n\x15\x43ollectGarbageRequest\x12\x0f\n\x07\x64ry_run\x18\x01 \x01(\x08\"P\n\nGcDecision\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\x87\x02\n\x16\x43ollectGarbageResponse\x12\x0f\n\x07\x64ry_run\x18\x01 \x01(\x08\x12\x32\n\x07\x64\x65leted\x18\x02 \x03(\x0b\x32!.llorch.poolmanager.v1.GcDecision\x12/\n\x04kept\x18\x03 \x03(\x0b\x32!.llorch.poolmanager.v1.GcDecision\x12\x18\n\x10\x64isk_total_bytes\x18\x04 \x01(\x04\x12\x1e\n\x16\x64isk_free_bytes_before\x18\x05 \x01(\x04\x12\x1d\n\x15\x64isk_free_bytes_after\x18\x06 \x01(\x04\x12\x1e\n\x16stale_partials_removed\x18\x07 \x01(\r*\x9e\x01\n\tPoolState\x12\x1a\n\x16POOL_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13POOL_STATE_UNLOADED\x10\x01\x12\x16\n\x12POOL_STATE_LOADING\x10\x02\x12\x14\n\x10POOL_STATE_READY\x10\x03\x12\x17\n\x13POOL_STATE_DRAINING\x10\x04\x12\x15\n\x11POOL_STATE_FAILED\x10\x05\x32\x82\x08\n\x12PoolManagerService\x12X\n\x07GetNode\x12%.llorch.poolmanager.v1.GetNodeRequest\x1a&.llorch.poolmanager.v1.GetNodeResponse\x12Z\n\x07\x45xecute\x12%.llorch.poolmanager.v1.ExecuteRequest\x1a&.llorch.poolmanager.v1.ExecuteResponse0\x01\x12p\n\x0f\x43\x61ncelExecution\x12-.llorch.poolmanager.v1.CancelExecutionRequest\x1a..llorch.poolmanager.v1.CancelExecutionResponse\x12`\n\tWatchNode\x12\'.llorch.poolmanager.v1.WatchNodeRequest\x1a(.llorch.poolmanager.v1.WatchNodeResponse0\x01\x12\x64\n\x0bPreloadPool\x12).llorch.poolmanager.v1.PreloadPoolRequest\x1a*.llorch.poolmanager.v1.PreloadPoolResponse\x12^\n\tDrainPool\x12\'.llorch.poolmanager.v1.DrainPoolRequest\x1a(.llorch.poolmanager.v1.DrainPoolResponse\x12\x61\n\nReloadPool\x12(.llorch.poolmanager.v1.ReloadPoolRequest\x1a).llorch.poolmanager.v1.ReloadPoolResponse\x12\x61\n\nStageModel\x12(.llorch.poolmanager.v1.StageModelRequest\x1a).llorch.poolmanager.v1.StageModelResponse\x12g\n\x0cUnstageModel\x12*.llorch.poolmanager.v1.UnstageModelRequest\x1a+.llorch.poolmanager.v1.UnstageModelResponse\x12m\n\x0e\x43ollectGarbage\x12,.llorch.poolmanager.v1.CollectGarbageRequest\x1a-.llorch.poolmanager.v1.CollectGarbageResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'llorch/poolmanager/v1/poolmanager.proto\x12\x15llorch.poolmanager.v1\x1a\x1dllorch/common/v1/common.proto\"\x10\n\x0eGetNodeRequest\"<\n\x0fGetNodeResponse\x12)\n\x04node\x18\x01 \x01(\x0b\x32\x1b.llorch.poolmanager.v1.Node\"(\n\x10WatchNodeRequest\x12\x14\n\x0cheartbeat_ms\x18\x01 \x01(\r\"O\n\x11WatchNodeResponse\x12)\n\x04node\x18\x01 \x01(\x0b\x32\x1b.llorch.poolmanager.v1.Node\x12\x0f\n\x07version\x18\x02 \x01(\x04\"\xc9\x01\n\x04Node\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12*\n\x05pools\x18\x02 \x03(\x0b\x32\x1b.llorch.poolmanager.v1.Pool\x12(\n\x04gpus\x18\x03 \x03(\x0b\x32\x1a.llorch.poolmanager.v1.Gpu\x12\x12\n\ngpu_status\x18\x04 \x01(\t\x12/\n\x07staging\x18\x05 \x01(\x0b\x32\x1e.llorch.poolmanager.v1.Staging\x12\x15\n\rstored_models\x18\x06 \x03(\t\"\xb1\x01\n\x03Gpu\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x18\n\x10vram_total_bytes\x18\x04 \x01(\x04\x12\x17\n\x0fvram_free_bytes\x18\x05 \x01(\x04\x12\x17\n\x0fvram_used_bytes\x18\x06 \x01(\x04\x12\x17\n\x0futilization_pct\x18\x07 \x01(\r\x12\x1a\n\x12\x63ompute_capability\x18\x08 \x01(\t\"\x87\x01\n\x07Staging\x12\x14\n\x0c\x62udget_bytes\x18\x01 \x01(\x04\x12\x14\n\x0cstaged_bytes\x18\x02 \x01(\x04\x12\x0c\n\x04hits\x18\x03 \x01(\x04\x12\x0e\n\x06misses\x18\x04 \x01(\x04\x12\x32\n\x06models\x18\x05 \x03(\x0b\x32\".llorch.poolmanager.v1.StagedModel\"C\n\x0bStagedModel\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06in_use\x18\x03 \x01(\x08\"\xe3\x03\n\x04Pool\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\x12/\n\x05state\x18\x02 \x01(\x0e\x32 .llorch.poolmanager.v1.PoolState\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x16\n\x0e\x65ngine_version\x18\x04 \x01(\t\x12\x0f\n\x07\x64\x65vices\x18\x05 \x03(\t\x12\x13\n\x0bslots_total\x18\x06 \x01(\r\x12\x12\n\nslots_free\x18\x07 \x01(\r\x12\r\n\x05n_ctx\x18\x08 \x01(\r\x12\x12\n\nlast_error\x18\t \x01(\t\x12\x10\n\x08\x63pu_only\x18\n \x01(\x08\x12\x1b\n\x13vram_estimate_bytes\x18\x0b \x01(\x04\x12\x1b\n\x13vram_measured_bytes\x18\x0c \x01(\x04\x12\x0f\n\x07load_ms\x18\r \x01(\x01\x12\x13\n\x0bloaded_from\x18\x0e \x01(\t\x12\x10\n\x08restarts\x18\x0f \x01(\r\x12\x14\n\x0c\x62reaker_open\x18\x10 \x01(\x08\x12\x13\n\x0bspare_ready\x18\x11 \x01(\x08\x12\x17\n\x0floaded_in_spare\x18\x12 \x01(\x08\x12\x10\n\x08\x63\x61n_load\x18\x13 \x01(\x08\x12\x38\n\x0cprefix_cache\x18\x14 \x01(\x0b\x32\".llorch.poolmanager.v1.PrefixCache\"\x8c\x01\n\x0bPrefixCache\x12\x0f\n\x07\x65ntries\x18\x01 \x01(\r\x12\r\n\x05\x63\x65lls\x18\x02 \x01(\x04\x12\x14\n\x0c\x62lock_hashes\x18\x03 \x03(\x06\x12\x15\n\rlookup_tokens\x18\x04 \x01(\x04\x12\x12\n\nhit_tokens\x18\x05 \x01(\x04\x12\x1c\n\x14prefill_ms_per_token\x18\x06 \x01(\x01\"7\n\x12PreloadPoolRequest\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\"@\n\x13PreloadPoolResponse\x12)\n\x04pool\x18\x01 \x01(\x0b\x32\x1b.llorch.poolmanager.v1.Pool\"M\n\x10\x44rainPoolRequest\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\x12\x18\n\x0b\x64\x65\x61\x64line_ms\x18\x02 \x01(\rH\x00\x88\x01\x01\x42\x0e\n\x0c_deadline_ms\"c\n\x11\x44rainPoolResponse\x12)\n\x04pool\x18\x01 \x01(\x0b\x32\x1b.llorch.poolmanager.v1.Pool\x12\x10\n\x08\x66inished\x18\x02 \x01(\r\x12\x11\n\tcancelled\x18\x03 \x01(\r\"`\n\x11ReloadPoolRequest\x12\x0f\n\x07pool_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x18\n\x0b\x64\x65\x61\x64line_ms\x18\x03 \x01(\rH\x00\x88\x01\x01\x42\x0e\n\x0c_deadline_ms\"d\n\x12ReloadPoolResponse\x12)\n\x04pool\x18\x01 \x01(\x0b\x32\x1b.llorch.poolmanager.v1.Pool\x12\x10\n\x08\x66inished\x18\x02 \x01(\r\x12\x11\n\tcancelled\x18\x03 \x01(\r\"%\n\x11StageModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"E\n\x12StageModelResponse\x12/\n\x07staging\x18\x01 \x01(\x0b\x32\x1e.llorch.poolmanager.v1.Staging\"\'\n\x13UnstageModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"X\n\x14UnstageModelResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x08\x12/\n\x07staging\x18\x02 \x01(\x0b\x32\x1e.llorch.poolmanager.v1.Staging\"\xe0\x01\n\x0e\x45xecuteRequest\x12\x14\n\x0c\x65xecution_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x0f\n\x07pool_id\x18\x03 \x01(\t\x12\x10\n\x08model_id\x18\x04 \x01(\t\x12\x0e\n\x06prompt\x18\x05 \x01(\t\x12\x32\n\x08sampling\x18\x06 \x01(\x0b\x32 .llorch.common.v1.SamplingParams\x12\x1c\n\x14max_tokens_defaulted\x18\x07 \x01(\x08\x12\x11\n\ttemplated\x18\x08 \x01(\x08\x12\x0f\n\x07grammar\x18\t \x01(\t\"\xaf\x01\n\x0f\x45xecuteResponse\x12:\n\x07started\x18\x01 \x01(\x0b\x32\'.llorch.poolmanager.v1.ExecutionStartedH\x00\x12(\n\x05token\x18\x02 \x01(\x0b\x32\x17.llorch.common.v1.TokenH\x00\x12.\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x1a.llorch.common.v1.FinishedH\x00\x42\x06\n\x04kind\"=\n\x10\x45xecutionStarted\x12\x16\n\x0e\x65ngine_version\x18\x01 \x01(\t\x12\x11\n\ttokens_in\x18\x02 \x01(\r\".\n\x16\x43\x61ncelExecutionRequest\x12\x14\n\x0c\x65xecution_id\x18\x01 \x01(\t\",\n\x17\x43\x61ncelExecutionResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\"(\n\x15\x43ollectGarbageRequest\x12\x0f\n\x07\x64ry_run\x18\x01 \x01(\x08\"P\n\nGcDecision\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\x87\x02\n\x16\x43ollectGarbageResponse\x12\x0f\n\x07\x64ry_run\x18\x01 \x01(\x08\x12\x32\n\x07\x64\x65leted\x18\x02 \x03(\x0b\x32!.llorch.poolmanager.v1.GcDecision\x12/\n\x04kept\x18\x03 \x03(\x0b\x32!.llorch.poolmanager.v1.GcDecision\x12\x18\n\x10\x64isk_total_bytes\x18\x04 \x01(\x04\x12\x1e\n\x16\x64isk_free_bytes_before\x18\x05 \x01(\x04\x12\x1d\n\x15\x64isk_free_bytes_after\x18\x06 \x01(\x04\x12\x1e\n\x16stale_partials_removed\x18\x07 \x01(\r*\x9e\x01\n\tPoolState\x12\x1a\n\x16POOL_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13POOL_STATE_UNLOADED\x10\x01\x12\x16\n\x12POOL_STATE_LOADING\x10\x02\x12\x14\n\x10POOL_STATE_READY\x10\x03\x12\x17\n\x13POOL_STATE_DRAINING\x10\x04\x12\x15\n\x11POOL_STATE_FAILED\x10\x05\x32\x82\x08\n\x12PoolManagerService\x12X\n\x07GetNode\x12%.llorch.poolmanager.v1.GetNodeRequest\x1a&.llorch.poolmanager.v1.GetNodeResponse\x12Z\n\x07\x45xecute\x12%.llorch.poolmanager.v1.ExecuteRequest\x1a&.llorch.poolmanager.v1.ExecuteResponse0\x01\x12p\n\x0f\x43\x61ncelExecution\x12-.llorch.poolmanager.v1.CancelExecutionRequest\x1a..llorch.poolmanager.v1.CancelExecutionResponse\x12`\n\tWatchNode\x12\'.llorch.poolmanager.v1.WatchNodeRequest\x1a(.llorch.poolmanager.v1.WatchNodeResponse0\x01\x12\x64\n\x0bPreloadPool\x12).llorch.poolmanager.v1.PreloadPoolRequest\x1a*.llorch.poolmanager.v1.PreloadPoolResponse\x12^\n\tDrainPool\x12\'.llorch.poolmanager.v1.DrainPoolRequest\x1a(.llorch.poolmanager.v1.DrainPoolResponse\x12\x61\n\nReloadPool\x12(.llorch.poolmanager.v1.ReloadPoolRequest\x1a).llorch.poolmanager.v1.ReloadPoolResponse\x12\x61\n\nStageModel\x12(.llorch.poolmanager.v1.StageModelRequest\x1a).llorch.poolmanager.v1.StageModelResponse\x12g\n\x0cUnstageModel\x12*.llorch.poolmanager.v1.UnstageModelRequest\x1a+.llorch.poolmanager.v1.UnstageModelResponse\x12m\n\x0e\x43ollectGarbage\x12,.llorch.poolmanager.v1.CollectGarbageRequest\x1a-.llorch.poolmanager.v1.CollectGarbageResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llorch.poolmanager.v1.poolmanager_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_POOLSTATE']._serialized_start=3186
-  _globals['_POOLSTATE']._serialized_end=3344
+  _globals['_POOLSTATE']._serialized_start=3217
+  _globals['_POOLSTATE']._serialized_end=3375
   _globals['_GETNODEREQUEST']._serialized_start=97
   _globals['_GETNODEREQUEST']._serialized_end=113
   _globals['_GETNODERESPONSE']._serialized_start=115
@@ -52,44 +52,44 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STAGEDMODEL']._serialized_end=889
   _globals['_POOL']._serialized_start=892
   _globals['_POOL']._serialized_end=1375
-  _globals['_PREFIXCACHE']._serialized_start=1377
-  _globals['_PREFIXCACHE']._serialized_end=1487
-  _globals['_PRELOADPOOLREQUEST']._serialized_start=1489
-  _globals['_PRELOADPOOLREQUEST']._serialized_end=1544
-  _globals['_PRELOADPOOLRESPONSE']._serialized_start=1546
-  _globals['_PRELOADPOOLRESPONSE']._serialized_end=1610
-  _globals['_DRAINPOOLREQUEST']._serialized_start=1612
-  _globals['_DRAINPOOLREQUEST']._serialized_end=1689
-  _globals['_DRAINPOOLRESPONSE']._serialized_start=1691
-  _globals['_DRAINPOOLRESPONSE']._serialized_end=1790
-  _globals['_RELOADPOOLREQUEST']._serialized_start=1792
-  _globals['_RELOADPOOLREQUEST']._serialized_end=1888
-  _globals['_RELOADPOOLRESPONSE']._serialized_start=1890
-  _globals['_RELOADPOOLRESPONSE']._serialized_end=1990
-  _globals['_STAGEMODELREQUEST']._serialized_start=1992
-  _globals['_STAGEMODELREQUEST']._serialized_end=2029
-  _globals['_STAGEMODELRESPONSE']._serialized_start=2031
-  _globals['_STAGEMODELRESPONSE']._serialized_end=2100
-  _globals['_UNSTAGEMODELREQUEST']._serialized_start=2102
-  _globals['_UNSTAGEMODELREQUEST']._serialized_end=2141
-  _globals['_UNSTAGEMODELRESPONSE']._serialized_start=2143
-  _globals['_UNSTAGEMODELRESPONSE']._serialized_end=2231
-  _globals['_EXECUTEREQUEST']._serialized_start=2234
-  _globals['_EXECUTEREQUEST']._serialized_end=2458
-  _globals['_EXECUTERESPONSE']._serialized_start=2461
-  _globals['_EXECUTERESPONSE']._serialized_end=2636
-  _globals['_EXECUTIONSTARTED']._serialized_start=2638
-  _globals['_EXECUTIONSTARTED']._serialized_end=2699
-  _globals['_CANCELEXECUTIONREQUEST']._serialized_start=2701
-  _globals['_CANCELEXECUTIONREQUEST']._serialized_end=2747
-  _globals['_CANCELEXECUTIONRESPONSE']._serialized_start=2749
-  _globals['_CANCELEXECUTIONRESPONSE']._serialized_end=2793
-  _globals['_COLLECTGARBAGEREQUEST']._serialized_start=2795
-  _globals['_COLLECTGARBAGEREQUEST']._serialized_end=2835
-  _globals['_GCDECISION']._serialized_start=2837
-  _globals['_GCDECISION']._serialized_end=2917
-  _globals['_COLLECTGARBAGERESPONSE']._serialized_start=2920
-  _globals['_COLLECTGARBAGERESPONSE']._serialized_end=3183
-  _globals['_POOLMANAGERSERVICE']._serialized_start=3347
-  _globals['_POOLMANAGERSERVICE']._serialized_end=4373
+  _globals['_PREFIXCACHE']._serialized_start=1378
+  _globals['_PREFIXCACHE']._serialized_end=1518
+  _globals['_PRELOADPOOLREQUEST']._serialized_start=1520
+  _globals['_PRELOADPOOLREQUEST']._serialized_end=1575
+  _globals['_PRELOADPOOLRESPONSE']._serialized_start=1577
+  _globals['_PRELOADPOOLRESPONSE']._serialized_end=1641
+  _globals['_DRAINPOOLREQUEST']._serialized_start=1643
+  _globals['_DRAINPOOLREQUEST']._serialized_end=1720
+  _globals['_DRAINPOOLRESPONSE']._serialized_start=1722
+  _globals['_DRAINPOOLRESPONSE']._serialized_end=1821
+  _globals['_RELOADPOOLREQUEST']._serialized_start=1823
+  _globals['_RELOADPOOLREQUEST']._serialized_end=1919
+  _globals['_RELOADPOOLRESPONSE']._serialized_start=1921
+  _globals['_RELOADPOOLRESPONSE']._serialized_end=2021
+  _globals['_STAGEMODELREQUEST']._serialized_start=2023
+  _globals['_STAGEMODELREQUEST']._serialized_end=2060
+  _globals['_STAGEMODELRESPONSE']._serialized_start=2062
+  _globals['_STAGEMODELRESPONSE']._serialized_end=2131
+  _globals['_UNSTAGEMODELREQUEST']._serialized_start=2133
+  _globals['_UNSTAGEMODELREQUEST']._serialized_end=2172
+  _globals['_UNSTAGEMODELRESPONSE']._serialized_start=2174
+  _globals['_UNSTAGEMODELRESPONSE']._serialized_end=2262
+  _globals['_EXECUTEREQUEST']._serialized_start=2265
+  _globals['_EXECUTEREQUEST']._serialized_end=2489
+  _globals['_EXECUTERESPONSE']._serialized_start=2492
+  _globals['_EXECUTERESPONSE']._serialized_end=2667
+  _globals['_EXECUTIONSTARTED']._serialized_start=2669
+  _globals['_EXECUTIONSTARTED']._serialized_end=2730
+  _globals['_CANCELEXECUTIONREQUEST']._serialized_start=2732
+  _globals['_CANCELEXECUTIONREQUEST']._serialized_end=2778
+  _globals['_CANCELEXECUTIONRESPONSE']._serialized_start=2780
+  _globals['_CANCELEXECUTIONRESPONSE']._serialized_end=2824
+  _globals['_COLLECTGARBAGEREQUEST']._serialized_start=2826
+  _globals['_COLLECTGARBAGEREQUEST']._serialized_end=2866
+  _globals['_GCDECISION']._serialized_start=2868
+  _globals['_GCDECISION']._serialized_end=2948
+  _globals['_COLLECTGARBAGERESPONSE']._serialized_start=2951
+  _globals['_COLLECTGARBAGERESPONSE']._serialized_end=3214
+  _globals['_POOLMANAGERSERVICE']._serialized_start=3378
+  _globals['_POOLMANAGERSERVICE']._serialized_end=4404
 # @@protoc_insertion_point(module_scope)

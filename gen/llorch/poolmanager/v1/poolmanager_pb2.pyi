@@ -152,18 +152,20 @@ class Pool(_message.Message):
     def __init__(self, pool_id: _Optional[str] = ..., state: _Optional[_Union[PoolState, str]] = ..., model_id: _Optional[str] = ..., engine_version: _Optional[str] = ..., devices: _Optional[_Iterable[str]] = ..., slots_total: _Optional[int] = ..., slots_free: _Optional[int] = ..., n_ctx: _Optional[int] = ..., last_error: _Optional[str] = ..., cpu_only: _Optional[bool] = ..., vram_estimate_bytes: _Optional[int] = ..., vram_measured_bytes: _Optional[int] = ..., load_ms: _Optional[float] = ..., loaded_from: _Optional[str] = ..., restarts: _Optional[int] = ..., breaker_open: _Optional[bool] = ..., spare_ready: _Optional[bool] = ..., loaded_in_spare: _Optional[bool] = ..., can_load: _Optional[bool] = ..., prefix_cache: _Optional[_Union[PrefixCache, _Mapping]] = ...) -> None: ...
 
 class PrefixCache(_message.Message):
-    __slots__ = ("entries", "cells", "block_hashes", "lookup_tokens", "hit_tokens")
+    __slots__ = ("entries", "cells", "block_hashes", "lookup_tokens", "hit_tokens", "prefill_ms_per_token")
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     CELLS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     LOOKUP_TOKENS_FIELD_NUMBER: _ClassVar[int]
     HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_MS_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     entries: int
     cells: int
     block_hashes: _containers.RepeatedScalarFieldContainer[int]
     lookup_tokens: int
     hit_tokens: int
-    def __init__(self, entries: _Optional[int] = ..., cells: _Optional[int] = ..., block_hashes: _Optional[_Iterable[int]] = ..., lookup_tokens: _Optional[int] = ..., hit_tokens: _Optional[int] = ...) -> None: ...
+    prefill_ms_per_token: float
+    def __init__(self, entries: _Optional[int] = ..., cells: _Optional[int] = ..., block_hashes: _Optional[_Iterable[int]] = ..., lookup_tokens: _Optional[int] = ..., hit_tokens: _Optional[int] = ..., prefill_ms_per_token: _Optional[float] = ...) -> None: ...
 
 class PreloadPoolRequest(_message.Message):
     __slots__ = ("pool_id", "model_id")

@@ -853,9 +853,12 @@ type PrefixCache struct {
 	// Prompt tokens of the executions that finished on the pool since its pool manager started.
 	LookupTokens uint64 `protobuf:"varint,4,opt,name=lookup_tokens,json=lookupTokens,proto3" json:"lookup_tokens,omitempty"`
 	// Of those, the tokens whose cells came from the cache.
-	HitTokens     uint64 `protobuf:"varint,5,opt,name=hit_tokens,json=hitTokens,proto3" json:"hit_tokens,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	HitTokens uint64 `protobuf:"varint,5,opt,name=hit_tokens,json=hitTokens,proto3" json:"hit_tokens,omitempty"`
+	// Milliseconds reading one prompt token takes on the pool (a moving average); 0 before the
+	// worker measured it. Placement weighs a wait for this pool against the reading it saves.
+	PrefillMsPerToken float64 `protobuf:"fixed64,6,opt,name=prefill_ms_per_token,json=prefillMsPerToken,proto3" json:"prefill_ms_per_token,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
 }
 
 func (x *PrefixCache) Reset() {
@@ -919,6 +922,13 @@ func (x *PrefixCache) GetLookupTokens() uint64 {
 func (x *PrefixCache) GetHitTokens() uint64 {
 	if x != nil {
 		return x.HitTokens
+	}
+	return 0
+}
+
+func (x *PrefixCache) GetPrefillMsPerToken() float64 {
+	if x != nil {
+		return x.PrefillMsPerToken
 	}
 	return 0
 }
@@ -2123,14 +2133,15 @@ const file_llorch_poolmanager_v1_poolmanager_proto_rawDesc = "" +
 	"spareReady\x12&\n" +
 	"\x0floaded_in_spare\x18\x12 \x01(\bR\rloadedInSpare\x12\x19\n" +
 	"\bcan_load\x18\x13 \x01(\bR\acanLoad\x12E\n" +
-	"\fprefix_cache\x18\x14 \x01(\v2\".llorch.poolmanager.v1.PrefixCacheR\vprefixCache\"\xa4\x01\n" +
+	"\fprefix_cache\x18\x14 \x01(\v2\".llorch.poolmanager.v1.PrefixCacheR\vprefixCache\"\xd5\x01\n" +
 	"\vPrefixCache\x12\x18\n" +
 	"\aentries\x18\x01 \x01(\rR\aentries\x12\x14\n" +
 	"\x05cells\x18\x02 \x01(\x04R\x05cells\x12!\n" +
 	"\fblock_hashes\x18\x03 \x03(\x06R\vblockHashes\x12#\n" +
 	"\rlookup_tokens\x18\x04 \x01(\x04R\flookupTokens\x12\x1d\n" +
 	"\n" +
-	"hit_tokens\x18\x05 \x01(\x04R\thitTokens\"H\n" +
+	"hit_tokens\x18\x05 \x01(\x04R\thitTokens\x12/\n" +
+	"\x14prefill_ms_per_token\x18\x06 \x01(\x01R\x11prefillMsPerToken\"H\n" +
 	"\x12PreloadPoolRequest\x12\x17\n" +
 	"\apool_id\x18\x01 \x01(\tR\x06poolId\x12\x19\n" +
 	"\bmodel_id\x18\x02 \x01(\tR\amodelId\"F\n" +
