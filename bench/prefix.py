@@ -20,7 +20,7 @@ The last line is JSON.
 
   .venv/bin/python bench/prefix.py                    # both parts, bench-170m
   .venv/bin/python bench/prefix.py --part reuse --sessions 2 --system-tokens 400   # quick
-  python bench/prefix.py --part reuse --model 1g --devices 0 --threads 4 --system-tokens 1800
+  python bench/prefix.py --part reuse --model 1g-8k --devices 0 --threads 4 --system-tokens 4000
                                   # a GPU (scripts/gpu_check.py, prefix): cold vs warm prefill
 """
 
@@ -58,7 +58,8 @@ from mesh.server import open_channel
 from mesh.tls import TlsFiles, channel_credentials, init_ca, issue
 from provisioners.models import register_local_file
 
-MODELS = {"170m": "bench-170m", "1g": "bench-1g", "tiny": "tiny-llama"}
+MODELS = {"170m": "bench-170m", "1g": "bench-1g", "1g-8k": "bench-1g-8k", "tiny": "tiny-llama"}
+"""``1g-8k``: bench-1g's weights with an 8,192-token context, for prompts past 2,048 tokens."""
 WORDS = (
     "the orchestrator worker engine and pool queue model token stream many of them while the "
     "river under a quiet cloud of silver signal came over the mountain"

@@ -200,7 +200,12 @@ _WRITE_MODEL = """
 import sys
 from pathlib import Path
 from provisioners.tiny_model import TinyModelSpec, write_tiny_model
-specs = {"170m": TinyModelSpec.bench(), "1g": TinyModelSpec.reload_bench()}
+from dataclasses import replace
+specs = {
+    "170m": TinyModelSpec.bench(),
+    "1g": TinyModelSpec.reload_bench(),
+    "1g-8k": replace(TinyModelSpec.reload_bench(), context_length=8192, name="bench-1g-8k"),
+}
 spec = specs.get(sys.argv[2], TinyModelSpec())
 write_tiny_model(Path(sys.argv[1]), spec)
 """

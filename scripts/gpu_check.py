@@ -14,9 +14,9 @@ Phases, each printing JSON lines (also appended to OUT/gpu_check.jsonl):
   concurrency  bench/concurrency.py on GPU 0: bench-1g fully offloaded, 1, 8 and 32 streams at
                once, slots=1 against slots=32 and a serial llama-cpp-python loop (aggregate
                tokens/s, time to first token), and a 2,000-token prompt beside four streams
-  prefix       bench/prefix.py (reuse) on GPU 0: a chat's follow-up turn after a 1,800-token
-               system prompt (bench-1g's context is 2,048), its first token with the prefix
-               cache on against off: cold against warm prefill
+  prefix       bench/prefix.py (reuse) on GPU 0: a chat's follow-up turn after a 4,000-token
+               system prompt (bench-1g's weights with an 8,192-token context), its first token
+               with the prefix cache on against off: cold against warm prefill
 """
 
 from __future__ import annotations
@@ -290,24 +290,23 @@ def phase_concurrency() -> None:
 
 
 def phase_prefix() -> None:
-    paths = models()
     command = [
         sys.executable,
         "bench/prefix.py",
         "--part",
         "reuse",
         "--model",
-        "1g",
+        "1g-8k",
         "--devices",
         "0",
         "--threads",
         "4",
         "--system-tokens",
-        "1800",
+        "4000",
         "--sessions",
         "3",
         "--model-dir",
-        str(paths["1g"].parent),
+        str(WORK),
     ]
     try:
         bench = subprocess.run(command, capture_output=True, text=True, timeout=300)
