@@ -19,6 +19,7 @@ Exit statuses: launch/cli/common.py.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from launch.cli import (
@@ -41,6 +42,10 @@ GROUPS = (services, generate, chat, models, gc, engines, top, nodes, pools, cert
 """The command groups, in the order ``llorch --help`` lists them."""
 
 
+EXIT_BROKEN_PIPE = 141
+"""128 + SIGPIPE: the status a shell shows for a command whose reader closed the pipe."""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
     parser = parser_of_commands()
@@ -55,6 +60,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # Whoever read our output went away (`llorch generate ... | head`): stop quietly, as a
+        # C tool killed by SIGPIPE would, and point stdout at /dev/null so that the
+        # interpreter's last flush does not complain either. The call was cancelled on the way
+        # out (its channel closed), so the task ends CANCELLED.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
 
 
 def parser_of_commands() -> argparse.ArgumentParser:
