@@ -9,11 +9,21 @@ reads the environment.
 
 from __future__ import annotations
 
+import difflib
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import platformdirs
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -29,11 +39,18 @@ class ConfigError(Exception):
     """Settings failed validation; the message names every offending field."""
 
 
+class _Section(BaseModel):
+    """A section of the settings: a key it does not know (a misspelling in a TOML file or a
+    JSON value) is an error naming it, not a setting silently left at its default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
 def _default_data_dir() -> Path:
     return platformdirs.user_data_path("llorch")
 
 
-class TlsSettings(BaseModel):
+class TlsSettings(_Section):
     """TLS of this process (the cloud profile): the CA it trusts, its certificate and key.
 
     All three set: service ports (catalog, pool manager) take mTLS and check each caller's role;
@@ -65,7 +82,7 @@ class TlsSettings(BaseModel):
         return TlsFiles(self.ca_file, self.cert_file, self.key_file)
 
 
-class TracingSettings(BaseModel):
+class TracingSettings(_Section):
     """OpenTelemetry traces (off unless an endpoint is set)."""
 
     otlp_endpoint: str = ""
@@ -75,7 +92,7 @@ class TracingSettings(BaseModel):
     """Share of new traces kept (a caller's sampling decision is followed)."""
 
 
-class CatalogSettings(BaseModel):
+class CatalogSettings(_Section):
     """Catalog service."""
 
     listen: str = "127.0.0.1:0"
@@ -103,7 +120,7 @@ GPU_PREFILL_CHUNK_TOKENS = 512
 """A GPU reads a 512-token chunk in milliseconds: the whole batch."""
 
 
-class PoolSettings(BaseModel):
+class PoolSettings(_Section):
     """One pool: a llama.cpp worker bound to some devices, serving one model."""
 
     pool_id: str = Field(pattern=f"^{NAME_PATTERN}$")
@@ -183,7 +200,7 @@ class PoolSettings(BaseModel):
         return self
 
 
-class PoolManagerSettings(BaseModel):
+class PoolManagerSettings(_Section):
     """Pool manager (one per machine)."""
 
     listen: str = "127.0.0.1:0"
@@ -250,7 +267,7 @@ class PoolManagerSettings(BaseModel):
     pool a process (~100 MiB RAM) and, on GPU pools, the CUDA context on each GPU (~0.5 GiB)."""
 
 
-class OrchestratorSettings(BaseModel):
+class OrchestratorSettings(_Section):
     """Orchestrator."""
 
     catalog: str = ""
@@ -399,8 +416,65 @@ class Settings(BaseSettings):
 _CONFIG_FILE: dict[str, Path | None] = {"path": None}
 
 
+OTHER_VARIABLES = frozenset(
+    {"CONFIG", "GPU_CHECK_DIR"}
+    | {
+        f"GATEWAY_{flag}"
+        for flag in (
+            "LISTEN",
+            "ORCHESTRATOR",
+            "CATALOG",
+            "CA",
+            "TLS_NAME",
+            "SERVE_CERT",
+            "SERVE_KEY",
+        )
+    }
+)
+"""``LLORCH_*`` names read elsewhere: the settings file's path, the GPU check's work dir, and
+the REST edge's flags (gateway/cmd/llorch-gateway, ``LLORCH_GATEWAY_<FLAG>``)."""
+
+
+def _setting_names(model: type[BaseModel], prefix: str = "") -> set[str]:
+    """Every environment name (without ``LLORCH_``) that reaches a field of ``model``: a field,
+    and for a section every name inside it joined with ``__``."""
+    names: set[str] = set()
+    for name, info in model.model_fields.items():
+        full = f"{prefix}{name.upper()}"
+        names.add(full)
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            names |= _setting_names(annotation, f"{full}__")
+    return names
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """The ``LLORCH_*`` variables of ``environ`` that name no setting (case-insensitive, as
+    pydantic-settings reads them), each with the closest known name when there is one."""
+    known = (
+        _setting_names(Settings)
+        | {name.upper() for name in ClientSettings.model_fields}
+        | OTHER_VARIABLES
+    )
+    out: list[str] = []
+    for variable in sorted(environ):
+        if not variable.upper().startswith("LLORCH_"):
+            continue
+        name = variable.upper().removeprefix("LLORCH_")
+        if name in known:
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        out.append(f"{variable} (did you mean LLORCH_{close[0]}?)" if close else variable)
+    return out
+
+
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
-    """Builds and validates the settings; raises ConfigError naming each bad field."""
+    """Builds and validates the settings; raises ConfigError naming each bad field, and each
+    ``LLORCH_*`` environment variable that names no setting (a misspelt one would otherwise be
+    ignored without a word)."""
+    unknown = unknown_variables(os.environ)
+    if unknown:
+        raise ConfigError(f"unknown environment variables: {'; '.join(unknown)}")
     if config_file is not None and not config_file.is_file():
         raise ConfigError(f"config file {config_file} does not exist")
     _CONFIG_FILE["path"] = config_file

@@ -170,3 +170,49 @@ def test_pool_names_with_double_dots_are_refused(field: str) -> None:
     values = {"pool_id": "p0", "model_id": "m0", field: "a..b"}
     with pytest.raises(ValidationError):
         PoolSettings(**values)
+
+
+@pytest.mark.parametrize(
+    ("variable", "hint"),
+    [
+        # The section is orchestrator_service: this one was silently ignored before.
+        ("LLORCH_ORCHESTRATOR__QUEUE_CAPACITY", "LLORCH_ORCHESTRATOR_SERVICE__QUEUE_CAPACITY"),
+        ("LLORCH_POOL_MANAGER__NODEID", "LLORCH_POOL_MANAGER__NODE_ID"),
+        ("llorch_listn", "LLORCH_LISTEN"),
+        ("LLORCH_SOMETHING_ELSE_ENTIRELY", None),
+    ],
+)
+def test_an_environment_variable_that_names_no_setting_is_refused(
+    monkeypatch: pytest.MonkeyPatch, variable: str, hint: str | None
+) -> None:
+    monkeypatch.setenv(variable, "7")
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert variable in str(info.value)
+    if hint is not None:
+        assert f"did you mean {hint}?" in str(info.value)
+
+
+def test_every_known_variable_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in {
+        "LLORCH_ORCHESTRATOR_SERVICE__PREFIX_WAIT_S": "2",
+        "LLORCH_POOL_MANAGER__POOLS": "[]",
+        "LLORCH_TRACING__OTLP_ENDPOINT": "",
+        "LLORCH_CATALOG_SERVICE__LISTEN": "127.0.0.1:0",
+        "LLORCH_ORCHESTRATOR": "127.0.0.1:1",  # the client commands' address
+        "LLORCH_API_KEY": "k",
+        "LLORCH_GATEWAY_LISTEN": "127.0.0.1:0",
+        "LLORCH_GATEWAY_SERVE_CERT": "",  # the REST edge's own flag
+        "LLORCH_CONFIG": "",
+    }.items():
+        monkeypatch.setenv(name, value)
+    assert load_settings().orchestrator_service.prefix_wait_s == 2
+
+
+def test_an_unknown_key_inside_a_section_is_refused(tmp_path: Path) -> None:
+    path = write_toml(tmp_path, "[orchestrator_service]\nqueue_capacityy = 3\n")
+    with pytest.raises(ConfigError, match="queue_capacityy"):
+        load_settings(path)
+    pools = '[pool_manager]\npools = [{pool_id = "p", model_id = "m", slotz = 2}]\n'
+    with pytest.raises(ConfigError, match="slotz"):
+        load_settings(write_toml(tmp_path, pools))
