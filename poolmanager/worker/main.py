@@ -5,7 +5,8 @@ ahead of need as a spare (``--spare``): it then starts the engine and creates th
 contexts, sends ``Spare``, and waits for a ``Load`` carrying the ``LoadSpec`` it would have been
 started with; from there on it is an ordinary worker. Native code that prints to stdout cannot
 corrupt the event stream because fd 1 is pointed at stderr at start and events go to a private
-copy of the pipe.
+copy of the pipe. SIGINT is ignored: the pool manager stops a worker by closing its stdin (or
+with SIGTERM or SIGKILL).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
+import signal
 import sys
 import time
 from typing import get_args
@@ -221,6 +223,10 @@ def serve(spec: LoadSpec, out: EventWriter, commands: CommandReader) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Ctrl-C in a terminal signals the whole process group, workers too. The pool manager
+    # stops its workers itself (it closes their stdin), so a worker does not die under it
+    # first: that would be a crash to restart, and a traceback on the terminal.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     parser = _parser()
     args = parser.parse_args(argv)
     if not args.spare and not args.model:

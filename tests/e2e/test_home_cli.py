@@ -274,3 +274,51 @@ def test_up_serves_grpc_when_the_rest_port_is_taken(tmp_path: Path) -> None:
         finally:
             proc.kill()
             proc.wait()
+
+
+def test_ctrl_c_to_the_whole_process_group_stops_up_without_errors(tmp_path: Path) -> None:
+    """A terminal's Ctrl-C signals every process of the group, workers and spares too; the
+    stop must read as a normal one: no traceback, no ERROR, status 0."""
+    env = {
+        **os.environ,
+        "LLORCH_DATA_DIR": str(tmp_path / "data"),
+        "LLORCH_LISTEN": "127.0.0.1:0",
+        "LLORCH_GATEWAY_LISTEN": "127.0.0.1:0",
+    }
+    log = tmp_path / "up.log"
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(
+            [*LLORCH, "up"],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            env=env,
+            start_new_session=True,  # its own process group, as a terminal gives it
+        )
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            assert line.startswith("llorch ready"), log.read_text()[-2000:]
+            address = line.split()[3]
+            ran = _run(
+                "generate",
+                "--orchestrator",
+                address,
+                "--model",
+                "tiny-llama",
+                "hi",
+                data_dir=tmp_path / "data",
+            )
+            assert ran.returncode == 0, ran.stderr
+            deadline = time.monotonic() + 20
+            while len(_children(proc.pid)) < 2 and time.monotonic() < deadline:
+                time.sleep(0.1)  # the worker and its spare
+            os.killpg(proc.pid, signal.SIGINT)
+            assert proc.wait(timeout=30) == 0
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    text = log.read_text()
+    assert "Traceback" not in text, text[-3000:]
+    assert '"level": "ERROR"' not in text, text[-3000:]
