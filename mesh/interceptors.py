@@ -221,3 +221,91 @@ class _CorrelationUnaryStream(grpc.aio.UnaryStreamClientInterceptor):
 def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
     """Interceptors every mesh channel carries: the correlation id on outgoing calls."""
     return [_CorrelationUnaryUnary(), _CorrelationUnaryStream()]
+
+
+class _Malformed:
+    """What a request that is not a valid message deserializes to (never the bytes)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
+    """Bytes that are not a valid request message end INVALID_ARGUMENT naming the message type,
+    logged at WARNING without the bytes. Without it grpc's own deserialization fails first and
+    the call ends UNKNOWN with "Unexpected <class 'google.protobuf.message.DecodeError'>".
+
+    It stands first among a server's interceptors, so the request it hands on is a message;
+    for client-streaming methods each message is checked as it is read."""
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        deserialize = handler.request_deserializer
+        owner = getattr(deserialize, "__self__", None)
+        descriptor = getattr(owner, "DESCRIPTOR", None)
+        type_name = getattr(descriptor, "full_name", "request message")
+        method = details.method
+
+        def safe(data: bytes) -> Any:
+            try:
+                return deserialize(data)
+            except Exception as exc:  # DecodeError, or anything a bad message provokes
+                return _Malformed(exc)
+
+        async def refuse(request: _Malformed, context: grpc.aio.ServicerContext) -> None:
+            _log.warning(
+                "malformed request refused",
+                extra={"method": method, "error": type(request.error).__name__},
+            )
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid {type_name}"
+            )
+
+        async def checked(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            async for request in requests:
+                if isinstance(request, _Malformed):
+                    await refuse(request, context)
+                yield request
+
+        if handler.request_streaming and handler.response_streaming:
+            inner = handler.stream_stream
+
+            def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+                return inner(checked(requests, context), context)
+
+            return grpc.stream_stream_rpc_method_handler(
+                stream_stream, safe, handler.response_serializer
+            )
+        if handler.request_streaming:
+            inner_su = handler.stream_unary
+
+            def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+                return inner_su(checked(requests, context), context)
+
+            return grpc.stream_unary_rpc_method_handler(
+                stream_unary, safe, handler.response_serializer
+            )
+        if handler.response_streaming:
+            inner_us = handler.unary_stream
+
+            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                if isinstance(request, _Malformed):
+                    await refuse(request, context)
+                async for response in inner_us(request, context):
+                    yield response
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream, safe, handler.response_serializer
+            )
+        inner_uu = handler.unary_unary
+
+        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if isinstance(request, _Malformed):
+                await refuse(request, context)
+            return await inner_uu(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(unary_unary, safe, handler.response_serializer)

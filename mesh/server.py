@@ -17,7 +17,11 @@ from grpc_reflection.v1alpha import reflection
 
 from mesh.apikeys import ApiKeyStore
 from mesh.auth import Authorizer, CertAuthorizer, KeyAuthorizer
-from mesh.interceptors import MeshServerInterceptor, client_interceptors
+from mesh.interceptors import (
+    MalformedRequestInterceptor,
+    MeshServerInterceptor,
+    client_interceptors,
+)
 from mesh.tls import TlsFiles, channel_credentials, server_credentials
 
 # Tokens are small, prompts are bounded by settings; 16 MiB leaves room for large prompts.
@@ -81,7 +85,7 @@ class MeshServer:
         """Also answers grpc.health.v1 alone, in plaintext, on ``address`` (its port): for
         probes that cannot speak TLS, such as the kubelet's gRPC probes. Nothing but health is
         there, so it may listen off loopback; it stops with this server."""
-        probe = grpc.aio.server(options=_OPTIONS)
+        probe = grpc.aio.server(interceptors=[MalformedRequestInterceptor()], options=_OPTIONS)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, probe)
         port = probe.add_insecure_port(address)
         if port == 0:
@@ -124,7 +128,10 @@ async def create_server(
             "needs tls.ca_file, tls.cert_file and tls.key_file (make them with `llorch certs "
             "init` and `llorch certs issue`), or listen on 127.0.0.1"
         )
-    server = grpc.aio.server(interceptors=[MeshServerInterceptor(authorize)], options=_OPTIONS)
+    server = grpc.aio.server(
+        interceptors=[MalformedRequestInterceptor(), MeshServerInterceptor(authorize)],
+        options=_OPTIONS,
+    )
     for binding in services:
         binding.add(server)
     health_servicer = health.aio.HealthServicer()
