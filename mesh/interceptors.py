@@ -237,12 +237,13 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
     logged at WARNING without the bytes. Without it grpc's own deserialization fails first and
     the call ends UNKNOWN with "Unexpected <class 'google.protobuf.message.DecodeError'>".
 
-    It stands first among a server's interceptors, so the request it hands on is a message;
-    for client-streaming methods each message is checked as it is read."""
+    It stands first among a server's interceptors, so the request it hands on is a message.
+    Methods that stream requests (none of ours; reflection's) are left as grpc handles them."""
 
     async def intercept_service(self, continuation: Any, details: Any) -> Any:
         handler = await continuation(details)
-        if handler is None or handler.request_deserializer is None:
+        if handler is None or handler.request_deserializer is None or handler.request_streaming:
+            # No llorch method streams requests; reflection's does, and keeps grpc's handling.
             return handler
         deserialize = handler.request_deserializer
         owner = getattr(deserialize, "__self__", None)
@@ -265,30 +266,6 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
                 grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid {type_name}"
             )
 
-        async def checked(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-            async for request in requests:
-                if isinstance(request, _Malformed):
-                    await refuse(request, context)
-                yield request
-
-        if handler.request_streaming and handler.response_streaming:
-            inner = handler.stream_stream
-
-            def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-                return inner(checked(requests, context), context)
-
-            return grpc.stream_stream_rpc_method_handler(
-                stream_stream, safe, handler.response_serializer
-            )
-        if handler.request_streaming:
-            inner_su = handler.stream_unary
-
-            def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-                return inner_su(checked(requests, context), context)
-
-            return grpc.stream_unary_rpc_method_handler(
-                stream_unary, safe, handler.response_serializer
-            )
         if handler.response_streaming:
             inner_us = handler.unary_stream
 
