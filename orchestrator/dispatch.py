@@ -198,13 +198,7 @@ class Dispatcher:
 
         for task in self._placeable(open_models, still_open):
             starving = swaps and is_starving(task.spec.priority, now - task.created)
-            key = decision_key(
-                task,
-                starving,
-                views,
-                affinity=self.prefix_affinity,
-                prefix_waited_s=self._prefix_waited(task, now),
-            )
+            key = self._key(task, starving, views, now)
             decision = memo.get(key)
             if decision is None:
                 decision = self._decide(self._placement_input(task, views, demand, now))
@@ -343,6 +337,18 @@ class Dispatcher:
             bytes_per_token=self._forecaster.bytes_per_token(model_id),
         )
 
+    def _key(
+        self, task: Task, starving: bool, views: Sequence[PoolView], now: float
+    ) -> DecisionKey:
+        """The task's decision key now (``decision_key`` with this dispatcher's settings)."""
+        return decision_key(
+            task,
+            starving,
+            views,
+            affinity=self.prefix_affinity,
+            prefix_waited_s=self._prefix_waited(task, now),
+        )
+
     @staticmethod
     def _prefix_waited(task: Task, now: float) -> float:
         """How long the task has waited for a busy pool holding its prompt's start."""
@@ -352,18 +358,13 @@ class Dispatcher:
         self, task: Task, now: float, decision: PlacementDecision | None = None
     ) -> None:
         """Placement reasons for a task queued while no pool could take it."""
-        views = list(self._registry.views())
-        key = decision_key(
-            task,
-            False,
-            views,
-            affinity=self.prefix_affinity,
-            prefix_waited_s=self._prefix_waited(task, now),
-        )
-        decision = decision or self._memo.get(key)
         if decision is None:
-            decision = self._decide(self._placement_input(task, views, {}, now))
-            self._memo[key] = decision
+            views = list(self._registry.views())
+            key = self._key(task, False, views, now)
+            decision = self._memo.get(key)
+            if decision is None:
+                decision = self._decide(self._placement_input(task, views, {}, now))
+                self._memo[key] = decision
         self._note_placement(task, decision)
 
     def _note_placement(self, task: Task, decision: PlacementDecision) -> None:

@@ -268,20 +268,27 @@ def phase_concurrency() -> None:
         "--model-dir",
         str(paths["1g"].parent),
     ]
+    _run_bench("concurrency_bench", command, timeout_s=420, echo=True)
+
+
+def _run_bench(check: str, command: list[str], *, timeout_s: float, echo: bool = False) -> None:
+    """Runs a bench/ script and emits its last (JSON) line as ``check``, or why it failed;
+    ``echo``: its other lines are printed too."""
     try:
-        bench = subprocess.run(command, capture_output=True, text=True, timeout=420)
+        bench = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired as exc:
-        emit({"check": "concurrency_bench", "error": f"timed out: {exc}"})
+        emit({"check": check, "error": f"timed out: {exc}"})
         return
     lines = bench.stdout.strip().splitlines()
     if bench.returncode == 0 and lines:
-        emit({"check": "concurrency_bench", **json.loads(lines[-1])})
-        for line in lines[:-1]:
-            print(line, flush=True)
+        emit({"check": check, **json.loads(lines[-1])})
+        if echo:
+            for line in lines[:-1]:
+                print(line, flush=True)
     else:
         emit(
             {
-                "check": "concurrency_bench",
+                "check": check,
                 "returncode": bench.returncode,
                 "stdout": bench.stdout[-2000:],
                 "error": bench.stderr[-3000:],
@@ -308,23 +315,7 @@ def phase_prefix() -> None:
         "--model-dir",
         str(WORK),
     ]
-    try:
-        bench = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    except subprocess.TimeoutExpired as exc:
-        emit({"check": "prefix_bench", "error": f"timed out: {exc}"})
-        return
-    lines = bench.stdout.strip().splitlines()
-    if bench.returncode == 0 and lines:
-        emit({"check": "prefix_bench", **json.loads(lines[-1])})
-    else:
-        emit(
-            {
-                "check": "prefix_bench",
-                "returncode": bench.returncode,
-                "stdout": bench.stdout[-2000:],
-                "error": bench.stderr[-3000:],
-            }
-        )
+    _run_bench("prefix_bench", command, timeout_s=300)
 
 
 async def _vram_refusal(model: Path) -> None:

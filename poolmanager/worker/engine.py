@@ -490,26 +490,6 @@ class LlamaEngine:
         self._ll.llama_memory_seq_cp(self._mem, src, dst, 0, n)
         self._pos[dst].next_pos = n
 
-    def truncate(self, seq_id: int, n: int) -> None:
-        """Frees the cells of ``seq_id`` from position ``n`` on; it goes on at ``n``.
-
-        Raises:
-            EngineMisuse: out of range, or llama.cpp cannot cut this model's memory there.
-        """
-        self._check_id(seq_id)
-        if not 0 <= n <= self._pos[seq_id].next_pos:
-            raise EngineMisuse(f"sequence {seq_id} has {self._pos[seq_id].next_pos} cells, not {n}")
-        if n == self._pos[seq_id].next_pos:
-            return
-        if not self._ll.llama_memory_seq_rm(self._mem, seq_id, n, -1):
-            raise EngineMisuse(f"llama.cpp cannot cut sequence {seq_id} at position {n}")
-        self._pos[seq_id].next_pos = n
-
-    def next_pos(self, seq_id: int) -> int:
-        """The position the sequence's next token takes (its cells are 0..next-1)."""
-        self._check_id(seq_id)
-        return self._pos[seq_id].next_pos
-
     def cells_used(self, seq_id: int) -> int:
         """Cells a sequence holds (its positions are 0..n-1)."""
         return int(self._ll.llama_memory_seq_pos_max(self._mem, seq_id)) + 1
