@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from catalog.servicer import CatalogServicer
 from catalog.store import CatalogStore
-from mesh.server import MeshServer, create_server, service_security
+from mesh.server import CATALOG_MESSAGE_BYTES, MeshServer, create_server, service_security
 from mesh.settings import Settings
 
 
@@ -39,5 +39,6 @@ async def start_catalog(settings: Settings) -> CatalogApp:
         [servicer.binding()],
         credentials=credentials,
         authorize=authorize,
+        max_message_bytes=CATALOG_MESSAGE_BYTES,
     )
     return CatalogApp(server, store)

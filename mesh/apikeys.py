@@ -10,7 +10,7 @@ of model ids and an optional rate limit in tasks per second.
 The store is one SQLite file (WAL) beside the orchestrator's journal. ``llorch keys`` writes it
 directly on the orchestrator's machine; the orchestrator reads it and notices every change
 within ``refresh_s`` (SQLite's ``data_version``), so a revoked key stops working without a
-restart.
+restart, and the streams it opened end (mesh.auth, mesh.interceptors).
 """
 
 from __future__ import annotations
@@ -99,6 +99,7 @@ class ApiKeyStore:
         self._version = -1
         self._dirty = True
         self._checked_at = float("-inf")
+        self._generation = 0
         self._reload()
 
     def close(self) -> None:
@@ -183,10 +184,7 @@ class ApiKeyStore:
         """
         match = _KEY_RE.fullmatch(presented)
         with self._lock:
-            now = time.monotonic()
-            if now - self._checked_at >= self._refresh_s:
-                self._checked_at = now
-                self._reload()
+            self._reload_if_due()
             found = self._keys.get(match[1]) if match else None
             if found is None and match:
                 # A key made a moment ago: the file's version says whether to read it again
@@ -199,6 +197,27 @@ class ApiKeyStore:
             return None
         return key
 
+    def is_revoked(self, key_id: str) -> bool:
+        """Whether the key ``key_id`` is revoked (or gone), as the file reads now (within
+        ``refresh_s``)."""
+        with self._lock:
+            self._reload_if_due()
+            found = self._keys.get(key_id)
+        return found is None or found[1].revoked
+
+    def generation(self) -> int:
+        """A number that moves each time the records are read again after a change (within
+        ``refresh_s`` of it): a key may have been revoked."""
+        with self._lock:
+            self._reload_if_due()
+            return self._generation
+
+    def _reload_if_due(self) -> None:
+        now = time.monotonic()
+        if now - self._checked_at >= self._refresh_s:
+            self._checked_at = now
+            self._reload()
+
     def _reload(self) -> None:
         """Reads every record again if the file changed since the last read (lock held)."""
         # data_version moves when another connection (``llorch keys``) committed; this
@@ -207,6 +226,7 @@ class ApiKeyStore:
         if version == self._version and not self._dirty:
             return
         self._version, self._dirty = version, False
+        self._generation += 1
         keys = {}
         for row in self._conn.execute("SELECT * FROM api_keys"):
             keys[row[0]] = (

@@ -7,8 +7,14 @@
 
 Every RPC is denied unless ``POLICY`` names it; grpc.health.v1 is open to anyone (probes and load
 balancers carry no identity) and reflection to any authenticated caller. A refusal is
-UNAUTHENTICATED (no identity, a bad or revoked key) or PERMISSION_DENIED (a role the RPC does not
-allow), and is logged with the caller's identity or key fingerprint, never the key.
+UNAUTHENTICATED (no identity, a bad or revoked key, a revoked certificate) or PERMISSION_DENIED
+(a role the RPC does not allow), and is logged with the caller's identity or key fingerprint,
+never the key.
+
+Revocation reaches calls already running, too: each authorizer's ``recheck`` says whether a
+caller still holds; mesh.interceptors asks it for every open stream within about a second of a
+revocation (a key revoked with ``llorch keys revoke``, a certificate put on the denylist of
+mesh.revocation), and ends the streams of callers that no longer do.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import time
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
@@ -29,6 +35,7 @@ from mesh.errors import (
     ResourceExhaustedError,
     UnauthenticatedError,
 )
+from mesh.revocation import CertId, Denylist, cert_id_of_pem
 from mesh.tls import peer_identity
 
 _log = logs.get_logger("auth")
@@ -120,6 +127,10 @@ class Caller:
     """The key's tenant (API keys only)."""
     models: frozenset[str] = field(default_factory=frozenset)
     """Model ids the key may use; empty: all."""
+    cert: CertId | None = None
+    """The certificate the caller presented (certificate callers only)."""
+    key_id: str = ""
+    """The key's id (API key callers only)."""
 
     def may_use(self, model_id: str) -> bool:
         return not self.models or model_id in self.models
@@ -133,9 +144,24 @@ class Caller:
 caller: ContextVar[Caller | None] = ContextVar("caller", default=None)
 """The authenticated caller of the current RPC; None where the server runs without auth."""
 
-Authorizer = Callable[[str, grpc.aio.ServicerContext, Any], Caller | None]
-"""Checks one call (full method name, context, request or request iterator); returns the
-caller, None for open methods, or raises UnauthenticatedError / PermissionDeniedError."""
+
+class Authorizer(Protocol):
+    """Checks the callers of one server."""
+
+    def __call__(
+        self, method: str, context: grpc.aio.ServicerContext, request: Any
+    ) -> Caller | None:
+        """Checks one call (full method name, context, request or request iterator); returns
+        the caller, None for open methods, or raises UnauthenticatedError /
+        PermissionDeniedError."""
+
+    def recheck(self, who: Caller) -> UnauthenticatedError | None:
+        """Why a caller admitted before no longer holds (its key or certificate revoked since),
+        or None while it does. Cheap: it runs for every open stream after each change."""
+
+    def generation(self) -> int:
+        """A number that moves when a revocation may have happened (the key file or the
+        denylist changed), so open streams need a recheck."""
 
 
 def _allowed(method: str, role: str, who: str) -> None:
@@ -168,7 +194,11 @@ def require_own_node(node_id: str, what: str, *, any_node_id: bool = False) -> N
 
 
 class CertAuthorizer:
-    """mTLS service ports: the role comes from the verified client certificate."""
+    """mTLS service ports: the role comes from the verified client certificate, which must not
+    be on the denylist (mesh.revocation)."""
+
+    def __init__(self, denylist: Denylist | None = None) -> None:
+        self._denylist = denylist or Denylist(None)
 
     def __call__(
         self, method: str, context: grpc.aio.ServicerContext, request: Any
@@ -182,8 +212,28 @@ class CertAuthorizer:
                 "this port needs a client certificate with a llama-orch role (llorch certs issue)",
                 reason="NO_CLIENT_CERTIFICATE",
             )
+        pem = (context.auth_context() or {}).get("x509_pem_cert")
+        cert = cert_id_of_pem(pem[0]) if pem else None
+        who = Caller(identity.role, identity.name, cert=cert)
+        refusal = self.recheck(who)
+        if refusal is not None:
+            _log.warning(
+                "revoked certificate refused", extra={"method": method, "peer": str(identity)}
+            )
+            raise refusal
         _allowed(method, identity.role, str(identity))
-        return Caller(identity.role, identity.name)
+        return who
+
+    def recheck(self, who: Caller) -> UnauthenticatedError | None:
+        if who.cert is None or not self._denylist.revoked(who.cert):
+            return None
+        return UnauthenticatedError(
+            f"certificate {who.role}/{who.name} (serial {who.cert.serial_hex}) is revoked",
+            reason="CERTIFICATE_REVOKED",
+        )
+
+    def generation(self) -> int:
+        return self._denylist.refresh()
 
 
 class KeyAuthorizer:
@@ -234,4 +284,14 @@ class KeyAuthorizer:
                     reason="RATE_LIMITED",
                     retry_delay_s=wait_s,
                 )
-        return Caller(key.role, key.fingerprint, key.tenant, frozenset(key.models))
+        return Caller(
+            key.role, key.fingerprint, key.tenant, frozenset(key.models), key_id=key.key_id
+        )
+
+    def recheck(self, who: Caller) -> UnauthenticatedError | None:
+        if not who.key_id or not self._keys.is_revoked(who.key_id):
+            return None
+        return UnauthenticatedError(f"API key {who.name} is revoked", reason="API_KEY_REVOKED")
+
+    def generation(self) -> int:
+        return self._keys.generation()

@@ -57,12 +57,69 @@ def correlation_from_metadata(metadata: Any) -> str:
     return new_correlation_id()
 
 
+RECHECK_S = 0.5
+"""How often open streams of authenticated callers are checked against revocations."""
+
+
+class _OpenStreams:
+    """The streams of authenticated callers that are open on a server, rechecked while any is:
+    all of them when the authorizer's generation moved (a key file or denylist changed), those
+    opened since the last look otherwise. A stream whose caller no longer holds is cancelled,
+    and ends with the authorizer's reason (``refusal``)."""
+
+    def __init__(self, authorize: auth.Authorizer) -> None:
+        self._authorize = authorize
+        self._calls: dict[asyncio.Task[Any], auth.Caller] = {}
+        self._fresh: set[asyncio.Task[Any]] = set()
+        self._refusals: dict[asyncio.Task[Any], LlorchError] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+        self._generation = -1
+
+    def add(self, task: asyncio.Task[Any], who: auth.Caller) -> None:
+        self._calls[task] = who
+        self._fresh.add(task)
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    def discard(self, task: asyncio.Task[Any]) -> LlorchError | None:
+        """Forgets a stream that ended; why it was ended, when the sweep ended it."""
+        self._calls.pop(task, None)
+        self._fresh.discard(task)
+        return self._refusals.pop(task, None)
+
+    async def _sweep(self) -> None:
+        try:
+            while self._calls:
+                await asyncio.sleep(RECHECK_S)
+                generation = self._authorize.generation()
+                if generation != self._generation:
+                    self._generation = generation
+                    suspects = list(self._calls)
+                else:
+                    suspects = [t for t in self._fresh if t in self._calls]
+                self._fresh.clear()
+                for task in suspects:
+                    refusal = self._authorize.recheck(self._calls[task])
+                    if refusal is not None and task not in self._refusals:
+                        _log.warning(
+                            "ending the stream of a revoked caller",
+                            extra={"peer": self._calls[task].name, "reason": refusal.reason},
+                        )
+                        self._refusals[task] = refusal
+                        task.cancel()
+        except Exception:
+            _log.exception("rechecking open streams failed")
+        finally:
+            self._sweeper = None
+
+
 class MeshServerInterceptor(AsyncServerInterceptor):
-    """Correlation ids, authorization (when the server has an authorizer) and error mapping for
-    every RPC of a server."""
+    """Correlation ids, authorization (when the server has an authorizer), the end of streams
+    whose caller is revoked meanwhile, and error mapping for every RPC of a server."""
 
     def __init__(self, authorize: auth.Authorizer | None = None) -> None:
         self._authorize = authorize
+        self._open = _OpenStreams(authorize) if authorize is not None else None
 
     async def intercept(
         self,
@@ -86,10 +143,12 @@ class MeshServerInterceptor(AsyncServerInterceptor):
             # as the correlation id does.
             otel_context.attach(trace.set_span_in_context(span))
         streaming = False
+        who = None
         try:
             if self._authorize is not None:
                 try:
-                    auth.caller.set(self._authorize(method_name, context, request_or_iterator))
+                    who = self._authorize(method_name, context, request_or_iterator)
+                    auth.caller.set(who)
                 except LlorchError as err:
                     tracing.end_rpc_span(span, err)
                     await _abort(context, err, method_name)
@@ -103,7 +162,7 @@ class MeshServerInterceptor(AsyncServerInterceptor):
                 response = method(request_or_iterator, context)
                 if hasattr(response, "__aiter__"):
                     streaming = True
-                    return self._stream(response, context, method_name, echo, span)
+                    return self._stream(response, context, method_name, echo, span, who)
                 result = await response
                 await _settle(echo)
                 tracing.end_rpc_span(span, None)
@@ -134,9 +193,13 @@ class MeshServerInterceptor(AsyncServerInterceptor):
         method_name: str,
         echo: asyncio.Future[None],
         span: trace.Span | None,
+        who: auth.Caller | None,
     ) -> AsyncIterator[Any]:
         failure: BaseException | None = None
         aborted_code = None
+        task = asyncio.current_task()
+        if who is not None and self._open is not None and task is not None:
+            self._open.add(task, who)
         try:
             async for response in responses:
                 if not echo.done():
@@ -155,10 +218,22 @@ class MeshServerInterceptor(AsyncServerInterceptor):
             failure = exc
             await _settle(echo)
             await _abort_internal(context, method_name)
-        except BaseException as exc:  # cancelled: the caller went away
+        except asyncio.CancelledError as exc:
+            refusal = self._open.discard(task) if self._open is not None and task else None
+            failure = refusal or exc
+            if refusal is None or task is None:
+                raise  # the caller went away
+            # Cancelled by _OpenStreams: the caller's key or certificate was revoked.
+            task.uncancel()
+            if not echo.cancelled():
+                await _settle(echo)
+            await _abort(context, refusal, method_name)
+        except BaseException as exc:
             failure = exc
             raise
         finally:
+            if self._open is not None and task is not None:
+                self._open.discard(task)
             echo.cancel()
             tracing.end_rpc_span(span, failure, aborted_code)
 

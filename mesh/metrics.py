@@ -3,20 +3,35 @@
 Each service keeps its metrics in its own ``CollectorRegistry`` (orchestrator/metrics.py,
 poolmanager/metrics.py); the process serves them together at ``/metrics``. With TLS settings
 the endpoint is HTTPS and asks for a client certificate from the mesh's CA (Prometheus's
-``tls_config`` gives one); without TLS it stays on loopback, like every other port.
+``tls_config`` gives one) whose role may read metrics (``METRICS_ROLES``: a ``metrics``
+certificate made for the scraper, or an operator's or orchestrator's) and which is not on the
+denylist (mesh.revocation); others get 403. Without TLS it stays on loopback, like every other
+port.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import socket
+import ssl
+import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+from prometheus_client import CollectorRegistry, ProcessCollector, make_wsgi_app, start_http_server
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
+from mesh import logs
+from mesh.revocation import Denylist, cert_id
 from mesh.server import InsecureListenError, is_loopback
-from mesh.tls import TlsFiles
+from mesh.tls import TlsFiles, identity_of_uri
+
+METRICS_ROLES = frozenset({"metrics", "operator", "orchestrator"})
+"""Certificate roles that may scrape /metrics over TLS."""
+_HANDSHAKE_TIMEOUT_S = 10.0
+_log = logs.get_logger("metrics")
 
 
 class _Union(Collector):
@@ -59,15 +74,76 @@ def serve_metrics(
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Union(registries))
     ProcessCollector(registry=registry)  # CPU, memory, open files of the process
-    options: dict[str, Any] = {}
-    if tls is not None:
-        options = {
-            "certfile": str(tls.cert),
-            "keyfile": str(tls.key),
-            "client_cafile": str(tls.ca),
-            "client_auth_required": True,
-        }
-    server, _thread = start_http_server(
-        int(port), addr=host.strip("[]") or "127.0.0.1", registry=registry, **options
+    bind = host.strip("[]") or "127.0.0.1"
+    if tls is None:
+        server, _thread = start_http_server(int(port), addr=bind, registry=registry)
+        return MetricsEndpoint(int(server.server_port), server)
+    return _serve_tls(bind, int(port), registry, tls)
+
+
+def _serve_tls(host: str, port: int, registry: CollectorRegistry, tls: TlsFiles) -> MetricsEndpoint:
+    if tls.cert is None or tls.key is None:
+        raise ValueError("an HTTPS metrics endpoint needs tls.cert_file and tls.key_file")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(tls.ca))
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_cert_chain(str(tls.cert), str(tls.key))
+    denylist = Denylist(tls.denylist)
+
+    class Server(ThreadingWSGIServer):
+        address_family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            # A scraper without a certificate, or one that hung up: not this process's error.
+            _log.info("metrics request failed", extra={"peer": str(client_address[0])})
+
+    httpd = make_server(
+        host, port, _role_checked(make_wsgi_app(registry), denylist), Server, _TlsHandler
     )
-    return MetricsEndpoint(int(server.server_port), server)
+    # The handshake runs in each request's thread (_TlsHandler.setup), so a slow or silent
+    # peer holds up only itself, not the accepting thread.
+    httpd.socket = context.wrap_socket(
+        httpd.socket, server_side=True, do_handshake_on_connect=False
+    )
+    threading.Thread(target=httpd.serve_forever, name="metrics", daemon=True).start()
+    return MetricsEndpoint(int(httpd.server_port), httpd)
+
+
+class _TlsHandler(WSGIRequestHandler):
+    """Handshakes, then hands the verified peer certificate to the app in the environ."""
+
+    timeout = _HANDSHAKE_TIMEOUT_S
+
+    def setup(self) -> None:
+        self.request.settimeout(self.timeout)
+        self.request.do_handshake()
+        super().setup()
+
+    def get_environ(self) -> dict[str, Any]:
+        environ = super().get_environ()
+        environ["llorch.peer_der"] = self.request.getpeercert(binary_form=True)
+        environ["llorch.peer_sans"] = (self.request.getpeercert() or {}).get("subjectAltName", ())
+        return environ
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Logs nothing per request."""
+
+
+def _role_checked(app: Callable[..., Any], denylist: Denylist) -> Callable[..., Any]:
+    def guarded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        uris = [value for kind, value in environ.get("llorch.peer_sans", ()) if kind == "URI"]
+        identity = next((i for i in map(identity_of_uri, uris) if i is not None), None)
+        der = environ.get("llorch.peer_der")
+        refusal = ""
+        if identity is None:
+            refusal = "the certificate names no llama-orch role"
+        elif identity.role not in METRICS_ROLES:
+            refusal = f"{identity} may not read metrics (roles {', '.join(sorted(METRICS_ROLES))})"
+        elif der and denylist.revoked(cert_id(der)):
+            refusal = f"certificate {identity} is revoked"
+        if refusal:
+            _log.warning("metrics scrape refused", extra={"peer": str(identity), "error": refusal})
+            start_response("403 Forbidden", [("Content-Type", "text/plain; charset=utf-8")])
+            return [refusal.encode() + b"\n"]
+        return app(environ, start_response)
+
+    return guarded

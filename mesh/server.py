@@ -22,18 +22,38 @@ from mesh.interceptors import (
     MeshServerInterceptor,
     client_interceptors,
 )
+from mesh.revocation import Denylist
 from mesh.tls import TlsFiles, channel_credentials, server_credentials
 
-# Tokens are small, prompts are bounded by settings; 16 MiB leaves room for large prompts.
-_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-_OPTIONS = [
-    ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+_MiB = 1024 * 1024
+CLIENT_PORT_MESSAGE_BYTES = 16 * _MiB
+"""The largest request the orchestrator's client port takes: a SubmitTasks batch of many
+prompts (each within ``max_prompt_bytes``); more than that, or than one prompt's limit plus
+1 MiB, is refused by gRPC itself with RESOURCE_EXHAUSTED."""
+NODE_PORT_MESSAGE_BYTES = 64 * 1024
+"""RegisterNode carries a node id and an address."""
+CATALOG_MESSAGE_BYTES = 8 * _MiB
+"""A model record holds at most 512 KiB of control tokens (catalog.store)."""
+POOL_MANAGER_MESSAGE_BYTES = 32 * _MiB
+"""Execute carries a prompt of up to ``max_prompt_bytes`` (at most 16 MiB) and its grammar."""
+PROBE_MESSAGE_BYTES = 64 * 1024
+"""The plaintext health port: a service name."""
+_CHANNEL_MESSAGE_BYTES = 32 * _MiB  # calls between services: the receiving server decides
+_KEEPALIVE = [
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
 ]
+
+
+def _options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max(max_message_bytes, 16 * _MiB)),
+        *_KEEPALIVE,
+    ]
+
 
 AddServicer = Callable[[grpc.aio.Server], None]
 
@@ -85,7 +105,9 @@ class MeshServer:
         """Also answers grpc.health.v1 alone, in plaintext, on ``address`` (its port): for
         probes that cannot speak TLS, such as the kubelet's gRPC probes. Nothing but health is
         there, so it may listen off loopback; it stops with this server."""
-        probe = grpc.aio.server(interceptors=[MalformedRequestInterceptor()], options=_OPTIONS)
+        probe = grpc.aio.server(
+            interceptors=[MalformedRequestInterceptor()], options=_options(PROBE_MESSAGE_BYTES)
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, probe)
         port = probe.add_insecure_port(address)
         if port == 0:
@@ -109,6 +131,7 @@ async def create_server(
     credentials: grpc.ServerCredentials | None = None,
     authorize: Authorizer | None = None,
     ready: bool = True,
+    max_message_bytes: int = CLIENT_PORT_MESSAGE_BYTES,
 ) -> MeshServer:
     """Builds, binds and starts a server; ``address`` may use port 0.
 
@@ -118,6 +141,8 @@ async def create_server(
         credentials: TLS credentials; None serves plaintext, on loopback only.
         authorize: checks every call's caller (mesh.auth); None: no auth, on loopback only.
         ready: initial readiness of every named service. Liveness ("") is SERVING once started.
+        max_message_bytes: the largest request message taken; a larger one ends
+            RESOURCE_EXHAUSTED ("Received message larger than max") before any handler runs.
 
     Raises:
         InsecureListenError: plaintext or no auth asked for off loopback.
@@ -130,7 +155,7 @@ async def create_server(
         )
     server = grpc.aio.server(
         interceptors=[MalformedRequestInterceptor(), MeshServerInterceptor(authorize)],
-        options=_OPTIONS,
+        options=_options(max_message_bytes),
     )
     for binding in services:
         binding.add(server)
@@ -162,9 +187,9 @@ def open_channel(
     server's certificate must carry, when it is not the host dialled (a pod's IP)."""
     if tls is None:
         return grpc.aio.insecure_channel(
-            address, options=_OPTIONS, interceptors=client_interceptors()
+            address, options=_options(_CHANNEL_MESSAGE_BYTES), interceptors=client_interceptors()
         )
-    options: list[tuple[str, int | str]] = list(_OPTIONS)
+    options: list[tuple[str, int | str]] = list(_options(_CHANNEL_MESSAGE_BYTES))
     if server_name:
         options.append(("grpc.ssl_target_name_override", server_name))
     return grpc.aio.secure_channel(
@@ -175,11 +200,11 @@ def open_channel(
 def service_security(
     tls: TlsFiles | None,
 ) -> tuple[grpc.ServerCredentials | None, Authorizer | None]:
-    """Credentials and authorizer of a service port: mTLS with role checks, or none without
-    TLS (loopback only)."""
+    """Credentials and authorizer of a service port: mTLS with role checks and the certificate
+    denylist, or none without TLS (loopback only)."""
     if tls is None:
         return None, None
-    return server_credentials(tls, require_client_cert=True), CertAuthorizer()
+    return server_credentials(tls, require_client_cert=True), CertAuthorizer(Denylist(tls.denylist))
 
 
 def client_port_security(

@@ -64,12 +64,18 @@ class TlsSettings(_Section):
     """This process's certificate (``llorch certs issue`` writes ``<name>.pem``)."""
     key_file: Path | None = None
     """This process's private key (``<name>.key``, mode 0600)."""
+    revoked_file: Path | None = None
+    """Denylist of revoked certificates (``llorch certs revoke`` writes it), read again within
+    a second of each change; unset: ``revoked.txt`` beside ``ca_file``. A missing file
+    revokes nothing."""
 
     @model_validator(mode="after")
     def _all_or_none(self) -> TlsSettings:
         given = [self.ca_file, self.cert_file, self.key_file]
         if any(given) and not all(given):
             raise ValueError("set all of ca_file, cert_file and key_file, or none")
+        if self.revoked_file is not None and self.ca_file is None:
+            raise ValueError("revoked_file needs ca_file, cert_file and key_file")
         for path in given:
             if path is not None and not path.is_file():
                 raise ValueError(f"{path} does not exist")
@@ -79,7 +85,7 @@ class TlsSettings(_Section):
         """The files, or None without TLS."""
         if self.ca_file is None:
             return None
-        return TlsFiles(self.ca_file, self.cert_file, self.key_file)
+        return TlsFiles(self.ca_file, self.cert_file, self.key_file, self.revoked_file)
 
 
 class TracingSettings(_Section):

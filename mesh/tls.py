@@ -24,10 +24,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from mesh.ids import is_valid_name
+from mesh.revocation import DENYLIST
 
-ROLES = ("orchestrator", "poolmanager", "catalog", "operator", "client", "gateway")
+ROLES = ("orchestrator", "poolmanager", "catalog", "operator", "client", "gateway", "metrics")
 """Roles a certificate can carry. ``gateway``: the REST edge's HTTPS certificate; no RPC
-allows that role, so it is worth nothing on a service port."""
+allows that role, so it is worth nothing on a service port. ``metrics``: a Prometheus scraper,
+which may read /metrics (mesh.metrics) and call nothing."""
+SERVICE_ROLES = frozenset({"orchestrator", "poolmanager", "catalog", "gateway"})
+"""Roles whose certificates serve. Only these name ``localhost`` and ``127.0.0.1`` and may be
+used by a server; the others (people, scrapers) authenticate as clients only, so a stolen
+operator certificate cannot pose as a loopback service."""
 
 URI_PREFIX = "spiffe://llama-orch/"
 CA_CERT = "ca.pem"
@@ -58,6 +64,13 @@ class TlsFiles:
     ca: Path
     cert: Path | None = None
     key: Path | None = None
+    revoked: Path | None = None
+    """The certificate denylist (mesh.revocation); None: ``revoked.txt`` beside ``ca``."""
+
+    @property
+    def denylist(self) -> Path:
+        """The denylist file this process reads (it need not exist: then nothing is revoked)."""
+        return self.revoked or self.ca.parent / DENYLIST
 
 
 def init_ca(
@@ -120,8 +133,10 @@ def issue(
     """Issues a key and certificate for ``role``/``name``, signed by the CA in ``ca_dir``;
     writes ``<name>.pem`` and ``<name>.key`` into ``out_dir`` and returns their paths.
 
-    Every certificate serves and calls (services do both) and names ``localhost`` and
-    ``127.0.0.1``; ``sans`` adds DNS names and IP addresses. ``not_before`` (tests) backdates it.
+    A service's certificate (``SERVICE_ROLES``) serves and calls, and names ``localhost`` and
+    ``127.0.0.1``; ``sans`` adds DNS names and IP addresses. Any other role's certificate is
+    for a client alone: no names, and an extended key usage of client authentication only, so
+    TLS refuses it to a server. ``not_before`` (tests) backdates it.
 
     Raises:
         CertError: a bad role or name, no CA, or files of that name exist already.
@@ -136,11 +151,17 @@ def issue(
     cert_path, key_path = out_dir / f"{name}.pem", out_dir / f"{name}.key"
     if cert_path.exists() or key_path.exists():
         raise CertError(f"{cert_path} or {key_path} exists already; remove them to issue again")
+    serves = role in SERVICE_ROLES
+    if sans and not serves:
+        raise CertError(
+            f"--san is for service certificates ({', '.join(sorted(SERVICE_ROLES))}); a "
+            f"{role} certificate only calls, so it names no host"
+        )
     alt_names: list[x509.GeneralName] = [
-        x509.UniformResourceIdentifier(f"{URI_PREFIX}{role}/{name}"),
-        x509.DNSName("localhost"),
-        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+        x509.UniformResourceIdentifier(f"{URI_PREFIX}{role}/{name}")
     ]
+    if serves:
+        alt_names += [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
     for san in sans:
         try:
             alt_names.append(x509.IPAddress(ipaddress.ip_address(san)))
@@ -170,6 +191,8 @@ def issue(
         .add_extension(
             x509.ExtendedKeyUsage(
                 [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                if serves
+                else [ExtendedKeyUsageOID.CLIENT_AUTH]
             ),
             critical=False,
         )

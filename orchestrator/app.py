@@ -12,6 +12,8 @@ from catalog.client import CatalogClient
 from mesh import logs
 from mesh.apikeys import ApiKeyStore
 from mesh.server import (
+    CLIENT_PORT_MESSAGE_BYTES,
+    NODE_PORT_MESSAGE_BYTES,
     MeshServer,
     client_port_security,
     create_server,
@@ -99,6 +101,7 @@ async def start_orchestrator(
         [servicer.binding(), control.binding()],
         credentials=credentials,
         authorize=authorize,
+        max_message_bytes=max(CLIENT_PORT_MESSAGE_BYTES, settings.max_prompt_bytes + 1024 * 1024),
     )
     node_server = None
     if settings.node_listen:
@@ -114,5 +117,6 @@ async def start_orchestrator(
             ],
             credentials=node_credentials,
             authorize=node_authorize,
+            max_message_bytes=NODE_PORT_MESSAGE_BYTES,
         )
     return OrchestratorApp(server, orchestrator, channel, keys, node_server)

@@ -14,6 +14,7 @@ from catalog.client import CatalogClient
 from mesh import logs
 from mesh.errors import LlorchError
 from mesh.server import (
+    POOL_MANAGER_MESSAGE_BYTES,
     MeshServer,
     create_server,
     is_loopback,
@@ -171,6 +172,7 @@ async def start_pool_manager(
         credentials=credentials,
         authorize=authorize,
         ready=False,
+        max_message_bytes=POOL_MANAGER_MESSAGE_BYTES,
     )
     server_box.append(server)
     await manager.start()

@@ -1,4 +1,5 @@
-"""``llorch certs``: the cloud profile's CA and the certificates it issues (mTLS).
+"""``llorch certs``: the cloud profile's CA, the certificates it issues (mTLS), and the
+denylist of those revoked (mesh.revocation).
 
 Acts on local files, on the machine that holds the CA: its directory (``<data dir>/certs`` by
 default).
@@ -10,12 +11,15 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+
 from launch.cli.common import DATA_DIR, data_dir, fail
-from mesh.tls import DEFAULT_DAYS, ROLES, CertError, init_ca, issue
+from mesh.revocation import DENYLIST, CertId, append, cert_id_of_pem
+from mesh.tls import DEFAULT_DAYS, ROLES, CertError, identity_of_uri, init_ca, issue
 
 
 def add_parsers(sub: Any) -> None:
-    """Adds ``certs init`` and ``certs issue``."""
+    """Adds ``certs init``, ``certs issue`` and ``certs revoke``."""
     certs = sub.add_parser("certs", help="the mesh's CA and certificates (mTLS)")
     certs_sub = certs.add_subparsers(title="certs commands")
     cinit = certs_sub.add_parser("init", parents=[DATA_DIR], help="make a CA (ca.pem, ca.key)")
@@ -30,12 +34,26 @@ def add_parsers(sub: Any) -> None:
         "--san",
         action="append",
         default=[],
-        help="DNS name or IP the service is reached at (repeat; localhost is always in)",
+        help="DNS name or IP the service is reached at (repeat; service roles only, which "
+        "always name localhost and 127.0.0.1)",
     )
     cissue.add_argument("--days", type=int, default=DEFAULT_DAYS, help="validity in days")
     cissue.add_argument("--dir", type=Path, help="CA directory (default: <data dir>/certs)")
     cissue.add_argument("--out", type=Path, help="where to write (default: the CA directory)")
     cissue.set_defaults(run=_cmd_certs_issue)
+    crevoke = certs_sub.add_parser(
+        "revoke",
+        parents=[DATA_DIR],
+        help="put a certificate on the denylist every service reads (within seconds)",
+    )
+    which = crevoke.add_mutually_exclusive_group(required=True)
+    which.add_argument("cert", nargs="?", type=Path, help="the certificate file (<name>.pem)")
+    which.add_argument("--serial", help="its serial number in hex, when the file is gone")
+    crevoke.add_argument("--dir", type=Path, help="CA directory (default: <data dir>/certs)")
+    crevoke.add_argument(
+        "--file", type=Path, help=f"the denylist (default: {DENYLIST} in the CA directory)"
+    )
+    crevoke.set_defaults(run=_cmd_certs_revoke)
 
 
 def _cmd_certs_init(args: argparse.Namespace) -> int:
@@ -63,3 +81,47 @@ def _cmd_certs_issue(args: argparse.Namespace) -> int:
         return fail(str(exc))
     print(f"{args.role}/{args.name}: {cert} and {key} (mode 0600); trust {directory / 'ca.pem'}")
     return 0
+
+
+def _cmd_certs_revoke(args: argparse.Namespace) -> int:
+    directory = args.dir or data_dir(args) / "certs"
+    denylist = args.file or directory / DENYLIST
+    if args.cert is not None:
+        try:
+            pem = args.cert.read_bytes()
+            cert = cert_id_of_pem(pem)
+        except OSError as exc:
+            return fail(f"cannot read {args.cert}: {exc.strerror}")
+        except ValueError:
+            return fail(f"{args.cert} is not a PEM certificate")
+        note = _describe(pem)
+    else:
+        digits = args.serial.replace(":", "").strip().lower()
+        try:
+            serial = int(digits, 16)
+        except ValueError:
+            return fail(f"--serial {args.serial!r} is not a hex number")
+        cert, note = CertId(serial, ""), "by serial"
+    if not denylist.parent.is_dir():
+        return fail(f"no directory {denylist.parent}; give the CA directory with --dir")
+    added = append(denylist, cert, note)
+    state = "revoked" if added else "already revoked"
+    print(
+        f"{note}: serial {cert.serial_hex} {state} in {denylist}; copy it to every machine "
+        "beside ca.pem (services read it within seconds)"
+    )
+    return 0
+
+
+def _describe(pem: bytes) -> str:
+    """``role/name`` of a certificate, for the denylist's comment."""
+    cert = x509.load_pem_x509_certificate(pem)
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return "a certificate without a llama-orch role"
+    for uri in sans.get_values_for_type(x509.UniformResourceIdentifier):
+        identity = identity_of_uri(uri)
+        if identity is not None:
+            return str(identity)
+    return "a certificate without a llama-orch role"

@@ -15,6 +15,7 @@ from llorch.catalog.v1 import catalog_pb2_grpc
 
 from catalog.app import CatalogApp, start_catalog
 from mesh.apikeys import ApiKeyStore
+from mesh.revocation import DENYLIST, append, cert_id_of_pem
 from mesh.server import open_channel
 from mesh.settings import (
     CatalogSettings,
@@ -47,8 +48,12 @@ class Pki:
             ("orchestrator", "orch"),
             ("operator", "alice"),
             ("client", "bob"),
+            ("metrics", "prometheus"),
+            ("operator", "mallory"),
         ]:
             issue(self.root / "ca", role, name, self.root / "certs")
+        # Refused by every service: mallory's certificate is on the denylist beside the CA.
+        self.revoke("mallory")
         # Refused in the handshake: another CA's certificate, and an expired one of ours.
         init_ca(self.root / "other-ca")
         issue(self.root / "other-ca", "orchestrator", "orch", self.root / "other")
@@ -61,6 +66,11 @@ class Pki:
             days=1,
             not_before=long_ago,
         )
+
+    def revoke(self, name: str) -> None:
+        """Puts certificate ``name`` on the denylist every process of the mesh reads."""
+        pem = (self.root / "certs" / f"{name}.pem").read_bytes()
+        append(self.root / "ca" / DENYLIST, cert_id_of_pem(pem), f"test: {name}")
 
     def files(self, name: str, *, other_ca: bool = False) -> TlsFiles:
         """TLS files of the certificate ``name`` (``other_ca``: the foreign CA's)."""

@@ -28,12 +28,12 @@ from llorch.orchestrator.v1 import (
     orchestrator_pb2,
     orchestrator_pb2_grpc,
 )
-from llorch.poolmanager.v1 import poolmanager_pb2
+from llorch.poolmanager.v1 import poolmanager_pb2, poolmanager_pb2_grpc
 
 from mesh.apikeys import ApiKeyStore
 from mesh.auth import POLICY
 from mesh.tls import issue
-from tests.e2e.helpers import collect, error_details
+from tests.e2e.helpers import collect, error_details, generate_request
 from tests.e2e.secure_mesh import SecureMesh, start_secure_mesh
 
 SERVICE_PORT_SERVICES = {
@@ -54,8 +54,11 @@ CERT_CALLERS = {
     "role catalog": ("catalog", False),
     "role operator": ("alice", False),
     "role client": ("bob", False),
+    "role metrics": ("prometheus", False),
+    "revoked certificate": ("mallory", False),
 }
 REFUSED_IN_HANDSHAKE = {"no client certificate", "certificate of another CA", "expired certificate"}
+REVOKED = {"revoked certificate"}
 DENIED = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
 
 
@@ -128,6 +131,9 @@ async def test_service_ports_check_the_certificate_and_its_role(secure: SecureMe
                     if caller in REFUSED_IN_HANDSHAKE:
                         assert code == grpc.StatusCode.UNAVAILABLE, (method.name, caller)
                         continue
+                    if caller in REVOKED:  # an operator's, which is refused all the same
+                        assert code == grpc.StatusCode.UNAUTHENTICATED, (method.name, caller)
+                        continue
                     role = caller.removeprefix("role ")
                     if role in POLICY[_path(service, method)]:
                         assert code not in DENIED, (method.name, caller, code)
@@ -147,6 +153,10 @@ async def test_service_ports_check_the_certificate_and_its_role(secure: SecureMe
     assert outcome[("GetModel", "role client")] == "PERMISSION_DENIED"
     assert outcome[("RegisterNode", "role poolmanager")] != "PERMISSION_DENIED"
     assert outcome[("RegisterNode", "role orchestrator")] == "PERMISSION_DENIED"
+    assert {code for (_, c), code in outcome.items() if c == "role metrics"} == {
+        "PERMISSION_DENIED"
+    }  # a scraper's certificate reads /metrics and calls nothing
+    assert outcome[("GetNode", "revoked certificate")] == "UNAUTHENTICATED"
     _print_table(table)
 
 
@@ -263,6 +273,106 @@ async def test_a_revoked_key_stops_working_without_a_restart(secure: SecureMesh)
         assert after.value.code() == grpc.StatusCode.UNAUTHENTICATED
     finally:
         await channel.close()
+
+
+async def test_revoking_a_key_ends_the_streams_it_opened(secure: SecureMesh) -> None:
+    """A stream of a key revoked meanwhile ends UNAUTHENTICATED within about a second, and its
+    task is cancelled; another key's stream goes on."""
+    ops, _ = secure.keys.create("ops", "operator")
+    doomed_key, doomed = secure.keys.create("tenant-r", "client")
+    other_key, _ = secure.keys.create("tenant-r", "client")
+    o = secure.pki.key_channel(secure.orchestrator_address, ops)
+    d = secure.pki.key_channel(secure.orchestrator_address, doomed_key)
+    k = secure.pki.key_channel(secure.orchestrator_address, other_key)
+    control = control_pb2_grpc.ControlServiceStub(o)
+    pool = {"node_id": "node-a", "pool_id": "cpu-0"}
+    # Drained, the pool leaves both tasks queued: their streams stay open until told otherwise.
+    await control.DrainPool(control_pb2.DrainPoolRequest(**pool))
+    try:
+        request = generate_request(max_tokens=2)
+        doomed_call = orchestrator_pb2_grpc.OrchestratorServiceStub(d).Generate(request, timeout=30)
+        other_call = orchestrator_pb2_grpc.OrchestratorServiceStub(k).Generate(request, timeout=30)
+        first = await doomed_call.read()
+        task_id = first.event.task_id
+        await other_call.read()
+        revoker = ApiKeyStore(secure.keys.path)  # as `llorch keys revoke` does
+        revoker.revoke(doomed.key_id)
+        revoker.close()
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            while (await doomed_call.read()) is not grpc.aio.EOF:
+                pass
+        took_s = asyncio.get_running_loop().time() - started
+        assert ended.value.code() == grpc.StatusCode.UNAUTHENTICATED, ended.value
+        assert error_details(ended.value)["reason"] == "API_KEY_REVOKED"
+        assert took_s < 3.0, took_s  # key file looked at every 0.5 s, streams every 0.5 s
+        ops_stub = orchestrator_pb2_grpc.OrchestratorServiceStub(o)
+        for _ in range(50):
+            got = await ops_stub.GetTask(orchestrator_pb2.GetTaskRequest(task_id=task_id))
+            if got.task.state == orchestrator_pb2.TASK_STATE_CANCELLED:
+                break
+            await asyncio.sleep(0.1)
+        assert got.task.state == orchestrator_pb2.TASK_STATE_CANCELLED
+        assert other_call.done() is False  # the other key's stream is still open
+    finally:
+        await control.ResumePool(control_pb2.ResumePoolRequest(**pool))
+    try:
+        last = None
+        while (event := await other_call.read()) is not grpc.aio.EOF:
+            last = event
+        assert (
+            last is not None
+            and last.event.finished.finish_reason == common_pb2.FINISH_REASON_LENGTH
+        )
+    finally:
+        for channel in (o, d, k):
+            await channel.close()
+
+
+async def test_a_revoked_certificate_fails_every_service_and_its_streams_end(
+    secure: SecureMesh,
+) -> None:
+    """Put on the denylist, an operator's certificate is refused by the catalog and the pool
+    manager within seconds, and its open WatchNode stream ends, without a restart."""
+    issue(secure.pki.root / "ca", "operator", "carol", secure.pki.root / "certs")
+    pm = secure.pki.channel(secure.pool_manager_address, "carol")
+    cat = secure.pki.channel(secure.catalog_address, "carol")
+    try:
+        watch = poolmanager_pb2_grpc.PoolManagerServiceStub(pm).WatchNode(
+            poolmanager_pb2.WatchNodeRequest(), timeout=30
+        )
+        assert (await watch.read()).node.node_id == "node-a"
+        catalog = catalog_pb2_grpc.CatalogServiceStub(cat)
+        await catalog.ListModels(catalog_pb2.ListModelsRequest())
+        secure.pki.revoke("carol")
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            while (await watch.read()) is not grpc.aio.EOF:
+                pass
+        took_s = asyncio.get_running_loop().time() - started
+        assert ended.value.code() == grpc.StatusCode.UNAUTHENTICATED, ended.value
+        assert error_details(ended.value)["reason"] == "CERTIFICATE_REVOKED"
+        assert took_s < 3.0, took_s
+        # Each process reads the denylist at most every second: new calls fail within that.
+        pm_stub = poolmanager_pb2_grpc.PoolManagerServiceStub(pm)
+        calls = {
+            "catalog": lambda: catalog.ListModels(catalog_pb2.ListModelsRequest()),
+            "pool manager": lambda: pm_stub.GetNode(poolmanager_pb2.GetNodeRequest()),
+        }
+        for service, call in calls.items():
+            deadline = asyncio.get_running_loop().time() + 3.0
+            while True:
+                try:
+                    await call()
+                except grpc.aio.AioRpcError as refused:
+                    assert refused.code() == grpc.StatusCode.UNAUTHENTICATED, service
+                    assert "carol" in str(refused.details()) and "revoked" in str(refused.details())
+                    break
+                assert asyncio.get_running_loop().time() < deadline, f"{service} still serves"
+                await asyncio.sleep(0.1)
+    finally:
+        await pm.close()
+        await cat.close()
 
 
 async def test_a_rate_limited_key_is_told_when_to_come_back(secure: SecureMesh) -> None:

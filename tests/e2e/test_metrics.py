@@ -1,9 +1,11 @@
 """Prometheus metrics: scraped over HTTP from a running mesh, they move as tasks run, by the
-seed's metric contract; with TLS the endpoint asks for a client certificate from the CA."""
+seed's metric contract; with TLS the endpoint asks for a client certificate from the CA whose
+role may read metrics, and not on the denylist."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import urllib.error
 import urllib.request
@@ -129,7 +131,9 @@ async def test_metrics_move_as_tasks_run(mesh: Mesh) -> None:
         endpoint.stop()
 
 
-def test_with_tls_the_endpoint_asks_for_a_certificate_from_the_ca(tmp_path: Path) -> None:
+def test_with_tls_the_endpoint_asks_for_a_certificate_whose_role_may_scrape(
+    tmp_path: Path,
+) -> None:
     pki = Pki(tmp_path / "pki")
     from prometheus_client import CollectorRegistry, Counter
 
@@ -137,14 +141,30 @@ def test_with_tls_the_endpoint_asks_for_a_certificate_from_the_ca(tmp_path: Path
     Counter("tasks_enqueued", "x", registry=registry).inc()
     endpoint = serve_metrics("127.0.0.1:0", [registry], pki.files("orch"))
     url = f"https://localhost:{endpoint.port}/metrics"
+
+    def scraper(name: str) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(pki.ca))
+        files = pki.files(name)
+        context.load_cert_chain(str(files.cert), str(files.key))
+        return context
+
     try:
-        scraper = ssl.create_default_context(cafile=str(pki.ca))
-        files = pki.files("alice")
-        scraper.load_cert_chain(str(files.cert), str(files.key))
-        assert _total(_scrape(url, scraper), "tasks_enqueued_total") == 1
+        for allowed in ("prometheus", "alice", "orch"):  # roles metrics, operator, orchestrator
+            assert _total(_scrape(url, scraper(allowed)), "tasks_enqueued_total") == 1, allowed
+        for refused, says in (
+            ("bob", "client/bob may not read metrics"),
+            ("node-a", "poolmanager/node-a may not read metrics"),
+            ("mallory", "operator/mallory is revoked"),  # on the denylist beside the CA
+        ):
+            with pytest.raises(urllib.error.HTTPError) as denied:
+                _scrape(url, scraper(refused))
+            assert denied.value.code == 403 and says in denied.value.read().decode(), refused
         anonymous = ssl.create_default_context(cafile=str(pki.ca))
         with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
             _scrape(url, anonymous)
+        # A peer that connects and says nothing holds up only itself.
+        with socket.create_connection(("127.0.0.1", endpoint.port)):
+            assert _total(_scrape(url, scraper("prometheus")), "tasks_enqueued_total") == 1
     finally:
         endpoint.stop()
     with pytest.raises(ValueError, match="without TLS"):

@@ -1,6 +1,6 @@
 """Bytes that are not a valid request end INVALID_ARGUMENT naming the message type, on every
 kind of method a server has (unary and server-streaming here, health and reflection too), and
-the server goes on answering."""
+the server goes on answering; a message over a server's size limit ends RESOURCE_EXHAUSTED."""
 
 from __future__ import annotations
 
@@ -10,6 +10,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from mesh.server import (
+    CATALOG_MESSAGE_BYTES,
+    CLIENT_PORT_MESSAGE_BYTES,
+    POOL_MANAGER_MESSAGE_BYTES,
+)
 from tests.conftest import Mesh
 
 GARBAGE = b"\xff\xff\xff\xff\x0f"  # a field tag with no end: protobuf refuses it
@@ -60,3 +65,42 @@ async def test_garbage_is_invalid_argument_naming_the_type(
     health = health_pb2_grpc.HealthStub(channel)
     answer = await health.Check(health_pb2.HealthCheckRequest(), timeout=10)
     assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _string_field(size: int) -> bytes:
+    """A request whose field 1 is a string of ``size`` bytes (each method below has one)."""
+    length, varint = size, bytearray()
+    while True:
+        byte, length = length & 0x7F, length >> 7
+        varint.append(byte | (0x80 if length else 0))
+        if not length:
+            break
+    return b"\x0a" + bytes(varint) + b"a" * size
+
+
+@pytest.mark.parametrize(
+    ("method", "limit"),
+    [
+        ("/llorch.orchestrator.v1.OrchestratorService/GetTask", CLIENT_PORT_MESSAGE_BYTES),
+        ("/llorch.catalog.v1.CatalogService/GetModel", CATALOG_MESSAGE_BYTES),
+        ("/llorch.poolmanager.v1.PoolManagerService/CancelExecution", POOL_MANAGER_MESSAGE_BYTES),
+    ],
+)
+async def test_a_message_over_the_servers_limit_is_resource_exhausted(
+    mesh: Mesh, method: str, limit: int
+) -> None:
+    """Each server has its own explicit limit: under it a request reaches validation, over it
+    gRPC refuses it with RESOURCE_EXHAUSTED before any handler runs, and health still answers."""
+    async with grpc.aio.insecure_channel(_address(mesh, method)) as channel:
+        call = channel.unary_unary(method)
+        with pytest.raises(grpc.aio.AioRpcError) as over:
+            await call(_string_field(limit), timeout=30)  # the tag and length add to it
+        assert over.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "larger than max" in (over.value.details() or "")
+        try:  # under the limit the handler answers: refuses the id, or finds nothing to do
+            await call(_string_field(limit // 2), timeout=30)
+        except grpc.aio.AioRpcError as under:
+            assert under.code() == grpc.StatusCode.INVALID_ARGUMENT, under
+        health = health_pb2_grpc.HealthStub(channel)
+        answer = await health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
