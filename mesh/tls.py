@@ -11,9 +11,12 @@ Keys are ECDSA P-256 (fast handshakes), written with mode 0600 in directories of
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import ipaddress
 import os
+import socket
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from mesh.ids import is_valid_name
-from mesh.revocation import DENYLIST
+from mesh.revocation import DENYLIST, Denylist, cert_id
 
 ROLES = ("orchestrator", "poolmanager", "catalog", "operator", "client", "gateway", "metrics")
 """Roles a certificate can carry. ``gateway``: the REST edge's HTTPS certificate; no RPC
@@ -283,3 +286,50 @@ def _read(path: Path) -> bytes:
 
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
+
+
+class ServerCertificates:
+    """Checks the certificates of the servers this process calls against the denylist.
+
+    gRPC's Python API does not show a caller the certificate its server presented, so this
+    fetches it with a TLS handshake of its own (presenting this process's certificate, which
+    mTLS ports ask for). The orchestrator checks each pool manager's before watching it and
+    again after every change of the denylist (orchestrator.pools), so a pool manager whose
+    certificate is revoked gets no more work.
+    """
+
+    def __init__(self, files: TlsFiles, server_name: str = "", timeout_s: float = 5.0) -> None:
+        self._files = files
+        self._server_name = server_name
+        self._timeout_s = timeout_s
+        self._denylist = Denylist(files.denylist)
+
+    def generation(self) -> int:
+        """Moves when the denylist changed."""
+        return self._denylist.refresh()
+
+    async def revoked(self, address: str) -> str | None:
+        """Why the server at ``address`` may not be used (its certificate is revoked), or None.
+        A server that cannot be reached is none of this check's business: None."""
+        try:
+            der = await asyncio.to_thread(self._fetch, address)
+        except (OSError, ssl.SSLError, ValueError):
+            return None
+        cert = cert_id(der)
+        if not self._denylist.revoked(cert):
+            return None
+        return f"the certificate of {address} (serial {cert.serial_hex}) is revoked"
+
+    def _fetch(self, address: str) -> bytes:
+        host, _, port = address.rpartition(":")
+        host = host.strip("[]")
+        context = ssl.create_default_context(cafile=str(self._files.ca))
+        if self._files.cert is not None and self._files.key is not None:
+            context.load_cert_chain(str(self._files.cert), str(self._files.key))
+        context.set_alpn_protocols(["h2"])
+        with socket.create_connection((host, int(port)), timeout=self._timeout_s) as raw:
+            with context.wrap_socket(raw, server_hostname=self._server_name or host) as tls:
+                der = tls.getpeercert(binary_form=True)
+        if der is None:
+            raise ValueError("no certificate")
+        return der

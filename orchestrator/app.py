@@ -21,7 +21,7 @@ from mesh.server import (
     service_security,
 )
 from mesh.settings import OrchestratorSettings
-from mesh.tls import TlsFiles
+from mesh.tls import ServerCertificates, TlsFiles
 from orchestrator.control import ControlServicer
 from orchestrator.journal import Journal
 from orchestrator.nodes import NodeServicer
@@ -84,6 +84,7 @@ async def start_orchestrator(
         settings.node_lost_s,
         functools.partial(open_channel, tls=tls, server_name=settings.pool_manager_tls_name),
         {a: StubPoolClient(stub, a) for a, stub in (local_pool_managers or {}).items()},
+        ServerCertificates(tls, settings.pool_manager_tls_name) if tls is not None else None,
     )
     journal = Journal(settings.journal_path) if settings.journal and settings.journal_path else None
     if journal is None:

@@ -3,6 +3,8 @@
 The orchestrator holds a ``WatchNode`` stream to each pool manager: the node's state arrives when
 it changes and at least every heartbeat. A node whose stream breaks, or that sends nothing for
 ``lost_s``, is marked unreachable (its pools get no work) and is watched again with backoff.
+With TLS, a node whose server certificate is on the denylist is taken out the same way
+(checked before each watch and after each change of the denylist: mesh.tls.ServerCertificates).
 Slots in flight are counted here, by the orchestrator itself, so placement never waits for a
 pool manager to report its own load.
 """
@@ -14,6 +16,7 @@ import contextlib
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import grpc
 from llorch.poolmanager.v1 import poolmanager_pb2, poolmanager_pb2_grpc
@@ -65,6 +68,20 @@ class _Node:
     """When it last answered (time.monotonic)."""
     answered: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     poller: asyncio.Task[None] | None = field(default=None, repr=False)
+    checked_generation: int = -1
+    """The denylist generation its server certificate was last checked against."""
+
+
+class ServerCheck(Protocol):
+    """Whether a pool manager's server certificate is revoked (mesh.tls.ServerCertificates)."""
+
+    def generation(self) -> int: ...
+
+    async def revoked(self, address: str) -> str | None: ...
+
+
+class _Revoked(Exception):
+    """A watched node's certificate is on the denylist."""
 
 
 class PoolRegistry:
@@ -77,9 +94,12 @@ class PoolRegistry:
         lost_s: float,
         open_channel: Callable[[str], grpc.aio.Channel],
         local_clients: Mapping[str, PoolClient] | None = None,
+        server_check: ServerCheck | None = None,
     ) -> None:
         """Pool managers at ``addresses``; those in ``local_clients`` are called through the
-        client given (in-process), the others over a channel from ``open_channel``."""
+        client given (in-process), the others over a channel from ``open_channel``, and
+        ``server_check`` says whether those may be used (TLS: their certificates)."""
+        self._server_check = server_check
         self._heartbeat_s = heartbeat_s
         self._lost_s = lost_s
         self._open_channel = open_channel
@@ -290,6 +310,11 @@ class PoolRegistry:
         backoff_s = 0.1
         request = poolmanager_pb2.WatchNodeRequest(heartbeat_ms=round(self._heartbeat_s * 1000))
         while True:
+            why = await self._server_revoked(node)
+            if why:
+                self._ignore(node, f"pool manager {node.address} is not used: {why}")
+                await asyncio.sleep(self._lost_s)
+                continue
             call = node.client.watch_node(request)
             try:
                 stream = aiter(call)
@@ -297,8 +322,12 @@ class PoolRegistry:
                     # A node that stops talking is as lost as one whose stream broke.
                     async with asyncio.timeout(self._lost_s):
                         response = await anext(stream)
+                    if (why := await self._server_revoked(node, only_if_changed=True)) is not None:
+                        raise _Revoked(why)
                     self._apply(node, response.node)
                     backoff_s = 0.1
+            except _Revoked as err:
+                self._ignore(node, f"pool manager {node.address} is not used: {err}")
             except (grpc.aio.AioRpcError, LlorchError, TimeoutError, StopAsyncIteration) as err:
                 reason = (
                     err.code().name if isinstance(err, grpc.aio.AioRpcError) else type(err).__name__
@@ -309,6 +338,17 @@ class PoolRegistry:
                     call.cancel()
             await asyncio.sleep(backoff_s)
             backoff_s = min(backoff_s * 2, self._lost_s)
+
+    async def _server_revoked(self, node: _Node, *, only_if_changed: bool = False) -> str | None:
+        """Why the node's server certificate may not be used; checked again only after the
+        denylist changed when ``only_if_changed``."""
+        if self._server_check is None or node.channel is None:
+            return None
+        generation = self._server_check.generation()
+        if only_if_changed and generation == node.checked_generation:
+            return None
+        node.checked_generation = generation
+        return await self._server_check.revoked(node.address)
 
     def _lose(self, node: _Node, reason: str) -> None:
         node.answered.set()
