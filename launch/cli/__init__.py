@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sqlite3
 import sys
 
 from launch.cli import (
@@ -44,6 +45,9 @@ GROUPS = (services, generate, chat, models, gc, engines, top, nodes, pools, cert
 
 EXIT_BROKEN_PIPE = 141
 """128 + SIGPIPE: the status a shell shows for a command whose reader closed the pipe."""
+EXIT_BUG = 70
+"""EX_SOFTWARE: llorch itself failed. One line says so; ``python -X dev -m launch.cli ...``
+shows the traceback."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,14 +64,35 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:
-        # Whoever read our output went away (`llorch generate ... | head`): stop quietly, as a
-        # C tool killed by SIGPIPE would, and point stdout at /dev/null so that the
-        # interpreter's last flush does not complain either. The call was cancelled on the way
-        # out (its channel closed), so the task ends CANCELLED.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return EXIT_BROKEN_PIPE
+    except OSError as exc:
+        if isinstance(exc, BrokenPipeError):
+            return _broken_pipe()
+        # A file or directory the command needs: name it, in one line.
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
+    except sqlite3.Error as exc:  # a key or catalog file that cannot be opened or written
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        if sys.flags.dev_mode:
+            raise
+        print(
+            f"llorch: internal error: {type(exc).__name__}: {exc} (a bug; rerun with "
+            "`python -X dev -m launch.cli ...` for the traceback and report it)",
+            file=sys.stderr,
+        )
+        return EXIT_BUG
+
+
+def _broken_pipe() -> int:
+    """Whoever read our output went away (`llorch generate ... | head`): stop quietly, as a C
+    tool killed by SIGPIPE would, and point stdout at /dev/null so that the interpreter's last
+    flush does not complain either. The call was cancelled on the way out (its channel
+    closed), so the task ends CANCELLED."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return EXIT_BROKEN_PIPE
 
 
 def parser_of_commands() -> argparse.ArgumentParser:

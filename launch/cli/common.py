@@ -1,8 +1,9 @@
 """What every ``llorch`` command shares: the flags declared once, the client channel, and one way
 to connect, call, print a table or JSON, and turn a failed call into one line and exit status 1.
 
-Exit statuses: 0 done; 1 the call failed (``error: CODE: message`` on stderr); 2 a usage or
-settings mistake; 130 interrupted.
+Exit statuses: 0 done; 1 the call failed (``error: CODE: message`` on stderr) or a file it needs
+could not be used; 2 a usage or settings mistake; 70 a bug (launch.cli.EXIT_BUG); 130
+interrupted; 141 the reader of stdout went away. docs/operators.md has the table.
 """
 
 from __future__ import annotations
