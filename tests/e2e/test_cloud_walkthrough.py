@@ -2,7 +2,8 @@
 the ports moved to free ones. The walkthrough sets up a CA and certificates, a catalog, two
 pool managers and an orchestrator as separate `llorch serve` processes over mTLS, makes API keys,
 generates through a client key, lists pools with an operator key, and sees a client key refused
-on an operator RPC and after its revocation."""
+on an operator RPC and after its revocation, and an operator certificate refused after it is
+put on the denylist."""
 
 from __future__ import annotations
 
@@ -66,5 +67,7 @@ def test_the_cloud_walkthrough_runs_as_written(tmp_path: Path) -> None:
     lines = out.splitlines()
     refusal = json.loads(lines[lines.index("403") - 1])  # the body, then curl's status line
     assert refusal["details"][0]["reason"] == "ROLE_NOT_ALLOWED", refusal
-    assert done.stderr.count("UNAUTHENTICATED") == 1, done.stderr  # the revoked key
+    assert done.stderr.count("UNAUTHENTICATED") == 2, done.stderr  # revoked key, revoked cert
+    assert "API key is unknown, malformed or revoked" in done.stderr
+    assert "certificate operator/laptop" in done.stderr and "is revoked" in done.stderr
     assert done.stderr.count("PERMISSION_DENIED") == 1, done.stderr  # client key, operator RPC
