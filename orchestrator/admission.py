@@ -128,14 +128,18 @@ class AdmissionQueue:
         """A tenant's share (1.0 unless configured)."""
         return self._weights.get(tenant, 1.0)
 
-    def push(self, task: Task, now: float) -> Admitted:
+    def push(self, task: Task, now: float, *, readmit: bool = False) -> Admitted:
         """Enqueues ``task`` (arrived at ``now``).
+
+        ``readmit``: the task was accepted before (a journaled task after a restart): like
+        ``push_front``, never refused and never the cause of a drop, even past ``capacity``
+        (new tasks are then refused until the queue is below it again).
 
         Raises:
             QueueFullError: full, and the policy cannot make room.
         """
         dropped = None
-        if len(self._order) >= self.capacity:
+        if len(self._order) >= self.capacity and not readmit:
             victim = self._oldest_batch() if self.when_full is WhenFull.DROP_OLDEST_BATCH else None
             if victim is None:
                 raise QueueFullError

@@ -9,8 +9,8 @@ from collections.abc import Callable
 from dataclasses import asdict
 
 from mesh import logs, tracing
-from mesh.errors import ResourceExhaustedError, UnavailableError, error_from_dict, error_to_dict
-from orchestrator.admission import AdmissionQueue, QueueFullError
+from mesh.errors import UnavailableError, error_from_dict, error_to_dict
+from orchestrator.admission import AdmissionQueue
 from orchestrator.journal import Journal, TaskRow, spec_from_json, spec_to_json
 from orchestrator.metrics import OrchestratorMetrics
 from orchestrator.table import TaskTable
@@ -153,24 +153,9 @@ class TaskRecorder:
             ):
                 if row.state == TaskState.RUNNING.value:
                     journal.record_requeue(task.task_id)
-                try:
-                    queue.push(task, created)
-                except QueueFullError:
-                    task.fail(
-                        ResourceExhaustedError(
-                            "the queue was full when the orchestrator restarted",
-                            reason="QUEUE_FULL",
-                            retry_delay_s=1.0,
-                        ),
-                        now,
-                    )
-                    journal.record_end(
-                        task.task_id,
-                        task.state.value,
-                        {"error": error_to_dict(task.error)} if task.error else {},
-                        wall,
-                    )
-                    continue
+                # Accepted before, so never refused now: running tasks that queue again can
+                # take the queue past its capacity (a smaller capacity configured since too).
+                queue.push(task, created, readmit=True)
                 task.set_queued(len(queue) - 1, 0)
                 if deadline is not None:
                     add_deadline(task)

@@ -124,6 +124,22 @@ def test_drop_oldest_batch_makes_room() -> None:
     assert ids(queue) == ["i0", "i1", "i2"]
 
 
+def test_a_readmitted_task_is_never_refused_nor_makes_room() -> None:
+    # Tasks accepted before a restart queue again past the capacity; new ones wait for room.
+    for when_full in WhenFull:
+        queue = AdmissionQueue(capacity=1, when_full=when_full)
+        queue.push(make_task("b0", B), 0.0)
+        assert queue.push(make_task("b1", B), 0.0, readmit=True).dropped is None
+        assert queue.push(make_task("i0"), 0.0, readmit=True).dropped is None
+        assert ids(queue) == ["i0", "b0", "b1"]
+        if when_full is WhenFull.REJECT:
+            with pytest.raises(QueueFullError):
+                queue.push(make_task("i1"), 1.0)
+        else:  # a new task still makes room as the policy says, and the queue stays full
+            assert queue.push(make_task("i1"), 1.0).dropped is not None
+            assert len(queue) == 3
+
+
 def test_remove_and_take() -> None:
     queue = AdmissionQueue(capacity=10)
     a, b = make_task("a"), make_task("b", B)

@@ -229,6 +229,38 @@ async def test_queued_tasks_survive_a_restart_in_their_order(
     assert isinstance(tasks[0].finished, Finished)
 
 
+async def test_a_restart_requeues_every_accepted_task_even_past_the_queue_capacity(
+    started: Start,
+    tmp_path: Path,
+) -> None:
+    # One task runs without a token yet and two wait, filling the queue (capacity 2). After a
+    # restart the running one queues again too: three accepted tasks, and all of them run
+    # (found by bench/chaos.py: the third used to fail QUEUE_FULL at recovery).
+    node = FakePoolManager("n1")
+    node.add_pool("p", "m", slots=1)
+    node.plan("p", Plan(gate=asyncio.Event()))  # never opened: no token before the restart
+    catalog = FakeCatalog("m")
+    first = orchestrator_on(
+        catalog, node, journal=Journal(tmp_path / "journal.db"), queue_capacity=2
+    )
+    await first.start()
+    running = await first.submit(spec(prompt="one"), correlation_id="c", timeout_s=None)
+    await until(lambda: running.state is TaskState.RUNNING)
+    waiting = [
+        await first.submit(spec(prompt=p), correlation_id="c", timeout_s=None, durable=True)
+        for p in ("two", "three")
+    ]
+    await first.stop()
+    second = await started(
+        catalog, node, journal=Journal(tmp_path / "journal.db"), queue_capacity=2
+    )
+    tasks = [second.get(t.task_id) for t in (running, *waiting)]
+    for task in tasks:
+        await ended(task)
+    assert [t.state for t in tasks] == [TaskState.SUCCEEDED] * 3, [t.error for t in tasks]
+    assert [e.request.prompt for e in node.executed[1:]] == ["one", "two", "three"]
+
+
 class _BuggyCatalog(FakeCatalog):
     """A catalog client with a bug for one model: the exception no caller expects."""
 
