@@ -239,16 +239,22 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout = sys.stderr
     commands = CommandReader(sys.stdin.fileno())
 
-    if args.spare:
-        loaded = _wait_for_load(args.gpu, out, commands)
-        if loaded is None:  # the pool manager is gone, or stopped the spare
-            return 0
-        spec = loaded
-        log.set_level(spec.log_level)
-        out.window_s = spec.token_batch_ms / 1000
-    else:
-        spec = _spec(args)
-    code = serve(spec, out, commands)
+    try:
+        if args.spare:
+            loaded = _wait_for_load(args.gpu, out, commands)
+            if loaded is None:  # the pool manager is gone, or stopped the spare
+                return 0
+            spec = loaded
+            log.set_level(spec.log_level)
+            out.window_s = spec.token_batch_ms / 1000
+        else:
+            spec = _spec(args)
+        code = serve(spec, out, commands)
+    except BrokenPipeError:
+        # The pool manager died (SIGKILL) while this worker wrote events: nobody reads them
+        # any more. Exit as on EOF, without a traceback in the pool manager's log.
+        log.log("INFO", "the pool manager is gone (its event pipe is closed); exiting")
+        code = 0
     # Every event is written; nothing else in this process needs an orderly end. Skipping the
     # interpreter's teardown (freeing the model, unloading modules) lets the process exit in
     # milliseconds instead of ~100, which a reload waits for.

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +33,7 @@ from poolmanager.worker.protocol import (
     Failed,
     LoadSpec,
     Tokens,
+    encode,
 )
 from poolmanager.worker_process import ExecutionQueue, WorkerExited, WorkerProcess
 from provisioners.tiny_model import TinyModelSpec, write_tiny_model
@@ -253,3 +256,31 @@ async def test_bad_sampling_input_is_refused_naming_the_field_beside_a_running_s
     assert isinstance(bad.end, Failed)
     assert (bad.end.code, bad.end.field) == ("INVALID_ARGUMENT", "sampling.top_p")
     assert (await stream).reason == "length"
+
+
+def test_a_worker_whose_pool_manager_died_mid_stream_exits_without_a_traceback(
+    tiny_model: Path,
+) -> None:
+    # A SIGKILLed pool manager closes both pipes while the worker streams (bench/chaos.py): its
+    # next event write fails. It used to end with a BrokenPipeError traceback in the log.
+    argv = ["--model", str(tiny_model), "--n-ctx", "1024", "--slots", "1", "--n-threads", "1"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "poolmanager.worker", *argv, "--log-level", "WARNING"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    try:
+        assert b'"ready"' in proc.stdout.readline()
+        proc.stdin.write(encode(execute("e", "Hello", 1000, ignore_eos=True)))
+        proc.stdin.flush()
+        assert b'"tok"' in proc.stdout.readline()  # streaming now
+        proc.stdout.close()
+        proc.stdin.close()
+        assert proc.wait(timeout=30) == 0
+        assert b"Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
