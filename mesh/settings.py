@@ -302,7 +302,8 @@ class OrchestratorSettings(_Section):
     BATCH task waiting longest to make room (its stream ends RESOURCE_EXHAUSTED, reason
     QUEUE_DROPPED) and refuse only when no BATCH task waits."""
     position_interval_s: float = Field(default=0.05, ge=0, le=10)
-    """Queue positions and predictions go out at most this often (placement never waits)."""
+    """Queue positions and predictions go out at most this often (placement never waits); a
+    deep queue, whose replay costs more, less often (orchestrator.forecast.PUBLISH_SHARE)."""
     batch_max_wait_s: float = Field(default=30.0, gt=0, le=86_400)
     """A BATCH task that has waited this long is served before INTERACTIVE tasks."""
     tenant_weights: dict[str, float] = Field(default_factory=dict)

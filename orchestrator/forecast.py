@@ -4,6 +4,8 @@ The forecaster owns what it measures (service times per pool and model, how fast
 drains) and the slot simulation of the last publication. Placement never waits for it: it
 publishes Queued updates (position, predicted start) at most once per ``position_interval_s``,
 and a task admitted at the tail continues the last simulation instead of replaying the queue.
+A publication replays the whole queue, so a deep queue publishes less often than that: the
+publications take at most ``PUBLISH_SHARE`` of the orchestrator's time.
 """
 
 from __future__ import annotations
@@ -24,6 +26,11 @@ from orchestrator.tasks import Task, TaskSpec
 _DEFAULT_SERVICE_MS = 1000.0
 _EWMA_WEIGHT = 0.3
 _ANY_POOL = PoolKey("")
+PUBLISH_SHARE = 0.1
+"""Most share of the event loop's time that publishing positions may take: after a publication
+that took d seconds, the next comes d / PUBLISH_SHARE later at the soonest. Replaying 10,000
+queued tasks took 50-100 ms, longer than the 50 ms interval: publishing had taken 80% of the
+loop, and the queue drained at a tenth of the rate it had once shorter (bench/load.py)."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +76,7 @@ class Forecaster:
         self._tails: dict[str, list[tuple[float, PoolKey]]] = {}
         self._tails_at = 0.0
         self._positions_at = -math.inf
+        self._positions_interval_s = settings.position_interval_s
         self._positions_timer: asyncio.TimerHandle | None = None
 
     def stop(self) -> None:
@@ -157,11 +165,12 @@ class Forecaster:
         """Publishes positions now, or once ``position_interval_s`` after the last time.
 
         Placement never waits for this; only the Queued updates are coalesced, so a queue of
-        thousands costs one pass over it per interval instead of one per task that starts.
+        thousands costs one pass over it per interval instead of one per task that starts, and
+        the interval grows with what a pass costs (``PUBLISH_SHARE``).
         """
         if self._positions_timer is not None:
             return
-        delay = self._positions_at + self._settings.position_interval_s - now
+        delay = self._positions_at + self._positions_interval_s - now
         if delay <= 0:
             self._publish_positions(now)
             return
@@ -180,6 +189,7 @@ class Forecaster:
         running task's measured service time is up, then serves the next task of its model in
         queue order for that pool's measured service time.
         """
+        began = self._clock()
         views = self._views()
         running = self._running_left_ms(now)
         self._tails = {}
@@ -191,6 +201,9 @@ class Forecaster:
             task.set_queued(position, self._pop_slot(heap, task))
         self._tails_at = now
         self._positions_at = now
+        self._positions_interval_s = max(
+            self._settings.position_interval_s, (self._clock() - began) / PUBLISH_SHARE
+        )
 
     def _running_left_ms(self, now: float) -> dict[PoolKey, list[float]]:
         """Per pool: how long each running task should still take, from measured times."""
