@@ -103,6 +103,7 @@ bench: setup $(GATEWAY)
 	$(BIN)/python bench/prefix.py
 	$(BIN)/python bench/prediction.py
 	$(BIN)/python bench/reload.py
+	$(BIN)/python bench/load.py
 	$(BIN)/python bench/chaos.py
 
 clean:
