@@ -110,6 +110,10 @@ class PoolRegistry:
             self._nodes.append(self._connect(address))
         self._in_flight: dict[PoolKey, int] = {}
         self._drained: set[PoolKey] = set()  # pools an operator took out of placement
+        # Pools that just refused or lost an execution (not ready, worker crashed): kept out of
+        # placement until their node reports them otherwise, or lost_s passes. Value: the
+        # pool's report when it was held.
+        self._held: dict[PoolKey, poolmanager_pb2.Pool] = {}
         # Pools whose model is being changed (by an operator, or on demand), and to what.
         self._changing: dict[PoolKey, str] = {}
         self._views: tuple[PoolView, ...] | None = None  # built by views(); None when stale
@@ -224,6 +228,12 @@ class PoolRegistry:
                     prefix_blocks=node.prefixes.get(pool.pool_id, frozenset()),
                     prefill_ms_per_token=pool.prefix_cache.prefill_ms_per_token,
                 )
+                held = self._held.get(key)
+                if held is not None:
+                    if held == pool:  # no newer report than the failure's
+                        view = replace(view, ready=False)
+                    else:
+                        del self._held[key]
                 target = self._changing.get(key)
                 if target is not None:
                     # Loading the target: placement waits for it rather than swapping elsewhere.
@@ -251,6 +261,25 @@ class PoolRegistry:
             if node.node_id == node_id:
                 return node.client
         raise KeyError(node_id)
+
+    def hold(self, key: PoolKey) -> None:
+        """Keeps a pool whose execution failed before starting (its worker crashed, it was not
+        ready after all) out of placement until its node reports it again with anything
+        changed, or ``lost_s`` passes: the report that put it in placement is stale, and each
+        placement onto it would cost a task one of its attempts."""
+        node = next(
+            (n for n in self._nodes for p in n.pools if pool_key(n.node_id, p.pool_id) == key), None
+        )
+        if node is None:
+            return
+        self._held[key] = next(p for p in node.pools if pool_key(node.node_id, p.pool_id) == key)
+        self._views = None
+        asyncio.get_running_loop().call_later(self._lost_s, self._release, key)
+
+    def _release(self, key: PoolKey) -> None:
+        if self._held.pop(key, None) is not None:
+            self._views = None
+            self._on_change()
 
     def set_drained(self, key: PoolKey, drained: bool) -> None:
         """Takes the pool ``node/pool`` out of placement (it shows as draining) or back in."""

@@ -40,6 +40,10 @@ from orchestrator.tasks import Finished, Metrics, Started, Task, TaskState, Toke
 _log = logs.get_logger("orchestrator")
 
 
+_POOL_UNFIT = frozenset({"POOL_NOT_READY", "WORKER_CRASHED"})
+"""Failures that say the pool itself cannot run work now, whatever its last report said."""
+
+
 @dataclass
 class Running:
     """One task's execution on a pool, and why it was stopped (None: not stopped)."""
@@ -294,6 +298,8 @@ class Relay:
         (retriable) error and the journal keeps what it emitted.
         """
         _log.warning("execution failed: %s", error.message, extra={"reason": error.reason})
+        if error.reason in _POOL_UNFIT:
+            self._registry.hold(pool.key)
         if task.terminal:
             return
         attempts = self._attempts.get(task.task_id, 1)

@@ -116,6 +116,27 @@ async def test_a_crash_before_the_first_token_fails_over_to_another_pool(started
     assert len(a.executed) + len(b.executed) == 3
 
 
+async def test_a_pool_that_refused_as_not_ready_gets_no_work_until_it_reports_again(
+    started: Start,
+) -> None:
+    """Its last report said ready, its pool manager says otherwise: placing there again would
+    cost the task another attempt (the chaos soak saw it after worker kills)."""
+    a, b = FakePoolManager("a"), FakePoolManager("b")
+    a.add_pool("p", "m")
+    b.add_pool("p", "m", state=LOADING)
+    refusal = UnavailableError("pool p is loading", reason="POOL_NOT_READY", retry_delay_s=1.0)
+    a.plan("p", Plan(error=refusal, error_after=0))
+    orch = await started(FakeCatalog("m"), a, b, max_attempts=3)
+    task = await orch.submit(spec(), correlation_id="c", timeout_s=None)
+    await until(lambda: task.state is TaskState.QUEUED and len(a.executed) == 1)
+    await asyncio.sleep(0.1)
+    assert len(a.executed) == 1 and task.state is TaskState.QUEUED  # held, not tried again
+    b.set_state("p", READY)
+    await ended(task)
+    assert task.state is TaskState.SUCCEEDED and task.node_id == "b"
+    assert len(a.executed) == 1
+
+
 async def test_failover_stops_at_max_attempts_with_the_pools_error(started: Start) -> None:
     node = FakePoolManager("n1")
     node.add_pool("p", "m")
