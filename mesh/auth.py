@@ -36,7 +36,7 @@ from mesh.errors import (
     UnauthenticatedError,
 )
 from mesh.revocation import CertId, Denylist, cert_id_of_pem
-from mesh.tls import peer_identity
+from mesh.tls import identity_of_auth_context
 
 _log = logs.get_logger("auth")
 
@@ -205,16 +205,16 @@ class CertAuthorizer:
     ) -> Caller | None:
         if method.startswith(_OPEN_PREFIXES):
             return None
-        identity = peer_identity(context)
-        if identity is None:
+        auth_context = context.auth_context() or {}
+        identity = identity_of_auth_context(auth_context)
+        pem = auth_context.get("x509_pem_cert")
+        if identity is None or not pem:
             _log.warning("unauthenticated call", extra={"method": method, "peer": context.peer()})
             raise UnauthenticatedError(
                 "this port needs a client certificate with a llama-orch role (llorch certs issue)",
                 reason="NO_CLIENT_CERTIFICATE",
             )
-        pem = (context.auth_context() or {}).get("x509_pem_cert")
-        cert = cert_id_of_pem(pem[0]) if pem else None
-        who = Caller(identity.role, identity.name, cert=cert)
+        who = Caller(identity.role, identity.name, cert=cert_id_of_pem(pem[0]))
         refusal = self.recheck(who)
         if refusal is not None:
             _log.warning(

@@ -61,56 +61,92 @@ RECHECK_S = 0.5
 """How often open streams of authenticated callers are checked against revocations."""
 
 
+class _Watched:
+    """One open stream of an authenticated caller, as _OpenStreams sees it."""
+
+    __slots__ = ("awaiting", "refusal", "responses", "task", "who")
+
+    def __init__(self, task: asyncio.Task[Any], who: auth.Caller, responses: Any) -> None:
+        self.task = task
+        self.who = who
+        self.responses = responses
+        self.awaiting = False
+        """Waiting for the handler's next response (not in gRPC's own send)."""
+        self.refusal: LlorchError | None = None
+        """Why the caller no longer holds, once the sweep found it."""
+
+
 class _OpenStreams:
     """The streams of authenticated callers that are open on a server, rechecked while any is:
     all of them when the authorizer's generation moved (a key file or denylist changed), those
-    opened since the last look otherwise. A stream whose caller no longer holds is cancelled,
-    and ends with the authorizer's reason (``refusal``)."""
+    opened since the last look otherwise.
+
+    A stream whose caller no longer holds ends with the authorizer's refusal. Waiting for its
+    handler, its task is cancelled there (the handler cleans up as for a caller that went
+    away; ``_stream`` turns the cancellation into the refusal). In gRPC's own send instead (a
+    client that reads slowly, or not at all), a cancel would land in gRPC's code and leave the
+    call without a status, so the handler is closed (its cleanup runs: a Generate task is
+    cancelled) and the refusal is sent as soon as the send returns.
+    """
 
     def __init__(self, authorize: auth.Authorizer) -> None:
         self._authorize = authorize
-        self._calls: dict[asyncio.Task[Any], auth.Caller] = {}
+        self._calls: dict[asyncio.Task[Any], _Watched] = {}
         self._fresh: set[asyncio.Task[Any]] = set()
-        self._refusals: dict[asyncio.Task[Any], LlorchError] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._generation = -1
 
-    def add(self, task: asyncio.Task[Any], who: auth.Caller) -> None:
-        self._calls[task] = who
+    def add(self, task: asyncio.Task[Any], who: auth.Caller, responses: Any) -> _Watched:
+        watched = self._calls[task] = _Watched(task, who, responses)
         self._fresh.add(task)
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        return watched
 
-    def discard(self, task: asyncio.Task[Any]) -> LlorchError | None:
-        """Forgets a stream that ended; why it was ended, when the sweep ended it."""
+    def discard(self, task: asyncio.Task[Any]) -> None:
         self._calls.pop(task, None)
         self._fresh.discard(task)
-        return self._refusals.pop(task, None)
 
     async def _sweep(self) -> None:
         try:
             while self._calls:
                 await asyncio.sleep(RECHECK_S)
-                generation = self._authorize.generation()
-                if generation != self._generation:
-                    self._generation = generation
-                    suspects = list(self._calls)
-                else:
-                    suspects = [t for t in self._fresh if t in self._calls]
-                self._fresh.clear()
-                for task in suspects:
-                    refusal = self._authorize.recheck(self._calls[task])
-                    if refusal is not None and task not in self._refusals:
-                        _log.warning(
-                            "ending the stream of a revoked caller",
-                            extra={"peer": self._calls[task].name, "reason": refusal.reason},
-                        )
-                        self._refusals[task] = refusal
-                        task.cancel()
-        except Exception:
-            _log.exception("rechecking open streams failed")
+                try:
+                    self._sweep_once()
+                except Exception:  # the key file or denylist failed to read: try again later
+                    _log.exception("rechecking open streams failed")
         finally:
             self._sweeper = None
+
+    def _sweep_once(self) -> None:
+        generation = self._authorize.generation()
+        if generation != self._generation:
+            self._generation = generation
+            suspects = list(self._calls.values())
+        else:
+            suspects = [self._calls[t] for t in self._fresh if t in self._calls]
+        self._fresh.clear()
+        for watched in suspects:
+            if watched.refusal is not None:
+                continue
+            refusal = self._authorize.recheck(watched.who)
+            if refusal is None:
+                continue
+            _log.warning(
+                "ending the stream of a revoked caller",
+                extra={"peer": watched.who.name, "reason": refusal.reason},
+            )
+            watched.refusal = refusal
+            if watched.awaiting:
+                watched.task.cancel()
+            else:
+                asyncio.get_running_loop().create_task(_close(watched.responses))
+
+
+async def _close(responses: Any) -> None:
+    """Closes a handler's response stream, suspended while gRPC sends what it yielded."""
+    with contextlib.suppress(Exception):
+        await responses.aclose()
 
 
 class MeshServerInterceptor(AsyncServerInterceptor):
@@ -198,10 +234,22 @@ class MeshServerInterceptor(AsyncServerInterceptor):
         failure: BaseException | None = None
         aborted_code = None
         task = asyncio.current_task()
+        watched = None
         if who is not None and self._open is not None and task is not None:
-            self._open.add(task, who)
+            watched = self._open.add(task, who, responses)
         try:
-            async for response in responses:
+            while True:
+                if watched is not None:
+                    if watched.refusal is not None:
+                        raise watched.refusal  # found while gRPC was sending: end it now
+                    watched.awaiting = True
+                try:
+                    response = await anext(responses)
+                except StopAsyncIteration:
+                    break
+                finally:
+                    if watched is not None:
+                        watched.awaiting = False
                 if not echo.done():
                     await _settle(echo)
                 yield response
@@ -219,7 +267,7 @@ class MeshServerInterceptor(AsyncServerInterceptor):
             await _settle(echo)
             await _abort_internal(context, method_name)
         except asyncio.CancelledError as exc:
-            refusal = self._open.discard(task) if self._open is not None and task else None
+            refusal = watched.refusal if watched is not None else None
             failure = refusal or exc
             if refusal is None or task is None:
                 raise  # the caller went away
@@ -232,8 +280,8 @@ class MeshServerInterceptor(AsyncServerInterceptor):
             failure = exc
             raise
         finally:
-            if self._open is not None and task is not None:
-                self._open.discard(task)
+            if watched is not None and self._open is not None:
+                self._open.discard(watched.task)
             echo.cancel()
             tracing.end_rpc_span(span, failure, aborted_code)
 

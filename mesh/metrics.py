@@ -31,6 +31,8 @@ from mesh.tls import TlsFiles, identity_of_uri
 METRICS_ROLES = frozenset({"metrics", "operator", "orchestrator"})
 """Certificate roles that may scrape /metrics over TLS."""
 _HANDSHAKE_TIMEOUT_S = 10.0
+_MAX_CONNECTIONS = 16
+"""Connections served at once; more are closed at once (a scraper needs one)."""
 _log = logs.get_logger("metrics")
 
 
@@ -91,6 +93,24 @@ def _serve_tls(host: str, port: int, registry: CollectorRegistry, tls: TlsFiles)
 
     class Server(ThreadingWSGIServer):
         address_family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        _slots = threading.BoundedSemaphore(_MAX_CONNECTIONS)
+
+        def process_request(self, request: Any, client_address: Any) -> None:
+            # A thread per connection, but only so many: each may wait out a handshake.
+            if not self._slots.acquire(blocking=False):
+                self.shutdown_request(request)
+                return
+            try:
+                super().process_request(request, client_address)
+            except BaseException:
+                self._slots.release()
+                raise
+
+        def process_request_thread(self, request: Any, client_address: Any) -> None:
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                self._slots.release()
 
         def handle_error(self, request: Any, client_address: Any) -> None:
             # A scraper without a certificate, or one that hung up: not this process's error.
@@ -126,6 +146,19 @@ class _TlsHandler(WSGIRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         """Logs nothing per request."""
+
+    def get_stderr(self) -> Any:
+        """Where wsgiref writes a request's traceback (a scraper gone mid-answer): the log."""
+        return _LogWriter()
+
+
+class _LogWriter:
+    def write(self, text: str) -> None:
+        if text.strip():
+            _log.info("metrics answer failed", extra={"error": text.strip().splitlines()[-1]})
+
+    def flush(self) -> None:
+        pass
 
 
 def _role_checked(app: Callable[..., Any], denylist: Denylist) -> Callable[..., Any]:

@@ -14,7 +14,10 @@ The file holds one entry per line, ``#`` starting a comment:
 - ``sha256:<hex>``: the SHA-256 of its DER bytes (``openssl x509 -fingerprint -sha256``).
 
 A line that is neither is logged at ERROR naming the file and line, and skipped: it revokes
-nothing, and the entries around it still count.
+nothing, and the entries around it still count. A file that was read and then disappears
+keeps its entries (logged at ERROR): to revoke nothing, empty the file. Replace the file by a
+rename (``llorch certs revoke`` does), not by writing over it, so no reader sees it half
+written.
 
 This is a denylist rather than a CRL: the CA's key stays offline on the operator's machine,
 and no process needs a CRL distribution point or OCSP responder to reach.
@@ -154,6 +157,16 @@ class Denylist:
                 return
             text = self.path.read_text(encoding="utf-8", errors="replace")
         except FileNotFoundError:
+            if self._entries.serials or self._entries.fingerprints:
+                # A list that was read and is gone (a deleted ConfigMap, a botched move): its
+                # entries still stand; emptying the file is how to revoke nothing.
+                if self._stamp != (0, 0, 0):
+                    _log.error(
+                        "the certificate denylist is gone; keeping the entries read last",
+                        extra={"path": str(self.path)},
+                    )
+                    self._stamp = (0, 0, 0)
+                return
             stamp, text = (0, 0, 0), ""  # no file yet: nothing is revoked
         except OSError as exc:
             # Unreadable now: the entries read last still stand (forgetting them would let
@@ -184,16 +197,24 @@ class Denylist:
 
 def append(path: Path, cert: CertId, note: str) -> bool:
     """Adds ``cert``'s serial to the denylist at ``path`` (made if missing); False when it was
-    there already. ``note`` (who it was, why) goes in a comment."""
+    there already. ``note`` (who it was, why) goes in a comment.
+
+    The file is replaced whole (written beside it, then renamed), so a process reading it
+    never sees half a line, and a last line without its newline does not swallow the new one.
+    """
     try:
-        current, _ = parse(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        current = Entries()
-    if cert in current:
+        text = ""
+    if cert in parse(text)[0]:
         return False
+    if text and not text.endswith("\n"):
+        text += "\n"
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     note = " ".join(note.split())
     fingerprint = f"; sha256:{cert.sha256}" if cert.sha256 else ""
-    with path.open("a", encoding="utf-8") as out:
-        out.write(f"serial:{cert.serial_hex}  # {note}{fingerprint}; revoked {when}\n")
+    text += f"serial:{cert.serial_hex}  # {note}{fingerprint}; revoked {when}\n"
+    staging = path.with_name(f".{path.name}.{os.getpid()}")
+    staging.write_text(text, encoding="utf-8")
+    os.replace(staging, path)
     return True

@@ -4,7 +4,7 @@
 certificate signed by it. The role and name travel in the certificate as a URI subject
 alternative name, ``spiffe://llama-orch/<role>/<name>`` (and as the subject's OU and CN, for
 people reading it with openssl); a server reads them from the verified peer certificate of each
-call (``peer_identity``) and checks the role against what the RPC allows (mesh.auth).
+call (``identity_of_auth_context``) and checks the role against what the RPC allows (mesh.auth).
 
 Keys are ECDSA P-256 (fast handshakes), written with mode 0600 in directories of mode 0700.
 """
@@ -17,6 +17,7 @@ import ipaddress
 import os
 import socket
 import ssl
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -232,10 +233,11 @@ def channel_credentials(files: TlsFiles) -> grpc.ChannelCredentials:
     )
 
 
-def peer_identity(context: grpc.aio.ServicerContext) -> Identity | None:
-    """The role and name in the peer's certificate, which gRPC verified against the CA during
-    the handshake; None without a certificate or without our URI in it."""
-    spiffe = (context.auth_context() or {}).get("peer_spiffe_id")
+def identity_of_auth_context(auth_context: Mapping[str, Sequence[bytes]]) -> Identity | None:
+    """The role and name in the peer's certificate, from a call's ``auth_context()``: gRPC
+    verified it against the CA during the handshake. None without a certificate or without our
+    URI in it."""
+    spiffe = auth_context.get("peer_spiffe_id")
     return identity_of_uri(spiffe[0].decode()) if spiffe else None
 
 
@@ -295,7 +297,9 @@ class ServerCertificates:
     fetches it with a TLS handshake of its own (presenting this process's certificate, which
     mTLS ports ask for). The orchestrator checks each pool manager's before watching it and
     again after every change of the denylist (orchestrator.pools), so a pool manager whose
-    certificate is revoked gets no more work.
+    certificate is revoked gets no more work. A handshake that fails counts as revoked; one
+    that cannot connect is asked again. The check's own connection may reach another backend
+    than gRPC's behind a load balancer that spreads connections: dial pool managers directly.
     """
 
     def __init__(self, files: TlsFiles, server_name: str = "", timeout_s: float = 5.0) -> None:
@@ -309,12 +313,16 @@ class ServerCertificates:
         return self._denylist.refresh()
 
     async def revoked(self, address: str) -> str | None:
-        """Why the server at ``address`` may not be used (its certificate is revoked), or None.
-        A server that cannot be reached is none of this check's business: None."""
+        """Why the server at ``address`` may not be used (its certificate is revoked, or could
+        not be verified), or None.
+
+        Raises:
+            OSError: it could not be reached (not a verdict: the caller asks again later).
+        """
         try:
             der = await asyncio.to_thread(self._fetch, address)
-        except (OSError, ssl.SSLError, ValueError):
-            return None
+        except _Unverified as exc:  # fails closed: a server that connects, then evades the check
+            return f"the certificate of {address} could not be checked ({exc})"
         cert = cert_id(der)
         if not self._denylist.revoked(cert):
             return None
@@ -328,8 +336,17 @@ class ServerCertificates:
             context.load_cert_chain(str(self._files.cert), str(self._files.key))
         context.set_alpn_protocols(["h2"])
         with socket.create_connection((host, int(port)), timeout=self._timeout_s) as raw:
-            with context.wrap_socket(raw, server_hostname=self._server_name or host) as tls:
-                der = tls.getpeercert(binary_form=True)
+            # Connected: from here on, any failure (refused handshake, reset, silence) is the
+            # server's, and leaves it unverified.
+            try:
+                with context.wrap_socket(raw, server_hostname=self._server_name or host) as tls:
+                    der = tls.getpeercert(binary_form=True)
+            except OSError as exc:
+                raise _Unverified(str(exc) or type(exc).__name__) from exc
         if der is None:
-            raise ValueError("no certificate")
+            raise _Unverified("no certificate")
         return der
+
+
+class _Unverified(Exception):
+    """A server that was reached presented no certificate this process could check."""

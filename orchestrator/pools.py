@@ -77,7 +77,8 @@ class ServerCheck(Protocol):
 
     def generation(self) -> int: ...
 
-    async def revoked(self, address: str) -> str | None: ...
+    async def revoked(self, address: str) -> str | None:
+        """Why it may not be used, or None; OSError when it could not be reached."""
 
 
 class _Revoked(Exception):
@@ -113,7 +114,7 @@ class PoolRegistry:
         # Pools that just refused or lost an execution (not ready, worker crashed): kept out of
         # placement until their node reports them otherwise, or lost_s passes. Value: the
         # pool's report when it was held.
-        self._held: dict[PoolKey, poolmanager_pb2.Pool] = {}
+        self._held: dict[PoolKey, tuple[poolmanager_pb2.Pool, asyncio.TimerHandle]] = {}
         # Pools whose model is being changed (by an operator, or on demand), and to what.
         self._changing: dict[PoolKey, str] = {}
         self._views: tuple[PoolView, ...] | None = None  # built by views(); None when stale
@@ -189,6 +190,8 @@ class PoolRegistry:
 
     async def stop(self) -> None:
         """Stops watching and closes the channels."""
+        for key in list(self._held):
+            self._release(key, wake=False)
         for node in self._nodes:
             await self._close(node)
 
@@ -230,9 +233,10 @@ class PoolRegistry:
                 )
                 held = self._held.get(key)
                 if held is not None:
-                    if held == pool:  # no newer report than the failure's
+                    if held[0] == pool:  # no newer report than the failure's
                         view = replace(view, ready=False)
                     else:
+                        held[1].cancel()
                         del self._held[key]
                 target = self._changing.get(key)
                 if target is not None:
@@ -267,19 +271,24 @@ class PoolRegistry:
         ready after all) out of placement until its node reports it again with anything
         changed, or ``lost_s`` passes: the report that put it in placement is stale, and each
         placement onto it would cost a task one of its attempts."""
-        node = next(
-            (n for n in self._nodes for p in n.pools if pool_key(n.node_id, p.pool_id) == key), None
+        report = next(
+            (p for n in self._nodes for p in n.pools if pool_key(n.node_id, p.pool_id) == key),
+            None,
         )
-        if node is None:
+        if report is None:
             return
-        self._held[key] = next(p for p in node.pools if pool_key(node.node_id, p.pool_id) == key)
+        self._release(key, wake=False)  # a later hold starts its own time
+        timer = asyncio.get_running_loop().call_later(self._lost_s, self._release, key)
+        self._held[key] = (report, timer)
         self._views = None
-        asyncio.get_running_loop().call_later(self._lost_s, self._release, key)
 
-    def _release(self, key: PoolKey) -> None:
-        if self._held.pop(key, None) is not None:
+    def _release(self, key: PoolKey, *, wake: bool = True) -> None:
+        held = self._held.pop(key, None)
+        if held is not None:
+            held[1].cancel()
             self._views = None
-            self._on_change()
+            if wake:
+                self._on_change()
 
     def set_drained(self, key: PoolKey, drained: bool) -> None:
         """Takes the pool ``node/pool`` out of placement (it shows as draining) or back in."""
@@ -376,8 +385,12 @@ class PoolRegistry:
         generation = self._server_check.generation()
         if only_if_changed and generation == node.checked_generation:
             return None
+        try:
+            why = await self._server_check.revoked(node.address)
+        except OSError:
+            return None  # not reached now: the watch tells; checked again on its next message
         node.checked_generation = generation
-        return await self._server_check.revoked(node.address)
+        return why
 
     def _lose(self, node: _Node, reason: str) -> None:
         node.answered.set()

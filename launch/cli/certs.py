@@ -97,10 +97,9 @@ def _cmd_certs_revoke(args: argparse.Namespace) -> int:
         note = _describe(pem)
     else:
         digits = args.serial.replace(":", "").strip().lower()
-        try:
-            serial = int(digits, 16)
-        except ValueError:
+        if not digits or any(c not in "0123456789abcdef" for c in digits):
             return fail(f"--serial {args.serial!r} is not a hex number")
+        serial = int(digits, 16)
         cert, note = CertId(serial, ""), "by serial"
     if not denylist.parent.is_dir():
         return fail(f"no directory {denylist.parent}; give the CA directory with --dir")

@@ -64,7 +64,7 @@ def test_a_change_is_read_within_the_refresh_time(tmp_path: Path) -> None:
     _touch(path, f"sha256:{alice.sha256}\n")
     clock.now = 2.0
     assert denylist.revoked(alice) and not denylist.revoked(bob)  # taken off: allowed again
-    path.unlink()
+    _touch(path, "")
     clock.now = 3.0
     assert not denylist.revoked(alice)
 
@@ -105,6 +105,7 @@ def test_llorch_certs_revoke_writes_the_denylist_beside_the_ca(tmp_path: Path) -
     assert again.returncode == 0 and "already revoked" in again.stdout
     for bad, says in (
         (["--serial", "xyz"], "not a hex number"),
+        (["--serial=-1f"], "not a hex number"),
         ([str(tmp_path / "missing.pem")], "cannot read"),
         ([str(ca_dir / "ca.key")], "not a PEM certificate"),
     ):
@@ -149,3 +150,25 @@ async def test_an_operator_certificate_cannot_serve_even_on_loopback(tmp_path: P
         finally:
             await channel.close()
             await server.stop(0)
+
+
+def test_append_survives_a_last_line_without_newline_and_a_gone_file_keeps_its_entries(
+    tmp_path: Path,
+) -> None:
+    pki = Pki(tmp_path / "pki")
+    bob = cert_id_of_pem((pki.root / "certs" / "bob.pem").read_bytes())
+    alice = cert_id_of_pem((pki.root / "certs" / "alice.pem").read_bytes())
+    path = tmp_path / "revoked.txt"
+    path.write_text(f"serial:{bob.serial_hex}")  # hand-written, no newline at the end
+    assert append(path, alice, "operator/alice")
+    entries, errors = parse(path.read_text())
+    assert bob in entries and alice in entries and not errors
+    clock = Clock()
+    denylist = Denylist(path, clock=clock)
+    assert denylist.revoked(bob)
+    path.unlink()  # a deleted ConfigMap must not let every revoked certificate back in
+    clock.now = 5.0
+    assert denylist.revoked(bob)
+    _touch(path, "")  # emptied on purpose: nothing is revoked
+    clock.now = 10.0
+    assert not denylist.revoked(bob)

@@ -137,6 +137,29 @@ async def test_a_pool_that_refused_as_not_ready_gets_no_work_until_it_reports_ag
     assert len(a.executed) == 1
 
 
+@pytest.mark.parametrize("release", ["report", "time"])
+async def test_a_held_pool_is_released_by_its_next_report_or_after_lost_s(
+    started: Start, release: str
+) -> None:
+    node = FakePoolManager("a")
+    node.add_pool("p", "m")
+    refusal = UnavailableError("pool p is loading", reason="POOL_NOT_READY", retry_delay_s=1.0)
+    node.plan("p", Plan(error=refusal, error_after=0))
+    orch = await started(FakeCatalog("m"), node, max_attempts=3)  # lost_s 0.5 s
+    loop = asyncio.get_running_loop()
+    task = await orch.submit(spec(), correlation_id="c", timeout_s=None)
+    await until(lambda: len(node.executed) == 1)
+    refused_at = loop.time()
+    if release == "report":
+        node.set_state("p", LOADING)  # the pool manager tells what it is doing, then that it
+        await asyncio.sleep(0.1)
+        node.set_state("p", READY)  # is ready again
+    await ended(task)
+    waited_s = loop.time() - refused_at
+    assert task.state is TaskState.SUCCEEDED and len(node.executed) == 2
+    assert (waited_s < 0.4) if release == "report" else (waited_s >= 0.45), waited_s
+
+
 async def test_failover_stops_at_max_attempts_with_the_pools_error(started: Start) -> None:
     node = FakePoolManager("n1")
     node.add_pool("p", "m")
