@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import stat
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -129,6 +130,7 @@ class StagingCache:
         Raises:
             ResourceExhaustedError: it does not fit the budget, even after evicting every model
                 not in use.
+            FailedPreconditionError: NOT_A_FILE, ``source`` is a device, a pipe or a directory.
         """
         if model_id in self._models:
             self._models.move_to_end(model_id)
@@ -157,7 +159,14 @@ class StagingCache:
         return True
 
     async def _copy(self, model_id: str, source: Path) -> StagedModel:
-        size = (await asyncio.to_thread(source.stat)).st_size
+        info = await asyncio.to_thread(source.stat)
+        if not stat.S_ISREG(info.st_mode):
+            # A device or a pipe has no end to copy: /dev/zero would fill the tmpfs, and a
+            # FIFO would hold the copy (and a thread) forever.
+            raise FailedPreconditionError(
+                f"model {model_id}'s file {source} is not a regular file", reason="NOT_A_FILE"
+            )
+        size = info.st_size
         in_use = {m for m in self._models if self._in_use(m)}
         evict = choose_evictions(
             ((m.model_id, m.size_bytes) for m in self._models.values()),
