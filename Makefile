@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF
 export GRPC_VERBOSITY ?= ERROR
 
-.PHONY: setup up test gen gen-check gateway lint format typecheck breaking bench clean
+.PHONY: setup up test fuzz gen gen-check gateway lint format typecheck breaking bench clean
 
 setup: $(STAMP)
 
@@ -92,6 +92,12 @@ breaking: setup
 
 test: setup $(GRPCURL) $(GATEWAY) gen-check lint typecheck breaking
 	$(BIN)/pytest -q
+
+# The fuzz suite (tests/fuzz) with 20 times the requests per RPC `make test` sends, drawn from a
+# new seed each run (FUZZ_SEED=<n> draws a failing run's requests again).
+fuzz: setup
+	seed=$${FUZZ_SEED:-$$RANDOM}; echo "FUZZ_SEED=$$seed"; \
+	  FUZZ_EXAMPLES=800 FUZZ_SEED=$$seed $(BIN)/pytest -q --timeout 1800 tests/fuzz
 
 bench: setup $(GATEWAY)
 	$(BIN)/python bench/relay.py
