@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from llorch.catalog.v1 import catalog_pb2, catalog_pb2_grpc
@@ -27,6 +29,7 @@ from poolmanager.collector import GarbageCollector
 from poolmanager.fetch import ModelFetcher
 from poolmanager.manager import PoolManager
 from poolmanager.servicer import SERVICE_NAME, PoolManagerServicer
+from poolmanager.staging import require_regular_file
 
 _log = logs.get_logger("poolmanager.app")
 
@@ -141,8 +144,12 @@ async def start_pool_manager(
 
     async def locate(model_id: str) -> str:
         if fetcher is not None:  # fetched into the store when this node holds no copy
-            return await fetcher.path(model_id)
-        return await catalog.local_path(model_id, settings.node_id)
+            path = await fetcher.path(model_id)
+        else:
+            path = await catalog.local_path(model_id, settings.node_id)
+        with contextlib.suppress(FileNotFoundError):  # a missing file fails the load as before
+            await asyncio.to_thread(require_regular_file, model_id, Path(path))
+        return path
 
     server_box: list[MeshServer] = []
     readiness = {"ready": False}

@@ -64,6 +64,22 @@ def choose_evictions(
     return evict if used + needed_bytes <= budget_bytes else None
 
 
+def require_regular_file(model_id: str, path: Path) -> os.stat_result:
+    """The stat of a model's file, which must be a regular file: a device or a pipe has no end
+    to copy or load (/dev/zero would fill the staging tmpfs; a FIFO would hold a copy, a
+    thread, or a worker's load forever).
+
+    Raises:
+        FailedPreconditionError: NOT_A_FILE.
+    """
+    info = path.stat()
+    if not stat.S_ISREG(info.st_mode):
+        raise FailedPreconditionError(
+            f"model {model_id}'s file {path} is not a regular file", reason="NOT_A_FILE"
+        )
+    return info
+
+
 class StagingCache:
     """Model files in RAM, one file per model under ``directory``."""
 
@@ -159,14 +175,7 @@ class StagingCache:
         return True
 
     async def _copy(self, model_id: str, source: Path) -> StagedModel:
-        info = await asyncio.to_thread(source.stat)
-        if not stat.S_ISREG(info.st_mode):
-            # A device or a pipe has no end to copy: /dev/zero would fill the tmpfs, and a
-            # FIFO would hold the copy (and a thread) forever.
-            raise FailedPreconditionError(
-                f"model {model_id}'s file {source} is not a regular file", reason="NOT_A_FILE"
-            )
-        size = info.st_size
+        size = (await asyncio.to_thread(require_regular_file, model_id, source)).st_size
         in_use = {m for m in self._models if self._in_use(m)}
         evict = choose_evictions(
             ((m.model_id, m.size_bytes) for m in self._models.values()),

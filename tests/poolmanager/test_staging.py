@@ -10,7 +10,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mesh.errors import FailedPreconditionError, ResourceExhaustedError
-from poolmanager.staging import StagingCache, choose_evictions, remove_stale_dirs
+from poolmanager.staging import (
+    StagingCache,
+    choose_evictions,
+    remove_stale_dirs,
+    require_regular_file,
+)
 
 _entries = st.lists(
     st.tuples(st.sampled_from("abcdefgh"), st.integers(1, 100)),
@@ -106,3 +111,16 @@ async def test_leftovers_are_removed(tmp_path: Path) -> None:
     alive.mkdir()
     remove_stale_dirs(tmp_path, "llorch-staging-n-")
     assert not dead.exists() and alive.exists()
+
+
+def test_a_model_file_must_be_a_regular_file(tmp_path: Path) -> None:
+    """Staging or loading a FIFO would wait forever, a device would never end."""
+    fifo = tmp_path / "model.gguf"
+    os.mkfifo(fifo)
+    for path in (fifo, Path("/dev/null"), tmp_path):
+        with pytest.raises(FailedPreconditionError) as refused:
+            require_regular_file("m", path)
+        assert refused.value.reason == "NOT_A_FILE"
+    real = tmp_path / "real.gguf"
+    real.write_bytes(b"GGUF")
+    assert require_regular_file("m", real).st_size == 4
