@@ -276,9 +276,11 @@ def test_up_serves_grpc_when_the_rest_port_is_taken(tmp_path: Path) -> None:
             proc.wait()
 
 
-def test_ctrl_c_to_the_whole_process_group_stops_up_without_errors(tmp_path: Path) -> None:
-    """A terminal's Ctrl-C signals every process of the group, workers and spares too; the
-    stop must read as a normal one: no traceback, no ERROR, status 0."""
+@pytest.mark.parametrize("stop", ["ctrl-c to the group", "sigterm to up"])
+def test_ctrl_c_or_sigterm_stops_up_without_errors(tmp_path: Path, stop: str) -> None:
+    """A terminal's Ctrl-C signals every process of the group, workers and spares too; a
+    service manager's SIGTERM only `llorch up`. Either stop must read as a normal one: no
+    traceback, no ERROR, status 0."""
     env = {
         **os.environ,
         "LLORCH_DATA_DIR": str(tmp_path / "data"),
@@ -313,7 +315,10 @@ def test_ctrl_c_to_the_whole_process_group_stops_up_without_errors(tmp_path: Pat
             deadline = time.monotonic() + 20
             while len(_children(proc.pid)) < 2 and time.monotonic() < deadline:
                 time.sleep(0.1)  # the worker and its spare
-            os.killpg(proc.pid, signal.SIGINT)
+            if stop == "ctrl-c to the group":
+                os.killpg(proc.pid, signal.SIGINT)
+            else:
+                proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=30) == 0
         finally:
             if proc.poll() is None:
