@@ -94,6 +94,7 @@ class _OpenStreams:
         self._calls: dict[asyncio.Task[Any], _Watched] = {}
         self._fresh: set[asyncio.Task[Any]] = set()
         self._sweeper: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Task[None]] = set()  # held: the loop keeps weak references
         self._generation = -1
 
     def add(self, task: asyncio.Task[Any], who: auth.Caller, responses: Any) -> _Watched:
@@ -140,7 +141,9 @@ class _OpenStreams:
             if watched.awaiting:
                 watched.task.cancel()
             else:
-                asyncio.get_running_loop().create_task(_close(watched.responses))
+                closing = asyncio.get_running_loop().create_task(_close(watched.responses))
+                self._closing.add(closing)
+                closing.add_done_callback(self._closing.discard)
 
 
 async def _close(responses: Any) -> None:
