@@ -55,7 +55,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -74,10 +73,10 @@ from llorch.orchestrator.v1 import control_pb2, control_pb2_grpc, orchestrator_p
 from llorch.orchestrator.v1 import orchestrator_pb2 as pb
 from relay import write_model  # bench/relay.py
 
-from launch.harness import start_llorch
+from launch.harness import FleetPki, free_port, start_llorch
 from mesh.apikeys import ApiKeyStore
 from mesh.server import open_channel
-from mesh.tls import TlsFiles, channel_credentials, init_ca, issue
+from mesh.tls import TlsFiles, channel_credentials
 from provisioners.models import register_local_file
 
 MODELS = {"tiny": "tiny-llama", "170m": "bench-170m"}
@@ -107,12 +106,6 @@ _STARTED = time.monotonic()
 
 def log(message: str) -> None:
     print(f"[{time.monotonic() - _STARTED:6.1f}] {message}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # ----- processes ---------------------------------------------------------------------------------
@@ -173,29 +166,16 @@ class ChaosFleet:
         self.logs.mkdir(parents=True)
         self.procs: dict[str, subprocess.Popen[str]] = {}
         self.envs: dict[str, tuple[list[str], dict[str, str]]] = {}
-        init_ca(root / "ca")
-        for role, name in [
-            ("catalog", "catalog"),
-            ("orchestrator", "orch"),
-            ("operator", "ops"),
-            *(("poolmanager", n) for n in NODES),
-        ]:
-            issue(root / "ca", role, name, root / "certs")
+        self.pki = FleetPki(root, NODES)
+        self.files = self.pki.files
         self.keys: dict[str, str] = {}
         self.address = f"localhost:{free_port()}"
         self.node_port = f"localhost:{free_port()}"
         self.catalog = ""
 
-    def files(self, name: str) -> TlsFiles:
-        certs = self.root / "certs"
-        return TlsFiles(self.root / "ca" / "ca.pem", certs / f"{name}.pem", certs / f"{name}.key")
-
     def env(self, name: str) -> dict[str, str]:
-        files = self.files(name)
         return {
-            "LLORCH_TLS__CA_FILE": str(files.ca),
-            "LLORCH_TLS__CERT_FILE": str(files.cert),
-            "LLORCH_TLS__KEY_FILE": str(files.key),
+            **self.pki.env(name),
             "LLORCH_LOG_LEVEL": self.args.log_level,
             "GRPC_VERBOSITY": "ERROR",
         }

@@ -34,7 +34,6 @@ import asyncio
 import json
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -52,10 +51,10 @@ from llorch.orchestrator.v1 import orchestrator_pb2 as pb
 from llorch.orchestrator.v1 import orchestrator_pb2_grpc
 from relay import write_model  # bench/relay.py
 
-from launch.harness import start_home, start_llorch, stop_home
+from launch.harness import FleetPki, free_port, start_home, start_llorch, stop_home
 from mesh.apikeys import ApiKeyStore
 from mesh.server import open_channel
-from mesh.tls import TlsFiles, channel_credentials, init_ca, issue
+from mesh.tls import TlsFiles, channel_credentials
 from provisioners.models import register_local_file
 
 MODELS = {"170m": "bench-170m", "1g": "bench-1g", "1g-8k": "bench-1g-8k", "tiny": "tiny-llama"}
@@ -210,12 +209,6 @@ def part_reuse(args: argparse.Namespace, model_id: str, path: Path, tmp: Path) -
 # ----- (b) affinity across a fleet -------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Fleet:
     """Catalog, orchestrator and two pool managers as ``llorch serve`` processes, with mTLS."""
 
@@ -227,29 +220,12 @@ class Fleet:
         self.model = model
         self.args = args
         self.procs: list[subprocess.Popen[str]] = []
-        init_ca(root / "ca")
-        for role, name in [
-            ("catalog", "catalog"),
-            ("orchestrator", "orch"),
-            ("operator", "ops"),
-            *(("poolmanager", n) for n in self.NODES),
-        ]:
-            issue(root / "ca", role, name, root / "certs")
+        self.pki = FleetPki(root, self.NODES)
+        self.files = self.pki.files
         self.client_key = ""
 
-    def files(self, name: str) -> TlsFiles:
-        certs = self.root / "certs"
-        return TlsFiles(self.root / "ca" / "ca.pem", certs / f"{name}.pem", certs / f"{name}.key")
-
     def env(self, name: str) -> dict[str, str]:
-        files = self.files(name)
-        return {
-            "LLORCH_TLS__CA_FILE": str(files.ca),
-            "LLORCH_TLS__CERT_FILE": str(files.cert),
-            "LLORCH_TLS__KEY_FILE": str(files.key),
-            "LLORCH_LOG_LEVEL": "WARNING",
-            "GRPC_VERBOSITY": "ERROR",
-        }
+        return {**self.pki.env(name), "LLORCH_LOG_LEVEL": "WARNING", "GRPC_VERBOSITY": "ERROR"}
 
     def start(self, name: str, args: list[str], env: dict[str, str]) -> str:
         proc, address = start_llorch(args, env, self.root / f"{name}.log")

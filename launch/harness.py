@@ -4,7 +4,8 @@
 its own gRPC server, from one ``Settings``: the home profile (launch/home.py) calls it, and so
 does tests/conftest.py. ``start_home``/``stop_home`` run ``llorch up`` as its own process, as the
 benchmarks and the CLI tests do, and ``LLORCH`` is the command line that runs the CLI of this
-checkout.
+checkout. ``start_llorch``, ``free_port`` and ``FleetPki`` build fleets of ``llorch serve``
+processes with mTLS, as the benchmarks do.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -24,6 +26,7 @@ from llorch.catalog.v1 import catalog_pb2_grpc
 from catalog.app import CatalogApp, start_catalog
 from mesh.server import open_channel
 from mesh.settings import Settings
+from mesh.tls import TlsFiles, init_ca, issue
 from orchestrator.app import OrchestratorApp, start_orchestrator
 from poolmanager.app import PoolManagerApp, start_pool_manager
 from poolmanager.local import LocalPoolManagerStub
@@ -183,3 +186,40 @@ def start_llorch(
         proc.wait()
         raise RuntimeError(f"llorch {' '.join(args)} did not get ready: {line!r}")
     return proc, line.split()[3]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on ``host`` now (for settings that need one before a service starts)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class FleetPki:
+    """A CA in ``<root>/ca`` and a certificate in ``<root>/certs`` for each process of a
+    loopback cloud-profile fleet (the benchmarks' ``llorch serve`` fleets): ``catalog``,
+    ``orch`` (orchestrator), ``ops`` (operator) and one pool manager per node."""
+
+    def __init__(self, root: Path, nodes: Iterable[str]) -> None:
+        self.root = root
+        init_ca(root / "ca")
+        for role, name in [
+            ("catalog", "catalog"),
+            ("orchestrator", "orch"),
+            ("operator", "ops"),
+            *(("poolmanager", n) for n in nodes),
+        ]:
+            issue(root / "ca", role, name, root / "certs")
+
+    def files(self, name: str) -> TlsFiles:
+        certs = self.root / "certs"
+        return TlsFiles(self.root / "ca" / "ca.pem", certs / f"{name}.pem", certs / f"{name}.key")
+
+    def env(self, name: str) -> dict[str, str]:
+        """The ``LLORCH_TLS__*`` settings of the process with certificate ``name``."""
+        files = self.files(name)
+        return {
+            "LLORCH_TLS__CA_FILE": str(files.ca),
+            "LLORCH_TLS__CERT_FILE": str(files.cert),
+            "LLORCH_TLS__KEY_FILE": str(files.key),
+        }

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import socket
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,11 +16,14 @@ from llorch.catalog.v1 import catalog_pb2_grpc
 from llorch.common.v1 import common_pb2
 from llorch.orchestrator.v1 import orchestrator_pb2
 
-from launch.harness import LLORCH, start_llorch
+from launch.harness import LLORCH, free_port, start_llorch
 from mesh.server import open_channel
 from provisioners.models import register_local_file
 
-__all__ = ["start_llorch"]  # the tests' way to start ``llorch up`` or ``serve`` (launch.harness)
+__all__ = [
+    "free_port",
+    "start_llorch",
+]  # the tests' way to start ``llorch up`` or ``serve`` (launch.harness)
 
 if TYPE_CHECKING:
     from tests.conftest import Mesh
@@ -134,13 +136,6 @@ async def register_model(mesh: Mesh, model_id: str, path: Path) -> None:
         )
     finally:
         await channel.close()
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port free on ``host`` now (for settings that need one before a service starts)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def doc_recipes(page: Path, heading: str) -> list[str]:
